@@ -1,0 +1,267 @@
+# shellcheck shell=bash
+# lib.sh - shared helpers for treeswap's test and benchmark scripts.
+#
+# Usage (from another script in scripts/):
+#   source "$(dirname "$0")/lib.sh"
+#   trap ts_cleanup EXIT
+#
+# Functions:
+#   ensure_pkgs PKG...       apt-get install whatever of PKG... is missing
+#                            (one apt-get update per process, only if needed)
+#   bookworm_tree            echo the path of a cached `debootstrap --variant=minbase
+#                            bookworm` tree, building it on first use
+#   bookworm_upgraded_tree   echo the path of a cached copy of that tree after a real
+#                            `apt-get upgrade` with bookworm-updates and bookworm-security
+#   gen_tree_cached N SEED   echo the path of a cached `gen-tree.py --entries N --seed SEED`
+#                            tree, generating it on first use
+#   build_treeswap           cargo build --release; sets TREESWAP to the binary
+#                            (if TREESWAP is already set to an executable, uses that)
+#   ts_mktemp                make a temp dir that ts_cleanup removes; sets TS_TMP
+#   ts_cleanup               remove every temp dir made by ts_mktemp
+#   drop_caches              sync and drop the page, dentry and inode caches
+#   ts_now                   print the wall clock in seconds (float)
+#   ts_elapsed T0 T1         print T1 - T0 with 2 decimals
+#   log MSG...               print MSG to stderr with a prefix
+#   die MSG...               log and exit 1
+#
+# Environment:
+#   TREESWAP_CACHE            cache dir (default /var/cache/treeswap-test)
+#   TREESWAP_MIRROR           Debian mirror (default: taken from /etc/apt/sources.list.d,
+#                             else http://deb.debian.org/debian)
+#   TREESWAP_SECURITY_MIRROR  security mirror (same rule, else
+#                             http://deb.debian.org/debian-security)
+#   TREESWAP                  path of a treeswap binary to use instead of building one
+
+# Make `x=$(f)` fail when f fails part-way, as the callers run with set -e.
+shopt -s inherit_errexit
+
+TS_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export TS_SCRIPTS="$TS_REPO/scripts"
+TS_CACHE="${TREESWAP_CACHE:-/var/cache/treeswap-test}"
+# Root's cargo lives in ~/.cargo/bin, which a non-login shell may not have on PATH.
+case ":$PATH:" in
+    *":$HOME/.cargo/bin:"*) ;;
+    *) PATH="$PATH:$HOME/.cargo/bin" ;;
+esac
+export PATH
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+ts_now() { date +%s.%N; }
+# ts_elapsed T0 T1: seconds between two ts_now readings, 2 decimals.
+ts_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# Temp dirs are registered here so one trap in the calling script removes them all.
+TS_TMPDIRS=()
+ts_mktemp() {
+    TS_TMP=$(mktemp -d "${TMPDIR:-/tmp}/treeswap.XXXXXX")
+    TS_TMPDIRS+=("$TS_TMP")
+}
+ts_cleanup() {
+    local d
+    for d in "${TS_TMPDIRS[@]}"; do
+        # Never recurse into something mounted below a temp dir (a chroot's /dev, say).
+        if findmnt -rn -o TARGET | grep -qF -- "$d/"; then
+            log "warning: not removing $d: something is mounted below it"
+            continue
+        fi
+        rm -rf --one-file-system -- "$d"
+    done
+    TS_TMPDIRS=()
+}
+
+drop_caches() {
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
+}
+
+_TS_APT_UPDATED=
+ensure_pkgs() {
+    local missing=() p
+    for p in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$p")
+        fi
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ -z "$_TS_APT_UPDATED" ]; then
+        log "apt-get update (to install: ${missing[*]})"
+        apt-get update -qq >&2
+        _TS_APT_UPDATED=1
+    fi
+    log "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >&2
+}
+
+# The first URI in the deb822 sources whose path ends in $1 ("/debian" or
+# "/debian-security"), so the scripts use the mirror this machine is known to reach.
+_ts_mirror_from_sources() {
+    local suffix=$1 f uri
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        while read -r uri; do
+            case "$uri" in
+                *"$suffix" | *"$suffix/") printf '%s\n' "${uri%/}"; return 0 ;;
+            esac
+        done < <(sed -n 's/^URIs:[[:space:]]*//p' "$f" | tr ' ' '\n')
+    done
+    return 1
+}
+ts_mirror() {
+    if [ -n "${TREESWAP_MIRROR:-}" ]; then echo "$TREESWAP_MIRROR"; return; fi
+    _ts_mirror_from_sources /debian || echo http://deb.debian.org/debian
+}
+ts_security_mirror() {
+    if [ -n "${TREESWAP_SECURITY_MIRROR:-}" ]; then echo "$TREESWAP_SECURITY_MIRROR"; return; fi
+    _ts_mirror_from_sources /debian-security || echo http://deb.debian.org/debian-security
+}
+
+# Remove leftovers of an interrupted build (NAME.tmp.*), refusing if anything is
+# still mounted below them.
+_ts_remove_stale() {
+    local d
+    for d in "$TS_CACHE/$1".tmp.*; do
+        [ -e "$d" ] || continue
+        if findmnt -rn -o TARGET | grep -qF -- "$d/"; then
+            die "stale $d still has mounts below it; unmount them and remove it by hand"
+        fi
+        log "removing stale partial build $d"
+        rm -rf --one-file-system -- "$d"
+    done
+}
+
+# Run with the cache lock held so two scripts never build the same tree at once.
+_ts_locked() {
+    mkdir -p "$TS_CACHE"
+    (
+        flock 9
+        "$@"
+    ) 9>"$TS_CACHE/.lock"
+}
+
+# Downloaded .debs, package lists and apt's binary caches are leftovers of the
+# apt run, not part of the installed system; both cached trees drop them, so the
+# base and the upgraded tree differ only in what the upgrade installed.
+_ts_clean_apt() {
+    local root=$1
+    find "$root/var/lib/apt/lists" -mindepth 1 -maxdepth 1 ! -name partial -exec rm -rf -- {} +
+    find "$root/var/cache/apt" -maxdepth 2 -type f \( -name '*.deb' -o -name '*.bin' -o -name lock \) \
+        -delete
+}
+
+_ts_build_bookworm() {
+    local final="$TS_CACHE/bookworm-minbase" tmp mirror
+    [ -d "$final" ] && return 0
+    _ts_remove_stale bookworm-minbase
+    ensure_pkgs debootstrap
+    mirror=$(ts_mirror)
+    tmp="$TS_CACHE/bookworm-minbase.tmp.$$"
+    log "debootstrap --variant=minbase bookworm $tmp $mirror (a few minutes)"
+    debootstrap --variant=minbase bookworm "$tmp" "$mirror" >&2 \
+        || die "debootstrap failed; partial tree left in $tmp (removed on next run)"
+    _ts_clean_apt "$tmp"
+    mv -T "$tmp" "$final"
+    log "cached $final"
+}
+
+bookworm_tree() {
+    _ts_locked _ts_build_bookworm
+    echo "$TS_CACHE/bookworm-minbase"
+}
+
+# Runs in a subshell (note the parentheses) so its EXIT trap can unmount the
+# chroot's file systems whatever happens, without touching the caller's traps.
+_ts_build_upgraded() (
+    set -euo pipefail
+    local base="$TS_CACHE/bookworm-minbase" final="$TS_CACHE/bookworm-upgraded"
+    local tmp mirror secmirror
+    [ -d "$final" ] && exit 0
+    _ts_remove_stale bookworm-upgraded
+    tmp="$TS_CACHE/bookworm-upgraded.tmp.$$"
+    mirror=$(ts_mirror)
+    secmirror=$(ts_security_mirror)
+    mounted=()
+    umount_all() {
+        local i
+        for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
+            umount -l "${mounted[i]}" || log "warning: could not unmount ${mounted[i]}"
+        done
+        mounted=()
+    }
+    trap umount_all EXIT
+    log "copying $base to $tmp"
+    cp -a "$base" "$tmp"
+    mount -t proc proc "$tmp/proc"; mounted+=("$tmp/proc")
+    mount -t sysfs sysfs "$tmp/sys"; mounted+=("$tmp/sys")
+    mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
+    mount --bind /dev/pts "$tmp/dev/pts"; mounted+=("$tmp/dev/pts")
+    # The extra suites go in their own file, removed afterwards, so the two trees
+    # differ only by what the upgrade did.
+    cat > "$tmp/etc/apt/sources.list.d/treeswap-upgrade.list" <<EOF
+deb $mirror bookworm-updates main
+deb $secmirror bookworm-security main
+EOF
+    # No daemons may start inside the chroot.
+    printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"
+    chmod 755 "$tmp/usr/sbin/policy-rc.d"
+    log "apt-get update && apt-get -y upgrade in chroot $tmp"
+    chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        DEBIAN_FRONTEND=noninteractive LC_ALL=C \
+        sh -c 'apt-get update && apt-get -y upgrade && apt list --upgradable 2>/dev/null' >&2
+    # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
+    chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/bookworm-upgraded.versions"
+    umount_all
+    rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/apt/sources.list.d/treeswap-upgrade.list"
+    _ts_clean_apt "$tmp"
+    # An upgrade that changed nothing is useless as a test of a real update.
+    # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
+    chroot "$base" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/bookworm-minbase.versions"
+    if cmp -s "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/bookworm-upgraded.versions"; then
+        die "apt-get upgrade changed no package: the mirror has no updates over the \
+debootstrapped point release; left $tmp for inspection"
+    fi
+    log "upgraded packages:"
+    diff "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/bookworm-upgraded.versions" \
+        | sed -n 's/^> /  /p' >&2 || true
+    mv -T "$tmp" "$final"
+    log "cached $final"
+)
+
+bookworm_upgraded_tree() {
+    bookworm_tree > /dev/null
+    _ts_locked _ts_build_upgraded
+    echo "$TS_CACHE/bookworm-upgraded"
+}
+
+_ts_build_gen_tree() {
+    local n=$1 seed=$2 name="gentree-n$1-s$2" tmp
+    [ -d "$TS_CACHE/$name" ] && return 0
+    _ts_remove_stale "$name"
+    tmp="$TS_CACHE/$name.tmp.$$"
+    log "generating $n entries (seed $seed) in $tmp"
+    python3 "$TS_SCRIPTS/gen-tree.py" --entries "$n" --seed "$seed" "$tmp" >&2
+    mv -T "$tmp" "$TS_CACHE/$name"
+}
+
+# gen_tree_cached N SEED: echo the path of a cached gen-tree.py tree of N entries.
+gen_tree_cached() {
+    _ts_locked _ts_build_gen_tree "$1" "$2"
+    echo "$TS_CACHE/gentree-n$1-s$2"
+}
+
+build_treeswap() {
+    if [ -n "${TREESWAP:-}" ] && [ -x "$TREESWAP" ]; then
+        log "using TREESWAP=$TREESWAP (not building)"
+        return 0
+    fi
+    command -v cargo > /dev/null || die "cargo not found (looked in PATH and ~/.cargo/bin)"
+    log "cargo build --release"
+    cargo build --release --quiet --manifest-path "$TS_REPO/Cargo.toml" >&2
+    TREESWAP="$TS_REPO/target/release/treeswap"
+    [ -x "$TREESWAP" ] || die "cargo build succeeded but $TREESWAP is missing"
+    export TREESWAP
+}

@@ -1,0 +1,82 @@
+#!/bin/bash
+# real-os-import.sh - import a real Debian tree into treeswap and check that nothing
+# was lost, using compare-trees.sh (which does not use treeswap).
+#
+# Usage: real-os-import.sh            (as root)
+#
+# Steps, each printed with PASS/FAIL:
+#   1. debootstrap --variant=minbase bookworm (cached by lib.sh) and the same tree
+#      after a real point-release upgrade (also cached)
+#   2. treeswap init + import of the base tree as version "base" into a fresh root;
+#      trees/base must equal the source entry by entry
+#   3. treeswap import of the upgraded tree as "upgraded"; trees/upgraded must equal
+#      its source, and trees/base must still equal the base tree (shared pool objects
+#      were not disturbed)
+#   4. treeswap verify --full
+#   5. treeswap checkout base DEST; DEST must equal the base tree
+#   6. the source trees are unchanged, mtimes included (snapshot before vs after)
+# Exits 1 if any step fails. Environment: see lib.sh (TREESWAP_CACHE, TREESWAP, ...).
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
+trap ts_cleanup EXIT
+
+[ "$(id -u)" = 0 ] || die "must run as root (the trees hold device nodes and root-owned files)"
+ensure_pkgs attr
+CMP="$TS_SCRIPTS/compare-trees.sh"
+
+base=$(bookworm_tree)
+upgraded=$(bookworm_upgraded_tree)
+build_treeswap
+ts_mktemp
+W=$TS_TMP
+R="$W/root"
+
+failures=0
+step() {  # step NAME CMD...: run CMD, print its output indented and PASS/FAIL
+    local name=$1 out rc t0 t1
+    shift
+    t0=$(ts_now)
+    set +e
+    out=$("$@" 2>&1)
+    rc=$?
+    set -e
+    t1=$(ts_now)
+    if [ -n "$out" ]; then
+        printf '%s\n' "$out" | head -n 40 | sed 's/^/    /'
+    fi
+    if [ "$rc" -eq 0 ]; then
+        printf 'PASS  %-58s %6.2fs\n' "$name" "$(ts_elapsed "$t0" "$t1")"
+    else
+        printf 'FAIL  %-58s (exit %d)\n' "$name" "$rc"
+        failures=$((failures + 1))
+    fi
+    return 0
+}
+
+echo "source trees: $base ($(find "$base" | wc -l) entries), $upgraded"
+step "snapshot of the base source (before)" "$CMP" --save "$W/base.before" "$base"
+step "snapshot of the upgraded source (before)" "$CMP" --save "$W/upg.before" "$upgraded"
+
+step "treeswap init" "$TREESWAP" --root "$R" init
+step "treeswap import base tree" "$TREESWAP" --root "$R" import "$base" --version base
+step "trees/base == source (compare-trees)" "$CMP" "$base" "$R/trees/base"
+step "treeswap import upgraded tree" \
+    "$TREESWAP" --root "$R" import "$upgraded" --version upgraded --activate
+step "trees/upgraded == upgraded source" "$CMP" "$upgraded" "$R/trees/upgraded"
+step "trees/base still == source after 2nd import" "$CMP" "$base" "$R/trees/base"
+step "treeswap verify --full" "$TREESWAP" --root "$R" verify --full
+step "treeswap checkout base DEST" "$TREESWAP" --root "$R" checkout base "$W/checkout"
+step "checkout == source" "$CMP" "$base" "$W/checkout"
+step "treeswap status --json" "$TREESWAP" --root "$R" status --json
+step "base source unchanged (mtimes too)" "$CMP" --mtime "$W/base.before" "$base"
+step "upgraded source unchanged (mtimes too)" "$CMP" --mtime "$W/upg.before" "$upgraded"
+
+echo "pool: $(find "$R/pool" -type f | wc -l) objects, $(du -sh "$R/pool" | cut -f1);" \
+    "sources: $(du -sh "$base" | cut -f1) + $(du -sh "$upgraded" | cut -f1)"
+if [ "$failures" -eq 0 ]; then
+    echo "real-os-import: all steps passed"
+else
+    echo "real-os-import: $failures step(s) FAILED"
+    exit 1
+fi

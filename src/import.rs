@@ -1,0 +1,68 @@
+//! `treeswap import DIR --version V`: hash a directory into the pool and install it as a tree.
+//!
+//! Steps: scan and hash DIR (each new object is copied into the pool as it is hashed, and
+//! re-hashed while copied so that a file changed under our feet is caught); build
+//! `staging/<V>` from the pool; write `manifests/<V>.toml`; `syncfs`; rename `staging/<V>` to
+//! `trees/<V>` (the commit point); fsync `trees/`. DIR is only read.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::manifest::Manifest;
+use crate::object::object_id;
+use crate::pool::FdReader;
+use crate::root::Root;
+use crate::{scan, stage, sys, version};
+
+pub fn import(root: &Root, dir: &Path, version: &str) -> Result<Manifest> {
+    version::validate(version)?;
+    if root.is_installed(version)? {
+        bail!(
+            "version `{version}` is already installed in `{}`",
+            root.path.display()
+        );
+    }
+    let pool = root.pool()?;
+    let hook = |fd: std::os::fd::BorrowedFd,
+                meta: &crate::object::Meta,
+                size: u64,
+                sha: &crate::manifest::Hash|
+     -> Result<()> {
+        if pool.has(&object_id(meta, size, sha))? {
+            return Ok(());
+        }
+        pool.store(&mut FdReader { fd, off: 0 }, meta, size, sha)
+            .context("the file changed while it was being imported")?;
+        Ok(())
+    };
+    let scanned = scan::scan(dir, true, Some(&hook))?;
+    let mut m = scanned.manifest;
+    m.version = Some(version.to_owned());
+    log::info!(
+        "hashed `{}`: {} entries, digest {}",
+        dir.display(),
+        m.entries.len(),
+        hex::encode(m.digest())
+    );
+    install(root, &pool, &m)?;
+    Ok(m)
+}
+
+/// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc).
+pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest) -> Result<()> {
+    let version = m.version.as_deref().context("manifest has no version")?;
+    let staging = root.subdir("staging")?;
+    sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
+    stage::build(m, pool, staging.as_fd(), version.as_bytes())
+        .with_context(|| format!("cannot build `staging/{version}`"))?;
+    root.write_manifest(version, m)?;
+    root.syncfs()?;
+    let trees = root.subdir("trees")?;
+    rustix::fs::renameat(staging.as_fd(), version, trees.as_fd(), version)
+        .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))?;
+    sys::fsync(trees.as_fd())?;
+    log::info!("installed version `{version}`");
+    Ok(())
+}

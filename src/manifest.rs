@@ -1,0 +1,710 @@
+//! Whole-tree manifests: what a tree is, entry by entry, and its digest.
+//!
+//! Parsing and writing are pure: they take and give text, never touch the disk. The text is a
+//! strict subset of TOML that treeswap writes in one canonical shape (one inline table per
+//! entry, on its own line) so it can be read by stock TOML tools and parsed here line by line in
+//! constant memory per entry. FORMAT.md is the reference.
+
+use std::fmt::Write as _;
+use std::io::BufRead;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::object::{Meta, ObjectId, object_id};
+use crate::path::{decode_path, encode_path, validate_path};
+
+/// The manifest format version; see FORMAT.md for what changes it.
+pub const FORMAT: u32 = 1;
+
+/// A sha256 value.
+pub type Hash = [u8; 32];
+
+/// What an entry is, with the data that belongs to its kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File { size: u64, sha256: Hash },
+    Symlink { target: Box<[u8]> },
+    Char { major: u32, minor: u32 },
+    Block { major: u32, minor: u32 },
+    Fifo,
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Dir => "dir",
+            Kind::File { .. } => "file",
+            Kind::Symlink { .. } => "symlink",
+            Kind::Char { .. } => "char",
+            Kind::Block { .. } => "block",
+            Kind::Fifo => "fifo",
+        }
+    }
+    fn code(&self) -> u8 {
+        match self {
+            Kind::Dir => b'd',
+            Kind::File { .. } => b'f',
+            Kind::Symlink { .. } => b'l',
+            Kind::Char { .. } => b'c',
+            Kind::Block { .. } => b'b',
+            Kind::Fifo => b'p',
+        }
+    }
+}
+
+/// One entry of a tree. `path` is relative to the tree's top, `.` for the top itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub path: Box<[u8]>,
+    pub meta: Meta,
+    pub kind: Kind,
+}
+
+impl Entry {
+    /// The pool object a regular file is a link to; `None` for other kinds.
+    pub fn object(&self) -> Option<ObjectId> {
+        match &self.kind {
+            Kind::File { size, sha256 } => Some(object_id(&self.meta, *size, sha256)),
+            _ => None,
+        }
+    }
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, Kind::Dir)
+    }
+    pub fn display(&self) -> String {
+        crate::path::display(&self.path)
+    }
+}
+
+/// A whole tree: its entries sorted by path bytes, and the version it is installed as.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub version: Option<String>,
+    pub entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Sorts the entries into canonical order and checks that they form a tree: unique paths,
+    /// valid paths, a top directory, and every entry's parent a directory of the tree.
+    pub fn normalize(&mut self) -> Result<()> {
+        self.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        check_tree(&self.entries)
+    }
+
+    /// The tree digest (FORMAT.md, "Tree digest").
+    pub fn digest(&self) -> Hash {
+        tree_digest(&self.entries)
+    }
+
+    pub fn find(&self, path: &[u8]) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| (*e.path).cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// The canonical TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::with_capacity(64 + self.entries.len() * 160);
+        out.push_str("# treeswap tree manifest; see FORMAT.md\n");
+        let _ = writeln!(out, "format = {FORMAT}");
+        if let Some(v) = &self.version {
+            let _ = writeln!(out, "version = \"{v}\"");
+        }
+        let _ = writeln!(out, "digest = \"{}\"", hex::encode(self.digest()));
+        let _ = writeln!(out, "count = {}", self.entries.len());
+        out.push_str("entries = [\n");
+        for e in &self.entries {
+            write_entry(&mut out, e);
+            out.push_str(",\n");
+        }
+        out.push_str("]\n");
+        out
+    }
+}
+
+/// Checks that sorted entries form a tree.
+pub fn check_tree(entries: &[Entry]) -> Result<()> {
+    match entries.first() {
+        Some(e) if &*e.path == b"." && e.is_dir() => {}
+        Some(e) if &*e.path == b"." => bail!("the top of the tree (`.`) must be a directory"),
+        _ => bail!("the tree has no top directory entry (`.`)"),
+    }
+    // Directories seen so far; since entries are sorted and a parent is a prefix of its
+    // children, a parent always comes before its children.
+    let mut dirs: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    dirs.insert(b".");
+    for w in entries.windows(2) {
+        if w[0].path == w[1].path {
+            bail!("the path `{}` is listed twice", w[1].display());
+        }
+        if w[0].path > w[1].path {
+            bail!("entries are not sorted at `{}`", w[1].display());
+        }
+    }
+    for e in &entries[1..] {
+        validate_path(&e.path)?;
+        let parent: &[u8] = match e.path.iter().rposition(|&b| b == b'/') {
+            Some(i) => &e.path[..i],
+            None => b".",
+        };
+        if !dirs.contains(parent) {
+            bail!(
+                "`{}` is listed but its parent `{}` is not a directory of the tree",
+                e.display(),
+                crate::path::display(parent)
+            );
+        }
+        if e.is_dir() {
+            dirs.insert(&e.path);
+        }
+    }
+    Ok(())
+}
+
+/// sha256 over the canonical binary encoding of sorted entries (FORMAT.md, "Tree digest").
+pub fn tree_digest(entries: &[Entry]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(b"treeswap-tree-v1\0");
+    h.update((entries.len() as u64).to_be_bytes());
+    let mut buf = Vec::with_capacity(256);
+    for e in entries {
+        buf.clear();
+        encode_entry(&mut buf, e);
+        h.update(&buf);
+    }
+    h.finalize().into()
+}
+
+fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
+    buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    buf.extend_from_slice(b);
+}
+
+/// The canonical binary encoding of one entry, used by the tree digest.
+pub fn encode_entry(buf: &mut Vec<u8>, e: &Entry) {
+    put_bytes(buf, &e.path);
+    buf.push(e.kind.code());
+    e.meta.encode(buf);
+    match &e.kind {
+        Kind::Dir | Kind::Fifo => {}
+        Kind::File { size, sha256 } => {
+            buf.extend_from_slice(&size.to_be_bytes());
+            buf.extend_from_slice(sha256);
+        }
+        Kind::Symlink { target } => put_bytes(buf, target),
+        Kind::Char { major, minor } | Kind::Block { major, minor } => {
+            buf.extend_from_slice(&major.to_be_bytes());
+            buf.extend_from_slice(&minor.to_be_bytes());
+        }
+    }
+}
+
+/// Writes one entry as a one-line TOML inline table, keys in canonical order.
+pub fn write_entry(out: &mut String, e: &Entry) {
+    let _ = write!(
+        out,
+        "{{ path = \"{}\", type = \"{}\"",
+        encode_path(&e.path),
+        e.kind.name()
+    );
+    if !matches!(e.kind, Kind::Symlink { .. }) {
+        let _ = write!(out, ", mode = 0o{:o}", e.meta.mode);
+    }
+    let _ = write!(out, ", uid = {}, gid = {}", e.meta.uid, e.meta.gid);
+    match &e.kind {
+        Kind::Dir | Kind::Fifo => {}
+        Kind::File { size, sha256 } => {
+            let _ = write!(out, ", size = {size}, sha256 = \"{}\"", hex::encode(sha256));
+        }
+        Kind::Symlink { target } => {
+            let _ = write!(out, ", target = \"{}\"", encode_path(target));
+        }
+        Kind::Char { major, minor } | Kind::Block { major, minor } => {
+            let _ = write!(out, ", major = {major}, minor = {minor}");
+        }
+    }
+    if !e.meta.xattrs.is_empty() {
+        out.push_str(", xattrs = { ");
+        for (i, (k, v)) in e.meta.xattrs.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "\"{}\" = \"{}\"", encode_path(k), hex::encode(v));
+        }
+        out.push_str(" }");
+    }
+    out.push_str(" }");
+}
+
+/// A value in the TOML subset: a string, an integer or an inline table of strings.
+#[derive(Debug)]
+pub enum Value {
+    Str(String),
+    Int(u64),
+    Table(Vec<(String, String)>),
+}
+
+/// A tiny cursor over one line of the TOML subset.
+pub struct Cursor<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(s: &'a str) -> Self {
+        Cursor {
+            s: s.as_bytes(),
+            i: 0,
+        }
+    }
+    fn ws(&mut self) {
+        while self.i < self.s.len() && (self.s[self.i] == b' ' || self.s[self.i] == b'\t') {
+            self.i += 1;
+        }
+    }
+    fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.s.get(self.i) == Some(&c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+    fn expect(&mut self, c: u8) -> Result<()> {
+        if !self.eat(c) {
+            bail!("expected `{}` at column {}", c as char, self.i + 1);
+        }
+        Ok(())
+    }
+    pub fn at_end(&mut self) -> bool {
+        self.ws();
+        self.i >= self.s.len() || self.s[self.i] == b'#'
+    }
+    pub fn key(&mut self) -> Result<String> {
+        self.ws();
+        if self.s.get(self.i) == Some(&b'"') {
+            return self.string();
+        }
+        let start = self.i;
+        while self.i < self.s.len()
+            && (self.s[self.i].is_ascii_alphanumeric() || matches!(self.s[self.i], b'_' | b'-'))
+        {
+            self.i += 1;
+        }
+        if start == self.i {
+            bail!("expected a key at column {}", self.i + 1);
+        }
+        Ok(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
+    }
+    /// A TOML basic string. Only the escapes treeswap writes plus the common ones are accepted.
+    pub fn string(&mut self) -> Result<String> {
+        self.expect(b'"')?;
+        let mut out = Vec::new();
+        loop {
+            let Some(&c) = self.s.get(self.i) else {
+                bail!("unterminated string");
+            };
+            self.i += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    let Some(&e) = self.s.get(self.i) else {
+                        bail!("unterminated escape");
+                    };
+                    self.i += 1;
+                    match e {
+                        b'"' => out.push(b'"'),
+                        b'\\' => out.push(b'\\'),
+                        b'n' => out.push(b'\n'),
+                        b't' => out.push(b'\t'),
+                        b'r' => out.push(b'\r'),
+                        b'u' => {
+                            let hexs =
+                                self.s.get(self.i..self.i + 4).context("short \\u escape")?;
+                            let n = u32::from_str_radix(std::str::from_utf8(hexs)?, 16)
+                                .context("bad \\u escape")?;
+                            let ch = char::from_u32(n).context("bad \\u escape")?;
+                            let mut b = [0; 4];
+                            out.extend_from_slice(ch.encode_utf8(&mut b).as_bytes());
+                            self.i += 4;
+                        }
+                        _ => bail!("unsupported escape `\\{}`", e as char),
+                    }
+                }
+                c if c < 0x20 || c == 0x7f => bail!("control character in string"),
+                c => out.push(c),
+            }
+        }
+        String::from_utf8(out).context("string is not UTF-8")
+    }
+    fn int(&mut self) -> Result<u64> {
+        self.ws();
+        let rest = &self.s[self.i..];
+        let (radix, skip) = if rest.starts_with(b"0o") {
+            (8, 2)
+        } else if rest.starts_with(b"0x") {
+            (16, 2)
+        } else {
+            (10, 0)
+        };
+        let start = self.i + skip;
+        let mut end = start;
+        while end < self.s.len() && (self.s[end] as char).is_digit(radix) {
+            end += 1;
+        }
+        if end == start {
+            bail!("expected an integer at column {}", self.i + 1);
+        }
+        let n = u64::from_str_radix(std::str::from_utf8(&self.s[start..end])?, radix)
+            .context("integer out of range")?;
+        self.i = end;
+        Ok(n)
+    }
+    pub fn value(&mut self) -> Result<Value> {
+        self.ws();
+        match self.s.get(self.i) {
+            Some(b'"') => Ok(Value::Str(self.string()?)),
+            Some(b'{') => {
+                self.i += 1;
+                let mut t = Vec::new();
+                if self.eat(b'}') {
+                    return Ok(Value::Table(t));
+                }
+                loop {
+                    let k = self.key()?;
+                    self.expect(b'=')?;
+                    let v = self.string()?;
+                    t.push((k, v));
+                    if self.eat(b'}') {
+                        break;
+                    }
+                    self.expect(b',')?;
+                }
+                Ok(Value::Table(t))
+            }
+            Some(c) if c.is_ascii_digit() => Ok(Value::Int(self.int()?)),
+            _ => bail!("expected a value at column {}", self.i + 1),
+        }
+    }
+    /// `{ k = v, ... }` as a list of pairs.
+    pub fn inline_table(&mut self) -> Result<Vec<(String, Value)>> {
+        self.expect(b'{')?;
+        let mut out = Vec::new();
+        if self.eat(b'}') {
+            return Ok(out);
+        }
+        loop {
+            let k = self.key()?;
+            self.expect(b'=')?;
+            let v = self.value()?;
+            if out.iter().any(|(ok, _)| *ok == k) {
+                bail!("key `{k}` given twice");
+            }
+            out.push((k, v));
+            if self.eat(b'}') {
+                break;
+            }
+            self.expect(b',')?;
+        }
+        Ok(out)
+    }
+}
+
+/// The fields of one inline table, taken out by name so that unknown and missing keys are
+/// errors.
+pub struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    pub fn new(v: Vec<(String, Value)>) -> Self {
+        Fields(v)
+    }
+    fn take(&mut self, k: &str) -> Option<Value> {
+        let i = self.0.iter().position(|(key, _)| key == k)?;
+        Some(self.0.swap_remove(i).1)
+    }
+    pub fn str(&mut self, k: &str) -> Result<String> {
+        match self.take(k) {
+            Some(Value::Str(s)) => Ok(s),
+            Some(_) => bail!("`{k}` must be a string"),
+            None => bail!("missing `{k}`"),
+        }
+    }
+    pub fn opt_str(&mut self, k: &str) -> Result<Option<String>> {
+        match self.take(k) {
+            Some(Value::Str(s)) => Ok(Some(s)),
+            Some(_) => bail!("`{k}` must be a string"),
+            None => Ok(None),
+        }
+    }
+    pub fn int(&mut self, k: &str) -> Result<u64> {
+        match self.take(k) {
+            Some(Value::Int(n)) => Ok(n),
+            Some(_) => bail!("`{k}` must be an integer"),
+            None => bail!("missing `{k}`"),
+        }
+    }
+    pub fn u32(&mut self, k: &str) -> Result<u32> {
+        u32::try_from(self.int(k)?).with_context(|| format!("`{k}` out of range"))
+    }
+    pub fn hash(&mut self, k: &str) -> Result<Hash> {
+        parse_hash(&self.str(k)?).with_context(|| format!("`{k}`"))
+    }
+    pub fn table(&mut self, k: &str) -> Result<Vec<(String, String)>> {
+        match self.take(k) {
+            Some(Value::Table(t)) => Ok(t),
+            Some(_) => bail!("`{k}` must be an inline table"),
+            None => Ok(Vec::new()),
+        }
+    }
+    pub fn finish(self) -> Result<()> {
+        if let Some((k, _)) = self.0.first() {
+            bail!("unknown key `{k}`");
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_hash(s: &str) -> Result<Hash> {
+    let mut h = [0u8; 32];
+    if s.len() != 64 || hex::decode_to_slice(s, &mut h).is_err() {
+        bail!("not a sha256 in hex: `{s}`");
+    }
+    Ok(h)
+}
+
+/// Parses one entry from its fields.
+pub fn entry_from_fields(mut f: Fields) -> Result<Entry> {
+    let path = decode_path(&f.str("path")?)?;
+    let ty = f.str("type")?;
+    let mode = if ty == "symlink" {
+        0o777
+    } else {
+        f.u32("mode")?
+    };
+    if mode & !0o7777 != 0 {
+        bail!("mode 0o{mode:o} has bits beyond 0o7777");
+    }
+    let uid = f.u32("uid")?;
+    let gid = f.u32("gid")?;
+    let kind = match ty.as_str() {
+        "dir" => Kind::Dir,
+        "fifo" => Kind::Fifo,
+        "file" => Kind::File {
+            size: f.int("size")?,
+            sha256: f.hash("sha256")?,
+        },
+        "symlink" => {
+            let target = decode_path(&f.str("target")?)?;
+            if target.is_empty() || target.contains(&0) {
+                bail!("empty or NUL symlink target");
+            }
+            Kind::Symlink {
+                target: target.into(),
+            }
+        }
+        "char" | "block" => {
+            let major = f.u32("major")?;
+            let minor = f.u32("minor")?;
+            if ty == "char" {
+                Kind::Char { major, minor }
+            } else {
+                Kind::Block { major, minor }
+            }
+        }
+        other => bail!("unknown entry type `{other}`"),
+    };
+    let mut xattrs = Vec::new();
+    for (k, v) in f.table("xattrs")? {
+        let name = decode_path(&k)?;
+        if name.is_empty() || name.contains(&0) {
+            bail!("empty or NUL xattr name");
+        }
+        let value = hex::decode(&v).with_context(|| format!("xattr `{k}` value is not hex"))?;
+        xattrs.push((name.into_boxed_slice(), value.into_boxed_slice()));
+    }
+    if xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {
+        bail!("xattrs are not sorted or repeat a name");
+    }
+    f.finish()?;
+    if &*path != b"." {
+        validate_path(&path)?;
+    }
+    Ok(Entry {
+        path: path.into(),
+        meta: Meta {
+            mode,
+            uid,
+            gid,
+            xattrs,
+        },
+        kind,
+    })
+}
+
+/// Parses manifest text; see [`parse_reader`].
+pub fn parse(text: &str) -> Result<Manifest> {
+    parse_reader(text.as_bytes())
+}
+
+/// Parses a tree manifest and checks its stored digest and count against its entries.
+pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
+    let mut m = Manifest::default();
+    let mut digest = None;
+    let mut count = None;
+    let mut format = None;
+    let mut in_entries = false;
+    let mut closed = false;
+    for (n, line) in r.lines().enumerate() {
+        let line = line.with_context(|| format!("line {}", n + 1))?;
+        let res: Result<()> = (|| {
+            let mut c = Cursor::new(&line);
+            if c.at_end() {
+                return Ok(());
+            }
+            if closed {
+                bail!("text after the end of `entries`");
+            }
+            if in_entries {
+                if c.eat(b']') {
+                    closed = true;
+                    in_entries = false;
+                    if !c.at_end() {
+                        bail!("text after `]`");
+                    }
+                    return Ok(());
+                }
+                let e = entry_from_fields(Fields::new(c.inline_table()?))?;
+                c.expect(b',')?;
+                if !c.at_end() {
+                    bail!("text after the entry");
+                }
+                m.entries.push(e);
+                return Ok(());
+            }
+            let key = c.key()?;
+            c.expect(b'=')?;
+            match key.as_str() {
+                "entries" => {
+                    c.expect(b'[')?;
+                    in_entries = true;
+                }
+                "format" => format = Some(c.int()?),
+                "version" => {
+                    let v = c.string()?;
+                    crate::version::validate(&v)?;
+                    m.version = Some(v);
+                }
+                "digest" => digest = Some(parse_hash(&c.string()?)?),
+                "count" => count = Some(c.int()?),
+                other => bail!("unknown key `{other}`"),
+            }
+            if !c.at_end() {
+                bail!("text after the value");
+            }
+            Ok(())
+        })();
+        res.with_context(|| format!("manifest line {}", n + 1))?;
+    }
+    if !closed {
+        bail!("manifest is truncated: `entries` is not closed");
+    }
+    match format {
+        Some(f) if f == FORMAT as u64 => {}
+        Some(f) => bail!("manifest format {f} is not supported (this treeswap reads {FORMAT})"),
+        None => bail!("manifest has no `format`"),
+    }
+    if count != Some(m.entries.len() as u64) {
+        bail!(
+            "manifest declares {:?} entries but has {}",
+            count,
+            m.entries.len()
+        );
+    }
+    check_tree(&m.entries)?;
+    let want = digest.context("manifest has no `digest`")?;
+    let got = m.digest();
+    if got != want {
+        bail!(
+            "manifest digest mismatch: declared {}, entries give {}",
+            hex::encode(want),
+            hex::encode(got)
+        );
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let meta = |mode| Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            xattrs: vec![],
+        };
+        let mut m = Manifest {
+            version: Some("1".into()),
+            entries: vec![
+                Entry {
+                    path: (*b".").into(),
+                    meta: meta(0o755),
+                    kind: Kind::Dir,
+                },
+                Entry {
+                    path: (*b"a\nb\xff").into(),
+                    meta: Meta {
+                        mode: 0o4755,
+                        uid: 1,
+                        gid: 2,
+                        xattrs: vec![((*b"user.x").into(), (*b"\0\x01").into())],
+                    },
+                    kind: Kind::File {
+                        size: 3,
+                        sha256: [7; 32],
+                    },
+                },
+                Entry {
+                    path: (*b"l").into(),
+                    meta: meta(0o777),
+                    kind: Kind::Symlink {
+                        target: (*b"../%x\"").into(),
+                    },
+                },
+            ],
+        };
+        m.normalize().unwrap();
+        m
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let text = m.to_toml();
+        let back = parse(&text).unwrap();
+        assert_eq!(back, m);
+        // Stock TOML readers accept the text too.
+        let v: toml::Table = text.parse().unwrap();
+        assert_eq!(v["entries"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn tampered_digest_is_refused() {
+        let text = sample().to_toml().replace("size = 3", "size = 4");
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains("digest mismatch"), "{err}");
+    }
+
+    #[test]
+    fn truncated_is_refused() {
+        let text = sample().to_toml();
+        for cut in [10, text.len() / 2, text.len() - 3] {
+            assert!(parse(&text[..cut]).is_err());
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The pool: one immutable file per object, named by its id, sharded by the first two hex
+//! digits (`pool/ab/abcdef…`). A tree is a farm of hardlinks to these files.
+//!
+//! Objects are published atomically: written to a temporary file in `tmp/`, given their owner,
+//! mode, extended attributes and a zero mtime, then renamed into place with
+//! `RENAME_NOREPLACE`; "already exists" means another writer published the same object, which
+//! is the same bytes by construction. Durability comes from one `syncfs` by the caller before
+//! its commit point, not from per-object fsync.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+use sha2::{Digest, Sha256};
+
+use crate::error::Fail;
+use crate::manifest::Hash;
+use crate::object::{Meta, ObjectId, object_id};
+use crate::sys;
+
+/// The most extra copies of one object made when its links run out (ext4 allows 65 000 links
+/// per inode, so 64 copies cover four million identical files).
+const MAX_COPIES: u32 = 64;
+
+pub struct Pool {
+    dir: OwnedFd,
+    tmp: OwnedFd,
+    /// For objects that hit the link limit: the copy to try first.
+    copy_hint: Mutex<HashMap<ObjectId, u32>>,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
+pub fn object_rel(id: &ObjectId, copy: u32) -> String {
+    let h = hex::encode(id);
+    if copy == 0 {
+        format!("{}/{}", &h[..2], h)
+    } else {
+        format!("{}/{}.{}", &h[..2], h, copy)
+    }
+}
+
+/// A temporary file that is removed unless it was published.
+struct TmpFile<'a> {
+    dir: BorrowedFd<'a>,
+    name: String,
+    fd: Option<OwnedFd>,
+    published: bool,
+}
+
+impl<'a> TmpFile<'a> {
+    fn create(dir: BorrowedFd<'a>) -> Result<Self> {
+        let name = format!(
+            "obj-{}-{}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let fd = rustix::fs::openat(
+            dir,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("cannot create temporary file `tmp/{name}`"))?;
+        Ok(TmpFile {
+            dir,
+            name,
+            fd: Some(fd),
+            published: false,
+        })
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_ref().expect("open").as_fd()
+    }
+}
+
+impl Drop for TmpFile<'_> {
+    fn drop(&mut self) {
+        self.fd.take();
+        if self.published {
+            return;
+        }
+        let _ = rustix::fs::unlinkat(self.dir, self.name.as_str(), AtFlags::empty());
+    }
+}
+
+fn write_all(fd: BorrowedFd, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        let n = rustix::io::write(fd, buf).context("cannot write object")?;
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+impl Pool {
+    pub fn open(root: BorrowedFd) -> Result<Pool> {
+        Ok(Pool {
+            dir: sys::open_dir_beneath(root, b"pool")?,
+            tmp: sys::open_dir_beneath(root, b"tmp")?,
+            copy_hint: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    pub fn has(&self, id: &ObjectId) -> Result<bool> {
+        Ok(sys::lstatat(self.dir.as_fd(), object_rel(id, 0).as_bytes())?.is_some())
+    }
+
+    /// Stores an object from `src`, which must yield exactly `size` bytes hashing to
+    /// `sha256`; anything else is an integrity error and nothing is published. Returns whether
+    /// the object was new.
+    pub fn store(&self, src: &mut dyn Read, meta: &Meta, size: u64, sha256: &Hash) -> Result<bool> {
+        let id = object_id(meta, size, sha256);
+        if self.has(&id)? {
+            return Ok(false);
+        }
+        let tmp = TmpFile::create(self.tmp.as_fd())?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = src.read(&mut buf).context("cannot read object data")?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > size {
+                return Err(Fail::Integrity(format!(
+                    "object {} has more than its declared {size} bytes",
+                    hex::encode(id)
+                ))
+                .into());
+            }
+            h.update(&buf[..n]);
+            write_all(tmp.fd(), &buf[..n])?;
+        }
+        let got: Hash = h.finalize().into();
+        if written != size || &got != sha256 {
+            return Err(Fail::Integrity(format!(
+                "object {}: got {written} bytes with sha256 {}, expected {size} bytes with sha256 {}",
+                hex::encode(id),
+                hex::encode(got),
+                hex::encode(sha256)
+            ))
+            .into());
+        }
+        self.publish(tmp, meta, &id, 0)
+    }
+
+    /// Gives a written temporary file its metadata and renames it into place.
+    fn publish(&self, mut tmp: TmpFile, meta: &Meta, id: &ObjectId, copy: u32) -> Result<bool> {
+        sys::apply_meta_fd(tmp.fd(), meta)?;
+        sys::zero_times(tmp.fd())?;
+        let rel = object_rel(id, copy);
+        match rustix::fs::renameat_with(
+            self.tmp.as_fd(),
+            tmp.name.as_str(),
+            self.dir.as_fd(),
+            rel.as_str(),
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                // The temporary name is gone: nothing to clean up.
+                tmp.published = true;
+                Ok(true)
+            }
+            Err(Errno::EXIST) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("cannot publish object `pool/{rel}`")),
+        }
+    }
+
+    /// Opens an object for reading, after checking it is a regular file.
+    pub fn open_object(&self, id: &ObjectId) -> Result<OwnedFd> {
+        let rel = object_rel(id, 0);
+        sys::open_file_beneath(self.dir.as_fd(), rel.as_bytes())
+            .with_context(|| format!("object `pool/{rel}` is missing or unreadable"))
+    }
+
+    /// Hardlinks object `id` as `name` in `dir`. When the object's inode has run out of links
+    /// (`EMLINK`), links to an extra copy of it instead, making the copy if needed.
+    pub fn link(&self, id: &ObjectId, dir: BorrowedFd, name: &[u8]) -> Result<()> {
+        let start = self
+            .copy_hint
+            .lock()
+            .expect("poisoned")
+            .get(id)
+            .copied()
+            .unwrap_or(0);
+        for copy in start..=MAX_COPIES {
+            let rel = object_rel(id, copy);
+            match rustix::fs::linkat(self.dir.as_fd(), rel.as_str(), dir, name, AtFlags::empty()) {
+                Ok(()) => return Ok(()),
+                Err(Errno::MLINK) => {
+                    self.copy_hint
+                        .lock()
+                        .expect("poisoned")
+                        .insert(*id, copy + 1);
+                    continue;
+                }
+                Err(Errno::NOENT) if copy > 0 => {
+                    self.make_copy(id, copy)?;
+                    match rustix::fs::linkat(
+                        self.dir.as_fd(),
+                        rel.as_str(),
+                        dir,
+                        name,
+                        AtFlags::empty(),
+                    ) {
+                        Ok(()) => return Ok(()),
+                        Err(Errno::MLINK) => continue,
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!(
+                                    "cannot link `pool/{rel}` to `{}`",
+                                    crate::path::display(name)
+                                )
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot link `pool/{rel}` to `{}`",
+                            crate::path::display(name)
+                        )
+                    });
+                }
+            }
+        }
+        bail!(
+            "object {} has run out of links even with {MAX_COPIES} copies",
+            hex::encode(id)
+        )
+    }
+
+    /// Makes extra copy `n` of an object: same bytes, same metadata, another inode.
+    fn make_copy(&self, id: &ObjectId, n: u32) -> Result<()> {
+        log::debug!(
+            "object {} reached the link limit; making copy {n}",
+            hex::encode(id)
+        );
+        let src = self.open_object(id)?;
+        let st = rustix::fs::fstat(&src)?;
+        let meta = Meta {
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            xattrs: sys::fd_xattrs(src.as_fd())?,
+        };
+        let tmp = TmpFile::create(self.tmp.as_fd())?;
+        let mut off_in = 0u64;
+        let size = st.st_size as u64;
+        while off_in < size {
+            let len = (size - off_in).min(1 << 30) as usize;
+            let n = rustix::fs::copy_file_range(&src, Some(&mut off_in), tmp.fd(), None, len)
+                .context("cannot copy object")?;
+            if n == 0 {
+                bail!("object {} is shorter than it should be", hex::encode(id));
+            }
+        }
+        self.publish(tmp, &meta, id, n)?;
+        Ok(())
+    }
+
+    /// The (device, inode) of every copy of an object, for fast verification.
+    pub fn inodes(&self, id: &ObjectId) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for copy in 0..=MAX_COPIES {
+            match sys::lstatat(self.dir.as_fd(), object_rel(id, copy).as_bytes())? {
+                Some(st) => out.push((st.st_dev, st.st_ino)),
+                None if copy == 0 => continue,
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-reads every copy of an object and checks that its bytes and metadata still give its
+    /// id. Returns a description of each problem.
+    pub fn check_object(&self, id: &ObjectId) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for copy in 0..=MAX_COPIES {
+            let rel = object_rel(id, copy);
+            let fd = match sys::open_file_beneath(self.dir.as_fd(), rel.as_bytes()) {
+                Ok(fd) => fd,
+                Err(_) if copy > 0 => break,
+                Err(_) => {
+                    problems.push(format!("object `pool/{rel}` is missing"));
+                    break;
+                }
+            };
+            let st = rustix::fs::fstat(&fd)?;
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+            {
+                problems.push(format!("object `pool/{rel}` is not a regular file"));
+                continue;
+            }
+            let meta = Meta {
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                xattrs: sys::fd_xattrs(fd.as_fd())?,
+            };
+            let (size, sha) = crate::scan::hash_fd(fd.as_fd())
+                .with_context(|| format!("cannot read `pool/{rel}`"))?;
+            if object_id(&meta, size, &sha) != *id {
+                problems.push(format!(
+                    "object `pool/{rel}` is corrupt: its content or metadata no longer match its id"
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Every object id in the pool with its copies' total size, for status and gc.
+    pub fn list(&self) -> Result<Vec<(ObjectId, u64)>> {
+        let mut out = Vec::new();
+        for shard in sys::read_dir(self.dir.as_fd())? {
+            let sfd = sys::open_dir_beneath(self.dir.as_fd(), &shard)?;
+            for name in sys::read_dir(sfd.as_fd())? {
+                let st = sys::lstatat(sfd.as_fd(), &name)?;
+                let Some(st) = st else { continue };
+                let mut id = [0u8; 32];
+                let hexpart = name.split(|&b| b == b'.').next().unwrap_or_default();
+                if hex::decode_to_slice(hexpart, &mut id).is_ok() {
+                    out.push((id, st.st_size as u64));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads an open file from offset 0 with `pread`, leaving the descriptor's offset alone.
+pub struct FdReader<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub off: u64,
+}
+
+impl Read for FdReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = rustix::io::pread(self.fd, buf, self.off)?;
+        self.off += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,232 @@
+//! The state root (`--root`, default `/versions`): its layout, its lock, and the `current`
+//! and `previous` symlinks.
+//!
+//! ```text
+//! pool/ab/abcdef…     objects (see pool.rs), 256 shard directories
+//! tmp/                temporary files of objects being written
+//! staging/<V>/        a tree being built; renamed to trees/<V> once complete
+//! trees/<V>/          installed trees, farms of hardlinks into pool/
+//! manifests/<V>.toml  the manifest of each installed tree
+//! current, previous   relative symlinks to trees/<V>
+//! lock                flock(2) target: one writer at a time
+//! ```
+//!
+//! A version is installed when `trees/<V>` exists: that rename is the commit point of an
+//! import or a staging, and it happens after the manifest is written and the file system is
+//! synced.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::error::Fail;
+use crate::manifest::{self, Manifest};
+use crate::pool::Pool;
+use crate::sys;
+
+pub const DEFAULT_ROOT: &str = "/versions";
+
+pub struct Root {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
+    lock: Option<OwnedFd>,
+}
+
+/// How a command holds the lock.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// Readers (status, verify) share it.
+    Shared,
+    /// Writers hold it alone.
+    Exclusive,
+}
+
+impl Root {
+    /// Makes the layout under `path` (idempotent) and opens it.
+    pub fn create(path: &Path) -> Result<Root> {
+        fs_err::create_dir_all(path)
+            .with_context(|| format!("cannot create the state root `{}`", path.display()))?;
+        let fd = sys::open_dir(path)?;
+        for d in ["pool", "tmp", "staging", "trees", "manifests"] {
+            sys::mkdirat(fd.as_fd(), d.as_bytes(), 0o755, true)
+                .with_context(|| format!("in the state root `{}`", path.display()))?;
+        }
+        let pool = sys::open_dir_beneath(fd.as_fd(), b"pool")?;
+        for i in 0..=255u8 {
+            sys::mkdirat(pool.as_fd(), format!("{i:02x}").as_bytes(), 0o755, true)
+                .with_context(|| format!("in `{}/pool`", path.display()))?;
+        }
+        Ok(Root {
+            path: path.to_owned(),
+            fd,
+            lock: None,
+        })
+    }
+
+    /// Opens an existing root.
+    pub fn open(path: &Path) -> Result<Root> {
+        let fd = sys::open_dir(path).with_context(|| {
+            format!(
+                "no treeswap state root at `{}` (run `treeswap init` or give --root)",
+                path.display()
+            )
+        })?;
+        if sys::lstatat(fd.as_fd(), b"pool")?.is_none() {
+            bail!(
+                "`{}` is not a treeswap state root (it has no pool/; run `treeswap init`)",
+                path.display()
+            );
+        }
+        Ok(Root {
+            path: path.to_owned(),
+            fd,
+            lock: None,
+        })
+    }
+
+    /// Takes the root's lock; a held lock is a "busy" error unless `wait`. Writers also clear
+    /// what an interrupted writer left in `tmp/` and `staging/`: nothing else can be using it.
+    pub fn lock(&mut self, how: Lock, wait: bool) -> Result<()> {
+        let mut flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        if how == Lock::Shared {
+            flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        }
+        let fd =
+            match rustix::fs::openat(self.fd.as_fd(), "lock", flags, Mode::from_raw_mode(0o644)) {
+                Ok(fd) => fd,
+                // A reader on a root that no writer has touched yet, or on a read-only medium.
+                Err(Errno::NOENT) | Err(Errno::ROFS) if how == Lock::Shared => return Ok(()),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot open `{}/lock`", self.path.display()));
+                }
+            };
+        let op = match (how, wait) {
+            (Lock::Shared, true) => FlockOperation::LockShared,
+            (Lock::Shared, false) => FlockOperation::NonBlockingLockShared,
+            (Lock::Exclusive, true) => FlockOperation::LockExclusive,
+            (Lock::Exclusive, false) => FlockOperation::NonBlockingLockExclusive,
+        };
+        match rustix::fs::flock(&fd, op) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
+                return Err(Fail::Busy(format!(
+                    "busy: another treeswap is working on `{}` (use --wait to wait for it)",
+                    self.path.display()
+                ))
+                .into());
+            }
+            Err(e) => return Err(e).context("cannot lock the state root"),
+        }
+        self.lock = Some(fd);
+        if how == Lock::Exclusive {
+            self.clear_leftovers()?;
+        }
+        Ok(())
+    }
+
+    fn clear_leftovers(&self) -> Result<()> {
+        for d in ["tmp", "staging"] {
+            let dfd = sys::open_dir_beneath(self.fd.as_fd(), d.as_bytes())?;
+            for name in sys::read_dir(dfd.as_fd())? {
+                log::info!(
+                    "removing `{d}/{}` left by an interrupted run",
+                    crate::path::display(&name)
+                );
+                sys::remove_tree_at(dfd.as_fd(), &name)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn pool(&self) -> Result<Pool> {
+        Pool::open(self.fd.as_fd())
+    }
+
+    pub fn subdir(&self, name: &str) -> Result<OwnedFd> {
+        sys::open_dir_beneath(self.fd.as_fd(), name.as_bytes())
+            .with_context(|| format!("in the state root `{}`", self.path.display()))
+    }
+
+    /// The version a `current` or `previous` symlink names, if it exists.
+    pub fn link(&self, name: &str) -> Result<Option<String>> {
+        let Some(target) = sys::readlinkat(self.fd.as_fd(), name.as_bytes())? else {
+            return Ok(None);
+        };
+        let t = String::from_utf8_lossy(&target);
+        match t.strip_prefix("trees/") {
+            Some(v) if crate::version::validate(v).is_ok() => Ok(Some(v.to_owned())),
+            _ => bail!(
+                "`{}/{name}` points to `{t}`, not to a tree under trees/",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// Points `current` or `previous` at `trees/<version>` atomically (see
+    /// [`sys::replace_symlink`]).
+    pub fn set_link(&self, name: &str, version: &str) -> Result<()> {
+        sys::replace_symlink(self.fd.as_fd(), name, &format!("trees/{version}")).with_context(
+            || {
+                format!(
+                    "cannot point `{}/{name}` at `{version}`",
+                    self.path.display()
+                )
+            },
+        )
+    }
+
+    pub fn is_installed(&self, version: &str) -> Result<bool> {
+        let trees = self.subdir("trees")?;
+        Ok(sys::lstatat(trees.as_fd(), version.as_bytes())?.is_some())
+    }
+
+    /// Installed versions, sorted by name.
+    pub fn versions(&self) -> Result<Vec<String>> {
+        let trees = self.subdir("trees")?;
+        let mut out: Vec<String> = sys::read_dir(trees.as_fd())?
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n).ok())
+            .filter(|n| crate::version::validate(n).is_ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn manifest_path(&self, version: &str) -> PathBuf {
+        self.path.join("manifests").join(format!("{version}.toml"))
+    }
+
+    pub fn load_manifest(&self, version: &str) -> Result<Manifest> {
+        let p = self.manifest_path(version);
+        let f = fs_err::File::open(&p)?;
+        let m = manifest::parse_reader(std::io::BufReader::with_capacity(1 << 20, f))
+            .with_context(|| format!("cannot load the manifest `{}`", p.display()))?;
+        if m.version.as_deref() != Some(version) {
+            bail!("`{}` is the manifest of another version", p.display());
+        }
+        Ok(m)
+    }
+
+    /// Writes a manifest to a temporary name and renames it into place. Durability comes from
+    /// the caller's `syncfs` before its commit point.
+    pub fn write_manifest(&self, version: &str, m: &Manifest) -> Result<()> {
+        let dir = self.path.join("manifests");
+        let tmp = dir.join(format!(".{version}.toml.tmp"));
+        fs_err::write(&tmp, m.to_toml())?;
+        fs_err::rename(&tmp, self.manifest_path(version))?;
+        Ok(())
+    }
+
+    /// The one durability point before a commit rename: flush the whole file system.
+    pub fn syncfs(&self) -> Result<()> {
+        sys::syncfs(self.fd.as_fd())
+    }
+}

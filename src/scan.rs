@@ -1,0 +1,259 @@
+//! Reading a directory tree into a manifest: a walk that never follows a symlink, and a
+//! parallel pass that hashes each distinct inode once.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
+use rustix::fs::FileType;
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{Entry, Hash, Kind, Manifest};
+use crate::object::Meta;
+use crate::path::display;
+use crate::progress::Progress;
+use crate::sys;
+
+/// What the hashing pass hands to a caller for each distinct regular file: the open file
+/// (positioned anywhere), its metadata, size and content hash.
+pub type FileHook<'a> = &'a (dyn Fn(BorrowedFd, &Meta, u64, &Hash) -> Result<()> + Sync);
+
+/// A scanned tree: the manifest, and for each entry its device and inode number.
+pub struct Scan {
+    pub manifest: Manifest,
+    pub inodes: Vec<(u64, u64)>,
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent == b"." {
+        name.to_vec()
+    } else {
+        let mut p = Vec::with_capacity(parent.len() + 1 + name.len());
+        p.extend_from_slice(parent);
+        p.push(b'/');
+        p.extend_from_slice(name);
+        p
+    }
+}
+
+fn meta_of(st: &rustix::fs::Stat, xattrs: sys::Xattrs) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        xattrs,
+    }
+}
+
+/// Walks `dir`. With `hash`, every regular file is read and hashed (and its extended
+/// attributes read), and `hook` sees each distinct inode; without it files get a zero hash and
+/// no extended attributes (verification then checks them through the pool object).
+pub fn scan(dir: &Path, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
+    let top = sys::open_dir(dir)?;
+    scan_fd(top.as_fd(), hash, hook).with_context(|| format!("while reading `{}`", dir.display()))
+}
+
+pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
+    let mut items: Vec<(Entry, (u64, u64))> = Vec::new();
+    let st = rustix::fs::fstat(top).context("cannot stat the top directory")?;
+    items.push((
+        Entry {
+            path: (*b".").into(),
+            meta: meta_of(&st, sys::fd_xattrs(top)?),
+            kind: Kind::Dir,
+        },
+        (st.st_dev, st.st_ino),
+    ));
+    let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
+    while let Some(rel) = pending.pop() {
+        let fd = if rel == b"." {
+            None
+        } else {
+            Some(sys::open_dir_beneath(top, &rel)?)
+        };
+        let dfd = fd.as_ref().map(|f| f.as_fd()).unwrap_or(top);
+        let names = sys::read_dir(dfd).with_context(|| format!("in `{}`", display(&rel)))?;
+        for name in names {
+            let path = join(&rel, &name);
+            let Some(st) = sys::lstatat(dfd, &name)? else {
+                bail!("`{}` vanished while it was being read", display(&path));
+            };
+            let ino = (st.st_dev, st.st_ino);
+            let kind = match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => {
+                    let sub = sys::open_dir_beneath(dfd, &name)?;
+                    let meta = meta_of(&st, sys::fd_xattrs(sub.as_fd())?);
+                    items.push((
+                        Entry {
+                            path: path.clone().into(),
+                            meta,
+                            kind: Kind::Dir,
+                        },
+                        ino,
+                    ));
+                    pending.push(path);
+                    continue;
+                }
+                FileType::RegularFile => {
+                    items.push((
+                        Entry {
+                            path: path.into(),
+                            meta: meta_of(&st, Vec::new()),
+                            kind: Kind::File {
+                                size: st.st_size as u64,
+                                sha256: [0; 32],
+                            },
+                        },
+                        ino,
+                    ));
+                    continue;
+                }
+                FileType::Symlink => {
+                    let target = sys::readlinkat(dfd, &name)?.with_context(|| {
+                        format!("`{}` vanished while it was being read", display(&path))
+                    })?;
+                    Kind::Symlink {
+                        target: target.into(),
+                    }
+                }
+                FileType::CharacterDevice => Kind::Char {
+                    major: rustix::fs::major(st.st_rdev),
+                    minor: rustix::fs::minor(st.st_rdev),
+                },
+                FileType::BlockDevice => Kind::Block {
+                    major: rustix::fs::major(st.st_rdev),
+                    minor: rustix::fs::minor(st.st_rdev),
+                },
+                FileType::Fifo => Kind::Fifo,
+                FileType::Socket => {
+                    log::warn!("skipping socket `{}`", display(&path));
+                    continue;
+                }
+                other => bail!("`{}` has an unknown file type {other:?}", display(&path)),
+            };
+            let mut meta = meta_of(&st, sys::xattrs_at(dfd, &name)?);
+            if matches!(kind, Kind::Symlink { .. }) {
+                meta.mode = 0o777;
+            }
+            items.push((
+                Entry {
+                    path: path.into(),
+                    meta,
+                    kind,
+                },
+                ino,
+            ));
+        }
+        if let Some(f) = fd {
+            // Keep no handle longer than its directory is being read.
+            drop(f);
+        }
+    }
+    items.sort_unstable_by(|a, b| a.0.path.cmp(&b.0.path));
+    if hash {
+        hash_files(top, &mut items, hook)?;
+    }
+    let (entries, inodes): (Vec<Entry>, Vec<(u64, u64)>) = items.into_iter().unzip();
+    let mut manifest = Manifest {
+        version: None,
+        entries,
+    };
+    manifest.normalize()?;
+    Ok(Scan { manifest, inodes })
+}
+
+/// Hashes each distinct inode once, in parallel, and fills in content hashes and extended
+/// attributes of every regular file.
+fn hash_files(
+    top: BorrowedFd,
+    items: &mut [(Entry, (u64, u64))],
+    hook: Option<FileHook>,
+) -> Result<()> {
+    let mut first: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut jobs: Vec<usize> = Vec::new();
+    for (i, (e, ino)) in items.iter().enumerate() {
+        if matches!(e.kind, Kind::File { .. }) && first.insert(*ino, i).is_none() {
+            jobs.push(i);
+        }
+    }
+    let bytes: u64 = jobs
+        .iter()
+        .map(|&i| match items[i].0.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum();
+    let progress = Progress::bytes(bytes, "hashing");
+    type Hashed = Result<(Meta, u64, Hash)>;
+    let results: Vec<(usize, Hashed)> = jobs
+        .par_iter()
+        .map(|&i| {
+            let (e, ino) = &items[i];
+            let r = hash_one(top, &e.path, *ino, hook);
+            if let Ok((_, size, _)) = &r {
+                progress.inc(*size);
+            }
+            (
+                i,
+                r.with_context(|| format!("cannot read `{}`", e.display())),
+            )
+        })
+        .collect();
+    progress.finish();
+    let mut done: HashMap<(u64, u64), (Meta, u64, Hash)> = HashMap::new();
+    for (i, r) in results {
+        done.insert(items[i].1, r?);
+    }
+    for (e, ino) in items.iter_mut() {
+        if let Kind::File { size, sha256 } = &mut e.kind {
+            let (meta, sz, h) = &done[ino];
+            e.meta = meta.clone();
+            *size = *sz;
+            *sha256 = *h;
+        }
+    }
+    Ok(())
+}
+
+fn hash_one(
+    top: BorrowedFd,
+    rel: &[u8],
+    ino: (u64, u64),
+    hook: Option<FileHook>,
+) -> Result<(Meta, u64, Hash)> {
+    let fd = sys::open_file_beneath(top, rel)?;
+    let st = rustix::fs::fstat(&fd)?;
+    if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+    {
+        bail!("it changed while it was being read");
+    }
+    let meta = meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
+    let (size, h) = hash_fd(fd.as_fd())?;
+    if size != st.st_size as u64 {
+        bail!("it changed size while it was being read");
+    }
+    if let Some(hook) = hook {
+        hook(fd.as_fd(), &meta, size, &h)?;
+    }
+    Ok((meta, size, h))
+}
+
+/// Reads an open file from its start to its end and returns its size and sha256.
+pub fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    let mut off = 0u64;
+    loop {
+        let n = rustix::io::pread(fd, &mut buf[..], off)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+        off += n as u64;
+    }
+    Ok((size, h.finalize().into()))
+}

@@ -1,0 +1,362 @@
+//! Thin wrappers over the file-system calls treeswap makes, one per syscall, each with the
+//! context a user needs (the path and the cause) and never following a symlink it was not
+//! asked to follow. See the linked man pages for each call.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+use crate::object::Meta;
+use crate::path::display;
+
+/// Resolution that stays under the directory handle and follows no symlink at all.
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+pub use crate::object::Xattrs;
+
+/// [open(2)] a directory named by the user (the argument itself may be a symlink).
+///
+/// [open(2)]: https://man7.org/linux/man-pages/man2/open.2.html
+pub fn open_dir(p: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(
+        p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("cannot open directory `{}`", p.display()))
+}
+
+/// [openat2(2)] a directory below `dir`, refusing any symlink on the way.
+///
+/// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
+pub fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
+    rustix::fs::openat2(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        BENEATH,
+    )
+    .with_context(|| format!("cannot open directory `{}`", display(rel)))
+}
+
+/// [openat2(2)] a regular file below `dir` for reading, refusing any symlink on the way.
+///
+/// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
+pub fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
+    rustix::fs::openat2(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY,
+        Mode::empty(),
+        BENEATH,
+    )
+    .with_context(|| format!("cannot open `{}`", display(rel)))
+}
+
+/// [mkdirat(2)], treating "already exists as a directory" as success when `exist_ok`.
+///
+/// [mkdirat(2)]: https://man7.org/linux/man-pages/man2/mkdirat.2.html
+pub fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32, exist_ok: bool) -> Result<()> {
+    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode)) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) if exist_ok => {
+            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+                bail!("`{}` exists and is not a directory", display(name));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot create directory `{}`", display(name))),
+    }
+}
+
+/// [fstatat(2)] without following a final symlink; `None` if the name does not exist.
+///
+/// [fstatat(2)]: https://man7.org/linux/man-pages/man2/fstatat.2.html
+pub fn lstatat(dir: BorrowedFd, name: &[u8]) -> Result<Option<rustix::fs::Stat>> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot stat `{}`", display(name))),
+    }
+}
+
+/// The names in a directory, without `.` and `..`, in no particular order
+/// ([getdents64(2)]).
+///
+/// [getdents64(2)]: https://man7.org/linux/man-pages/man2/getdents64.2.html
+pub fn read_dir(dir: BorrowedFd) -> Result<Vec<Vec<u8>>> {
+    let mut d = rustix::fs::Dir::read_from(dir).context("cannot read directory")?;
+    let mut out = Vec::new();
+    while let Some(ent) = d.read() {
+        let ent = ent.context("cannot read directory")?;
+        let name = ent.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(name.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// The path under `/proc/self/fd` naming `name` in `dir`, for the calls that have no `*at()`
+/// form (the `l*xattr` family). The final component is never followed by the `l*` calls.
+fn proc_path(dir: BorrowedFd, name: &[u8]) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    p
+}
+
+fn parse_xattr_names(list: &[u8]) -> Vec<Vec<u8>> {
+    list.split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// All extended attributes of an open file, sorted by name ([flistxattr(2)], [fgetxattr(2)]).
+///
+/// [flistxattr(2)]: https://man7.org/linux/man-pages/man2/flistxattr.2.html
+/// [fgetxattr(2)]: https://man7.org/linux/man-pages/man2/fgetxattr.2.html
+pub fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        match rustix::fs::flistxattr(fd, &mut buf[..]) {
+            Ok(n) => break n,
+            Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
+            Err(Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e).context("cannot list extended attributes"),
+        }
+    };
+    let mut out = Vec::new();
+    for name in parse_xattr_names(&buf[..n]) {
+        let mut v = vec![0u8; 256];
+        let len = loop {
+            match rustix::fs::fgetxattr(fd, &name[..], &mut v[..]) {
+                Ok(len) => break len,
+                Err(Errno::RANGE) => v.resize(v.len() * 4, 0),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot read extended attribute `{}`", display(&name))
+                    });
+                }
+            }
+        };
+        v.truncate(len);
+        out.push((name.into_boxed_slice(), v.into_boxed_slice()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// All extended attributes of `name` in `dir`, not following it if it is a symlink
+/// ([llistxattr(2)], [lgetxattr(2)]).
+///
+/// [llistxattr(2)]: https://man7.org/linux/man-pages/man2/llistxattr.2.html
+/// [lgetxattr(2)]: https://man7.org/linux/man-pages/man2/lgetxattr.2.html
+pub fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
+    let p = proc_path(dir, name);
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        match rustix::fs::llistxattr(&p[..], &mut buf[..]) {
+            Ok(n) => break n,
+            Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
+            Err(Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot list extended attributes of `{}`", display(name))
+                });
+            }
+        }
+    };
+    let mut out = Vec::new();
+    for xname in parse_xattr_names(&buf[..n]) {
+        let mut v = vec![0u8; 256];
+        let len = loop {
+            match rustix::fs::lgetxattr(&p[..], &xname[..], &mut v[..]) {
+                Ok(len) => break len,
+                Err(Errno::RANGE) => v.resize(v.len() * 4, 0),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot read extended attribute of `{}`", display(name))
+                    });
+                }
+            }
+        };
+        v.truncate(len);
+        out.push((xname.into_boxed_slice(), v.into_boxed_slice()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Sets owner, then mode, then extended attributes on an open file or directory: in this
+/// order because [fchown(2)] clears setuid, setgid and `security.capability`.
+///
+/// [fchown(2)]: https://man7.org/linux/man-pages/man2/fchown.2.html
+pub fn apply_meta_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
+    rustix::fs::fchown(
+        fd,
+        Some(rustix::process::Uid::from_raw(meta.uid)),
+        Some(rustix::process::Gid::from_raw(meta.gid)),
+    )
+    .context("cannot change owner")?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).context("cannot change mode")?;
+    for (k, v) in &meta.xattrs {
+        rustix::fs::fsetxattr(fd, &k[..], v, rustix::fs::XattrFlags::empty())
+            .with_context(|| format!("cannot set extended attribute `{}`", display(k)))?;
+    }
+    Ok(())
+}
+
+/// Sets owner, mode (unless a symlink) and extended attributes on `name` in `dir` without
+/// following it ([fchownat(2)], [fchmodat(2)], [lsetxattr(2)]). Used for symlinks and special
+/// files that treeswap itself just created, so `name` is known not to be a symlink to elsewhere.
+///
+/// [fchownat(2)]: https://man7.org/linux/man-pages/man2/fchownat.2.html
+/// [fchmodat(2)]: https://man7.org/linux/man-pages/man2/fchmodat.2.html
+/// [lsetxattr(2)]: https://man7.org/linux/man-pages/man2/lsetxattr.2.html
+pub fn apply_meta_at(dir: BorrowedFd, name: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::process::Uid::from_raw(meta.uid)),
+        Some(rustix::process::Gid::from_raw(meta.gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .with_context(|| format!("cannot change owner of `{}`", display(name)))?;
+    if !symlink {
+        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
+            .with_context(|| format!("cannot change mode of `{}`", display(name)))?;
+    }
+    if !meta.xattrs.is_empty() {
+        let p = proc_path(dir, name);
+        for (k, v) in &meta.xattrs {
+            rustix::fs::lsetxattr(&p[..], &k[..], v, rustix::fs::XattrFlags::empty())
+                .with_context(|| {
+                    format!(
+                        "cannot set extended attribute `{}` on `{}`",
+                        display(k),
+                        display(name)
+                    )
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// [syncfs(2)]: one flush of the whole file system, instead of an fsync per file.
+///
+/// [syncfs(2)]: https://man7.org/linux/man-pages/man2/syncfs.2.html
+pub fn syncfs(fd: BorrowedFd) -> Result<()> {
+    rustix::fs::syncfs(fd).context("syncfs failed")
+}
+
+/// [fsync(2)] of a directory, so that the renames in it are durable.
+///
+/// [fsync(2)]: https://man7.org/linux/man-pages/man2/fsync.2.html
+pub fn fsync(fd: BorrowedFd) -> Result<()> {
+    rustix::fs::fsync(fd).context("fsync failed")
+}
+
+/// Removes `name` in `dir` and everything below it, without following symlinks; a missing
+/// name is fine.
+pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
+    let Some(st) = lstatat(dir, name)? else {
+        return Ok(());
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open `{}` to remove it", display(name)))?;
+        for child in read_dir(sub.as_fd())? {
+            remove_tree_at(sub.as_fd(), &child)
+                .with_context(|| format!("in `{}`", display(name)))?;
+        }
+        unlinkat_ok(dir, name, true)
+    } else {
+        unlinkat_ok(dir, name, false)
+    }
+}
+
+/// [unlinkat(2)]; a missing name is fine.
+///
+/// [unlinkat(2)]: https://man7.org/linux/man-pages/man2/unlinkat.2.html
+pub fn unlinkat_ok(dir: BorrowedFd, name: &[u8], is_dir: bool) -> Result<()> {
+    let flags = if is_dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    match rustix::fs::unlinkat(dir, name, flags) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove `{}`", display(name))),
+    }
+}
+
+/// Replaces `name` in `dir` with a symlink to `target`, atomically: [symlinkat(2)] to a
+/// temporary name beside it, [renameat(2)] over `name`, then [fsync(2)] of the directory so
+/// that the rename is durable.
+///
+/// [symlinkat(2)]: https://man7.org/linux/man-pages/man2/symlinkat.2.html
+/// [renameat(2)]: https://man7.org/linux/man-pages/man2/renameat.2.html
+/// [fsync(2)]: https://man7.org/linux/man-pages/man2/fsync.2.html
+pub fn replace_symlink(dir: BorrowedFd, name: &str, target: &str) -> Result<()> {
+    let tmp = format!(".{name}.new");
+    unlinkat_ok(dir, tmp.as_bytes(), false)?;
+    rustix::fs::symlinkat(target, dir, tmp.as_str())
+        .with_context(|| format!("cannot create symlink `{tmp}`"))?;
+    rustix::fs::renameat(dir, tmp.as_str(), dir, name)
+        .with_context(|| format!("cannot rename `{tmp}` to `{name}`"))?;
+    fsync(dir)
+}
+
+/// [readlinkat(2)]; `None` if the name does not exist.
+///
+/// [readlinkat(2)]: https://man7.org/linux/man-pages/man2/readlinkat.2.html
+pub fn readlinkat(dir: BorrowedFd, name: &[u8]) -> Result<Option<Vec<u8>>> {
+    match rustix::fs::readlinkat(dir, name, Vec::new()) {
+        Ok(t) => Ok(Some(CString::into_bytes(t))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read symlink `{}`", display(name))),
+    }
+}
+
+/// Free bytes for an unprivileged writer on the file system of `fd` ([fstatvfs(3)]).
+///
+/// [fstatvfs(3)]: https://man7.org/linux/man-pages/man3/fstatvfs.3.html
+pub fn free_bytes(fd: BorrowedFd) -> Result<u64> {
+    let st = rustix::fs::fstatvfs(fd).context("cannot read free space")?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Sets atime and mtime of an open file to the epoch (FORMAT.md, "Timestamps").
+pub fn zero_times(fd: BorrowedFd) -> Result<()> {
+    let zero = rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::fs::futimens(
+        fd,
+        &rustix::fs::Timestamps {
+            last_access: zero,
+            last_modification: zero,
+        },
+    )
+    .context("cannot set timestamps")
+}
+
+pub fn fd(f: &OwnedFd) -> BorrowedFd<'_> {
+    f.as_fd()
+}

@@ -1,0 +1,134 @@
+//! Checking a tree on disk against its manifest, entry by entry.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::BorrowedFd;
+
+use anyhow::Result;
+use rayon::prelude::*;
+
+use crate::manifest::{Entry, Kind, Manifest};
+use crate::object::ObjectId;
+use crate::pool::Pool;
+use crate::scan;
+
+/// Compares the tree under `tree` with `m` and returns every difference, each naming its
+/// path. The fast check compares metadata and that each regular file is (a copy of) its
+/// pool object; `full` also re-hashes every object the tree uses.
+pub fn verify_tree(tree: BorrowedFd, m: &Manifest, pool: &Pool, full: bool) -> Result<Vec<String>> {
+    let found = scan::scan_fd(tree, false, None)?;
+    let mut problems = Vec::new();
+    let (a, b) = (&m.entries, &found.manifest.entries);
+    let (mut i, mut j) = (0, 0);
+    let mut wanted_inodes: Vec<(usize, usize)> = Vec::new();
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x.path == y.path => {
+                compare(x, y, &mut problems);
+                if matches!(x.kind, Kind::File { .. }) && matches!(y.kind, Kind::File { .. }) {
+                    wanted_inodes.push((i, j));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x.path < y.path => {
+                problems.push(format!("missing: {}", x.display()));
+                i += 1;
+            }
+            (Some(x), None) => {
+                problems.push(format!("missing: {}", x.display()));
+                i += 1;
+            }
+            (_, Some(y)) => {
+                problems.push(format!("extra: {}", y.display()));
+                j += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    // Each file must be its pool object (or one of the object's extra copies).
+    let ids: HashSet<ObjectId> = wanted_inodes
+        .iter()
+        .filter_map(|&(i, _)| a[i].object())
+        .collect();
+    let ids: Vec<ObjectId> = ids.into_iter().collect();
+    type Inodes = Result<(ObjectId, Vec<(u64, u64)>)>;
+    let inodes: Vec<Inodes> = ids
+        .par_iter()
+        .map(|id| Ok((*id, pool.inodes(id)?)))
+        .collect();
+    let mut by_id: HashMap<ObjectId, Vec<(u64, u64)>> = HashMap::new();
+    for r in inodes {
+        let (id, v) = r?;
+        by_id.insert(id, v);
+    }
+    for &(i, j) in &wanted_inodes {
+        let id = a[i].object().expect("file");
+        let have = found.inodes[j];
+        let copies = &by_id[&id];
+        if copies.is_empty() {
+            problems.push(format!(
+                "missing object: {} (pool object {} is gone)",
+                a[i].display(),
+                hex::encode(id)
+            ));
+        } else if !copies.contains(&have) {
+            problems.push(format!(
+                "modified: {} (not a link to its pool object)",
+                a[i].display()
+            ));
+        }
+    }
+    if full {
+        let results: Vec<Result<Vec<String>>> =
+            ids.par_iter().map(|id| pool.check_object(id)).collect();
+        for r in results {
+            problems.extend(r?);
+        }
+    }
+    Ok(problems)
+}
+
+fn compare(want: &Entry, have: &Entry, problems: &mut Vec<String>) {
+    let p = want.display();
+    if want.kind.name() != have.kind.name() {
+        problems.push(format!(
+            "wrong type: {p} (is a {}, expected a {})",
+            have.kind.name(),
+            want.kind.name()
+        ));
+        return;
+    }
+    if want.meta.mode != have.meta.mode && !matches!(want.kind, Kind::Symlink { .. }) {
+        problems.push(format!(
+            "wrong mode: {p} (0o{:o}, expected 0o{:o})",
+            have.meta.mode, want.meta.mode
+        ));
+    }
+    if (want.meta.uid, want.meta.gid) != (have.meta.uid, have.meta.gid) {
+        problems.push(format!(
+            "wrong owner: {p} ({}:{}, expected {}:{})",
+            have.meta.uid, have.meta.gid, want.meta.uid, want.meta.gid
+        ));
+    }
+    match (&want.kind, &have.kind) {
+        (Kind::File { size: s1, .. }, Kind::File { size: s2, .. }) => {
+            if s1 != s2 {
+                problems.push(format!("modified: {p} (size {s2}, expected {s1})"));
+            }
+            // A file's extended attributes live on its pool object, checked through it.
+            return;
+        }
+        (Kind::Symlink { target: t1 }, Kind::Symlink { target: t2 }) if t1 != t2 => {
+            problems.push(format!(
+                "modified: {p} (symlink to `{}`, expected `{}`)",
+                crate::path::display(t2),
+                crate::path::display(t1)
+            ));
+        }
+        (w, h) if w != h => problems.push(format!("modified: {p} (device numbers)")),
+        _ => {}
+    }
+    if want.meta.xattrs != have.meta.xattrs {
+        problems.push(format!("wrong xattrs: {p}"));
+    }
+}
