@@ -81,6 +81,14 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(f) = cause.downcast_ref::<Fail>() {
             return f.code();
         }
+        // A typed failure carried through an I/O error (from a `Read` implementation).
+        if let Some(f) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|e| e.get_ref())
+            .and_then(|e| e.downcast_ref::<Fail>())
+        {
+            return f.code();
+        }
     }
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<rustix::io::Errno>()

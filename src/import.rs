@@ -46,17 +46,29 @@ pub fn import(root: &Root, dir: &Path, version: &str) -> Result<Manifest> {
         m.entries.len(),
         hex::encode(m.digest())
     );
-    install(root, &pool, &m)?;
+    install(root, &pool, &m, false)?;
     Ok(m)
 }
 
-/// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc).
-pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest) -> Result<()> {
+/// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc);
+/// with `verify`, the staged tree is checked entry by entry against `m` before the commit.
+pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool) -> Result<()> {
     let version = m.version.as_deref().context("manifest has no version")?;
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
     stage::build(m, pool, staging.as_fd(), version.as_bytes())
         .with_context(|| format!("cannot build `staging/{version}`"))?;
+    if verify {
+        let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
+        let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, false)?;
+        if !problems.is_empty() {
+            return Err(crate::error::Fail::Verify(format!(
+                "the staged tree `staging/{version}` does not match its manifest: {}",
+                problems.join("; ")
+            ))
+            .into());
+        }
+    }
     root.write_manifest(version, m)?;
     root.syncfs()?;
     let trees = root.subdir("trees")?;

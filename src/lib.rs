@@ -1,5 +1,8 @@
 //! treeswap: atomic tree-swap updates from a content-addressed pool. See ARCHITECTURE.md.
 
+pub mod apply;
+pub mod delta;
+pub mod diff;
 pub mod error;
 pub mod flip;
 pub mod import;

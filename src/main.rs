@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use treeswap::error::{self, EXIT_CODES_HELP, Fail};
 use treeswap::root::{DEFAULT_ROOT, Lock, Root};
-use treeswap::{flip, import, manifest, scan, stage, status, verify};
+use treeswap::{apply, diff, flip, import, manifest, scan, stage, status, verify};
 
 #[derive(Parser)]
 #[command(
@@ -77,10 +77,51 @@ enum Command {
     List,
     /// Build a hardlink farm of installed version V at DEST (which must not exist).
     Checkout { version: String, dest: PathBuf },
+    /// Make a delta from one tree to another.
+    Diff {
+        /// The base tree, as a directory (no state root needed).
+        #[arg(long, requires = "to_dir", conflicts_with_all = ["from", "to"])]
+        from_dir: Option<PathBuf>,
+        /// The result tree, as a directory.
+        #[arg(long, requires = "from_dir")]
+        to_dir: Option<PathBuf>,
+        /// The base tree's version name, recorded in the delta (with --from-dir).
+        #[arg(long)]
+        from_version: Option<String>,
+        /// The result's version name (with --to-dir).
+        #[arg(long)]
+        to_version: Option<String>,
+        /// The base, as an installed version.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// The result, as an installed version.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Where to write the delta (`-` for standard output).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Apply a delta (`-` reads standard input): stage, verify, flip.
+    Apply {
+        file: PathBuf,
+        /// Stop after staging and verifying the new tree.
+        #[arg(long)]
+        stage_only: bool,
+        /// Do not restart the guests after the flip.
+        #[arg(long)]
+        no_restart: bool,
+    },
     /// Point `current` at an installed version.
-    Switch { version: String },
+    Switch {
+        version: String,
+        #[arg(long)]
+        no_restart: bool,
+    },
     /// Flip `current` back to `previous`.
-    Revert,
+    Revert {
+        #[arg(long)]
+        no_restart: bool,
+    },
 }
 
 fn main() {
@@ -120,7 +161,7 @@ fn run(cli: Cli) -> Result<()> {
             return Err(Fail::Usage("--revert cannot be combined with a command".into()).into());
         }
         (Some(c), false) => c,
-        (None, true) => &Command::Revert,
+        (None, true) => &Command::Revert { no_restart: false },
         (None, false) => {
             return Err(Fail::Usage("no command given; see `treeswap --help`".into()).into());
         }
@@ -222,15 +263,145 @@ fn run(cli: Cli) -> Result<()> {
             stage::build(&m, &root.pool()?, pfd.as_fd(), name.as_bytes())
                 .with_context(|| format!("cannot check out `{version}` to `{}`", dest.display()))?;
         }
-        Command::Switch { version } => {
+        Command::Diff {
+            from_dir,
+            to_dir,
+            from_version,
+            to_version,
+            from,
+            to,
+            output,
+        } => diff_command(
+            &cli,
+            from_dir.as_deref(),
+            to_dir.as_deref(),
+            from_version.as_deref(),
+            to_version.as_deref(),
+            from.as_deref(),
+            to.as_deref(),
+            output,
+        )?,
+        Command::Apply {
+            file,
+            stage_only,
+            no_restart: _,
+        } => {
+            let root = open_root(&cli, Lock::Exclusive, true)?;
+            let opts = apply::Options {
+                stage_only: *stage_only,
+            };
+            let outcome = if file.as_os_str() == "-" {
+                apply::apply(&root, std::io::stdin().lock(), opts)?
+            } else {
+                let f = fs_err::File::open(file)?;
+                apply::apply(&root, std::io::BufReader::with_capacity(1 << 20, f), opts)
+                    .with_context(|| format!("cannot apply `{}`", file.display()))?
+            };
+            match outcome {
+                apply::Outcome::Applied { from, to } => {
+                    log::info!("applied: `{from}` -> `{to}`; current is `{to}`")
+                }
+                apply::Outcome::Staged { to } => log::info!("staged `{to}`; current is unchanged"),
+                apply::Outcome::Switched { to } => {
+                    log::info!("`{to}` was already installed; current is now `{to}`")
+                }
+            }
+        }
+        Command::Switch { version, .. } => {
             let root = open_root(&cli, Lock::Exclusive, false)?;
             flip::switch(&root, version)?;
         }
-        Command::Revert => {
+        Command::Revert { .. } => {
             let root = open_root(&cli, Lock::Exclusive, false)?;
             let v = flip::revert(&root)?;
             log::info!("reverted to `{v}`");
         }
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn diff_command(
+    cli: &Cli,
+    from_dir: Option<&std::path::Path>,
+    to_dir: Option<&std::path::Path>,
+    from_version: Option<&str>,
+    to_version: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    output: &std::path::Path,
+) -> Result<()> {
+    let (delta, blobs, stats) = match (from_dir, to_dir, from, to) {
+        (Some(d1), Some(d2), None, None) => {
+            let to_version =
+                to_version.ok_or_else(|| Fail::Usage("--to-dir needs --to-version".into()))?;
+            let mut m1 = scan::scan(d1, true, None)?.manifest;
+            if let Some(v) = from_version {
+                treeswap::version::validate(v)?;
+                m1.version = Some(v.to_owned());
+            }
+            let m2 = scan::scan(d2, true, None)?.manifest;
+            let (t1, t2) = (treeswap::sys::open_dir(d1)?, treeswap::sys::open_dir(d2)?);
+            let read = |top: std::os::fd::BorrowedFd, e: &treeswap::manifest::Entry| {
+                let fd = treeswap::sys::open_file_beneath(top, &e.path)?;
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut v)?;
+                Ok(v)
+            };
+            let r1 = |e: &treeswap::manifest::Entry| read(t1.as_fd(), e);
+            let r2 = |e: &treeswap::manifest::Entry| read(t2.as_fd(), e);
+            diff::diff(&m1, &r1, &m2, &r2, to_version)?
+        }
+        (None, None, Some(v1), Some(v2)) => {
+            if from_version.is_some() || to_version.is_some() {
+                return Err(Fail::Usage(
+                    "--from-version and --to-version go with --from-dir and --to-dir".into(),
+                )
+                .into());
+            }
+            let root = open_root(cli, Lock::Shared, false)?;
+            let (m1, m2) = (root.load_manifest(v1)?, root.load_manifest(v2)?);
+            let pool = root.pool()?;
+            let read = |e: &treeswap::manifest::Entry| {
+                let id = e.object().context("not a file")?;
+                let fd = pool.open_object(&id)?;
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut v)?;
+                Ok(v)
+            };
+            diff::diff(&m1, &read, &m2, &read, v2)?
+        }
+        _ => {
+            return Err(Fail::Usage(
+                "give either --from-dir and --to-dir, or --from and --to".into(),
+            )
+            .into());
+        }
+    };
+    if output.as_os_str() == "-" {
+        diff::write_delta(&delta, &blobs, std::io::stdout().lock())?;
+    } else {
+        // Written beside its final name and renamed, so a reader never sees half a delta.
+        let dir = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = tempfile::NamedTempFile::new_in(&dir)
+            .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?;
+        diff::write_delta(&delta, &blobs, std::io::BufWriter::new(tmp.as_file()))?;
+        tmp.persist(output)
+            .with_context(|| format!("cannot write `{}`", output.display()))?;
+    }
+    log::info!(
+        "delta: {} changed, {} removed, {} contents ({} from the base, {} whole, {} zstd patches, {} bsdiff), {} bytes of blobs",
+        stats.changed,
+        stats.removed,
+        stats.contents,
+        stats.from_base,
+        stats.whole,
+        stats.zstd_patch,
+        stats.bsdiff,
+        stats.bytes
+    );
     Ok(())
 }

@@ -265,7 +265,7 @@ impl<'a> Cursor<'a> {
             self.i += 1;
         }
     }
-    fn eat(&mut self, c: u8) -> bool {
+    pub fn eat(&mut self, c: u8) -> bool {
         self.ws();
         if self.s.get(self.i) == Some(&c) {
             self.i += 1;
@@ -274,7 +274,7 @@ impl<'a> Cursor<'a> {
             false
         }
     }
-    fn expect(&mut self, c: u8) -> Result<()> {
+    pub fn expect(&mut self, c: u8) -> Result<()> {
         if !self.eat(c) {
             bail!("expected `{}` at column {}", c as char, self.i + 1);
         }
@@ -341,7 +341,7 @@ impl<'a> Cursor<'a> {
         }
         String::from_utf8(out).context("string is not UTF-8")
     }
-    fn int(&mut self) -> Result<u64> {
+    pub fn int(&mut self) -> Result<u64> {
         self.ws();
         let rest = &self.s[self.i..];
         let (radix, skip) = if rest.starts_with(b"0o") {

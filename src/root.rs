@@ -215,6 +215,27 @@ impl Root {
         Ok(m)
     }
 
+    /// The digest a stored manifest declares, read from its header only (a full load checks
+    /// it against the entries). `None` if the version has no manifest.
+    pub fn manifest_digest(&self, version: &str) -> Result<Option<manifest::Hash>> {
+        use std::io::BufRead;
+        let p = self.manifest_path(version);
+        let f = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", p.display())),
+        };
+        for line in std::io::BufReader::new(f).lines().take(16) {
+            let line = line.with_context(|| format!("cannot read `{}`", p.display()))?;
+            if let Some(rest) = line.strip_prefix("digest = ") {
+                let h = manifest::parse_hash(rest.trim().trim_matches('"'))
+                    .with_context(|| format!("in `{}`", p.display()))?;
+                return Ok(Some(h));
+            }
+        }
+        bail!("`{}` has no digest in its header", p.display())
+    }
+
     /// Writes a manifest to a temporary name and renames it into place. Durability comes from
     /// the caller's `syncfs` before its commit point.
     pub fn write_manifest(&self, version: &str, m: &Manifest) -> Result<()> {

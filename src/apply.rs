@@ -1,0 +1,520 @@
+//! `treeswap apply`: check a delta against the installed trees, write its new objects, stage
+//! the new tree beside the running one, verify it, and flip.
+//!
+//! Nothing is written before the delta manifest has been parsed, its base found, the
+//! resulting manifest composed and its digest checked against the delta's `to` digest, and
+//! the free space checked. Blobs are then read in order from the stream (so a delta can be
+//! piped in), each checked against its hash before it is decoded, and each decoded content
+//! checked against its hash before it is published.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::fd::AsFd;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::delta::{self, Content, Delta, MANIFEST_MEMBER, Source};
+use crate::error::Fail;
+use crate::manifest::{Entry, Hash, Kind, Manifest, check_tree};
+use crate::object::{Meta, ObjectId};
+use crate::pool::{FdReader, Pool};
+use crate::root::Root;
+use crate::{flip, import};
+
+/// The largest delta manifest accepted (a million changed entries take about 200 MB).
+const MAX_MANIFEST: u64 = 1 << 30;
+
+#[derive(Clone, Copy, Default)]
+pub struct Options {
+    /// Stop after staging and verifying.
+    pub stage_only: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new tree is installed and current.
+    Applied { from: String, to: String },
+    /// The new tree is installed (staged) but not current.
+    Staged { to: String },
+    /// The delta's result was already installed; it is now current.
+    Switched { to: String },
+}
+
+fn bad(e: impl std::fmt::Display) -> anyhow::Error {
+    Fail::BadDelta(format!("invalid delta: {e}")).into()
+}
+
+/// Reads the first member of a delta: its manifest.
+fn read_manifest<R: Read>(entries: &mut tar::Entries<R>) -> Result<Delta> {
+    let mut first = entries
+        .next()
+        .ok_or_else(|| bad("it is empty"))?
+        .map_err(|e| bad(format!("cannot read its first member: {e}")))?;
+    let name = first.path_bytes().into_owned();
+    if name != MANIFEST_MEMBER.as_bytes() {
+        return Err(bad(format!(
+            "its first member is `{}`, not `{MANIFEST_MEMBER}`",
+            crate::path::display(&name)
+        )));
+    }
+    if first.header().size().unwrap_or(u64::MAX) > MAX_MANIFEST {
+        return Err(bad("its manifest is larger than 1 GiB"));
+    }
+    let mut text = Vec::new();
+    (&mut first)
+        .take(MAX_MANIFEST)
+        .read_to_end(&mut text)
+        .map_err(|e| bad(format!("cannot read `{MANIFEST_MEMBER}`: {e}")))?;
+    let text = String::from_utf8(text).map_err(|_| bad("its manifest is not UTF-8"))?;
+    delta::parse(&text).map_err(|e| bad(format!("{e:#}")))
+}
+
+/// Applies the delta manifest to the base manifest: the result's manifest, checked to be a
+/// tree whose digest is the delta's `to` digest.
+pub fn compose(base: &Manifest, d: &Delta) -> Result<Manifest> {
+    for p in &d.removed {
+        if base.find(p).is_none() {
+            return Err(bad(format!(
+                "it removes `{}`, which the base tree does not have",
+                crate::path::display(p)
+            )));
+        }
+    }
+    let mut entries: Vec<Entry> = Vec::with_capacity(base.entries.len() + d.changed.len());
+    let (a, b) = (&base.entries, &d.changed);
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x.path == y.path => {
+                entries.push(y.clone());
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x.path < y.path => {
+                if d.removed.binary_search(&x.path).is_err() {
+                    entries.push(x.clone());
+                }
+                i += 1;
+            }
+            (Some(x), None) => {
+                if d.removed.binary_search(&x.path).is_err() {
+                    entries.push(x.clone());
+                }
+                i += 1;
+            }
+            (_, Some(y)) => {
+                entries.push(y.clone());
+                j += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    check_tree(&entries).map_err(|e| bad(format!("its result is not a valid tree: {e:#}")))?;
+    let m = Manifest {
+        version: Some(d.to_version.clone()),
+        entries,
+    };
+    if m.entries.len() as u64 != d.to_count {
+        return Err(Fail::Integrity(format!(
+            "the delta's result has {} entries, but it declares {}",
+            m.entries.len(),
+            d.to_count
+        ))
+        .into());
+    }
+    let got = m.digest();
+    if got != d.to_digest {
+        return Err(Fail::Integrity(format!(
+            "the delta's result has digest {}, but it declares {}",
+            hex::encode(got),
+            hex::encode(d.to_digest)
+        ))
+        .into());
+    }
+    Ok(m)
+}
+
+/// The version whose stored manifest has `digest`, preferring `current`.
+fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
+    let current = root.link("current")?;
+    let mut versions = root.versions()?;
+    if let Some(c) = &current {
+        versions.retain(|v| v != c);
+        versions.insert(0, c.clone());
+    }
+    for v in versions {
+        if root.manifest_digest(&v)? == Some(*digest) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+pub fn apply(root: &Root, input: impl Read, opts: Options) -> Result<Outcome> {
+    let mut archive = tar::Archive::new(input);
+    let mut entries = archive.entries().map_err(bad)?;
+    let d = read_manifest(&mut entries)?;
+    let to = d.to_version.clone();
+    let current = root.link("current")?;
+
+    if root.is_installed(&to)? {
+        if root.manifest_digest(&to)? != Some(d.to_digest) {
+            bail!(
+                "version `{to}` is already installed with another digest than this delta's result {}",
+                hex::encode(d.to_digest)
+            );
+        }
+        if current.as_deref() == Some(to.as_str()) {
+            return Err(Fail::Nothing(format!("nothing to do: `{to}` is already current")).into());
+        }
+        if opts.stage_only {
+            return Ok(Outcome::Staged { to });
+        }
+        flip::switch(root, &to)?;
+        return Ok(Outcome::Switched { to });
+    }
+
+    let Some(base_version) = find_base(root, &d.from_digest)? else {
+        let cur = match &current {
+            Some(c) => format!(
+                "current `{c}` has digest {}",
+                root.manifest_digest(c)?
+                    .map(hex::encode)
+                    .unwrap_or_default()
+            ),
+            None => "no version is current".to_string(),
+        };
+        return Err(Fail::WrongBase(format!(
+            "this delta is for a base tree{} with digest {}, which is not installed; {cur}",
+            d.from_version
+                .as_ref()
+                .map(|v| format!(" `{v}`"))
+                .unwrap_or_default(),
+            hex::encode(d.from_digest)
+        ))
+        .into());
+    };
+    if current.as_deref() != Some(base_version.as_str()) {
+        log::warn!(
+            "this delta applies to installed version `{base_version}`, which is not current"
+        );
+    }
+    let base = root.load_manifest(&base_version)?;
+    let new = compose(&base, &d)?;
+    let pool = root.pool()?;
+    let plan = plan(&base, &new, &d, &pool)?;
+    check_space(root, &plan, &new)?;
+
+    materialize(&d, &plan, &base, &pool, &mut entries)?;
+    // Nothing may follow the last blob.
+    if let Some(extra) = entries.next() {
+        let name = extra
+            .map(|e| crate::path::display(&e.path_bytes()))
+            .unwrap_or_else(|e| e.to_string());
+        return Err(bad(format!(
+            "unexpected member `{name}` after the last blob"
+        )));
+    }
+
+    import::install(root, &pool, &new, true)?;
+    if opts.stage_only {
+        return Ok(Outcome::Staged { to });
+    }
+    flip::switch(root, &to)?;
+    Ok(Outcome::Applied {
+        from: base_version,
+        to,
+    })
+}
+
+/// What applying needs to write.
+struct Plan {
+    /// For each content of the delta that some new object needs: the metadata of each object
+    /// to make from it.
+    metas: HashMap<Hash, Vec<(Meta, ObjectId)>>,
+    /// Objects of the base tree by content, the references a delta may use.
+    base_content: HashMap<Hash, ObjectId>,
+    /// Bytes of new objects.
+    bytes: u64,
+    objects: u64,
+}
+
+fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan> {
+    let mut base_content: HashMap<Hash, ObjectId> = HashMap::new();
+    for e in &base.entries {
+        if let Kind::File { sha256, .. } = &e.kind {
+            base_content
+                .entry(*sha256)
+                .or_insert_with(|| e.object().expect("file"));
+        }
+    }
+    let in_delta: HashMap<Hash, usize> = d
+        .contents
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.sha256, i))
+        .collect();
+    // Check every content's references before anything is written.
+    for (i, c) in d.contents.iter().enumerate() {
+        if c.source == Source::Base && !base_content.contains_key(&c.sha256) {
+            return Err(bad(format!(
+                "content {} is said to be in the base tree, which does not have it",
+                hex::encode(c.sha256)
+            )));
+        }
+        if let Some(r) = c.source.base() {
+            let earlier = in_delta.get(r).is_some_and(|&k| k < i);
+            if !earlier && !base_content.contains_key(r) {
+                return Err(bad(format!(
+                    "content {} is a patch against {}, which is neither in the base tree nor earlier in the delta",
+                    hex::encode(c.sha256),
+                    hex::encode(r)
+                )));
+            }
+        }
+    }
+    let mut plan = Plan {
+        metas: HashMap::new(),
+        base_content,
+        bytes: 0,
+        objects: 0,
+    };
+    let mut seen: HashSet<ObjectId> = HashSet::new();
+    let changed: HashSet<&[u8]> = d.changed.iter().map(|e| &*e.path).collect();
+    for e in &new.entries {
+        let Kind::File { size, sha256 } = &e.kind else {
+            continue;
+        };
+        let id = e.object().expect("file");
+        if !seen.insert(id) {
+            continue;
+        }
+        // Unchanged entries link to base objects the pool has; `verify` catches a pool that
+        // lost them. Changed ones may need new objects.
+        if !changed.contains(&*e.path) || pool.has(&id)? {
+            continue;
+        }
+        if !in_delta.contains_key(sha256) {
+            return Err(Fail::Integrity(format!(
+                "`{}` needs content {} which neither the delta nor the pool has",
+                e.display(),
+                hex::encode(sha256)
+            ))
+            .into());
+        }
+        plan.metas
+            .entry(*sha256)
+            .or_default()
+            .push((e.meta.clone(), id));
+        plan.bytes += size;
+        plan.objects += 1;
+    }
+    Ok(plan)
+}
+
+/// Refuses, before anything is written, an apply that would not fit: new objects rounded up to
+/// blocks, one block per new directory, the manifest, and a margin of 5% plus 16 MiB.
+fn check_space(root: &Root, plan: &Plan, new: &Manifest) -> Result<()> {
+    let st = rustix::fs::fstatvfs(root.fd()).context("cannot read free space")?;
+    let block = st.f_frsize.max(512);
+    let round = |n: u64| n.div_ceil(block) * block;
+    let dirs = new.entries.iter().filter(|e| e.is_dir()).count() as u64;
+    let mut need: u64 =
+        round(plan.bytes) + plan.objects * block + dirs * block + new.entries.len() as u64 * 200;
+    need += need / 20 + (16 << 20);
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if need > free {
+        return Err(Fail::NoSpace(format!(
+            "not enough space in `{}`: the update needs {} MiB, {} MiB are free ({} MiB missing)",
+            root.path.display(),
+            need.div_ceil(1 << 20),
+            free >> 20,
+            (need - free).div_ceil(1 << 20)
+        ))
+        .into());
+    }
+    let inodes_needed = plan.objects + new.entries.len() as u64 / 4 + 16;
+    if st.f_favail != 0 && st.f_files != 0 && inodes_needed > st.f_favail {
+        return Err(Fail::NoSpace(format!(
+            "not enough inodes in `{}`: the update needs about {inodes_needed}, {} are free",
+            root.path.display(),
+            st.f_favail
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Reads a whole object's bytes and checks them against the content hash they must have.
+fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
+    let fd = pool.open_object(id)?;
+    let mut data = Vec::new();
+    FdReader {
+        fd: fd.as_fd(),
+        off: 0,
+    }
+    .read_to_end(&mut data)
+    .context("cannot read a patch base")?;
+    let got: Hash = Sha256::digest(&data).into();
+    if &got != sha {
+        return Err(Fail::Integrity(format!(
+            "patch base object {} in the pool is corrupt (run `treeswap verify --full`)",
+            hex::encode(id)
+        ))
+        .into());
+    }
+    Ok(data)
+}
+
+/// Reads the blob member of `c` from the stream and checks its hash.
+fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<u8>> {
+    let (want_sha, want_size) = c.blob.expect("blob");
+    let name = Delta::blob_member(c);
+    let mut member = entries
+        .next()
+        .ok_or_else(|| bad(format!("it is truncated: member `{name}` is missing")))?
+        .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
+    let got_name = member.path_bytes().into_owned();
+    if got_name != name.as_bytes() {
+        return Err(bad(format!(
+            "expected member `{name}`, found `{}`",
+            crate::path::display(&got_name)
+        )));
+    }
+    if member.header().size().ok() != Some(want_size) {
+        return Err(bad(format!(
+            "member `{name}` does not have its declared size {want_size}"
+        )));
+    }
+    // No allocation ahead of the bytes: the vector grows as they arrive.
+    let mut blob = Vec::new();
+    (&mut member)
+        .take(want_size)
+        .read_to_end(&mut blob)
+        .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
+    if blob.len() as u64 != want_size {
+        return Err(bad(format!("member `{name}` is truncated")));
+    }
+    let got: Hash = Sha256::digest(&blob).into();
+    if got != want_sha {
+        return Err(Fail::Integrity(format!(
+            "member `{name}` does not match its sha256 (the delta is corrupt or was tampered with)"
+        ))
+        .into());
+    }
+    Ok(blob)
+}
+
+/// Writes every new object, content by content, in delta order.
+fn materialize<R: Read>(
+    d: &Delta,
+    plan: &Plan,
+    _base: &Manifest,
+    pool: &Pool,
+    entries: &mut tar::Entries<R>,
+) -> Result<()> {
+    // Where each content can be read from once it exists: an object of the base or one this
+    // apply wrote.
+    let mut have: HashMap<Hash, ObjectId> = plan.base_content.clone();
+    let progress = crate::progress::Progress::items(d.contents.len() as u64, "writing");
+    for c in &d.contents {
+        progress.inc(1);
+        let blob = match c.blob {
+            Some(_) => Some(read_blob(entries, c)?),
+            None => None,
+        };
+        let empty = Vec::new();
+        let metas = plan.metas.get(&c.sha256).unwrap_or(&empty);
+        let Some(((meta0, id0), rest)) = metas.split_first() else {
+            // Every object this content makes is in the pool already.
+            if let Some(((_, id), _)) = plan.metas.get(&c.sha256).and_then(|m| m.split_first()) {
+                have.insert(c.sha256, *id);
+            }
+            continue;
+        };
+        let what = || format!("content {}", hex::encode(c.sha256));
+        let reference = |sha: &Hash| -> Result<Vec<u8>> {
+            let id = have
+                .get(sha)
+                .ok_or_else(|| anyhow!("reference {} is not available", hex::encode(sha)))?;
+            read_checked(pool, id, sha)
+        };
+        match &c.source {
+            Source::Base => {
+                let src = pool.open_object(&have[&c.sha256])?;
+                pool.store(
+                    &mut FdReader {
+                        fd: src.as_fd(),
+                        off: 0,
+                    },
+                    meta0,
+                    c.size,
+                    &c.sha256,
+                )
+                .with_context(what)?;
+            }
+            Source::Zstd => {
+                let blob = blob.as_deref().expect("blob");
+                let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
+                dec.window_log_max(31).map_err(bad)?;
+                pool.store(&mut DecodeReader(dec), meta0, c.size, &c.sha256)
+                    .with_context(what)?;
+            }
+            Source::ZstdPatch { base } => {
+                let reference = reference(base)?;
+                let blob = blob.as_deref().expect("blob");
+                let mut dec = zstd::stream::read::Decoder::with_ref_prefix(
+                    std::io::BufReader::new(blob),
+                    &reference,
+                )
+                .map_err(bad)?;
+                dec.window_log_max(31).map_err(bad)?;
+                pool.store(&mut DecodeReader(dec), meta0, c.size, &c.sha256)
+                    .with_context(what)?;
+            }
+            Source::Bsdiff { base } => {
+                let reference = reference(base)?;
+                let blob = blob.as_deref().expect("blob");
+                let dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
+                // A patch is about as long as its result; more is a bomb.
+                let mut patch = dec.take(c.size.saturating_mul(3) + (1 << 20));
+                let mut out = Vec::new();
+                bsdiff::patch(&reference, &mut patch, &mut out)
+                    .map_err(|e| bad(format!("{}: bad bsdiff patch: {e}", what())))?;
+                pool.store(&mut &out[..], meta0, c.size, &c.sha256)
+                    .with_context(what)?;
+            }
+        }
+        have.insert(c.sha256, *id0);
+        for (meta, _) in rest {
+            let src = pool.open_object(id0)?;
+            pool.store(
+                &mut FdReader {
+                    fd: src.as_fd(),
+                    off: 0,
+                },
+                meta,
+                c.size,
+                &c.sha256,
+            )
+            .with_context(what)?;
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// A decoder whose errors say the delta is malformed rather than that I/O failed.
+struct DecodeReader<R: Read>(R);
+
+impl<R: Read> Read for DecodeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")),
+            )
+        })
+    }
+}

@@ -1,0 +1,360 @@
+//! The delta format: what changes between two trees, and the bytes that change needs.
+//!
+//! A delta is one tar file. Its first member is `delta.toml`, the delta manifest (this
+//! module's [`Delta`]); then one member `blobs/<sha256 of the content>` per content that ships
+//! bytes, in the order the manifest lists them. Parsing is pure; FORMAT.md is the reference.
+
+use std::fmt::Write as _;
+use std::io::BufRead;
+
+use anyhow::{Context, Result, bail};
+
+use crate::manifest::{self, Cursor, Entry, Fields, Hash, parse_hash};
+use crate::path::{decode_path, encode_path, validate_path};
+
+/// The delta format version; see FORMAT.md for what changes it.
+pub const FORMAT: u32 = 1;
+
+/// The name of the first tar member.
+pub const MANIFEST_MEMBER: &str = "delta.toml";
+
+/// How the bytes of a content are obtained.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The base tree already has this content (a metadata-only change): no bytes shipped.
+    Base,
+    /// The blob is the whole content, zstd-compressed.
+    Zstd,
+    /// The blob is a zstd frame compressed with the content `base` as reference prefix.
+    ZstdPatch { base: Hash },
+    /// The blob is a zstd-compressed bsdiff patch against the content `base`.
+    Bsdiff { base: Hash },
+}
+
+impl Source {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Source::Base => "base",
+            Source::Zstd => "zstd",
+            Source::ZstdPatch { .. } => "zstd-patch",
+            Source::Bsdiff { .. } => "bsdiff",
+        }
+    }
+    /// The content a patch applies to.
+    pub fn base(&self) -> Option<&Hash> {
+        match self {
+            Source::ZstdPatch { base } | Source::Bsdiff { base } => Some(base),
+            _ => None,
+        }
+    }
+}
+
+/// A content (file bytes, identified by their sha256) the result needs and the base lacks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Content {
+    pub sha256: Hash,
+    pub size: u64,
+    pub source: Source,
+    /// sha256 and size of the blob member, for every source but `base`.
+    pub blob: Option<(Hash, u64)>,
+}
+
+/// The delta manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub from_version: Option<String>,
+    pub from_digest: Hash,
+    pub to_version: String,
+    pub to_digest: Hash,
+    pub to_count: u64,
+    /// Paths of the base that the result does not have.
+    pub removed: Vec<Box<[u8]>>,
+    /// Entries of the result that the base lacks or has differently, in full.
+    pub changed: Vec<Entry>,
+    pub contents: Vec<Content>,
+}
+
+impl Delta {
+    pub fn to_toml(&self) -> String {
+        let mut out = String::with_capacity(256 + self.changed.len() * 180);
+        out.push_str("# treeswap delta manifest; see FORMAT.md\n");
+        let _ = writeln!(out, "format = {FORMAT}");
+        if let Some(v) = &self.from_version {
+            let _ = writeln!(out, "from_version = \"{v}\"");
+        }
+        let _ = writeln!(out, "from_digest = \"{}\"", hex::encode(self.from_digest));
+        let _ = writeln!(out, "to_version = \"{}\"", self.to_version);
+        let _ = writeln!(out, "to_digest = \"{}\"", hex::encode(self.to_digest));
+        let _ = writeln!(out, "to_count = {}", self.to_count);
+        out.push_str("removed = [\n");
+        for p in &self.removed {
+            let _ = writeln!(out, "\"{}\",", encode_path(p));
+        }
+        out.push_str("]\nchanged = [\n");
+        for e in &self.changed {
+            manifest::write_entry(&mut out, e);
+            out.push_str(",\n");
+        }
+        out.push_str("]\ncontents = [\n");
+        for c in &self.contents {
+            let _ = write!(
+                out,
+                "{{ sha256 = \"{}\", size = {}, source = \"{}\"",
+                hex::encode(c.sha256),
+                c.size,
+                c.source.name()
+            );
+            if let Some(b) = c.source.base() {
+                let _ = write!(out, ", base = \"{}\"", hex::encode(b));
+            }
+            if let Some((h, n)) = &c.blob {
+                let _ = write!(
+                    out,
+                    ", blob_sha256 = \"{}\", blob_size = {n}",
+                    hex::encode(h)
+                );
+            }
+            out.push_str(" },\n");
+        }
+        out.push_str("]\n");
+        out
+    }
+
+    /// The tar member name of a content's blob.
+    pub fn blob_member(c: &Content) -> String {
+        format!("blobs/{}", hex::encode(c.sha256))
+    }
+}
+
+fn content_from_fields(mut f: Fields) -> Result<Content> {
+    let sha256 = f.hash("sha256")?;
+    let size = f.int("size")?;
+    let source = match f.str("source")?.as_str() {
+        "base" => Source::Base,
+        "zstd" => Source::Zstd,
+        "zstd-patch" => Source::ZstdPatch {
+            base: f.hash("base")?,
+        },
+        "bsdiff" => Source::Bsdiff {
+            base: f.hash("base")?,
+        },
+        other => bail!("unknown content source `{other}`"),
+    };
+    let blob = if source == Source::Base {
+        None
+    } else {
+        Some((f.hash("blob_sha256")?, f.int("blob_size")?))
+    };
+    f.finish()?;
+    Ok(Content {
+        sha256,
+        size,
+        source,
+        blob,
+    })
+}
+
+/// Parses delta manifest text; see [`parse_reader`].
+pub fn parse(text: &str) -> Result<Delta> {
+    parse_reader(text.as_bytes())
+}
+
+/// Parses a delta manifest and checks what can be checked without the base tree: valid,
+/// sorted, unique paths; no path both removed and changed; contents listed once.
+pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
+    let mut d = Delta::default();
+    let (mut from_digest, mut to_digest, mut to_version, mut to_count, mut format) =
+        (None, None, None, None, None);
+    let mut section: Option<String> = None;
+    let mut done: Vec<String> = Vec::new();
+    for (n, line) in r.lines().enumerate() {
+        let line = line.with_context(|| format!("line {}", n + 1))?;
+        let res: Result<()> = (|| {
+            let mut c = Cursor::new(&line);
+            if c.at_end() {
+                return Ok(());
+            }
+            if let Some(sec) = &section {
+                if c.eat(b']') {
+                    if !c.at_end() {
+                        bail!("text after `]`");
+                    }
+                    done.push(sec.clone());
+                    section = None;
+                    return Ok(());
+                }
+                match sec.as_str() {
+                    "removed" => {
+                        let p = decode_path(&c.string()?)?;
+                        validate_path(&p)?;
+                        d.removed.push(p.into());
+                    }
+                    "changed" => {
+                        let e = manifest::entry_from_fields(Fields::new(c.inline_table()?))?;
+                        d.changed.push(e);
+                    }
+                    _ => d
+                        .contents
+                        .push(content_from_fields(Fields::new(c.inline_table()?))?),
+                }
+                c.expect(b',')?;
+                if !c.at_end() {
+                    bail!("text after the item");
+                }
+                return Ok(());
+            }
+            let key = c.key()?;
+            c.expect(b'=')?;
+            match key.as_str() {
+                "removed" | "changed" | "contents" => {
+                    if done.contains(&key) {
+                        bail!("`{key}` given twice");
+                    }
+                    c.expect(b'[')?;
+                    section = Some(key);
+                }
+                "format" => format = Some(c.int()?),
+                "from_version" => {
+                    let v = c.string()?;
+                    crate::version::validate(&v)?;
+                    d.from_version = Some(v);
+                }
+                "to_version" => {
+                    let v = c.string()?;
+                    crate::version::validate(&v)?;
+                    to_version = Some(v);
+                }
+                "from_digest" => from_digest = Some(parse_hash(&c.string()?)?),
+                "to_digest" => to_digest = Some(parse_hash(&c.string()?)?),
+                "to_count" => to_count = Some(c.int()?),
+                other => bail!("unknown key `{other}`"),
+            }
+            if !c.at_end() {
+                bail!("text after the value");
+            }
+            Ok(())
+        })();
+        res.with_context(|| format!("delta manifest line {}", n + 1))?;
+    }
+    if section.is_some() || done.len() != 3 {
+        bail!("delta manifest is truncated or lacks `removed`, `changed` or `contents`");
+    }
+    match format {
+        Some(f) if f == FORMAT as u64 => {}
+        Some(f) => bail!("delta format {f} is not supported (this treeswap reads {FORMAT})"),
+        None => bail!("delta manifest has no `format`"),
+    }
+    d.from_digest = from_digest.context("delta manifest has no `from_digest`")?;
+    d.to_digest = to_digest.context("delta manifest has no `to_digest`")?;
+    d.to_version = to_version.context("delta manifest has no `to_version`")?;
+    d.to_count = to_count.context("delta manifest has no `to_count`")?;
+    check(&d)?;
+    Ok(d)
+}
+
+fn check(d: &Delta) -> Result<()> {
+    for w in d.removed.windows(2) {
+        if w[0] >= w[1] {
+            bail!(
+                "`removed` is not sorted or lists `{}` twice",
+                crate::path::display(&w[1])
+            );
+        }
+    }
+    for w in d.changed.windows(2) {
+        if w[0].path >= w[1].path {
+            bail!(
+                "`changed` is not sorted or lists `{}` twice",
+                w[1].display()
+            );
+        }
+    }
+    for e in &d.changed {
+        if d.removed.binary_search(&e.path).is_ok() {
+            bail!("`{}` is both removed and changed", e.display());
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &d.contents {
+        if !seen.insert(c.sha256) {
+            bail!("content {} is listed twice", hex::encode(c.sha256));
+        }
+        if let Some(b) = c.source.base()
+            && !seen.contains(b)
+            && b == &c.sha256
+        {
+            bail!(
+                "content {} is a patch against itself",
+                hex::encode(c.sha256)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Kind;
+    use crate::object::Meta;
+
+    fn sample() -> Delta {
+        Delta {
+            from_version: Some("1".into()),
+            from_digest: [1; 32],
+            to_version: "2".into(),
+            to_digest: [2; 32],
+            to_count: 3,
+            removed: vec![(*b"gone").into(), (*b"old\xff").into()],
+            changed: vec![Entry {
+                path: (*b"new").into(),
+                meta: Meta {
+                    mode: 0o644,
+                    ..Default::default()
+                },
+                kind: Kind::File {
+                    size: 5,
+                    sha256: [3; 32],
+                },
+            }],
+            contents: vec![
+                Content {
+                    sha256: [3; 32],
+                    size: 5,
+                    source: Source::ZstdPatch { base: [4; 32] },
+                    blob: Some(([5; 32], 9)),
+                },
+                Content {
+                    sha256: [6; 32],
+                    size: 1,
+                    source: Source::Base,
+                    blob: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = sample();
+        let text = d.to_toml();
+        assert_eq!(parse(&text).unwrap(), d);
+        let _: toml::Table = text.parse().unwrap();
+    }
+
+    #[test]
+    fn hostile_manifests_are_refused() {
+        let text = sample().to_toml();
+        for bad in [
+            text.replace("\"gone\"", "\"../gone\""),
+            text.replace("\"gone\"", "\"/etc/passwd\""),
+            text.replace("\"gone\"", "\"\""),
+            text.replace("\"gone\"", "\"new\""),
+            text.replace("\"gone\"", "\"old%FF\""),
+            text.replace("source = \"base\"", "source = \"lzma\""),
+            text[..text.len() / 2].to_string(),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad}");
+        }
+    }
+}
