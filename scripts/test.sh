@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (as root, on Debian) and runs the suite.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+need=()
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v setfattr >/dev/null || need+=(attr)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+cd "$repo"
+cargo test --release "$@"
