@@ -14,6 +14,7 @@ use std::os::fd::AsFd;
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
+use crate::config::Config;
 use crate::delta::{self, Content, Delta, MANIFEST_MEMBER, Source};
 use crate::error::Fail;
 use crate::manifest::{Entry, Hash, Kind, Manifest, check_tree};
@@ -29,6 +30,8 @@ const MAX_MANIFEST: u64 = 1 << 30;
 pub struct Options {
     /// Stop after staging and verifying.
     pub stage_only: bool,
+    /// How to flip.
+    pub flip: flip::Options,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -151,7 +154,7 @@ fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
     Ok(None)
 }
 
-pub fn apply(root: &Root, input: impl Read, opts: Options) -> Result<Outcome> {
+pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Result<Outcome> {
     let mut archive = tar::Archive::new(input);
     let mut entries = archive.entries().map_err(bad)?;
     let d = read_manifest(&mut entries)?;
@@ -171,7 +174,7 @@ pub fn apply(root: &Root, input: impl Read, opts: Options) -> Result<Outcome> {
         if opts.stage_only {
             return Ok(Outcome::Staged { to });
         }
-        flip::switch(root, &to)?;
+        flip::switch(root, cfg, &to, opts.flip)?;
         return Ok(Outcome::Switched { to });
     }
 
@@ -207,6 +210,7 @@ pub fn apply(root: &Root, input: impl Read, opts: Options) -> Result<Outcome> {
     check_space(root, &plan, &new)?;
 
     materialize(&d, &plan, &base, &pool, &mut entries)?;
+    crate::failpoint::hit("apply-after-objects");
     // Nothing may follow the last blob.
     if let Some(extra) = entries.next() {
         let name = extra
@@ -221,7 +225,7 @@ pub fn apply(root: &Root, input: impl Read, opts: Options) -> Result<Outcome> {
     if opts.stage_only {
         return Ok(Outcome::Staged { to });
     }
-    flip::switch(root, &to)?;
+    flip::switch(root, cfg, &to, opts.flip)?;
     Ok(Outcome::Applied {
         from: base_version,
         to,
@@ -487,6 +491,7 @@ fn materialize<R: Read>(
             }
         }
         have.insert(c.sha256, *id0);
+        crate::failpoint::hit("apply-after-object");
         for (meta, _) in rest {
             let src = pool.open_object(id0)?;
             pool.store(

@@ -1,14 +1,55 @@
-//! Flipping `current`: the one `rename(2)` at which the running system changes.
+//! Flipping `current`: the one `rename(2)` at which the running system changes, followed by
+//! the guest restarts that make every guest run on the new tree.
+//!
+//! Order, so that a crash at any point is finished or undone by `treeswap boot`:
+//! 1. the state file records the new tree as pending and the guests still to restart onto it;
+//! 2. `current` is replaced (the commit point), then `previous`;
+//! 3. each guest is restarted and struck off the list as it succeeds.
+//!
+//! If a restart fails, treeswap flips back and restarts the guests onto the old tree.
 
 use anyhow::{Result, bail};
 
+use crate::config::Config;
 use crate::error::Fail;
+use crate::failpoint;
 use crate::root::Root;
+use crate::state::{self, Pending, Restart, State};
 
-/// Points `current` at `version` and `previous` at what was current. `current` is replaced
-/// first (the commit point); a crash before `previous` is updated leaves `previous` naming an
-/// older tree, which `boot` repairs.
-pub fn switch(root: &Root, version: &str) -> Result<()> {
+#[derive(Clone, Copy)]
+pub struct Options {
+    /// Restart the guests after the flip.
+    pub restart: bool,
+    /// Flip back if a guest fails to restart.
+    pub auto_revert: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            restart: true,
+            auto_revert: true,
+        }
+    }
+}
+
+/// Points `current` at `version` (pending until marked good) and `previous` at what was
+/// current, then restarts the guests.
+pub fn switch(root: &Root, cfg: &Config, version: &str, opts: Options) -> Result<()> {
+    flip(root, cfg, version, opts, true)
+}
+
+/// Flips `current` back to `previous`, and `previous` to what was current. The tree flipped
+/// to is good.
+pub fn revert(root: &Root, cfg: &Config, opts: Options) -> Result<String> {
+    let Some(prev) = root.link("previous")? else {
+        return Err(Fail::Nothing("there is no previous version to revert to".into()).into());
+    };
+    flip(root, cfg, &prev, opts, false)?;
+    Ok(prev)
+}
+
+fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) -> Result<()> {
     crate::version::validate(version)?;
     if !root.is_installed(version)? {
         bail!(
@@ -20,19 +61,82 @@ pub fn switch(root: &Root, version: &str) -> Result<()> {
     if old.as_deref() == Some(version) {
         return Err(Fail::Nothing(format!("`{version}` is already current")).into());
     }
+    let mut st = state::load(root.fd())?;
+    st.pending = (pending && cfg.boot.tries > 0).then(|| Pending {
+        version: version.to_owned(),
+        boots: 0,
+    });
+    st.restart = (opts.restart && !cfg.guests.is_empty()).then(|| Restart {
+        target: version.to_owned(),
+        guests: cfg.guests.iter().map(|g| g.name.clone()).collect(),
+    });
+    save(root, &st)?;
+    failpoint::hit("flip-after-state");
+    failpoint::hit("flip-before-rename");
     root.set_link("current", version)?;
-    if let Some(old) = old {
-        root.set_link("previous", &old)?;
+    failpoint::hit("flip-after-rename");
+    if let Some(old) = &old {
+        root.set_link("previous", old)?;
     }
+    failpoint::hit("flip-after-previous");
     log::info!("current is now `{version}`");
+    if !opts.restart {
+        return Ok(());
+    }
+    if let Err(e) = finish_restarts(root, cfg, &mut st) {
+        let Some(old) = old.filter(|_| opts.auto_revert) else {
+            return Err(e.context(format!(
+                "the guests did not all restart on `{version}`, which stays current"
+            )));
+        };
+        log::error!("{e:#}; flipping back to `{old}`");
+        let back = flip(
+            root,
+            cfg,
+            &old,
+            Options {
+                restart: true,
+                auto_revert: false,
+            },
+            false,
+        );
+        let also = match back {
+            Ok(()) => String::new(),
+            Err(e2) => format!("; restarting the guests on `{old}` failed too: {e2:#}"),
+        };
+        return Err(Fail::GuestsReverted(format!("{e:#}; flipped back to `{old}`{also}")).into());
+    }
     Ok(())
 }
 
-/// Flips `current` back to `previous`, and `previous` to what was current.
-pub fn revert(root: &Root) -> Result<String> {
-    let Some(prev) = root.link("previous")? else {
-        return Err(Fail::Nothing("there is no previous version to revert to".into()).into());
-    };
-    switch(root, &prev)?;
-    Ok(prev)
+/// Writes the state file, between the state failpoints.
+pub fn save(root: &Root, st: &State) -> Result<()> {
+    failpoint::hit("state-before-write");
+    state::save(root.fd(), st)?;
+    failpoint::hit("state-after-write");
+    Ok(())
+}
+
+/// Restarts the guests the state file still lists, striking each off as it succeeds.
+pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
+    while let Some(r) = &st.restart {
+        let Some(name) = r.guests.first().cloned() else {
+            st.restart = None;
+            save(root, st)?;
+            break;
+        };
+        match cfg.guests.iter().find(|g| g.name == name) {
+            Some(g) => {
+                failpoint::hit("guest-before-restart");
+                crate::guests::restart(g)?;
+                failpoint::hit("guest-after-restart");
+            }
+            None => log::warn!("guest `{name}` is no longer configured; not restarting it"),
+        }
+        if let Some(r) = &mut st.restart {
+            r.guests.remove(0);
+        }
+        save(root, st)?;
+    }
+    Ok(())
 }

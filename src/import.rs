@@ -38,6 +38,7 @@ pub fn import(root: &Root, dir: &Path, version: &str) -> Result<Manifest> {
         Ok(())
     };
     let scanned = scan::scan(dir, true, Some(&hook))?;
+    crate::failpoint::hit("import-after-objects");
     let mut m = scanned.manifest;
     m.version = Some(version.to_owned());
     log::info!(
@@ -58,6 +59,7 @@ pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
     stage::build(m, pool, staging.as_fd(), version.as_bytes())
         .with_context(|| format!("cannot build `staging/{version}`"))?;
+    crate::failpoint::hit("stage-after-build");
     if verify {
         let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
         let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, false)?;
@@ -70,11 +72,14 @@ pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool
         }
     }
     root.write_manifest(version, m)?;
+    crate::failpoint::hit("stage-before-syncfs");
     root.syncfs()?;
+    crate::failpoint::hit("stage-after-syncfs");
     let trees = root.subdir("trees")?;
     rustix::fs::renameat(staging.as_fd(), version, trees.as_fd(), version)
         .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))?;
     sys::fsync(trees.as_fd())?;
+    crate::failpoint::hit("stage-after-commit");
     log::info!("installed version `{version}`");
     Ok(())
 }

@@ -1,10 +1,14 @@
 //! treeswap: atomic tree-swap updates from a content-addressed pool. See ARCHITECTURE.md.
 
 pub mod apply;
+pub mod boot;
+pub mod config;
 pub mod delta;
 pub mod diff;
 pub mod error;
+pub mod failpoint;
 pub mod flip;
+pub mod guests;
 pub mod import;
 pub mod logging;
 pub mod manifest;
@@ -15,6 +19,7 @@ pub mod progress;
 pub mod root;
 pub mod scan;
 pub mod stage;
+pub mod state;
 pub mod status;
 pub mod sys;
 pub mod verify;

@@ -1,8 +1,26 @@
-//! A `log` backend that writes `treeswap: level: message` lines to stderr.
+//! A `log` backend that writes `treeswap: level: message` lines to stderr. Under systemd
+//! (stderr is the journal stream named by `JOURNAL_STREAM`), each line starts with its syslog
+//! priority (`<3>` … `<7>`), which the journal records as the line's priority.
 
 use std::io::Write;
+use std::sync::OnceLock;
 
 struct Logger;
+
+static JOURNAL: OnceLock<bool> = OnceLock::new();
+
+/// Whether stderr is connected to the systemd journal (see `systemd.exec(5)`, `JOURNAL_STREAM`).
+fn to_journal() -> bool {
+    *JOURNAL.get_or_init(|| {
+        let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+            return false;
+        };
+        let Ok(st) = rustix::fs::fstat(std::io::stderr()) else {
+            return false;
+        };
+        v == format!("{}:{}", st.st_dev, st.st_ino)
+    })
+}
 
 impl log::Log for Logger {
     fn enabled(&self, m: &log::Metadata) -> bool {
@@ -19,7 +37,18 @@ impl log::Log for Logger {
             log::Level::Debug => "debug",
             log::Level::Trace => "trace",
         };
-        let _ = writeln!(std::io::stderr().lock(), "treeswap: {level}: {}", r.args());
+        let mut err = std::io::stderr().lock();
+        if to_journal() {
+            let pri = match r.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            let _ = writeln!(err, "<{pri}>{level}: {}", r.args());
+        } else {
+            let _ = writeln!(err, "treeswap: {level}: {}", r.args());
+        }
     }
     fn flush(&self) {}
 }

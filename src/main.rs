@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use treeswap::config::Config;
 use treeswap::error::{self, EXIT_CODES_HELP, Fail};
 use treeswap::root::{DEFAULT_ROOT, Lock, Root};
 use treeswap::{apply, diff, flip, import, manifest, scan, stage, status, verify};
@@ -20,9 +21,12 @@ use treeswap::{apply, diff, flip, import, manifest, scan, stage, status, verify}
     after_help = EXIT_CODES_HELP
 )]
 struct Cli {
-    /// The state root.
-    #[arg(long, global = true, env = "TREESWAP_ROOT", default_value = DEFAULT_ROOT)]
-    root: PathBuf,
+    /// The state root [default: the config file's `root`, else /versions].
+    #[arg(long, global = true, env = "TREESWAP_ROOT")]
+    root: Option<PathBuf>,
+    /// The config file [default: /etc/treeswap.toml; a missing default means defaults].
+    #[arg(long, global = true, env = "TREESWAP_CONFIG")]
+    config: Option<PathBuf>,
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -35,6 +39,12 @@ struct Cli {
     /// Flip `current` back to `previous` (the same as the `revert` command).
     #[arg(long)]
     revert: bool,
+    /// Do not restart the guests after a flip.
+    #[arg(long, global = true)]
+    no_restart: bool,
+    /// If a guest fails to restart on the new tree, leave the new tree current and only report.
+    #[arg(long, global = true)]
+    no_auto_revert: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -107,21 +117,16 @@ enum Command {
         /// Stop after staging and verifying the new tree.
         #[arg(long)]
         stage_only: bool,
-        /// Do not restart the guests after the flip.
-        #[arg(long)]
-        no_restart: bool,
     },
     /// Point `current` at an installed version.
-    Switch {
-        version: String,
-        #[arg(long)]
-        no_restart: bool,
-    },
+    Switch { version: String },
     /// Flip `current` back to `previous`.
-    Revert {
-        #[arg(long)]
-        no_restart: bool,
-    },
+    Revert,
+    /// Run at boot before the guests start: repair interrupted work, count the boot, and
+    /// revert a pending tree that used up its tries.
+    Boot,
+    /// Mark the current tree good (run by a health check once the guests are up).
+    MarkGood,
 }
 
 fn main() {
@@ -145,11 +150,32 @@ fn main() {
     std::process::exit(code);
 }
 
+fn root_path(cli: &Cli) -> Result<PathBuf> {
+    if let Some(r) = &cli.root {
+        return Ok(r.clone());
+    }
+    Ok(config(cli)?
+        .root
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)))
+}
+
+fn config(cli: &Cli) -> Result<Config> {
+    treeswap::config::load(cli.config.as_deref())
+}
+
+fn flip_opts(cli: &Cli) -> flip::Options {
+    flip::Options {
+        restart: !cli.no_restart,
+        auto_revert: !cli.no_auto_revert,
+    }
+}
+
 fn open_root(cli: &Cli, how: Lock, create: bool) -> Result<Root> {
+    let path = root_path(cli)?;
     let mut root = if create {
-        Root::create(&cli.root)?
+        Root::create(&path)?
     } else {
-        Root::open(&cli.root)?
+        Root::open(&path)?
     };
     root.lock(how, cli.wait)?;
     Ok(root)
@@ -161,7 +187,7 @@ fn run(cli: Cli) -> Result<()> {
             return Err(Fail::Usage("--revert cannot be combined with a command".into()).into());
         }
         (Some(c), false) => c,
-        (None, true) => &Command::Revert { no_restart: false },
+        (None, true) => &Command::Revert,
         (None, false) => {
             return Err(Fail::Usage("no command given; see `treeswap --help`".into()).into());
         }
@@ -182,7 +208,13 @@ fn run(cli: Cli) -> Result<()> {
             let root = open_root(&cli, Lock::Exclusive, true)?;
             import::import(&root, dir, version)?;
             if *activate {
-                flip::switch(&root, version)?;
+                let cfg = config(&cli)?;
+                // The first install: nothing to fall back to, so it is good at once.
+                let st = treeswap::state::load(root.fd())?;
+                flip::switch(&root, &cfg, version, flip_opts(&cli))?;
+                if st.pending.is_none() && root.link("previous")?.is_none() {
+                    treeswap::boot::mark_good(&root)?;
+                }
             }
         }
         Command::Manifest { dir, load } => {
@@ -236,7 +268,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json } => {
             let root = open_root(&cli, Lock::Shared, false)?;
-            let s = status::status(&root)?;
+            let s = status::status(&root, &config(&cli)?)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -245,7 +277,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::List => {
             let root = open_root(&cli, Lock::Shared, false)?;
-            print!("{}", status::status(&root)?.to_list());
+            print!("{}", status::status(&root, &config(&cli)?)?.to_list());
         }
         Command::Checkout { version, dest } => {
             let root = open_root(&cli, Lock::Shared, false)?;
@@ -281,21 +313,24 @@ fn run(cli: Cli) -> Result<()> {
             to.as_deref(),
             output,
         )?,
-        Command::Apply {
-            file,
-            stage_only,
-            no_restart: _,
-        } => {
+        Command::Apply { file, stage_only } => {
+            let cfg = config(&cli)?;
             let root = open_root(&cli, Lock::Exclusive, true)?;
             let opts = apply::Options {
                 stage_only: *stage_only,
+                flip: flip_opts(&cli),
             };
             let outcome = if file.as_os_str() == "-" {
-                apply::apply(&root, std::io::stdin().lock(), opts)?
+                apply::apply(&root, &cfg, std::io::stdin().lock(), opts)?
             } else {
                 let f = fs_err::File::open(file)?;
-                apply::apply(&root, std::io::BufReader::with_capacity(1 << 20, f), opts)
-                    .with_context(|| format!("cannot apply `{}`", file.display()))?
+                apply::apply(
+                    &root,
+                    &cfg,
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    opts,
+                )
+                .with_context(|| format!("cannot apply `{}`", file.display()))?
             };
             match outcome {
                 apply::Outcome::Applied { from, to } => {
@@ -307,14 +342,33 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Switch { version, .. } => {
+        Command::Switch { version } => {
+            let cfg = config(&cli)?;
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            flip::switch(&root, version)?;
+            flip::switch(&root, &cfg, version, flip_opts(&cli))?;
         }
-        Command::Revert { .. } => {
+        Command::Revert => {
+            let cfg = config(&cli)?;
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            let v = flip::revert(&root)?;
+            let v = flip::revert(&root, &cfg, flip_opts(&cli))?;
             log::info!("reverted to `{v}`");
+        }
+        Command::Boot => {
+            let cfg = config(&cli)?;
+            let root = open_root(&cli, Lock::Exclusive, true)?;
+            match treeswap::boot::boot(&root, &cfg, flip_opts(&cli))? {
+                treeswap::boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
+                treeswap::boot::BootOutcome::Reverted(v) => {
+                    log::warn!("boot: the pending tree never proved healthy; reverted to `{v}`")
+                }
+            }
+        }
+        Command::MarkGood => {
+            let root = open_root(&cli, Lock::Exclusive, false)?;
+            match treeswap::boot::mark_good(&root)? {
+                Some(v) => log::info!("`{v}` is marked good"),
+                None => log::info!("nothing pending: the current tree is already good"),
+            }
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::root::Root;
 
 #[derive(Serialize)]
@@ -13,10 +14,38 @@ pub struct Status {
     pub versions: Vec<String>,
     pub pool_objects: u64,
     pub pool_bytes: u64,
+    pub boot: BootStatus,
+    /// Guests recorded as still to restart (after an interrupted flip).
+    pub guests_pending: Vec<String>,
 }
 
-pub fn status(root: &Root) -> Result<Status> {
+#[derive(Serialize)]
+pub struct BootStatus {
+    /// `good` or `pending`.
+    pub state: &'static str,
+    /// The pending version, if any.
+    pub pending: Option<String>,
+    pub boots: u32,
+    pub tries_left: Option<u32>,
+}
+
+pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
     let objects = root.pool()?.list()?;
+    let st = crate::state::load(root.fd())?;
+    let boot = match &st.pending {
+        Some(p) => BootStatus {
+            state: "pending",
+            pending: Some(p.version.clone()),
+            boots: p.boots,
+            tries_left: Some(cfg.boot.tries.saturating_sub(p.boots)),
+        },
+        None => BootStatus {
+            state: "good",
+            pending: None,
+            boots: 0,
+            tries_left: None,
+        },
+    };
     Ok(Status {
         root: root.path.display().to_string(),
         current: root.link("current")?,
@@ -24,6 +53,8 @@ pub fn status(root: &Root) -> Result<Status> {
         versions: root.versions()?,
         pool_objects: objects.len() as u64,
         pool_bytes: objects.iter().map(|o| o.1).sum(),
+        boot,
+        guests_pending: st.restart.map(|r| r.guests).unwrap_or_default(),
     })
 }
 
@@ -31,7 +62,7 @@ impl Status {
     pub fn to_text(&self) -> String {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\n",
+            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\n",
             self.root,
             show(&self.current),
             show(&self.previous),
@@ -41,7 +72,14 @@ impl Status {
                 self.versions.join(" ")
             },
             self.pool_objects,
-            self.pool_bytes
+            self.pool_bytes,
+            match &self.boot.pending {
+                Some(v) => format!(
+                    "`{v}` pending, {} boot(s) left before it reverts",
+                    self.boot.tries_left.unwrap_or(0)
+                ),
+                None => "good".to_string(),
+            }
         )
     }
 

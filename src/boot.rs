@@ -1,0 +1,126 @@
+//! `treeswap boot` and `treeswap mark-good`: run early at boot, before the guests start, to
+//! finish or undo interrupted work and to count the boots of a tree not yet proven healthy.
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::failpoint;
+use crate::flip::{self, Options};
+use crate::root::Root;
+use crate::state;
+use crate::sys;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BootOutcome {
+    /// Nothing pending, or the pending tree has boots left.
+    Ok,
+    /// The pending tree used up its tries; treeswap flipped back to this version.
+    Reverted(String),
+}
+
+/// Repairs the root (see [`repair`]), finishes recorded guest restarts, then counts the boot.
+pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
+    repair(root)?;
+    let mut st = state::load(root.fd())?;
+    let current = root.link("current")?;
+    // A record for a flip that never happened (the crash came before the rename).
+    if st
+        .pending
+        .as_ref()
+        .map(|p| Some(&p.version) != current.as_ref())
+        == Some(true)
+    {
+        log::info!("dropping the pending mark of a flip that did not happen");
+        st.pending = None;
+    }
+    if st
+        .restart
+        .as_ref()
+        .map(|r| Some(&r.target) != current.as_ref())
+        == Some(true)
+    {
+        log::info!("dropping the guest restarts of a flip that did not happen");
+        st.restart = None;
+    }
+    flip::save(root, &st)?;
+    if opts.restart && st.restart.is_some() {
+        log::info!("finishing guest restarts cut short by an interruption");
+        flip::finish_restarts(root, cfg, &mut st)?;
+    }
+    failpoint::hit("boot-before-count");
+    let Some(p) = st.pending.as_mut() else {
+        return Ok(BootOutcome::Ok);
+    };
+    p.boots += 1;
+    if p.boots <= cfg.boot.tries {
+        log::info!(
+            "`{}` is pending: boot {} of {} before it must be marked good",
+            p.version,
+            p.boots,
+            cfg.boot.tries
+        );
+        flip::save(root, &st)?;
+        failpoint::hit("boot-after-count");
+        return Ok(BootOutcome::Ok);
+    }
+    let version = p.version.clone();
+    log::warn!(
+        "`{version}` was booted {} times without being marked good; reverting",
+        cfg.boot.tries
+    );
+    let prev = flip::revert(root, cfg, opts)?;
+    failpoint::hit("boot-after-count");
+    Ok(BootOutcome::Reverted(prev))
+}
+
+/// Makes `current` and `previous` name installed trees: a `current` naming a missing tree is
+/// pointed at `previous` (or removed if there is none), a `previous` naming a missing tree or
+/// the current one is removed. Leftovers in `tmp/` and `staging/` were removed when the lock
+/// was taken.
+pub fn repair(root: &Root) -> Result<()> {
+    let named = |name: &str| -> Result<Option<String>> {
+        match root.link(name) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                log::warn!("{e:#}");
+                Ok(Some(String::new()))
+            }
+        }
+    };
+    let installed = |v: &Option<String>| -> Result<bool> {
+        match v {
+            Some(v) if !v.is_empty() => root.is_installed(v),
+            _ => Ok(false),
+        }
+    };
+    let mut cur = named("current")?;
+    let prev = named("previous")?;
+    if cur.is_some() && !installed(&cur)? {
+        if installed(&prev)? {
+            let p = prev.clone().unwrap_or_default();
+            log::warn!("`current` names a missing tree; pointing it at previous `{p}`");
+            root.set_link("current", &p)?;
+            cur = Some(p);
+        } else {
+            log::warn!("`current` names a missing tree and there is no previous; removing it");
+            sys::unlinkat_ok(root.fd(), b"current", false)?;
+            cur = None;
+        }
+    }
+    if prev.is_some() && (!installed(&prev)? || prev == cur) {
+        log::warn!("removing `previous`, which names a missing tree or the current one");
+        sys::unlinkat_ok(root.fd(), b"previous", false)?;
+        sys::fsync(root.fd())?;
+    }
+    Ok(())
+}
+
+/// Marks the pending tree good: boot counting stops for it.
+pub fn mark_good(root: &Root) -> Result<Option<String>> {
+    let mut st = state::load(root.fd())?;
+    let Some(p) = st.pending.take() else {
+        return Ok(None);
+    };
+    flip::save(root, &st)?;
+    Ok(Some(p.version))
+}

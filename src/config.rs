@@ -1,0 +1,144 @@
+//! The configuration file (`--config`, `TREESWAP_CONFIG`, default `/etc/treeswap.toml`).
+//! Parsing is pure; an unknown key or a wrong type is an error naming the file, line and key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The state root; `--root` overrides it.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    #[serde(default)]
+    pub boot: Boot,
+    /// Guests, in the order they are restarted.
+    #[serde(default, rename = "guest")]
+    pub guests: Vec<Guest>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    /// Boots a new tree gets before it must be marked good; 0 turns boot counting off.
+    #[serde(default = "default_tries")]
+    pub tries: u32,
+}
+
+impl Default for Boot {
+    fn default() -> Self {
+        Boot {
+            tries: default_tries(),
+        }
+    }
+}
+
+fn default_tries() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    pub name: String,
+    /// The argv that restarts it (no shell); default `["vserver", NAME, "restart"]`.
+    #[serde(default)]
+    pub restart: Option<Vec<String>>,
+    /// Seconds a restart may take before it counts as failed.
+    #[serde(default = "default_timeout")]
+    pub timeout: u64,
+}
+
+fn default_timeout() -> u64 {
+    120
+}
+
+impl Guest {
+    pub fn argv(&self) -> Vec<String> {
+        match &self.restart {
+            Some(v) => v.clone(),
+            None => vec!["vserver".into(), self.name.clone(), "restart".into()],
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: None,
+            boot: Boot::default(),
+            guests: Vec::new(),
+        }
+    }
+}
+
+/// Parses configuration text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<Config> {
+    let cfg: Config = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let msg = e.message().replace('\n', " ");
+        match line {
+            Some(l) => anyhow::anyhow!("{origin}, line {l}: {msg}"),
+            None => anyhow::anyhow!("{origin}: {msg}"),
+        }
+    })?;
+    let mut names = std::collections::HashSet::new();
+    for g in &cfg.guests {
+        if g.name.is_empty() || !names.insert(g.name.as_str()) {
+            bail!(
+                "{origin}: guest names must be non-empty and unique (`{}`)",
+                g.name
+            );
+        }
+        if g.argv().is_empty() {
+            bail!("{origin}: guest `{}` has an empty `restart`", g.name);
+        }
+    }
+    Ok(cfg)
+}
+
+/// Loads the configuration: `explicit` (from `--config` or the environment) must exist; the
+/// default file may be missing, which means built-in defaults.
+pub fn load(explicit: Option<&Path>) -> Result<Config> {
+    let (path, required) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text, &format!("config file `{}`", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read config file `{}`", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_example() {
+        let c = parse(
+            "root = \"/versions\"\n[boot]\ntries = 2\n[[guest]]\nname = \"web\"\n[[guest]]\nname = \"db\"\nrestart = [\"/bin/true\"]\ntimeout = 5\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.boot.tries, 2);
+        assert_eq!(c.guests[0].argv(), ["vserver", "web", "restart"]);
+        assert_eq!(c.guests[1].argv(), ["/bin/true"]);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("root = \"/v\"\n\n[boot]\ntires = 3\n", "cfg").unwrap_err();
+        let s = format!("{e:#}");
+        assert!(s.contains("line 4") && s.contains("tires"), "{s}");
+        let e = parse("[boot]\ntries = \"x\"\n", "cfg").unwrap_err();
+        assert!(format!("{e:#}").contains("line 2"), "{e:#}");
+    }
+}

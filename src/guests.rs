@@ -1,0 +1,57 @@
+//! Restarting guests (vservers, containers, services) after a flip, so that they all run on
+//! the new tree. Each restart is an argv run without a shell, with a timeout; its output goes
+//! to the log.
+
+use std::io::{Read, Seek};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::config::Guest;
+
+/// Runs a guest's restart command and waits for it, at most its timeout.
+pub fn restart(g: &Guest) -> Result<()> {
+    let argv = g.argv();
+    let shown = argv.join(" ");
+    log::info!("restarting guest `{}`: {shown}", g.name);
+    // Output goes to a file, not a pipe: a restart script may leave a daemon holding it open.
+    let mut out = tempfile::tempfile().context("cannot create a file for guest output")?;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out.try_clone()?)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("guest `{}`: cannot run `{shown}`", g.name))?;
+    let deadline = Instant::now() + Duration::from_secs(g.timeout);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    out.rewind()?;
+    let _ = out.take(1 << 20).read_to_string(&mut text);
+    for line in text.lines() {
+        log::info!("guest `{}`: {line}", g.name);
+    }
+    match status {
+        None => bail!(
+            "guest `{}`: `{shown}` did not finish within {} s",
+            g.name,
+            g.timeout
+        ),
+        Some(s) if !s.success() => bail!("guest `{}`: `{shown}` failed ({s})", g.name),
+        Some(_) => Ok(()),
+    }
+}

@@ -1,0 +1,128 @@
+//! The state file (`<root>/state.toml`): boot counting and guest restarts still to do.
+//! Replaced atomically; parsing is pure.
+
+use std::os::fd::BorrowedFd;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+pub const FORMAT: u32 = 1;
+const NAME: &str = "state.toml";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub format: u32,
+    /// The tree flipped to that has not been marked good yet, and the boots it has had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+    /// Guests still to restart onto `target`, recorded before the first restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<Restart>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pending {
+    pub version: String,
+    pub boots: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    pub target: String,
+    pub guests: Vec<String>,
+}
+
+pub fn parse(text: &str) -> Result<State> {
+    let s: State = toml::from_str(text).context("invalid state file")?;
+    if s.format != FORMAT {
+        bail!(
+            "state file format {} is not supported (this treeswap reads {FORMAT})",
+            s.format
+        );
+    }
+    Ok(s)
+}
+
+/// Reads the state file; a missing one is the empty state.
+pub fn load(root: BorrowedFd) -> Result<State> {
+    let fd = match rustix::fs::openat(
+        root,
+        NAME,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => {
+            return Ok(State {
+                format: FORMAT,
+                ..Default::default()
+            });
+        }
+        Err(e) => return Err(e).context("cannot open the state file"),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+        .context("cannot read the state file")?;
+    parse(&text).context("in state.toml")
+}
+
+/// Replaces the state file atomically: write a temporary file, fsync it, rename it over
+/// `state.toml`, fsync the directory.
+pub fn save(root: BorrowedFd, s: &State) -> Result<()> {
+    let mut s = s.clone();
+    s.format = FORMAT;
+    let text = format!(
+        "# treeswap state; see ARCHITECTURE.md\n{}",
+        toml::to_string(&s).context("cannot encode the state")?
+    );
+    let tmp = ".state.toml.tmp";
+    let fd = rustix::fs::openat(
+        root,
+        tmp,
+        rustix::fs::OFlags::WRONLY
+            | rustix::fs::OFlags::CREATE
+            | rustix::fs::OFlags::TRUNC
+            | rustix::fs::OFlags::CLOEXEC
+            | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .context("cannot write the state file")?;
+    let mut buf = text.as_bytes();
+    while !buf.is_empty() {
+        let n = rustix::io::write(&fd, buf).context("cannot write the state file")?;
+        buf = &buf[n..];
+    }
+    rustix::fs::fsync(&fd).context("cannot sync the state file")?;
+    drop(fd);
+    rustix::fs::renameat(root, tmp, root, NAME).context("cannot replace the state file")?;
+    sys::fsync(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let s = State {
+            format: FORMAT,
+            pending: Some(Pending {
+                version: "2".into(),
+                boots: 1,
+            }),
+            restart: Some(Restart {
+                target: "2".into(),
+                guests: vec!["a".into(), "b".into()],
+            }),
+        };
+        let text = toml::to_string(&s).unwrap();
+        assert_eq!(parse(&text).unwrap(), s);
+        assert!(parse("format = 2\n").is_err());
+        assert!(parse("format = 1\nextra = 1\n").is_err());
+    }
+}
