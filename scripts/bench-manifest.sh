@@ -46,7 +46,8 @@ verdict() { awk -v v="$1" -v g="$2" 'BEGIN { print (v < g) ? "PASS" : "FAIL" }';
 
 echo
 echo "tree: $tree ($N entries, $(du -s --apparent-size -B1M "$tree" | cut -f1) MiB)"
-echo "manifest: $(du -B1M --apparent-size "$W/m.toml" | cut -f1) MiB, $(wc -l < "$W/m.toml") lines;" \
+echo "manifest: $(awk -v b="$(stat -c %s "$W/m.toml")" 'BEGIN { printf "%.1f", b / 1048576 }') MiB," \
+    "$(wc -l < "$W/m.toml") lines;" \
     "written by \`treeswap manifest DIR\` in ${gen_s}s"
 echo "load output: $(head -c 300 "$W/load.out" | head -3)"
 echo "method: warm cache, $REPS runs; wall samples (s): ${walls[*]}"

@@ -147,7 +147,7 @@ def generate(top, n, seed, special):
         sys.exit(f"gen-tree: {top.decode(errors='replace')} is not empty")
     names = Names()
 
-    n_dirs = max(1, int(n * 0.07))
+    n_dirs = int(n * 0.07)
     n_hard = int(n * 0.005)
     n_sym = int(n * 0.07)
     n_special = min(20, n // 1000) if special else 0

@@ -52,6 +52,11 @@ ts_now() { date +%s.%N; }
 # ts_elapsed T0 T1: seconds between two ts_now readings, 2 decimals.
 ts_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
+# Turn INT and TERM into a normal exit, so the caller's EXIT trap (ts_cleanup)
+# runs on Ctrl-C or kill too.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 # Temp dirs are registered here so one trap in the calling script removes them all.
 TS_TMPDIRS=()
 ts_mktemp() {

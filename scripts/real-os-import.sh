@@ -65,12 +65,31 @@ step "treeswap import upgraded tree" \
     "$TREESWAP" --root "$R" import "$upgraded" --version upgraded --activate
 step "trees/upgraded == upgraded source" "$CMP" "$upgraded" "$R/trees/upgraded"
 step "trees/base still == source after 2nd import" "$CMP" "$base" "$R/trees/base"
-step "treeswap verify --full" "$TREESWAP" --root "$R" verify --full
+step "treeswap verify base --full" "$TREESWAP" --root "$R" verify base --full
+step "treeswap verify upgraded --full" "$TREESWAP" --root "$R" verify upgraded --full
 step "treeswap checkout base DEST" "$TREESWAP" --root "$R" checkout base "$W/checkout"
 step "checkout == source" "$CMP" "$base" "$W/checkout"
 step "treeswap status --json" "$TREESWAP" --root "$R" status --json
 step "base source unchanged (mtimes too)" "$CMP" --mtime "$W/base.before" "$base"
 step "upgraded source unchanged (mtimes too)" "$CMP" --mtime "$W/upg.before" "$upgraded"
+
+# Last, because it damages the temp root: verify must notice a changed object.
+# Guard first that the object is not the source's own inode (an import that
+# hardlinked the source into the pool would make this corrupt the cached tree).
+victim="$R/trees/base/usr/bin/ls"
+if [ "$(stat -c %d:%i "$victim")" = "$(stat -c %d:%i "$base/usr/bin/ls")" ]; then
+    echo "FAIL  trees/base/usr/bin/ls is the source's own inode (import linked the source)"
+    failures=$((failures + 1))
+else
+    printf 'X' >> "$victim"
+    expect_exit3() {
+        local rc=0
+        "$TREESWAP" --root "$R" verify base --full || rc=$?
+        echo "verify exit status $rc (want 3)"
+        [ "$rc" -eq 3 ]
+    }
+    step "verify --full detects a corrupted object (exit 3)" expect_exit3
+fi
 
 echo "pool: $(find "$R/pool" -type f | wc -l) objects, $(du -sh "$R/pool" | cut -f1);" \
     "sources: $(du -sh "$base" | cut -f1) + $(du -sh "$upgraded" | cut -f1)"

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The state root; `--root` overrides it.
@@ -66,15 +66,6 @@ impl Guest {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            root: None,
-            boot: Boot::default(),
-            guests: Vec::new(),
-        }
-    }
-}
 
 /// Parses configuration text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<Config> {
