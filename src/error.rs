@@ -12,7 +12,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_VERIFY: i32 = 3;
 /// Nothing to do: the requested state is already in place.
 pub const EXIT_NOTHING: i32 = 4;
-/// Guests failed to restart on the new tree and treeswap flipped back.
+/// The new tree failed (a guest did not restart on it, or it used up its boot tries without
+/// being marked good) and treeswap flipped back.
 pub const EXIT_GUESTS_REVERTED: i32 = 5;
 /// Another treeswap holds the lock on this root.
 pub const EXIT_BUSY: i32 = 6;
@@ -31,7 +32,7 @@ Exit codes:
   2  usage error
   3  verification or integrity failure
   4  nothing to do
-  5  guests failed on the new tree; flipped back
+  5  the new tree failed (guests, or boot tries used up); flipped back
   6  busy: another treeswap holds the lock
   7  the delta is for another base tree
   8  the delta is malformed

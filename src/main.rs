@@ -359,7 +359,11 @@ fn run(cli: Cli) -> Result<()> {
             match treeswap::boot::boot(&root, &cfg, flip_opts(&cli))? {
                 treeswap::boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
                 treeswap::boot::BootOutcome::Reverted(v) => {
-                    log::warn!("boot: the pending tree never proved healthy; reverted to `{v}`")
+                    return Err(Fail::GuestsReverted(format!(
+                        "the pending tree was booted {} times without being marked good; reverted to `{v}`",
+                        cfg.boot.tries
+                    ))
+                    .into());
                 }
             }
         }
