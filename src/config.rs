@@ -66,7 +66,6 @@ impl Guest {
     }
 }
 
-
 /// Parses configuration text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<Config> {
     let cfg: Config = toml::from_str(text).map_err(|e| {

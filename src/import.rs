@@ -57,8 +57,13 @@ pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool
     let version = m.version.as_deref().context("manifest has no version")?;
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
-    stage::build(m, pool, staging.as_fd(), version.as_bytes())
-        .with_context(|| format!("cannot build `staging/{version}`"))?;
+    if let Err(e) = stage::build(m, pool, staging.as_fd(), version.as_bytes()) {
+        // Give back what the half-built tree took; the next writer would remove it anyway.
+        if let Err(e2) = sys::remove_tree_at(staging.as_fd(), version.as_bytes()) {
+            log::warn!("cannot remove `staging/{version}`: {e2:#}");
+        }
+        return Err(e.context(format!("cannot build `staging/{version}`")));
+    }
     crate::failpoint::hit("stage-after-build");
     if verify {
         let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;

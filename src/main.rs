@@ -292,8 +292,18 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("`{}` has no file name", dest.display()))?;
             let pfd = treeswap::sys::open_dir(&parent)?;
             use std::os::unix::ffi::OsStrExt;
-            stage::build(&m, &root.pool()?, pfd.as_fd(), name.as_bytes())
-                .with_context(|| format!("cannot check out `{version}` to `{}`", dest.display()))?;
+            if let Err(e) = stage::build(&m, &root.pool()?, pfd.as_fd(), name.as_bytes()) {
+                // Remove what was built, unless DEST existed before (then nothing was).
+                if !e.chain().any(|c| {
+                    c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::EXIST)
+                }) {
+                    let _ = treeswap::sys::remove_tree_at(pfd.as_fd(), name.as_bytes());
+                }
+                return Err(e.context(format!(
+                    "cannot check out `{version}` to `{}`",
+                    dest.display()
+                )));
+            }
         }
         Command::Diff {
             from_dir,

@@ -322,7 +322,8 @@ impl Pool {
         Ok(problems)
     }
 
-    /// Every object id in the pool with its copies' total size, for status and gc.
+    /// Every object id in the pool with its size (extra copies are not counted twice), for
+    /// status and gc.
     pub fn list(&self) -> Result<Vec<(ObjectId, u64)>> {
         let mut out = Vec::new();
         for shard in sys::read_dir(self.dir.as_fd())? {
@@ -331,8 +332,11 @@ impl Pool {
                 let st = sys::lstatat(sfd.as_fd(), &name)?;
                 let Some(st) = st else { continue };
                 let mut id = [0u8; 32];
-                let hexpart = name.split(|&b| b == b'.').next().unwrap_or_default();
-                if hex::decode_to_slice(hexpart, &mut id).is_ok() {
+                // `<id>.<n>` is an extra copy of `<id>`, not another object.
+                if name.contains(&b'.') {
+                    continue;
+                }
+                if hex::decode_to_slice(&name, &mut id).is_ok() {
                     out.push((id, st.st_size as u64));
                 }
             }

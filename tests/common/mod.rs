@@ -1,0 +1,902 @@
+//! Helpers shared by the integration tests: build a tree from a short description, describe a
+//! tree entry by entry without using treeswap's library, compare two descriptions with a
+//! readable diff, and run the real `treeswap` binary.
+//!
+//! Every test makes its own temporary directory, so tests run in parallel.
+
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rustix::fs::{AtFlags, FileType, Mode};
+use sha2::{Digest, Sha256};
+
+// ---------------------------------------------------------------------------------------------
+// Paths as bytes
+
+/// A path from raw bytes (names on Linux need not be UTF-8).
+pub fn bpath(b: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(b))
+}
+
+/// `dir/rel` where `rel` is raw bytes; `.` is `dir` itself.
+pub fn join(dir: &Path, rel: &[u8]) -> PathBuf {
+    if rel == b"." {
+        dir.to_owned()
+    } else {
+        dir.join(bpath(rel))
+    }
+}
+
+/// Bytes for messages: printable ASCII as is, everything else escaped.
+pub fn show(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// For tests that need root: says so (never passes silently) and tells the caller to return.
+pub fn skip_unless_root() -> bool {
+    if is_root() {
+        false
+    } else {
+        eprintln!("skipping: needs root");
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building trees
+
+/// What an entry of a [`TreeSpec`] is.
+#[derive(Clone, Debug)]
+pub enum Node {
+    Dir,
+    File(Vec<u8>),
+    Symlink(Vec<u8>),
+    /// Another name for an earlier regular file of the spec (its path, relative to the top).
+    Hardlink(Vec<u8>),
+    Char(u32, u32),
+    Block(u32, u32),
+    Fifo,
+    Socket,
+}
+
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub path: Vec<u8>,
+    pub node: Node,
+    pub mode: Option<u32>,
+    pub owner: Option<(u32, u32)>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A tree described entry by entry; build it with [`TreeSpec::build`].
+///
+/// Paths are relative to the top and given as bytes (`"a/b"` or `b"a/\xff"`); `.` is the top.
+/// Missing parent directories are made with mode 0755. `mode`, `owner` and `xattr` apply to
+/// the entry added last. Defaults: directories 0755, everything else 0644, owner of the
+/// creator. Metadata is applied in the order that keeps it: owner, then mode (a `chown` clears
+/// setuid and setgid), then extended attributes (a `chown` clears `security.capability`).
+/// Directory metadata is applied last, deepest first, so that a read-only directory can
+/// still be filled.
+#[derive(Clone, Debug, Default)]
+pub struct TreeSpec {
+    pub items: Vec<Item>,
+}
+
+/// A valid `security.capability` value (VFS_CAP_REVISION_2, effective, permitted
+/// CAP_NET_BIND_SERVICE), i.e. `setcap cap_net_bind_service=ep`.
+pub fn capability_value() -> Vec<u8> {
+    let mut v = Vec::new();
+    for word in [0x0200_0001u32, 1 << 10, 0, 0, 0] {
+        v.extend_from_slice(&word.to_le_bytes());
+    }
+    v
+}
+
+impl TreeSpec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(mut self, path: impl AsRef<[u8]>, node: Node) -> Self {
+        self.items.push(Item {
+            path: path.as_ref().to_vec(),
+            node,
+            mode: None,
+            owner: None,
+            xattrs: Vec::new(),
+        });
+        self
+    }
+
+    fn last(&mut self) -> &mut Item {
+        let it = self.items.last_mut().expect("no entry to modify yet");
+        assert!(
+            !matches!(it.node, Node::Hardlink(_)),
+            "metadata lives on the inode: set it on the first name of a hardlink group"
+        );
+        it
+    }
+
+    /// The top directory itself, so that `mode`/`owner`/`xattr` can follow.
+    pub fn top(self) -> Self {
+        self.push(".", Node::Dir)
+    }
+    pub fn dir(self, path: impl AsRef<[u8]>) -> Self {
+        self.push(path, Node::Dir)
+    }
+    pub fn file(self, path: impl AsRef<[u8]>, content: impl AsRef<[u8]>) -> Self {
+        let c = content.as_ref().to_vec();
+        self.push(path, Node::File(c))
+    }
+    pub fn empty(self, path: impl AsRef<[u8]>) -> Self {
+        self.push(path, Node::File(Vec::new()))
+    }
+    pub fn symlink(self, path: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> Self {
+        let t = target.as_ref().to_vec();
+        self.push(path, Node::Symlink(t))
+    }
+    /// `path` becomes another name of the earlier file `existing`.
+    pub fn hardlink(self, path: impl AsRef<[u8]>, existing: impl AsRef<[u8]>) -> Self {
+        let e = existing.as_ref().to_vec();
+        self.push(path, Node::Hardlink(e))
+    }
+    pub fn char_dev(self, path: impl AsRef<[u8]>, major: u32, minor: u32) -> Self {
+        self.push(path, Node::Char(major, minor))
+    }
+    pub fn block_dev(self, path: impl AsRef<[u8]>, major: u32, minor: u32) -> Self {
+        self.push(path, Node::Block(major, minor))
+    }
+    pub fn fifo(self, path: impl AsRef<[u8]>) -> Self {
+        self.push(path, Node::Fifo)
+    }
+    pub fn socket(self, path: impl AsRef<[u8]>) -> Self {
+        self.push(path, Node::Socket)
+    }
+
+    /// Permission bits of the last entry, `0o7777` included (setuid, setgid, sticky).
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.last().mode = Some(mode);
+        self
+    }
+    pub fn owner(mut self, uid: u32, gid: u32) -> Self {
+        self.last().owner = Some((uid, gid));
+        self
+    }
+    pub fn xattr(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        let kv = (name.as_ref().to_vec(), value.as_ref().to_vec());
+        self.last().xattrs.push(kv);
+        self
+    }
+    /// `security.capability` on the last entry; skipped with a note where it cannot be set.
+    pub fn capability(self) -> Self {
+        self.xattr("security.capability", capability_value())
+    }
+
+    /// Creates the tree at `dest` (made if missing). Panics with the path on any failure.
+    pub fn build(&self, dest: &Path) {
+        fs::create_dir_all(dest).unwrap_or_else(|e| panic!("mkdir {}: {e}", dest.display()));
+        let mut dirs: Vec<&Item> = Vec::new();
+        let mut made_dirs: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for it in &self.items {
+            let full = join(dest, &it.path);
+            if it.path != b"." {
+                make_parents(dest, &it.path, &mut made_dirs);
+            }
+            let res = match &it.node {
+                Node::Dir => {
+                    if it.path != b"." && !made_dirs.contains(&it.path) {
+                        fs::create_dir(&full).and_then(|()| {
+                            fs::set_permissions(&full, fs::Permissions::from_mode(0o755))
+                        })
+                    } else {
+                        Ok(())
+                    }
+                }
+                Node::File(content) => fs::write(&full, content),
+                Node::Symlink(target) => std::os::unix::fs::symlink(bpath(target), &full),
+                Node::Hardlink(existing) => fs::hard_link(join(dest, existing), &full),
+                Node::Char(ma, mi) => mknod(&full, FileType::CharacterDevice, *ma, *mi),
+                Node::Block(ma, mi) => mknod(&full, FileType::BlockDevice, *ma, *mi),
+                Node::Fifo => mknod(&full, FileType::Fifo, 0, 0),
+                Node::Socket => mknod(&full, FileType::Socket, 0, 0),
+            };
+            res.unwrap_or_else(|e| panic!("creating {}: {e}", full.display()));
+            match it.node {
+                Node::Dir => {
+                    made_dirs.insert(it.path.clone());
+                    dirs.push(it);
+                }
+                Node::Hardlink(_) => {}
+                _ => apply_meta(dest, it),
+            }
+        }
+        // Deepest first, so that a directory is not made read-only before its children.
+        dirs.sort_by_key(|it| std::cmp::Reverse(it.path.iter().filter(|&&b| b == b'/').count()));
+        for it in dirs {
+            apply_meta(dest, it);
+        }
+    }
+}
+
+fn make_parents(dest: &Path, rel: &[u8], made: &mut BTreeSet<Vec<u8>>) {
+    let mut i = 0;
+    while let Some(off) = rel[i..].iter().position(|&b| b == b'/') {
+        let parent = &rel[..i + off];
+        if !made.contains(parent) {
+            let full = join(dest, parent);
+            match fs::create_dir(&full) {
+                Ok(()) => fs::set_permissions(&full, fs::Permissions::from_mode(0o755))
+                    .unwrap_or_else(|e| panic!("chmod {}: {e}", full.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => panic!("mkdir {}: {e}", full.display()),
+            }
+            made.insert(parent.to_vec());
+        }
+        i += off + 1;
+    }
+}
+
+/// [mknodat(2)] relative to the current directory.
+///
+/// [mknodat(2)]: https://man7.org/linux/man-pages/man2/mknodat.2.html
+pub fn mknod(path: &Path, ft: FileType, major: u32, minor: u32) -> std::io::Result<()> {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        ft,
+        Mode::from_raw_mode(0o644),
+        rustix::fs::makedev(major, minor),
+    )?;
+    Ok(())
+}
+
+fn apply_meta(dest: &Path, it: &Item) {
+    let full = join(dest, &it.path);
+    let is_symlink = matches!(it.node, Node::Symlink(_));
+    if let Some((uid, gid)) = it.owner {
+        std::os::unix::fs::lchown(&full, Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", full.display()));
+    }
+    if !is_symlink {
+        let mode = it.mode.unwrap_or(match it.node {
+            Node::Dir => 0o755,
+            _ => 0o644,
+        });
+        // Through the path: fine for devices and FIFOs, which must not be opened.
+        rustix::fs::chmodat(
+            rustix::fs::CWD,
+            &full,
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", full.display()));
+    }
+    for (k, v) in &it.xattrs {
+        match rustix::fs::lsetxattr(&full, &k[..], v, rustix::fs::XattrFlags::empty()) {
+            Ok(()) => {}
+            Err(e) if k.starts_with(b"security.") => eprintln!(
+                "note: cannot set {} on {}: {e}; leaving it out",
+                show(k),
+                full.display()
+            ),
+            Err(e) => panic!("setxattr {} on {}: {e}", show(k), full.display()),
+        }
+    }
+}
+
+/// Creates `count` empty files named `f<i>` spread over `dirs` directories `d<j>` of `top`:
+/// the quick way to make a very large tree.
+pub fn many_empty_files(top: &Path, dirs: usize, count: usize) {
+    let per = count.div_ceil(dirs);
+    for j in 0..dirs {
+        let d = top.join(format!("d{j}"));
+        fs::create_dir_all(&d).unwrap();
+        for i in (j * per)..((j + 1) * per).min(count) {
+            fs::File::create(d.join(format!("f{i}"))).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Describing trees
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Type {
+    Dir,
+    File,
+    Symlink,
+    Char,
+    Block,
+    Fifo,
+    Socket,
+}
+
+/// One entry as `lstat` and friends see it. Timestamps are left out; so are the device and
+/// inode numbers and the link count, which only say which entries share an inode (`links`).
+#[derive(Clone, Debug)]
+pub struct EntryInfo {
+    pub kind: Type,
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Regular files only.
+    pub size: Option<u64>,
+    /// Regular files only, in hex.
+    pub sha256: Option<String>,
+    pub target: Option<Vec<u8>>,
+    /// Device nodes only: (major, minor).
+    pub rdev: Option<(u32, u32)>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// For a non-directory whose inode has other names in this tree: all those names, this
+    /// one included. Empty otherwise.
+    pub links: BTreeSet<Vec<u8>>,
+    /// (st_dev, st_ino): not compared.
+    pub ino: (u64, u64),
+    /// st_nlink: not compared.
+    pub nlink: u64,
+}
+
+/// A tree: relative path (bytes; `.` for the top) to its description.
+pub type Snapshot = BTreeMap<Vec<u8>, EntryInfo>;
+
+/// Extended attributes of `path` itself (never following a symlink), by name.
+pub fn xattrs_of(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut list = vec![0u8; 64 * 1024];
+    let n = rustix::fs::llistxattr(path, &mut list[..])
+        .unwrap_or_else(|e| panic!("llistxattr {}: {e}", path.display()));
+    for name in list[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let mut v = vec![0u8; 64 * 1024];
+        let m = rustix::fs::lgetxattr(path, name, &mut v[..])
+            .unwrap_or_else(|e| panic!("lgetxattr {} {}: {e}", show(name), path.display()));
+        out.insert(name.to_vec(), v[..m].to_vec());
+    }
+    out
+}
+
+fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
+    let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Describes every entry under `dir` (and `dir` itself as `.`), never following a symlink.
+pub fn snapshot(dir: &Path) -> Snapshot {
+    let mut out = Snapshot::new();
+    let mut by_inode: HashMap<(u64, u64), Vec<Vec<u8>>> = HashMap::new();
+    let mut pending = vec![b".".to_vec()];
+    while let Some(rel) = pending.pop() {
+        let full = join(dir, &rel);
+        let md =
+            fs::symlink_metadata(&full).unwrap_or_else(|e| panic!("lstat {}: {e}", full.display()));
+        let ft = FileType::from_raw_mode(md.mode());
+        let kind = match ft {
+            FileType::Directory => Type::Dir,
+            FileType::RegularFile => Type::File,
+            FileType::Symlink => Type::Symlink,
+            FileType::CharacterDevice => Type::Char,
+            FileType::BlockDevice => Type::Block,
+            FileType::Fifo => Type::Fifo,
+            FileType::Socket => Type::Socket,
+            other => panic!("{}: unknown file type {other:?}", full.display()),
+        };
+        let info = EntryInfo {
+            kind,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            size: (kind == Type::File).then_some(md.len()),
+            sha256: (kind == Type::File).then(|| sha256_file(&full)),
+            target: (kind == Type::Symlink).then(|| {
+                fs::read_link(&full)
+                    .unwrap_or_else(|e| panic!("readlink {}: {e}", full.display()))
+                    .into_os_string()
+                    .into_encoded_bytes()
+            }),
+            rdev: matches!(kind, Type::Char | Type::Block)
+                .then(|| (rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev()))),
+            xattrs: xattrs_of(&full),
+            links: BTreeSet::new(),
+            ino: (md.dev(), md.ino()),
+            nlink: md.nlink(),
+        };
+        if kind == Type::Dir {
+            for ent in
+                fs::read_dir(&full).unwrap_or_else(|e| panic!("readdir {}: {e}", full.display()))
+            {
+                let name = ent.unwrap().file_name();
+                let child = if rel == b"." {
+                    name.as_bytes().to_vec()
+                } else {
+                    [&rel[..], b"/", name.as_bytes()].concat()
+                };
+                pending.push(child);
+            }
+        } else if md.nlink() > 1 {
+            by_inode.entry(info.ino).or_default().push(rel.clone());
+        }
+        out.insert(rel, info);
+    }
+    for group in by_inode.into_values().filter(|g| g.len() > 1) {
+        let set: BTreeSet<Vec<u8>> = group.iter().cloned().collect();
+        for p in group {
+            out.get_mut(&p).unwrap().links = set.clone();
+        }
+    }
+    out
+}
+
+fn show_set(s: &BTreeSet<Vec<u8>>) -> String {
+    let v: Vec<String> = s.iter().map(|p| show(p)).collect();
+    format!("{{{}}}", v.join(", "))
+}
+
+fn show_xattrs(x: &BTreeMap<Vec<u8>, Vec<u8>>) -> String {
+    let v: Vec<String> = x
+        .iter()
+        .map(|(k, v)| format!("{}={}", show(k), show(v)))
+        .collect();
+    format!("{{{}}}", v.join(", "))
+}
+
+/// How hardlinks must correspond between two trees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// Names that share an inode in `expected` share one in `actual`; `actual` may join more
+    /// (treeswap links identical files to one pool object).
+    Subset,
+    /// Exactly the same groups.
+    Exact,
+}
+
+/// The differences between two trees, one line each; empty if they are the same.
+pub fn diff_trees(expected: &Snapshot, actual: &Snapshot, links: Links) -> Vec<String> {
+    let mut out = Vec::new();
+    for (p, a) in expected {
+        let Some(b) = actual.get(p) else {
+            out.push(format!("only in expected: {} ({:?})", show(p), a.kind));
+            continue;
+        };
+        let mut d = String::new();
+        macro_rules! field {
+            ($f:ident, $fmt:expr) => {
+                if a.$f != b.$f {
+                    let _ = write!(
+                        d,
+                        " {}: {} != {};",
+                        stringify!($f),
+                        $fmt(&a.$f),
+                        $fmt(&b.$f)
+                    );
+                }
+            };
+        }
+        field!(kind, |v: &Type| format!("{v:?}"));
+        // The mode bits of a symlink mean nothing and are not portable.
+        if a.kind != Type::Symlink {
+            field!(mode, |v: &u32| format!("0o{v:o}"));
+        }
+        field!(uid, |v: &u32| v.to_string());
+        field!(gid, |v: &u32| v.to_string());
+        field!(size, |v: &Option<u64>| format!("{v:?}"));
+        field!(sha256, |v: &Option<String>| format!("{v:?}"));
+        field!(target, |v: &Option<Vec<u8>>| v
+            .as_deref()
+            .map(show)
+            .unwrap_or_else(|| "-".into()));
+        field!(rdev, |v: &Option<(u32, u32)>| format!("{v:?}"));
+        field!(xattrs, show_xattrs);
+        let links_ok = match links {
+            Links::Subset => a.links.is_subset(&b.links) || a.links.is_empty(),
+            Links::Exact => a.links == b.links,
+        };
+        if !links_ok {
+            let _ = write!(
+                d,
+                " hardlinked with: {} vs {};",
+                show_set(&a.links),
+                show_set(&b.links)
+            );
+        }
+        if !d.is_empty() {
+            out.push(format!("{}:{d} (expected != actual)", show(p)));
+        }
+    }
+    for (p, b) in actual {
+        if !expected.contains_key(p) {
+            out.push(format!("only in actual: {} ({:?})", show(p), b.kind));
+        }
+    }
+    out
+}
+
+/// Panics with a readable diff unless the trees are the same (timestamps aside). Hardlinks:
+/// [`Links::Subset`].
+#[track_caller]
+pub fn assert_same_tree(expected: &Snapshot, actual: &Snapshot) {
+    assert_trees(expected, actual, Links::Subset);
+}
+
+#[track_caller]
+pub fn assert_trees(expected: &Snapshot, actual: &Snapshot, links: Links) {
+    let d = diff_trees(expected, actual, links);
+    if !d.is_empty() {
+        panic!(
+            "trees differ in {} entr{}:\n  {}",
+            d.len(),
+            if d.len() == 1 { "y" } else { "ies" },
+            d.join("\n  ")
+        );
+    }
+}
+
+/// The same as [`assert_same_tree`] on two directories.
+#[track_caller]
+pub fn assert_same_dirs(expected: &Path, actual: &Path) {
+    assert_same_tree(&snapshot(expected), &snapshot(actual));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running treeswap
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_treeswap");
+
+/// A finished run of the binary, with assertions that print everything on failure.
+pub struct Run {
+    pub cmdline: String,
+    pub out: Output,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.out.status.code()
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    fn report(&self) -> String {
+        format!(
+            "command: {}\nstatus: {}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.cmdline,
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+    #[track_caller]
+    pub fn success(&self) -> &Self {
+        self.exit(0)
+    }
+    #[track_caller]
+    pub fn exit(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "expected exit code {code}\n{}",
+            self.report()
+        );
+        self
+    }
+    /// A non-zero exit code (not a signal, not a panic).
+    #[track_caller]
+    pub fn failure(&self) -> &Self {
+        match self.code() {
+            Some(c) if c != 0 && c != 101 => {}
+            _ => panic!("expected a clean failure\n{}", self.report()),
+        }
+        self
+    }
+    #[track_caller]
+    pub fn stdout_has(&self, s: &str) -> &Self {
+        assert!(
+            self.stdout().contains(s),
+            "stdout should contain {s:?}\n{}",
+            self.report()
+        );
+        self
+    }
+    #[track_caller]
+    pub fn stderr_has(&self, s: &str) -> &Self {
+        assert!(
+            self.stderr().contains(s),
+            "stderr should contain {s:?}\n{}",
+            self.report()
+        );
+        self
+    }
+    #[track_caller]
+    pub fn stderr_lacks(&self, s: &str) -> &Self {
+        assert!(
+            !self.stderr().contains(s),
+            "stderr should not contain {s:?}\n{}",
+            self.report()
+        );
+        self
+    }
+    /// Exactly one line on stderr, in treeswap's error shape.
+    #[track_caller]
+    pub fn one_line_error(&self) -> &Self {
+        let err = self.stderr();
+        assert!(
+            err.ends_with('\n') && err.lines().count() == 1 && err.starts_with("treeswap: "),
+            "expected exactly one `treeswap: ...` line on stderr\n{}",
+            self.report()
+        );
+        self
+    }
+    /// The lines of stdout that mention `needle`.
+    pub fn stdout_lines_with(&self, needle: &str) -> Vec<String> {
+        self.stdout()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The binary with a clean environment as far as treeswap is concerned.
+pub fn ts_cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("TREESWAP_ROOT");
+    c
+}
+
+/// Runs a prepared command and captures its output.
+pub fn run(cmd: &mut Command) -> Run {
+    let cmdline = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmdline}: {e}"));
+    Run { cmdline, out }
+}
+
+/// `treeswap --root ROOT ARGS...`
+pub fn ts<I, S>(root: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut c = ts_cmd();
+    c.arg("--root").arg(root).args(args);
+    run(&mut c)
+}
+
+/// A test's own scratch directory, with a state root inside it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("treeswap-test-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().join("root");
+        Env { dir, root }
+    }
+    /// A path in the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// `treeswap --root <root> ARGS...`
+    pub fn ts<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        ts(&self.root, args)
+    }
+    /// Builds `spec` at `name` in the scratch directory and returns its path.
+    pub fn tree(&self, name: &str, spec: &TreeSpec) -> PathBuf {
+        let p = self.path(name);
+        spec.build(&p);
+        p
+    }
+    /// `import DIR --version V` and checks it succeeded.
+    pub fn import(&self, dir: &Path, version: &str) -> Run {
+        let r = self.ts([
+            OsStr::new("import"),
+            dir.as_os_str(),
+            OsStr::new("--version"),
+            OsStr::new(version),
+        ]);
+        r.success();
+        r
+    }
+    pub fn tree_dir(&self, version: &str) -> PathBuf {
+        self.root.join("trees").join(version)
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state root, seen from outside
+
+/// The names in a directory (empty if it does not exist).
+pub fn names(dir: &Path) -> Vec<Vec<u8>> {
+    match fs::read_dir(dir) {
+        Ok(rd) => {
+            let mut v: Vec<Vec<u8>> = rd
+                .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+                .collect();
+            v.sort();
+            v
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("readdir {}: {e}", dir.display()),
+    }
+}
+
+/// After a failed run: nothing half-written. `tmp/` and `staging/` are empty and `version`
+/// has neither a tree nor a manifest.
+#[track_caller]
+pub fn assert_clean(root: &Path, version: &str) {
+    for d in ["tmp", "staging"] {
+        let left = names(&root.join(d));
+        assert!(
+            left.is_empty(),
+            "`{d}/` should be empty after a failed run, has: {:?}",
+            left.iter().map(|n| show(n)).collect::<Vec<_>>()
+        );
+    }
+    let tree = root.join("trees").join(version);
+    assert!(
+        fs::symlink_metadata(&tree).is_err(),
+        "`{}` should not exist",
+        tree.display()
+    );
+    let m = root.join("manifests").join(format!("{version}.toml"));
+    assert!(
+        fs::symlink_metadata(&m).is_err(),
+        "`{}` should not exist",
+        m.display()
+    );
+}
+
+/// Every file in `pool/` (relative paths like `ab/abcd…` and `ab/abcd….1`).
+pub fn pool_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in names(&root.join("pool")) {
+        for n in names(&root.join("pool").join(bpath(&shard))) {
+            out.push(bpath(&shard).join(bpath(&n)));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The pool file that `file` is a hardlink to.
+pub fn pool_object_of(root: &Path, file: &Path) -> PathBuf {
+    let md = fs::symlink_metadata(file).unwrap();
+    for rel in pool_files(root) {
+        let p = root.join("pool").join(&rel);
+        let pm = fs::symlink_metadata(&p).unwrap();
+        if (pm.dev(), pm.ino()) == (md.dev(), md.ino()) {
+            return p;
+        }
+    }
+    panic!("{} is not a link to any pool object", file.display());
+}
+
+pub fn inode(path: &Path) -> (u64, u64) {
+    let md = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (md.dev(), md.ino())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts
+
+/// A mount that is undone when dropped, even when the test panics.
+pub struct Mount {
+    pub path: PathBuf,
+}
+
+impl Mount {
+    /// `mount ARGS... PATH` (PATH is made if missing).
+    pub fn new(args: &[&str], path: &Path) -> Mount {
+        fs::create_dir_all(path).unwrap();
+        let st = Command::new("mount")
+            .args(args)
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount {args:?} {} failed", path.display());
+        Mount {
+            path: path.to_owned(),
+        }
+    }
+    pub fn tmpfs(path: &Path, size: &str) -> Mount {
+        Mount::new(
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ],
+            path,
+        )
+    }
+    /// A fresh ext4 file system of `size_mib` MiB with `inodes` inodes on a loop device,
+    /// its image in `image`.
+    pub fn ext4_loop(image: &Path, size_mib: u64, inodes: u64, path: &Path) -> Mount {
+        let f = fs::File::create(image).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        drop(f);
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-N", &inodes.to_string()])
+            .arg(image)
+            .status()
+            .expect("run mkfs.ext4");
+        assert!(st.success(), "mkfs.ext4 failed");
+        Mount::new(&["-o", "loop", image.to_str().unwrap()], path)
+    }
+    /// `mount -o remount,OPTS`.
+    pub fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.path)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "remount {opts} failed");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Something still holds it (a failed test's open file): detach it anyway.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// Writes `data` over the start of an existing file without truncating it or making a new
+/// inode.
+pub fn overwrite_in_place(path: &Path, data: &[u8]) {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(data).unwrap();
+}
