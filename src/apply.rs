@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::delta::{self, Content, Delta, MANIFEST_MEMBER, Source};
+use crate::delta::{self, Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::error::Fail;
 use crate::manifest::{Entry, Hash, Kind, Manifest, check_tree};
 use crate::object::{Meta, ObjectId};
@@ -32,6 +32,10 @@ pub struct Options {
     pub stage_only: bool,
     /// How to flip.
     pub flip: flip::Options,
+    /// Skip the signature check (development only).
+    pub insecure: bool,
+    /// Accept a delta whose result is older than the current version.
+    pub allow_downgrade: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,27 +52,40 @@ fn bad(e: impl std::fmt::Display) -> anyhow::Error {
     Fail::BadDelta(format!("invalid delta: {e}")).into()
 }
 
-/// Reads the first member of a delta: its manifest.
-fn read_manifest<R: Read>(entries: &mut tar::Entries<R>) -> Result<Delta> {
-    let mut first = entries
+/// Reads a small member that must come next, by name.
+fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) -> Result<Vec<u8>> {
+    let mut m = entries
         .next()
-        .ok_or_else(|| bad("it is empty"))?
-        .map_err(|e| bad(format!("cannot read its first member: {e}")))?;
-    let name = first.path_bytes().into_owned();
-    if name != MANIFEST_MEMBER.as_bytes() {
+        .ok_or_else(|| bad(format!("it is truncated: member `{want}` is missing")))?
+        .map_err(|e| bad(format!("cannot read member `{want}`: {e}")))?;
+    let name = m.path_bytes().into_owned();
+    if name != want.as_bytes() {
         return Err(bad(format!(
-            "its first member is `{}`, not `{MANIFEST_MEMBER}`",
+            "expected member `{want}`, found `{}`",
             crate::path::display(&name)
         )));
     }
-    if first.header().size().unwrap_or(u64::MAX) > MAX_MANIFEST {
-        return Err(bad("its manifest is larger than 1 GiB"));
+    if m.header().size().unwrap_or(u64::MAX) > limit {
+        return Err(bad(format!("member `{want}` is too large")));
     }
-    let mut text = Vec::new();
-    (&mut first)
-        .take(MAX_MANIFEST)
-        .read_to_end(&mut text)
-        .map_err(|e| bad(format!("cannot read `{MANIFEST_MEMBER}`: {e}")))?;
+    let mut data = Vec::new();
+    (&mut m)
+        .take(limit)
+        .read_to_end(&mut data)
+        .map_err(|e| bad(format!("cannot read `{want}`: {e}")))?;
+    Ok(data)
+}
+
+/// Reads the first two members of a delta, checks the signature, and parses the manifest.
+fn read_manifest<R: Read>(
+    entries: &mut tar::Entries<R>,
+    policy: crate::trust::Policy,
+) -> Result<Delta> {
+    let text = read_small(entries, MANIFEST_MEMBER, MAX_MANIFEST)?;
+    let sig = read_small(entries, SIGNATURE_MEMBER, 64 << 10)?;
+    let sig = String::from_utf8(sig).map_err(|_| bad("its signature is not text"))?;
+    // The signature is checked on the exact bytes, before they are parsed.
+    crate::trust::check(&text, &sig, policy)?;
     let text = String::from_utf8(text).map_err(|_| bad("its manifest is not UTF-8"))?;
     delta::parse(&text).map_err(|e| bad(format!("{e:#}")))
 }
@@ -155,11 +172,37 @@ fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
 }
 
 pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Result<Outcome> {
+    let keys = crate::trust::load_keys(&cfg.trust.public_keys)?;
+    let policy = if opts.insecure {
+        crate::trust::Policy::Insecure
+    } else {
+        crate::trust::Policy::Keys(&keys)
+    };
     let mut archive = tar::Archive::new(input);
     let mut entries = archive.entries().map_err(bad)?;
-    let d = read_manifest(&mut entries)?;
+    let d = read_manifest(&mut entries, policy)?;
     let to = d.to_version.clone();
     let current = root.link("current")?;
+    if let Some(cur) = &current
+        && crate::version::compare(&to, cur) == std::cmp::Ordering::Less
+        && !opts.allow_downgrade
+    {
+        return Err(Fail::Downgrade(format!(
+            "refusing to downgrade from `{cur}` to `{to}` (use --allow-downgrade; `treeswap revert` goes back to previous)"
+        ))
+        .into());
+    }
+    if !cfg.trust.allow_devices
+        && let Some(e) = d
+            .changed
+            .iter()
+            .find(|e| matches!(e.kind, Kind::Char { .. } | Kind::Block { .. }))
+    {
+        return Err(bad(format!(
+            "it creates the device node `{}`, and the config forbids device nodes ([trust] allow_devices = false)",
+            e.display()
+        )));
+    }
 
     if root.is_installed(&to)? {
         if root.manifest_digest(&to)? != Some(d.to_digest) {

@@ -19,6 +19,32 @@ pub struct Config {
     /// Guests, in the order they are restarted.
     #[serde(default, rename = "guest")]
     pub guests: Vec<Guest>,
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Trust {
+    /// minisign public key files; with any, only deltas signed by one of them are applied.
+    #[serde(default)]
+    pub public_keys: Vec<PathBuf>,
+    /// Whether a delta may create device nodes.
+    #[serde(default = "yes")]
+    pub allow_devices: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust {
+            public_keys: Vec::new(),
+            allow_devices: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

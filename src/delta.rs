@@ -1,8 +1,9 @@
 //! The delta format: what changes between two trees, and the bytes that change needs.
 //!
 //! A delta is one tar file. Its first member is `delta.toml`, the delta manifest (this
-//! module's [`Delta`]); then one member `blobs/<sha256 of the content>` per content that ships
-//! bytes, in the order the manifest lists them. Parsing is pure; FORMAT.md is the reference.
+//! module's [`Delta`]); the second `delta.toml.minisig`, its minisign signature (empty when
+//! unsigned); then one member `blobs/<sha256 of the content>` per content that ships bytes, in
+//! the order the manifest lists them. Parsing is pure; FORMAT.md is the reference.
 
 use std::fmt::Write as _;
 use std::io::BufRead;
@@ -17,6 +18,8 @@ pub const FORMAT: u32 = 1;
 
 /// The name of the first tar member.
 pub const MANIFEST_MEMBER: &str = "delta.toml";
+/// The name of the second tar member: the minisign signature of the first, empty if unsigned.
+pub const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
 
 /// How the bytes of a content are obtained.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
-use crate::delta::{Content, Delta, MANIFEST_MEMBER, Source};
+use crate::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::manifest::{Entry, Hash, Kind, Manifest};
 use crate::object::ObjectId;
 use crate::progress::Progress;
@@ -297,9 +297,15 @@ fn encode(
     ))
 }
 
-/// Writes a delta as a tar: `delta.toml`, then one `blobs/<sha256>` member per shipped
-/// content, in manifest order.
-pub fn write_delta(d: &Delta, blobs: &[Vec<u8>], out: impl Write) -> Result<()> {
+/// Writes a delta as a tar: `delta.toml`, its signature `delta.toml.minisig` (empty without
+/// `sign`, an unencrypted minisign secret key file), then one `blobs/<sha256>` member per
+/// shipped content, in manifest order.
+pub fn write_delta(
+    d: &Delta,
+    blobs: &[Vec<u8>],
+    sign: Option<&std::path::Path>,
+    out: impl Write,
+) -> Result<()> {
     let mut tar = tar::Builder::new(out);
     let append = |tar: &mut tar::Builder<_>, name: &str, data: &[u8]| -> Result<()> {
         let mut h = tar::Header::new_ustar();
@@ -310,7 +316,21 @@ pub fn write_delta(d: &Delta, blobs: &[Vec<u8>], out: impl Write) -> Result<()> 
         tar.append_data(&mut h, name, data)
             .with_context(|| format!("cannot write delta member `{name}`"))
     };
-    append(&mut tar, MANIFEST_MEMBER, d.to_toml().as_bytes())?;
+    let text = d.to_toml();
+    let sig = match sign {
+        Some(key) => crate::trust::sign(
+            text.as_bytes(),
+            key,
+            &format!(
+                "treeswap delta {} -> {}",
+                d.from_version.as_deref().unwrap_or("?"),
+                d.to_version
+            ),
+        )?,
+        None => String::new(),
+    };
+    append(&mut tar, MANIFEST_MEMBER, text.as_bytes())?;
+    append(&mut tar, SIGNATURE_MEMBER, sig.as_bytes())?;
     let mut it = blobs.iter();
     for c in &d.contents {
         if c.blob.is_some() {

@@ -23,6 +23,10 @@ pub const EXIT_WRONG_BASE: i32 = 7;
 pub const EXIT_BAD_DELTA: i32 = 8;
 /// Not enough free space.
 pub const EXIT_NO_SPACE: i32 = 9;
+/// The delta is not signed by a trusted key.
+pub const EXIT_UNTRUSTED: i32 = 10;
+/// The delta would move the device to an older version.
+pub const EXIT_DOWNGRADE: i32 = 11;
 
 /// A table for `--help` and the README.
 pub const EXIT_CODES_HELP: &str = "\
@@ -36,7 +40,9 @@ Exit codes:
   6  busy: another treeswap holds the lock
   7  the delta is for another base tree
   8  the delta is malformed
-  9  not enough free space";
+  9  not enough free space
+  10 the delta is not signed by a trusted key
+  11 the delta would downgrade (use --allow-downgrade)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Fail {
@@ -58,6 +64,10 @@ pub enum Fail {
     NoSpace(String),
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    Untrusted(String),
+    #[error("{0}")]
+    Downgrade(String),
 }
 
 impl Fail {
@@ -71,6 +81,8 @@ impl Fail {
             Fail::BadDelta(_) => EXIT_BAD_DELTA,
             Fail::NoSpace(_) => EXIT_NO_SPACE,
             Fail::Usage(_) => EXIT_USAGE,
+            Fail::Untrusted(_) => EXIT_UNTRUSTED,
+            Fail::Downgrade(_) => EXIT_DOWNGRADE,
         }
     }
 }

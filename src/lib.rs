@@ -22,5 +22,6 @@ pub mod stage;
 pub mod state;
 pub mod status;
 pub mod sys;
+pub mod trust;
 pub mod verify;
 pub mod version;

@@ -110,6 +110,9 @@ enum Command {
         /// Where to write the delta (`-` for standard output).
         #[arg(short, long)]
         output: PathBuf,
+        /// Sign the delta with this unencrypted minisign secret key (`minisign -G -W`).
+        #[arg(long, value_name = "SECRET_KEY_FILE")]
+        sign: Option<PathBuf>,
     },
     /// Apply a delta (`-` reads standard input): stage, verify, flip.
     Apply {
@@ -117,6 +120,12 @@ enum Command {
         /// Stop after staging and verifying the new tree.
         #[arg(long)]
         stage_only: bool,
+        /// Do not check the delta's signature (development only; logged loudly).
+        #[arg(long)]
+        insecure: bool,
+        /// Accept a delta whose result is older than the current version.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Point `current` at an installed version.
     Switch { version: String },
@@ -313,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
             from,
             to,
             output,
+            sign,
         } => diff_command(
             &cli,
             from_dir.as_deref(),
@@ -322,13 +332,21 @@ fn run(cli: Cli) -> Result<()> {
             from.as_deref(),
             to.as_deref(),
             output,
+            sign.as_deref(),
         )?,
-        Command::Apply { file, stage_only } => {
+        Command::Apply {
+            file,
+            stage_only,
+            insecure,
+            allow_downgrade,
+        } => {
             let cfg = config(&cli)?;
             let root = open_root(&cli, Lock::Exclusive, true)?;
             let opts = apply::Options {
                 stage_only: *stage_only,
                 flip: flip_opts(&cli),
+                insecure: *insecure,
+                allow_downgrade: *allow_downgrade,
             };
             let outcome = if file.as_os_str() == "-" {
                 apply::apply(&root, &cfg, std::io::stdin().lock(), opts)?
@@ -398,6 +416,7 @@ fn diff_command(
     from: Option<&str>,
     to: Option<&str>,
     output: &std::path::Path,
+    sign: Option<&std::path::Path>,
 ) -> Result<()> {
     let (delta, blobs, stats) = match (from_dir, to_dir, from, to) {
         (Some(d1), Some(d2), None, None) => {
@@ -447,7 +466,7 @@ fn diff_command(
         }
     };
     if output.as_os_str() == "-" {
-        diff::write_delta(&delta, &blobs, std::io::stdout().lock())?;
+        diff::write_delta(&delta, &blobs, sign, std::io::stdout().lock())?;
     } else {
         // Written beside its final name and renamed, so a reader never sees half a delta.
         let dir = match output.parent() {
@@ -456,7 +475,7 @@ fn diff_command(
         };
         let tmp = tempfile::NamedTempFile::new_in(&dir)
             .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?;
-        diff::write_delta(&delta, &blobs, std::io::BufWriter::new(tmp.as_file()))?;
+        diff::write_delta(&delta, &blobs, sign, std::io::BufWriter::new(tmp.as_file()))?;
         tmp.persist(output)
             .with_context(|| format!("cannot write `{}`", output.display()))?;
     }

@@ -27,3 +27,82 @@ mod tests {
         }
     }
 }
+
+/// Orders versions the way dpkg orders upstream versions, so that `1 < 2 < 10`,
+/// `1.9 < 1.10` and `1.0~rc1 < 1.0`: the strings are split into alternating runs of
+/// non-digits and digits; digit runs compare as numbers; non-digit runs compare character by
+/// character with `~` before everything (even the end), then the end, then letters, then other
+/// characters.
+pub fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    fn order(c: Option<u8>) -> i32 {
+        match c {
+            Some(b'~') => -1,
+            None => 0,
+            Some(c) if c.is_ascii_alphabetic() => c as i32,
+            Some(c) => c as i32 + 256,
+        }
+    }
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        // Non-digit run.
+        loop {
+            let ca = a.get(i).copied().filter(|c| !c.is_ascii_digit());
+            let cb = b.get(j).copied().filter(|c| !c.is_ascii_digit());
+            if ca.is_none() && cb.is_none() {
+                break;
+            }
+            match order(ca).cmp(&order(cb)) {
+                Ordering::Equal => {}
+                o => return o,
+            }
+            i += ca.is_some() as usize;
+            j += cb.is_some() as usize;
+        }
+        // Digit run, as a number (leading zeros ignored, any length).
+        let sa = i;
+        while i < a.len() && a[i].is_ascii_digit() {
+            i += 1;
+        }
+        let sb = j;
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        let na = std::str::from_utf8(&a[sa..i])
+            .unwrap_or("")
+            .trim_start_matches('0');
+        let nb = std::str::from_utf8(&b[sb..j])
+            .unwrap_or("")
+            .trim_start_matches('0');
+        match na.len().cmp(&nb.len()).then(na.cmp(nb)) {
+            Ordering::Equal => {}
+            o => return o,
+        }
+    }
+    Ordering::Equal
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::compare;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn dpkg_like_order() {
+        for (a, b) in [
+            ("1", "2"),
+            ("2", "10"),
+            ("1.9", "1.10"),
+            ("1.0~rc1", "1.0"),
+            ("1.0", "1.0a"),
+            ("1.0a", "1.0+b"),
+            ("2026.01.1", "2026.11.27"),
+            ("9", "10.0"),
+        ] {
+            assert_eq!(compare(a, b), Less, "{a} < {b}");
+            assert_eq!(compare(b, a), Greater, "{b} > {a}");
+        }
+        assert_eq!(compare("1.01", "1.1"), Equal);
+    }
+}

@@ -1,0 +1,119 @@
+//! Signed deltas: minisign (ed25519) signatures over the delta manifest, checked against the
+//! public keys the config trusts, before anything is written. The manifest covers every byte
+//! of the delta by hash, so the signature covers the whole delta.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use minisign::{PublicKey, SecretKey, SignatureBox};
+
+use crate::error::Fail;
+
+/// Loads minisign public key files.
+pub fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> {
+    paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read public key `{}`", p.display()))?;
+            let key = PublicKey::from_box(text.into()).map_err(|e| {
+                anyhow::anyhow!("`{}` is not a minisign public key: {e}", p.display())
+            })?;
+            Ok((p.clone(), key))
+        })
+        .collect()
+}
+
+/// Signs `data` with an unencrypted minisign secret key file (`minisign -G -W`); returns the
+/// signature file text.
+pub fn sign(data: &[u8], secret_key: &Path, comment: &str) -> Result<String> {
+    let text = std::fs::read_to_string(secret_key)
+        .with_context(|| format!("cannot read secret key `{}`", secret_key.display()))?;
+    let sk = parse_secret_key(&text).with_context(|| {
+        format!(
+            "`{}` is not an unencrypted minisign secret key (make one with `minisign -G -W`)",
+            secret_key.display()
+        )
+    })?;
+    let sig = minisign::sign(None, &sk, Cursor::new(data), Some(comment), None)
+        .map_err(|e| anyhow::anyhow!("cannot sign: {e}"))?;
+    Ok(sig.into_string())
+}
+
+/// Parses an unencrypted minisign secret key file. minisign 0.11 writes such keys with a zero
+/// checksum, which the `minisign` crate rejects, so the checksum (BLAKE2b-256 of the
+/// algorithm, key id and secret key) is filled in here.
+fn parse_secret_key(text: &str) -> Result<SecretKey> {
+    use base64::Engine;
+    use blake2::Digest;
+    let line = text
+        .lines()
+        .find(|l| !l.starts_with("untrusted comment:") && !l.trim().is_empty())
+        .context("no key line")?;
+    let mut b = base64::engine::general_purpose::STANDARD
+        .decode(line.trim())
+        .context("the key is not base64")?;
+    if b.len() != 158 || &b[..2] != b"Ed" {
+        anyhow::bail!("unexpected key length or algorithm");
+    }
+    if b[2..4] != [0, 0] {
+        anyhow::bail!("the key is encrypted with a password");
+    }
+    let chk = blake2::Blake2b::<blake2::digest::consts::U32>::new()
+        .chain_update(&b[..2])
+        .chain_update(&b[54..62])
+        .chain_update(&b[62..126])
+        .finalize();
+    b[126..158].copy_from_slice(&chk);
+    SecretKey::from_bytes(&b).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// How strictly to check.
+pub enum Policy<'a> {
+    /// `--insecure`: no check at all.
+    Insecure,
+    /// The trusted keys; with none, unsigned deltas pass with a warning.
+    Keys(&'a [(PathBuf, PublicKey)]),
+}
+
+/// Checks the signature `sig` (the text of the `delta.toml.minisig` member, empty when the delta
+/// is unsigned) over the manifest bytes `data`.
+pub fn check(data: &[u8], sig: &str, policy: Policy) -> Result<()> {
+    let keys = match policy {
+        Policy::Insecure => {
+            log::warn!("--insecure: NOT checking the delta's signature (development only)");
+            return Ok(());
+        }
+        Policy::Keys(k) => k,
+    };
+    if keys.is_empty() {
+        if sig.trim().is_empty() {
+            log::warn!(
+                "accepting an unsigned delta: no public keys are configured ([trust] public_keys)"
+            );
+        } else {
+            log::warn!("the delta is signed, but no public keys are configured to check it");
+        }
+        return Ok(());
+    }
+    if sig.trim().is_empty() {
+        return Err(Fail::Untrusted(
+            "the delta is not signed, and signed deltas are required".into(),
+        )
+        .into());
+    }
+    let sbox = SignatureBox::from_string(sig)
+        .map_err(|e| Fail::Untrusted(format!("the delta's signature is malformed: {e}")))?;
+    for (path, key) in keys {
+        if minisign::verify(key, &sbox, Cursor::new(data), true, false, true).is_ok() {
+            log::info!("delta signature verified with `{}`", path.display());
+            return Ok(());
+        }
+    }
+    Err(Fail::Untrusted(format!(
+        "the delta's signature does not verify with any of the {} trusted public key(s)",
+        keys.len()
+    ))
+    .into())
+}
