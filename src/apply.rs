@@ -501,34 +501,17 @@ fn materialize<R: Read>(
                 )
                 .with_context(what)?;
             }
-            Source::Zstd => {
+            Source::Zstd | Source::ZstdPatch { .. } => {
+                let reference = c.source.base().map(reference).transpose()?;
                 let blob = blob.as_deref().expect("blob");
-                let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
-                dec.window_log_max(31).map_err(bad)?;
-                pool.store(&mut DecodeReader(dec), meta0, c.size, &c.sha256)
-                    .with_context(what)?;
-            }
-            Source::ZstdPatch { base } => {
-                let reference = reference(base)?;
-                let blob = blob.as_deref().expect("blob");
-                let mut dec = zstd::stream::read::Decoder::with_ref_prefix(
-                    std::io::BufReader::new(blob),
-                    &reference,
-                )
-                .map_err(bad)?;
-                dec.window_log_max(31).map_err(bad)?;
-                pool.store(&mut DecodeReader(dec), meta0, c.size, &c.sha256)
+                let mut dec = crate::codec::stream(&c.source, blob, reference.as_deref())?;
+                pool.store(&mut dec, meta0, c.size, &c.sha256)
                     .with_context(what)?;
             }
             Source::Bsdiff { base } => {
                 let reference = reference(base)?;
-                let blob = blob.as_deref().expect("blob");
-                let dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
-                // A patch is about as long as its result; more is a bomb.
-                let mut patch = dec.take(c.size.saturating_mul(3) + (1 << 20));
-                let mut out = Vec::new();
-                bsdiff::patch(&reference, &mut patch, &mut out)
-                    .map_err(|e| bad(format!("{}: bad bsdiff patch: {e}", what())))?;
+                let out =
+                    crate::codec::bsdiff_apply(&reference, blob.as_deref().expect("blob"), c.size)?;
                 pool.store(&mut &out[..], meta0, c.size, &c.sha256)
                     .with_context(what)?;
             }
@@ -551,18 +534,4 @@ fn materialize<R: Read>(
     }
     progress.finish();
     Ok(())
-}
-
-/// A decoder whose errors say the delta is malformed rather than that I/O failed.
-struct DecodeReader<R: Read>(R);
-
-impl<R: Read> Read for DecodeReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")),
-            )
-        })
-    }
 }

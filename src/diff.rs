@@ -14,13 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
+use crate::codec::{bsdiff_patch, zstd_patch, zstd_whole};
 use crate::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::manifest::{Entry, Hash, Kind, Manifest};
 use crate::object::ObjectId;
 use crate::progress::Progress;
 
-/// zstd level for whole contents and patches: high ratio, still fast to decode.
-const LEVEL: i32 = 19;
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on files up to this size,
 /// where it wins on small executables.
 const BSDIFF_MAX: u64 = 4 << 20;
@@ -221,31 +220,6 @@ fn size_of(e: &Entry) -> u64 {
 fn similar_size(a: &Entry, b: &Entry) -> bool {
     let (x, y) = (size_of(a).max(1), size_of(b).max(1));
     x <= y.saturating_mul(8) && y <= x.saturating_mul(8)
-}
-
-/// zstd window log that covers `n` bytes of reference plus `m` of content.
-pub fn window_log(n: u64, m: u64) -> u32 {
-    let total = (n + m).max(1 << 10);
-    (64 - (total - 1).leading_zeros()).clamp(10, 31)
-}
-
-fn zstd_whole(data: &[u8]) -> Result<Vec<u8>> {
-    Ok(zstd::bulk::compress(data, LEVEL)?)
-}
-
-fn zstd_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
-    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, base)?;
-    enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
-    enc.long_distance_matching(base.len() > 8 << 20)?;
-    enc.include_checksum(false)?;
-    enc.write_all(data)?;
-    Ok(enc.finish()?)
-}
-
-fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
-    let mut patch = Vec::new();
-    bsdiff::diff(base, data, &mut patch)?;
-    Ok(zstd::bulk::compress(&patch, LEVEL)?)
 }
 
 /// Encodes one content as the smallest of its possible blobs.

@@ -1,0 +1,158 @@
+//! The encodings of delta blobs: whole zstd, zstd with a reference prefix ("patch-from"), and
+//! zstd-compressed bsdiff. Pure functions over byte slices, shared by `diff` (encoding),
+//! `apply` (decoding) and the fuzz targets.
+
+use std::io::{Read, Write};
+
+use anyhow::{Result, bail};
+
+use crate::delta::Source;
+use crate::error::Fail;
+
+/// zstd level for whole contents and patches: high ratio, still fast to decode.
+pub const LEVEL: i32 = 19;
+
+/// zstd window log that covers `n` bytes of reference plus `m` of content.
+pub fn window_log(n: u64, m: u64) -> u32 {
+    let total = (n + m).max(1 << 10);
+    (64 - (total - 1).leading_zeros()).clamp(10, 31)
+}
+
+pub fn zstd_whole(data: &[u8]) -> Result<Vec<u8>> {
+    Ok(zstd::bulk::compress(data, LEVEL)?)
+}
+
+pub fn zstd_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, base)?;
+    enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
+    enc.long_distance_matching(base.len() > 8 << 20)?;
+    enc.include_checksum(false)?;
+    enc.write_all(data)?;
+    Ok(enc.finish()?)
+}
+
+pub fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
+    let mut patch = Vec::new();
+    bsdiff::diff(base, data, &mut patch)?;
+    Ok(zstd::bulk::compress(&patch, LEVEL)?)
+}
+
+fn bad(e: impl std::fmt::Display) -> anyhow::Error {
+    Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")).into()
+}
+
+/// A streaming decoder for `zstd` and `zstd-patch` blobs. Its read errors carry
+/// [`Fail::BadDelta`], so they say the delta is malformed rather than that I/O failed.
+pub fn stream<'a>(
+    source: &Source,
+    blob: &'a [u8],
+    reference: Option<&'a [u8]>,
+) -> Result<Box<dyn Read + 'a>> {
+    match (source, reference) {
+        (Source::Zstd, _) => {
+            let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
+            dec.window_log_max(31).map_err(bad)?;
+            Ok(Box::new(Tagged(dec)))
+        }
+        (Source::ZstdPatch { .. }, Some(r)) => {
+            let mut dec =
+                zstd::stream::read::Decoder::with_ref_prefix(std::io::BufReader::new(blob), r)
+                    .map_err(bad)?;
+            dec.window_log_max(31).map_err(bad)?;
+            Ok(Box::new(Tagged(dec)))
+        }
+        _ => bail!("no streaming decoder for a `{}` blob", source.name()),
+    }
+}
+
+/// Applies a zstd-compressed bsdiff patch. The patch stream is limited to about three times
+/// the declared result size, so a compression bomb stops early.
+pub fn bsdiff_apply(reference: &[u8], blob: &[u8], size: u64) -> Result<Vec<u8>> {
+    let dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
+    let mut patch = dec.take(size.saturating_mul(3) + (1 << 20));
+    let mut out = Vec::new();
+    bsdiff::patch(reference, &mut patch, &mut out)
+        .map_err(|e| bad(format!("bad bsdiff patch: {e}")))?;
+    if out.len() as u64 != size {
+        return Err(bad(format!(
+            "the patch gives {} bytes, the manifest says {size}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Decodes a blob whole, reading at most `size + 1` bytes of output so that a blob that
+/// decodes to more than its declared size is refused without being expanded.
+pub fn decode(
+    source: &Source,
+    blob: &[u8],
+    reference: Option<&[u8]>,
+    size: u64,
+) -> Result<Vec<u8>> {
+    if let Source::Bsdiff { .. } = source {
+        let r = reference.ok_or_else(|| bad("a bsdiff blob needs a reference"))?;
+        return bsdiff_apply(r, blob, size);
+    }
+    let mut out = Vec::new();
+    stream(source, blob, reference)?
+        .take(size.saturating_add(1))
+        .read_to_end(&mut out)?;
+    if out.len() as u64 != size {
+        return Err(bad(format!(
+            "it decodes to {}{} bytes, the manifest says {size}",
+            out.len(),
+            if out.len() as u64 > size { "+" } else { "" }
+        )));
+    }
+    Ok(out)
+}
+
+struct Tagged<R: Read>(R);
+
+impl<R: Read> Read for Tagged<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodings_round_trip_and_bombs_stop() {
+        let base: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let mut new = base.clone();
+        new[5000..5010].copy_from_slice(b"0123456789");
+        let z = zstd_whole(&new).unwrap();
+        assert_eq!(
+            decode(&Source::Zstd, &z, None, new.len() as u64).unwrap(),
+            new
+        );
+        let p = zstd_patch(&base, &new).unwrap();
+        let src = Source::ZstdPatch { base: [0; 32] };
+        assert!(p.len() < z.len());
+        assert_eq!(
+            decode(&src, &p, Some(&base), new.len() as u64).unwrap(),
+            new
+        );
+        let b = bsdiff_patch(&base, &new).unwrap();
+        let src = Source::Bsdiff { base: [0; 32] };
+        assert_eq!(
+            decode(&src, &b, Some(&base), new.len() as u64).unwrap(),
+            new
+        );
+        // A declared size smaller than the output: refused, not expanded.
+        let bomb = zstd_whole(&vec![0u8; 64 << 20]).unwrap();
+        assert!(decode(&Source::Zstd, &bomb, None, 10).is_err());
+        assert!(decode(&Source::Zstd, b"garbage", None, 10).is_err());
+    }
+}
