@@ -38,6 +38,7 @@ removed=$(find "$W/src" \( -type c -o -type b -o -type p -o -type s \) -print -d
 entries=$(find "$W/src" -mindepth 1 | wc -l)
 size=$(du -s --apparent-size -B1M "$W/src" | cut -f1)
 
+load_before=$(ts_loadavg)
 declare -A samples
 # timed KEY CMD...: drop caches, run CMD then sync, append the seconds to samples[KEY].
 timed() {
@@ -93,6 +94,7 @@ r_co=$(ratio "$m_co" "$m_cp")
 echo
 echo "tree: $tree minus $removed device/fifo/socket entries: $entries entries, ${size} MiB"
 echo "method: cold cache (drop_caches before each step), command + sync, median of $REPS"
+echo "load average before: $load_before, after: $(ts_loadavg) ($(nproc) CPUs)"
 echo "treeswap: $("$TREESWAP" --version 2>/dev/null || echo "$TREESWAP");" \
     "ostree: $(ostree --version | sed -n "s/^ *Version: *//p" | tr -d "'")"
 printf '%-34s %8s   %s\n' step "median s" "samples (s)"

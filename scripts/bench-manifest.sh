@@ -3,7 +3,7 @@
 #
 # Usage: bench-manifest.sh [N [REPS]]    (N entries, default 1000000; REPS default 3)
 #
-# Generates (once; cached under $TREESWAP_CACHE, keyed by N) a tree of N entries with
+# Generates (once; cached under $TREESWAP_CACHE, keyed by N and gen-tree.py's hash) a tree of N entries with
 # gen-tree.py --seed 1, writes its manifest with `treeswap manifest DIR > m.toml`,
 # then runs `treeswap manifest --load m.toml` REPS times under /usr/bin/time -v.
 # Method: warm cache (m.toml was just written), median wall time and the largest
@@ -28,7 +28,8 @@ t0=$(ts_now)
 t1=$(ts_now)
 gen_s=$(ts_elapsed "$t0" "$t1")
 
-walls=() rss_max=0
+load_before=$(ts_loadavg)
+walls=() cpus=() rss_max=0
 for ((i = 1; i <= REPS; i++)); do
     /usr/bin/time -v -o "$W/time.out" "$TREESWAP" manifest --load "$W/m.toml" \
         > "$W/load.out" 2>&1 || { cat "$W/load.out" "$W/time.out" >&2; die "manifest --load failed"; }
@@ -36,6 +37,8 @@ for ((i = 1; i <= REPS; i++)); do
     wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {
         n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; printf "%.2f", s }' \
         "$W/time.out")
+    cpu=$(awk -F': ' '/User time|System time/ { s += $2 } END { printf "%.2f", s }' "$W/time.out")
+    cpus+=("$cpu")
     rss=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$W/time.out")
     walls+=("$wall")
     ((rss > rss_max)) && rss_max=$rss
@@ -50,6 +53,8 @@ echo "manifest: $(awk -v b="$(stat -c %s "$W/m.toml")" 'BEGIN { printf "%.1f", b
     "$(wc -l < "$W/m.toml") lines;" \
     "written by \`treeswap manifest DIR\` in ${gen_s}s"
 echo "load output: $(head -c 300 "$W/load.out" | head -3)"
-echo "method: warm cache, $REPS runs; wall samples (s): ${walls[*]}"
+echo "method: warm cache, $REPS runs; wall samples (s): ${walls[*]};" \
+    "user+sys CPU (s): ${cpus[*]}"
+echo "load average before: $load_before, after: $(ts_loadavg) ($(nproc) CPUs)"
 printf 'goal manifest --load wall < 2 s:      %6ss   %s\n' "$wall_med" "$(verdict "$wall_med" 2)"
 printf 'goal manifest --load peak RSS < 300 MB: %6s MB %s\n' "$rss_mb" "$(verdict "$rss_mb" 300)"

@@ -41,7 +41,7 @@ SYLLABLES = [b"ab", b"ac", b"al", b"an", b"ar", b"at", b"ba", b"be", b"bi", b"bo
 EXTS = [b"", b"", b"", b".so", b".so.1", b".h", b".c", b".py", b".pm", b".gz", b".conf",
         b".txt", b".html", b".json", b".mo", b".png", b".list", b".md5sums", b".service"]
 DIR_SUFFIX = [b"", b"", b"", b".d", b"-1.0", b"_data", b"lib", b"-dev"]
-# Rare names that trip up careless code; used for about 1 in 20 000 entries.
+# Rare names that trip up careless code; used for about 1 in 2 000 entries.
 ODD = [b"with space", b"tab\there", b"new\nline", b"caf\xc3\xa9", b"\xe6\x97\xa5\xe6\x9c\xac",
        b"bad\xff\xfe", b"latin1-\xe9", b"-leading-dash", b".hidden", b"..dots", b"a" * 200,
        b"back\\slash", b"quote'\"", b"star*?[x]"]
@@ -156,7 +156,7 @@ def generate(top, n, seed, special):
         sys.exit("gen-tree: --entries too small")
 
     def name_for(d, kind):
-        if rng.random() < 0.00005:
+        if rng.random() < 0.0005:
             base = rng.choice(ODD)
         elif kind == "dir":
             base = word(rng, rng.randint(1, 4)) + rng.choice(DIR_SUFFIX)

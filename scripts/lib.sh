@@ -21,6 +21,7 @@
 #   drop_caches              sync and drop the page, dentry and inode caches
 #   ts_now                   print the wall clock in seconds (float)
 #   ts_elapsed T0 T1         print T1 - T0 with 2 decimals
+#   ts_loadavg               print the load averages (shown next to benchmark figures)
 #   log MSG...               print MSG to stderr with a prefix
 #   die MSG...               log and exit 1
 #
@@ -49,6 +50,9 @@ log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 ts_now() { date +%s.%N; }
+# ts_loadavg: the 1/5/15-minute load averages, to show with benchmark figures
+# (another build running on the machine skews them).
+ts_loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 # ts_elapsed T0 T1: seconds between two ts_now readings, 2 decimals.
 ts_elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
@@ -243,7 +247,7 @@ bookworm_upgraded_tree() {
 }
 
 _ts_build_gen_tree() {
-    local n=$1 seed=$2 name="gentree-n$1-s$2" tmp
+    local n=$1 seed=$2 name=$3 tmp
     [ -d "$TS_CACHE/$name" ] && return 0
     _ts_remove_stale "$name"
     tmp="$TS_CACHE/$name.tmp.$$"
@@ -253,9 +257,14 @@ _ts_build_gen_tree() {
 }
 
 # gen_tree_cached N SEED: echo the path of a cached gen-tree.py tree of N entries.
+# The name holds a hash of gen-tree.py, so a changed generator never reuses a tree
+# made by an older one.
 gen_tree_cached() {
-    _ts_locked _ts_build_gen_tree "$1" "$2"
-    echo "$TS_CACHE/gentree-n$1-s$2"
+    local gen name
+    gen=$(sha256sum "$TS_SCRIPTS/gen-tree.py" | cut -c1-12)
+    name="gentree-$gen-n$1-s$2"
+    _ts_locked _ts_build_gen_tree "$1" "$2" "$name"
+    echo "$TS_CACHE/$name"
 }
 
 build_treeswap() {

@@ -90,6 +90,14 @@ fn read_manifest<R: Read>(
     delta::parse(&text).map_err(|e| bad(format!("{e:#}")))
 }
 
+/// Reads and parses the head of a delta (manifest and signature member) from a stream, with no
+/// trusted keys and no state root: the entry point of the delta-reader fuzz target.
+pub fn read_delta_head(input: impl Read) -> Result<Delta> {
+    let mut archive = tar::Archive::new(input);
+    let mut entries = archive.entries().map_err(bad)?;
+    read_manifest(&mut entries, crate::trust::Policy::Keys(&[]))
+}
+
 /// Applies the delta manifest to the base manifest: the result's manifest, checked to be a
 /// tree whose digest is the delta's `to` digest.
 pub fn compose(base: &Manifest, d: &Delta) -> Result<Manifest> {

@@ -900,3 +900,51 @@ pub fn overwrite_in_place(path: &Path, data: &[u8]) {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.write_all(data).unwrap();
 }
+
+/// The state root is consistent, as `treeswap boot` leaves it: `current` and `previous`, where
+/// they exist, name installed trees under `trees/` (and not the same one), every installed
+/// tree has a manifest, and `tmp/` and `staging/` are empty.
+#[track_caller]
+pub fn assert_no_dangling(root: &Path) {
+    let mut named = Vec::new();
+    for link in ["current", "previous"] {
+        let p = root.join(link);
+        let Ok(target) = fs::read_link(&p) else {
+            assert!(
+                fs::symlink_metadata(&p).is_err(),
+                "`{link}` is not a symlink"
+            );
+            continue;
+        };
+        let t = target.as_os_str().as_bytes();
+        let v = t
+            .strip_prefix(b"trees/")
+            .unwrap_or_else(|| panic!("`{link}` points to `{}`, not into trees/", show(t)));
+        assert!(
+            root.join(&target).is_dir(),
+            "`{link}` dangles: `{}`",
+            show(t)
+        );
+        named.push(v.to_vec());
+    }
+    if let [a, b] = &named[..] {
+        assert_ne!(a, b, "`current` and `previous` name the same tree");
+    }
+    for v in names(&root.join("trees")) {
+        let mut m = v.clone();
+        m.extend_from_slice(b".toml");
+        assert!(
+            root.join("manifests").join(bpath(&m)).is_file(),
+            "installed tree `{}` has no manifest",
+            show(&v)
+        );
+    }
+    for d in ["tmp", "staging"] {
+        let left = names(&root.join(d));
+        assert!(
+            left.is_empty(),
+            "`{d}/` should be empty, has: {:?}",
+            left.iter().map(|n| show(n)).collect::<Vec<_>>()
+        );
+    }
+}
