@@ -258,7 +258,20 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let new = compose(&base, &d)?;
     let pool = root.pool()?;
     let plan = plan(&base, &new, &d, &pool)?;
-    check_space(root, &plan, &new)?;
+    if let Err(e) = check_space(root, &plan, &new) {
+        if !cfg.gc_before_apply {
+            return Err(e);
+        }
+        log::warn!("{e:#}; running gc first (gc_before_apply = true)");
+        let r = crate::gc::gc(root, 0, &[base_version.as_str()])?;
+        log::warn!(
+            "gc removed {} tree(s) and {} object(s), freeing {} bytes",
+            r.trees_removed.len(),
+            r.objects_removed,
+            r.bytes_freed
+        );
+        check_space(root, &plan, &new)?;
+    }
 
     materialize(&d, &plan, &base, &pool, &mut entries)?;
     crate::failpoint::hit("apply-after-objects");

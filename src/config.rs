@@ -21,6 +21,9 @@ pub struct Config {
     pub guests: Vec<Guest>,
     #[serde(default)]
     pub trust: Trust,
+    /// Run `gc` before an apply that does not fit in the free space.
+    #[serde(default)]
+    pub gc_before_apply: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

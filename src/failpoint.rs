@@ -24,6 +24,8 @@ pub const ALL: &[&str] = &[
     "state-after-write",
     "boot-before-count",
     "boot-after-count",
+    "gc-after-uninstall",
+    "gc-before-object",
 ];
 
 static ARMED: OnceLock<Option<String>> = OnceLock::new();

@@ -9,6 +9,7 @@ pub mod diff;
 pub mod error;
 pub mod failpoint;
 pub mod flip;
+pub mod gc;
 pub mod guests;
 pub mod import;
 pub mod logging;

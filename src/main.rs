@@ -136,6 +136,16 @@ enum Command {
     Boot,
     /// Mark the current tree good (run by a health check once the guests are up).
     MarkGood,
+    /// Remove trees that are not current, previous, pending or pinned, then unused objects.
+    Gc {
+        /// Keep the N newest of the other trees.
+        #[arg(long, default_value_t = 0)]
+        keep: usize,
+    },
+    /// Protect an installed version from gc.
+    Pin { version: String },
+    /// Let gc remove a pinned version again.
+    Unpin { version: String },
 }
 
 fn main() {
@@ -394,6 +404,29 @@ fn run(cli: Cli) -> Result<()> {
                     .into());
                 }
             }
+        }
+        Command::Gc { keep } => {
+            let root = open_root(&cli, Lock::Exclusive, false)?;
+            let r = treeswap::gc::gc(&root, *keep, &[])?;
+            println!(
+                "removed {} tree(s){}, {} object(s), {} bytes",
+                r.trees_removed.len(),
+                if r.trees_removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.trees_removed.join(" "))
+                },
+                r.objects_removed,
+                r.bytes_freed
+            );
+        }
+        Command::Pin { version } => {
+            let root = open_root(&cli, Lock::Exclusive, false)?;
+            treeswap::gc::pin(&root, version, true)?;
+        }
+        Command::Unpin { version } => {
+            let root = open_root(&cli, Lock::Exclusive, false)?;
+            treeswap::gc::pin(&root, version, false)?;
         }
         Command::MarkGood => {
             let root = open_root(&cli, Lock::Exclusive, false)?;

@@ -21,6 +21,9 @@ pub struct State {
     /// Guests still to restart onto `target`, recorded before the first restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
+    /// Versions `gc` never removes (`treeswap pin`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -119,6 +122,7 @@ mod tests {
                 target: "2".into(),
                 guests: vec!["a".into(), "b".into()],
             }),
+            pins: vec!["1".into()],
         };
         let text = toml::to_string(&s).unwrap();
         assert_eq!(parse(&text).unwrap(), s);

@@ -17,6 +17,8 @@ pub struct Status {
     pub boot: BootStatus,
     /// Guests recorded as still to restart (after an interrupted flip).
     pub guests_pending: Vec<String>,
+    /// Versions gc keeps.
+    pub pinned: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -55,6 +57,7 @@ pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
         pool_bytes: objects.iter().map(|o| o.1).sum(),
         boot,
         guests_pending: st.restart.map(|r| r.guests).unwrap_or_default(),
+        pinned: st.pins,
     })
 }
 

@@ -1,0 +1,121 @@
+//! `treeswap gc`, `pin` and `unpin`: remove installed trees nobody needs, then the pool
+//! objects no remaining tree uses.
+//!
+//! A tree is kept if it is current, previous, pending, pinned, or among the `keep` newest
+//! others (by version order). Removing a tree: rename `trees/<V>` into `staging/` (the
+//! uninstall is that one rename, so a crash leaves it installed or not), remove its manifest,
+//! then delete the files. Objects are garbage when no remaining manifest names them; an object
+//! and its link-limit copies go together.
+
+use std::collections::HashSet;
+use std::os::fd::AsFd;
+
+use anyhow::{Context, Result, bail};
+
+use crate::object::ObjectId;
+use crate::root::Root;
+use crate::{state, sys};
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub trees_removed: Vec<String>,
+    pub objects_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// The versions gc must keep whatever `keep` says.
+fn protected(root: &Root) -> Result<HashSet<String>> {
+    let st = state::load(root.fd())?;
+    let mut keep: HashSet<String> = st.pins.into_iter().collect();
+    keep.extend(root.link("current")?);
+    keep.extend(root.link("previous")?);
+    keep.extend(st.pending.map(|p| p.version));
+    Ok(keep)
+}
+
+/// Runs gc; `also_keep` names versions an ongoing operation needs (the base of an apply).
+pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
+    let mut report = Report::default();
+    let mut protected = protected(root)?;
+    protected.extend(also_keep.iter().map(|v| v.to_string()));
+    let mut others: Vec<String> = root
+        .versions()?
+        .into_iter()
+        .filter(|v| !protected.contains(v))
+        .collect();
+    others.sort_by(|a, b| crate::version::compare(b, a));
+    let trees = root.subdir("trees")?;
+    let staging = root.subdir("staging")?;
+    for v in others.into_iter().skip(keep) {
+        let doomed = format!(".gc-{v}");
+        rustix::fs::renameat(trees.as_fd(), v.as_str(), staging.as_fd(), doomed.as_str())
+            .with_context(|| format!("cannot remove `trees/{v}`"))?;
+        sys::fsync(trees.as_fd())?;
+        crate::failpoint::hit("gc-after-uninstall");
+        fs_err::remove_file(root.manifest_path(&v)).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        sys::remove_tree_at(staging.as_fd(), doomed.as_bytes())?;
+        log::info!("removed version `{v}`");
+        report.trees_removed.push(v);
+    }
+
+    // Objects any remaining tree names.
+    let mut used: HashSet<ObjectId> = HashSet::new();
+    for v in root.versions()? {
+        let m = root
+            .load_manifest(&v)
+            .with_context(|| format!("gc needs the manifest of `{v}`"))?;
+        used.extend(m.entries.iter().filter_map(|e| e.object()));
+    }
+    let pool = root.pool()?;
+    for shard in sys::read_dir(pool.fd())? {
+        let sfd = sys::open_dir_beneath(pool.fd(), &shard)?;
+        let mut names = sys::read_dir(sfd.as_fd())?;
+        // Copies (`<id>.<n>`) sort after their object; remove them first.
+        names.sort_by(|a, b| b.cmp(a));
+        for name in names {
+            let hexpart = name.split(|&b| b == b'.').next().unwrap_or_default();
+            let mut id = [0u8; 32];
+            if hex::decode_to_slice(hexpart, &mut id).is_err() {
+                bail!(
+                    "unexpected file `pool/{}/{}`",
+                    crate::path::display(&shard),
+                    crate::path::display(&name)
+                );
+            }
+            if used.contains(&id) {
+                continue;
+            }
+            if let Some(st) = sys::lstatat(sfd.as_fd(), &name)? {
+                report.bytes_freed += st.st_size as u64;
+            }
+            crate::failpoint::hit("gc-before-object");
+            sys::unlinkat_ok(sfd.as_fd(), &name, false)?;
+            if !name.contains(&b'.') {
+                report.objects_removed += 1;
+            }
+        }
+    }
+    root.syncfs()?;
+    Ok(report)
+}
+
+/// Pins or unpins an installed version.
+pub fn pin(root: &Root, version: &str, on: bool) -> Result<()> {
+    crate::version::validate(version)?;
+    if on && !root.is_installed(version)? {
+        bail!("version `{version}` is not installed");
+    }
+    let mut st = state::load(root.fd())?;
+    st.pins.retain(|p| p != version);
+    if on {
+        st.pins.push(version.to_owned());
+        st.pins.sort_by(|a, b| crate::version::compare(a, b));
+    }
+    crate::flip::save(root, &st)
+}
