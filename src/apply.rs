@@ -256,7 +256,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     }
     let base = root.load_manifest(&base_version)?;
     let new = compose(&base, &d)?;
-    let pool = root.pool()?;
+    let pool = root.pool_for(cfg)?;
     let plan = plan(&base, &new, &d, &pool)?;
     if let Err(e) = check_space(root, &plan, &new) {
         if !cfg.gc_before_apply {
@@ -285,7 +285,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         )));
     }
 
-    import::install(root, &pool, &new, true)?;
+    import::install(root, cfg, &pool, &new, true)?;
     if opts.stage_only {
         return Ok(Outcome::Staged { to });
     }

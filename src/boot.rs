@@ -22,6 +22,11 @@ pub enum BootOutcome {
 pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
+    if st.unprotected {
+        let n = crate::protect::reprotect_pool(&root.pool()?)?;
+        log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
+        st.unprotected = false;
+    }
     let current = root.link("current")?;
     // A record for a flip that never happened (the crash came before the rename).
     if st

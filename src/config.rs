@@ -24,6 +24,12 @@ pub struct Config {
     /// Run `gc` before an apply that does not fit in the free space.
     #[serde(default)]
     pub gc_before_apply: bool,
+    /// Copy-on-write protection of the pool: auto, immutable, reflink or hardlink.
+    #[serde(default)]
+    pub protect: crate::protect::Setting,
+    /// Globs of paths that get private, writable copies instead of links.
+    #[serde(default)]
+    pub private: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -129,11 +135,20 @@ pub fn load(explicit: Option<&Path>) -> Result<Config> {
         Some(p) => (p.to_path_buf(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => parse(&text, &format!("config file `{}`", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read config file `{}`", path.display())),
+    let mut cfg = match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text, &format!("config file `{}`", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Config::default(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read config file `{}`", path.display()));
+        }
+    };
+    // `TREESWAP_PROTECT` overrides `protect` (tests and one-off runs).
+    if let Ok(p) = std::env::var("TREESWAP_PROTECT") {
+        cfg.protect = toml::Value::String(p.clone()).try_into().map_err(|_| {
+            anyhow::anyhow!("TREESWAP_PROTECT=`{p}`: use auto, immutable, reflink or hardlink")
+        })?;
     }
+    Ok(cfg)
 }
 
 #[cfg(test)]

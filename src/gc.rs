@@ -95,7 +95,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
                 report.bytes_freed += st.st_size as u64;
             }
             crate::failpoint::hit("gc-before-object");
-            sys::unlinkat_ok(sfd.as_fd(), &name, false)?;
+            crate::protect::unlink_protected(sfd.as_fd(), &name)?;
             if !name.contains(&b'.') {
                 report.objects_removed += 1;
             }

@@ -10,13 +10,15 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+use crate::config::Config;
 use crate::manifest::Manifest;
 use crate::object::object_id;
 use crate::pool::FdReader;
+use crate::protect::Layout;
 use crate::root::Root;
 use crate::{scan, stage, sys, version};
 
-pub fn import(root: &Root, dir: &Path, version: &str) -> Result<Manifest> {
+pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Manifest> {
     version::validate(version)?;
     if root.is_installed(version)? {
         bail!(
@@ -24,7 +26,7 @@ pub fn import(root: &Root, dir: &Path, version: &str) -> Result<Manifest> {
             root.path.display()
         );
     }
-    let pool = root.pool()?;
+    let pool = root.pool_for(cfg)?;
     let hook = |fd: std::os::fd::BorrowedFd,
                 meta: &crate::object::Meta,
                 size: u64,
@@ -47,17 +49,34 @@ pub fn import(root: &Root, dir: &Path, version: &str) -> Result<Manifest> {
         m.entries.len(),
         hex::encode(m.digest())
     );
-    install(root, &pool, &m, false)?;
+    install(root, cfg, &pool, &m, false)?;
     Ok(m)
 }
 
 /// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc);
 /// with `verify`, the staged tree is checked entry by entry against `m` before the commit.
-pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool) -> Result<()> {
+pub fn install(
+    root: &Root,
+    cfg: &Config,
+    pool: &crate::pool::Pool,
+    m: &Manifest,
+    verify: bool,
+) -> Result<()> {
     let version = m.version.as_deref().context("manifest has no version")?;
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
-    if let Err(e) = stage::build(m, pool, staging.as_fd(), version.as_bytes()) {
+    let layout = Layout::new(pool.mode(), &cfg.private)?;
+    let immutable = pool.mode() == crate::protect::Mode::Immutable;
+    if immutable {
+        // Objects are briefly unprotected while they are linked; a crash before the record is
+        // cleared makes `boot` re-protect the pool.
+        crate::protect::mark_unprotected(root, true)?;
+    }
+    let built = stage::build(m, pool, &layout, staging.as_fd(), version.as_bytes());
+    if immutable {
+        crate::protect::mark_unprotected(root, false)?;
+    }
+    if let Err(e) = built {
         // Give back what the half-built tree took; the next writer would remove it anyway.
         if let Err(e2) = sys::remove_tree_at(staging.as_fd(), version.as_bytes()) {
             log::warn!("cannot remove `staging/{version}`: {e2:#}");
@@ -67,7 +86,7 @@ pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool
     crate::failpoint::hit("stage-after-build");
     if verify {
         let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
-        let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, false)?;
+        let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, &layout, false)?;
         if !problems.is_empty() {
             return Err(crate::error::Fail::Verify(format!(
                 "the staged tree `staging/{version}` does not match its manifest: {}",
@@ -77,6 +96,7 @@ pub fn install(root: &Root, pool: &crate::pool::Pool, m: &Manifest, verify: bool
         }
     }
     root.write_manifest(version, m)?;
+    fs_err::write(root.layout_path(version), layout.to_toml())?;
     crate::failpoint::hit("stage-before-syncfs");
     root.syncfs()?;
     crate::failpoint::hit("stage-after-syncfs");

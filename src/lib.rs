@@ -18,6 +18,7 @@ pub mod object;
 pub mod path;
 pub mod pool;
 pub mod progress;
+pub mod protect;
 pub mod root;
 pub mod scan;
 pub mod stage;

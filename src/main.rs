@@ -225,7 +225,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("cannot import `{}`: not a directory", dir.display());
             }
             let root = open_root(&cli, Lock::Exclusive, true)?;
-            import::import(&root, dir, version)?;
+            let cfg = config(&cli)?;
+            import::import(&root, &cfg, dir, version)?;
             if *activate {
                 let cfg = config(&cli)?;
                 // The first install: nothing to fall back to, so it is good at once.
@@ -267,7 +268,8 @@ fn run(cli: Cli) -> Result<()> {
             let trees = root.subdir("trees")?;
             let tree = treeswap::sys::open_dir_beneath(trees.as_fd(), version.as_bytes())
                 .with_context(|| format!("version `{version}` is not installed"))?;
-            let problems = verify::verify_tree(tree.as_fd(), &m, &root.pool()?, *full)?;
+            let layout = root.load_layout(&version)?;
+            let problems = verify::verify_tree(tree.as_fd(), &m, &root.pool()?, &layout, *full)?;
             let mut out = std::io::stdout().lock();
             for p in &problems {
                 writeln!(out, "{p}")?;
@@ -311,7 +313,10 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("`{}` has no file name", dest.display()))?;
             let pfd = treeswap::sys::open_dir(&parent)?;
             use std::os::unix::ffi::OsStrExt;
-            if let Err(e) = stage::build(&m, &root.pool()?, pfd.as_fd(), name.as_bytes()) {
+            let cfg = config(&cli)?;
+            let pool = root.pool_for(&cfg)?;
+            let layout = treeswap::protect::Layout::new(pool.mode(), &cfg.private)?;
+            if let Err(e) = stage::build(&m, &pool, &layout, pfd.as_fd(), name.as_bytes()) {
                 // Remove what was built, unless DEST existed before (then nothing was).
                 if !e.chain().any(|c| {
                     c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::EXIST)

@@ -14,13 +14,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode as Mode0, OFlags, RenameFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::error::Fail;
 use crate::manifest::Hash;
 use crate::object::{Meta, ObjectId, object_id};
+use crate::protect::Mode;
 use crate::sys;
 
 /// The most extra copies of one object made when its links run out (ext4 allows 65 000 links
@@ -30,6 +31,8 @@ const MAX_COPIES: u32 = 64;
 pub struct Pool {
     dir: OwnedFd,
     tmp: OwnedFd,
+    /// How objects are protected (see protect.rs).
+    mode: Mode,
     /// For objects that hit the link limit: the copy to try first.
     copy_hint: Mutex<HashMap<ObjectId, u32>>,
 }
@@ -65,7 +68,7 @@ impl<'a> TmpFile<'a> {
             dir,
             name.as_str(),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(0o600),
+            Mode0::from_raw_mode(0o600),
         )
         .with_context(|| format!("cannot create temporary file `tmp/{name}`"))?;
         Ok(TmpFile {
@@ -103,8 +106,71 @@ impl Pool {
         Ok(Pool {
             dir: sys::open_dir_beneath(root, b"pool")?,
             tmp: sys::open_dir_beneath(root, b"tmp")?,
+            mode: Mode::Hardlink,
             copy_hint: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same pool, writing and linking objects in protection mode `mode`.
+    pub fn with_mode(mut self, mode: Mode) -> Pool {
+        self.mode = mode;
+        self
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn tmp_fd(&self) -> BorrowedFd<'_> {
+        self.tmp.as_fd()
+    }
+
+    /// [linkat(2)] of an object; in immutable mode the flag is cleared around the link,
+    /// because the kernel refuses to link an immutable inode.
+    ///
+    /// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
+    fn link_object(&self, rel: &str, dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<()> {
+        if self.mode != Mode::Immutable {
+            return rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
+        }
+        let fd = rustix::fs::openat(
+            self.dir.as_fd(),
+            rel,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode0::empty(),
+        )?;
+        let flags = rustix::fs::ioctl_getflags(&fd)?;
+        rustix::fs::ioctl_setflags(&fd, flags - rustix::fs::IFlags::IMMUTABLE)?;
+        let r = rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
+        rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::IMMUTABLE)?;
+        r
+    }
+
+    /// Makes `name` in `dir` a private copy of object `id` (a reflink where the file system
+    /// can clone, else a copy) with the object's metadata and zero timestamps.
+    pub fn copy_to(&self, id: &ObjectId, meta: &Meta, dir: BorrowedFd, name: &[u8]) -> Result<()> {
+        let src = self.open_object(id)?;
+        let dst = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode0::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
+        if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
+            let size = rustix::fs::fstat(&src)?.st_size as u64;
+            let mut off_in = 0u64;
+            while off_in < size {
+                let len = (size - off_in).min(1 << 30) as usize;
+                let n = rustix::fs::copy_file_range(&src, Some(&mut off_in), &dst, None, len)
+                    .context("cannot copy an object")?;
+                if n == 0 {
+                    bail!("object {} is shorter than it should be", hex::encode(id));
+                }
+            }
+        }
+        sys::apply_meta_fd(dst.as_fd(), meta)?;
+        sys::zero_times(dst.as_fd())
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -171,6 +237,10 @@ impl Pool {
             Ok(()) => {
                 // The temporary name is gone: nothing to clean up.
                 tmp.published = true;
+                if self.mode == Mode::Immutable {
+                    crate::protect::set_immutable(tmp.fd(), true)
+                        .with_context(|| format!("cannot protect `pool/{rel}`"))?;
+                }
                 Ok(true)
             }
             Err(Errno::EXIST) => Ok(false),
@@ -197,7 +267,7 @@ impl Pool {
             .unwrap_or(0);
         for copy in start..=MAX_COPIES {
             let rel = object_rel(id, copy);
-            match rustix::fs::linkat(self.dir.as_fd(), rel.as_str(), dir, name, AtFlags::empty()) {
+            match self.link_object(&rel, dir, name) {
                 Ok(()) => return Ok(()),
                 Err(Errno::MLINK) => {
                     self.copy_hint
@@ -208,13 +278,7 @@ impl Pool {
                 }
                 Err(Errno::NOENT) if copy > 0 => {
                     self.make_copy(id, copy)?;
-                    match rustix::fs::linkat(
-                        self.dir.as_fd(),
-                        rel.as_str(),
-                        dir,
-                        name,
-                        AtFlags::empty(),
-                    ) {
+                    match self.link_object(&rel, dir, name) {
                         Ok(()) => return Ok(()),
                         Err(Errno::MLINK) => continue,
                         Err(e) => {

@@ -146,8 +146,34 @@ impl Root {
         self.fd.as_fd()
     }
 
+    /// The pool, for reading.
     pub fn pool(&self) -> Result<Pool> {
         Pool::open(self.fd.as_fd())
+    }
+
+    /// The pool, for writing in the protection mode the config asks for.
+    pub fn pool_for(&self, cfg: &crate::config::Config) -> Result<Pool> {
+        let pool = Pool::open(self.fd.as_fd())?;
+        let mode = crate::protect::resolve(cfg.protect, pool.tmp_fd())?;
+        Ok(pool.with_mode(mode))
+    }
+
+    pub fn layout_path(&self, version: &str) -> PathBuf {
+        self.path
+            .join("manifests")
+            .join(format!("{version}.layout.toml"))
+    }
+
+    /// Which files of a tree are copies (see protect.rs); links only if no layout was recorded.
+    pub fn load_layout(&self, version: &str) -> Result<crate::protect::Layout> {
+        let p = self.layout_path(version);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => {
+                crate::protect::Layout::parse(&t).with_context(|| format!("in `{}`", p.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read `{}`", p.display())),
+        }
     }
 
     pub fn subdir(&self, name: &str) -> Result<OwnedFd> {

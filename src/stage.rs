@@ -12,15 +12,23 @@ use crate::manifest::{Kind, Manifest};
 use crate::path::split_parent;
 use crate::pool::Pool;
 use crate::progress::Progress;
+use crate::protect::Layout;
 use crate::sys;
 
 /// Directory handles kept open while building; beyond this the cache starts over.
 const DIR_CACHE: usize = 256;
 
 /// Builds the tree of `m` as the new directory `name` in `parent`, which must not exist.
+/// Regular files are hardlinks to their pool objects, or copies where `layout` says so.
 /// Timestamps: regular files share the pool object's mtime (the epoch); directories,
 /// symlinks and special files get the time they were built.
-pub fn build(m: &Manifest, pool: &Pool, parent: BorrowedFd, name: &[u8]) -> Result<()> {
+pub fn build(
+    m: &Manifest,
+    pool: &Pool,
+    layout: &Layout,
+    parent: BorrowedFd,
+    name: &[u8],
+) -> Result<()> {
     let top_entry = m.entries.first().context("empty manifest")?;
     rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
         .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
@@ -53,7 +61,11 @@ pub fn build(m: &Manifest, pool: &Pool, parent: BorrowedFd, name: &[u8]) -> Resu
                 }
                 Kind::File { .. } => {
                     let id = e.object().expect("file");
-                    pool.link(&id, pfd, base)?;
+                    if layout.is_copy(&e.path) {
+                        pool.copy_to(&id, &e.meta, pfd, base)?;
+                    } else {
+                        pool.link(&id, pfd, base)?;
+                    }
                 }
                 Kind::Symlink { target } => {
                     rustix::fs::symlinkat(&target[..], pfd, base)?;

@@ -21,6 +21,9 @@ pub struct State {
     /// Guests still to restart onto `target`, recorded before the first restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
+    /// Set while pool objects may be without their immutable flag (see protect.rs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unprotected: bool,
     /// Versions `gc` never removes (`treeswap pin`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<String>,
@@ -123,6 +126,7 @@ mod tests {
                 guests: vec!["a".into(), "b".into()],
             }),
             pins: vec!["1".into()],
+            unprotected: true,
         };
         let text = toml::to_string(&s).unwrap();
         assert_eq!(parse(&text).unwrap(), s);

@@ -286,7 +286,7 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
         }
         unlinkat_ok(dir, name, true)
     } else {
-        unlinkat_ok(dir, name, false)
+        crate::protect::unlink_protected(dir, name)
     }
 }
 

@@ -9,23 +9,36 @@ use rayon::prelude::*;
 use crate::manifest::{Entry, Kind, Manifest};
 use crate::object::ObjectId;
 use crate::pool::Pool;
+use crate::protect::Layout;
 use crate::scan;
 
 /// Compares the tree under `tree` with `m` and returns every difference, each naming its
 /// path. The fast check compares metadata and that each regular file is (a copy of) its
 /// pool object; `full` also re-hashes every object the tree uses.
-pub fn verify_tree(tree: BorrowedFd, m: &Manifest, pool: &Pool, full: bool) -> Result<Vec<String>> {
+pub fn verify_tree(
+    tree: BorrowedFd,
+    m: &Manifest,
+    pool: &Pool,
+    layout: &Layout,
+    full: bool,
+) -> Result<Vec<String>> {
     let found = scan::scan_fd(tree, false, None)?;
     let mut problems = Vec::new();
     let (a, b) = (&m.entries, &found.manifest.entries);
     let (mut i, mut j) = (0, 0);
     let mut wanted_inodes: Vec<(usize, usize)> = Vec::new();
+    // Files that are private copies, not links: compared by content in a full check.
+    let mut copies: Vec<usize> = Vec::new();
     while i < a.len() || j < b.len() {
         match (a.get(i), b.get(j)) {
             (Some(x), Some(y)) if x.path == y.path => {
                 compare(x, y, &mut problems);
                 if matches!(x.kind, Kind::File { .. }) && matches!(y.kind, Kind::File { .. }) {
-                    wanted_inodes.push((i, j));
+                    if layout.is_copy(&x.path) {
+                        copies.push(i);
+                    } else {
+                        wanted_inodes.push((i, j));
+                    }
                 }
                 i += 1;
                 j += 1;
@@ -84,8 +97,32 @@ pub fn verify_tree(tree: BorrowedFd, m: &Manifest, pool: &Pool, full: bool) -> R
         for r in results {
             problems.extend(r?);
         }
+        let results: Vec<Result<Option<String>>> = copies
+            .par_iter()
+            .map(|&i| check_copy(tree, &a[i]))
+            .collect();
+        for r in results {
+            problems.extend(r?);
+        }
     }
     Ok(problems)
+}
+
+/// Re-reads a file that is a copy of its object and compares content and extended
+/// attributes with its entry.
+fn check_copy(tree: BorrowedFd, e: &Entry) -> Result<Option<String>> {
+    let Kind::File { sha256, .. } = &e.kind else {
+        return Ok(None);
+    };
+    let fd = crate::sys::open_file_beneath(tree, &e.path)?;
+    let (_, got) = scan::hash_fd(std::os::fd::AsFd::as_fd(&fd))?;
+    if &got != sha256 {
+        return Ok(Some(format!("modified: {} (content)", e.display())));
+    }
+    if crate::sys::fd_xattrs(std::os::fd::AsFd::as_fd(&fd))? != e.meta.xattrs {
+        return Ok(Some(format!("wrong xattrs: {}", e.display())));
+    }
+    Ok(None)
 }
 
 fn compare(want: &Entry, have: &Entry, problems: &mut Vec<String>) {

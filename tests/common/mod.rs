@@ -667,6 +667,11 @@ impl Run {
 pub fn ts_cmd() -> Command {
     let mut c = Command::new(BIN);
     c.env_remove("TREESWAP_ROOT");
+    // Plain hardlinks unless a test asks for protection: tests tamper with trees and the pool
+    // on purpose, and remove their roots afterwards.
+    if std::env::var_os("TREESWAP_PROTECT").is_none() {
+        c.env("TREESWAP_PROTECT", "hardlink");
+    }
     c
 }
 
