@@ -5,6 +5,10 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 need=()
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v setfattr >/dev/null || need+=(attr)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
+command -v minisign >/dev/null || need+=(minisign)
+command -v chattr >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi

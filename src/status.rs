@@ -19,6 +19,8 @@ pub struct Status {
     pub guests_pending: Vec<String>,
     /// Versions gc keeps.
     pub pinned: Vec<String>,
+    /// The copy-on-write protection new trees get (`immutable`, `reflink` or `hardlink`).
+    pub protect: &'static str,
 }
 
 #[derive(Serialize)]
@@ -58,6 +60,7 @@ pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
         boot,
         guests_pending: st.restart.map(|r| r.guests).unwrap_or_default(),
         pinned: st.pins,
+        protect: root.pool_for(cfg)?.mode().name(),
     })
 }
 
@@ -65,7 +68,7 @@ impl Status {
     pub fn to_text(&self) -> String {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\n",
+            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\nprotect:  {}\n",
             self.root,
             show(&self.current),
             show(&self.previous),
@@ -82,7 +85,8 @@ impl Status {
                     self.boot.tries_left.unwrap_or(0)
                 ),
                 None => "good".to_string(),
-            }
+            },
+            self.protect
         )
     }
 

@@ -1,0 +1,243 @@
+//! Copy-on-write protection of the pool on real file systems: after two trees share objects, a
+//! write into a file of the running tree either fails (immutable) or stays in that tree
+//! (reflink, private paths), and the other tree's file is unchanged. Hardlink mode offers no
+//! protection, and `verify` reports the tampering.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A loop-mounted file system of `kind` (ext4, xfs, btrfs) in the test's scratch directory.
+fn loop_fs(env: &Env, kind: &str) -> Mount {
+    let image = env.path(&format!("{kind}.img"));
+    let f = fs::File::create(&image).unwrap();
+    // xfs and btrfs want some room for their logs and metadata.
+    f.set_len(320 << 20).unwrap();
+    drop(f);
+    let mkfs = match kind {
+        "ext4" => Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status(),
+        "xfs" => Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-m", "reflink=1"])
+            .arg(&image)
+            .status(),
+        "btrfs" => Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(&image)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status(),
+        _ => unreachable!(),
+    }
+    .expect("mkfs");
+    assert!(mkfs.success(), "mkfs.{kind} failed");
+    Mount::new(
+        &["-o", "loop", image.to_str().unwrap()],
+        &env.path(&format!("mnt-{kind}")),
+    )
+}
+
+/// Two versions that share `usr/bin/tool` and `etc/conf`.
+fn two_versions(
+    env: &Env,
+    root: &Path,
+    protect: &str,
+    config: Option<&Path>,
+) -> (PathBuf, PathBuf) {
+    let v1 = env.tree(
+        "v1",
+        &TreeSpec::new()
+            .dir("usr")
+            .dir("usr/bin")
+            .file("usr/bin/tool", "tool v1\n")
+            .mode(0o755)
+            .dir("etc")
+            .file("etc/conf", "setting = 1\n")
+            .file("usr/bin/only1", "one"),
+    );
+    let v2 = env.tree(
+        "v2",
+        &TreeSpec::new()
+            .dir("usr")
+            .dir("usr/bin")
+            .file("usr/bin/tool", "tool v1\n")
+            .mode(0o755)
+            .dir("etc")
+            .file("etc/conf", "setting = 1\n")
+            .file("usr/bin/only2", "two"),
+    );
+    for (dir, v) in [(&v1, "1"), (&v2, "2")] {
+        let mut c = ts_cmd();
+        c.env("TREESWAP_PROTECT", protect).arg("--root").arg(root);
+        if let Some(cfg) = config {
+            c.arg("--config").arg(cfg);
+        }
+        c.args([
+            "import",
+            dir.to_str().unwrap(),
+            "--version",
+            v,
+            "--activate",
+            "--no-restart",
+        ]);
+        run(&mut c).success();
+    }
+    (root.join("trees/1"), root.join("trees/2"))
+}
+
+fn try_write(path: &Path) -> std::io::Result<()> {
+    fs::OpenOptions::new()
+        .append(true)
+        .open(path)?
+        .write_all(b"written through the running tree\n")
+}
+
+fn verify(root: &Path, v: &str) -> Run {
+    let mut c = ts_cmd();
+    c.arg("--root").arg(root).args(["verify", v, "--full"]);
+    run(&mut c)
+}
+
+/// Clears immutable flags so that the scratch directory can be removed.
+fn unprotect(root: &Path) {
+    let _ = Command::new("chattr")
+        .arg("-R")
+        .arg("-i")
+        .arg(root.join("pool"))
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+fn mode_of(root: &Path) -> String {
+    let mut c = ts_cmd();
+    c.env("TREESWAP_PROTECT", "auto")
+        .arg("--root")
+        .arg(root)
+        .args(["status", "--json"]);
+    let r = run(&mut c);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    v["protect"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn immutable_on_ext4_refuses_writes_through_a_tree() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    let (t1, t2) = two_versions(&env, &root, "auto", None);
+    assert_eq!(mode_of(&root), "immutable");
+    assert_eq!(
+        inode(&t1.join("usr/bin/tool")),
+        inode(&t2.join("usr/bin/tool"))
+    );
+    let err = try_write(&root.join("current/usr/bin/tool")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    assert_eq!(fs::read(t1.join("usr/bin/tool")).unwrap(), b"tool v1\n");
+    verify(&root, "1").success();
+    verify(&root, "2").success();
+    // gc can still remove a tree whose objects are immutable.
+    let mut c = ts_cmd();
+    c.env("TREESWAP_PROTECT", "auto")
+        .arg("--root")
+        .arg(&root)
+        .args(["gc"]);
+    run(&mut c).success();
+    let mut c = ts_cmd();
+    c.env("TREESWAP_PROTECT", "auto")
+        .arg("--root")
+        .arg(&root)
+        .args(["revert", "--no-restart"]);
+    run(&mut c).success();
+    verify(&root, "1").success();
+    unprotect(&root);
+}
+
+#[test]
+fn reflink_on_xfs_and_btrfs_keeps_writes_private() {
+    if skip_unless_root() {
+        return;
+    }
+    for kind in ["xfs", "btrfs"] {
+        let env = Env::new();
+        let mnt = loop_fs(&env, kind);
+        let root = mnt.path.join("root");
+        let (t1, t2) = two_versions(&env, &root, "auto", None);
+        assert_eq!(mode_of(&root), "reflink", "{kind}");
+        // Separate inodes, sharing blocks.
+        assert_ne!(
+            inode(&t1.join("usr/bin/tool")),
+            inode(&t2.join("usr/bin/tool"))
+        );
+        try_write(&root.join("current/usr/bin/tool")).unwrap();
+        assert_eq!(
+            fs::read(t1.join("usr/bin/tool")).unwrap(),
+            b"tool v1\n",
+            "{kind}"
+        );
+        let pool_copy = pool_files(&root)
+            .into_iter()
+            .filter(|p| fs::read(root.join("pool").join(p)).is_ok_and(|b| b == b"tool v1\n"))
+            .count();
+        assert_eq!(pool_copy, 1, "{kind}: the pool object is unchanged");
+        verify(&root, "1").success();
+        verify(&root, "2")
+            .exit(3)
+            .stdout_has("modified: usr/bin/tool (content)");
+        drop(mnt);
+    }
+}
+
+#[test]
+fn private_paths_get_writable_copies() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    let cfg = env.path("treeswap.toml");
+    fs::write(&cfg, "private = [\"/etc/**\"]\n").unwrap();
+    let (t1, t2) = two_versions(&env, &root, "immutable", Some(&cfg));
+    // /etc is a private copy: writable, and the other tree's file is unchanged.
+    try_write(&root.join("current/etc/conf")).unwrap();
+    assert_eq!(fs::read(t1.join("etc/conf")).unwrap(), b"setting = 1\n");
+    assert!(
+        fs::read(t2.join("etc/conf"))
+            .unwrap()
+            .ends_with(b"running tree\n")
+    );
+    // Elsewhere the objects stay immutable.
+    assert!(try_write(&root.join("current/usr/bin/tool")).is_err());
+    verify(&root, "1").success();
+    verify(&root, "2")
+        .exit(3)
+        .stdout_has("modified: etc/conf (content)");
+    unprotect(&root);
+}
+
+#[test]
+fn hardlink_mode_offers_no_protection_and_verify_reports_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let root = env.root.clone();
+    let (t1, _) = two_versions(&env, &root, "hardlink", None);
+    try_write(&root.join("current/usr/bin/tool")).unwrap();
+    assert!(
+        fs::read(t1.join("usr/bin/tool"))
+            .unwrap()
+            .ends_with(b"running tree\n")
+    );
+    verify(&root, "1").exit(3).stdout_has("is corrupt");
+}
