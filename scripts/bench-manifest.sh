@@ -3,9 +3,10 @@
 #
 # Usage: bench-manifest.sh [N [REPS]]    (N entries, default 1000000; REPS default 3)
 #
-# Generates (once; cached under $TREESWAP_CACHE, keyed by N and gen-tree.py's hash) a tree of N entries with
-# gen-tree.py --seed 1, writes its manifest with `treeswap manifest DIR > m.toml`,
-# then runs `treeswap manifest --load m.toml` REPS times under /usr/bin/time -v.
+# Generates (once; cached under $TREESWAP_CACHE, keyed by N and by gen-tree.py's
+# hash) a tree of N entries with gen-tree.py --seed 1, writes its manifest with
+# `treeswap manifest DIR > m.toml`, then runs `treeswap manifest --load m.toml`
+# REPS times under /usr/bin/time -v.
 # Method: warm cache (m.toml was just written), median wall time and the largest
 # peak RSS of the runs. Goals: wall < 2 s, peak RSS < 300 MB (10^6 bytes).
 # Prints PASS/FAIL per goal and exits 0 either way; non-zero only if a command fails.

@@ -279,3 +279,25 @@ build_treeswap() {
     [ -x "$TREESWAP" ] || die "cargo build succeeded but $TREESWAP is missing"
     export TREESWAP
 }
+
+# --- benchmark helpers (appended for bench-apply.sh / bench-delta.sh) ---
+
+# ts_copy_without_specials SRC DEST: cp -a SRC to DEST (which must not exist), then
+# delete device nodes, FIFOs and sockets (OSTree refuses them); prints how many.
+ts_copy_without_specials() {
+    [ ! -e "$2" ] || die "ts_copy_without_specials: $2 exists"
+    cp -a -- "$1" "$2"
+    find "$2" \( -type c -o -type b -o -type p -o -type s \) -print -delete | wc -l
+}
+# ts_median "X Y Z ...": the median (the lower middle one of an even count).
+ts_median() {
+    tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+}
+# ts_ratio A B: A / B with 2 decimals ("inf" if B is 0).
+ts_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }'; }
+# ts_verdict RATIO GOAL [lt]: PASS if RATIO <= GOAL (RATIO < GOAL with "lt"), else FAIL.
+ts_verdict() {
+    awk -v r="$1" -v g="$2" -v op="${3:-le}" 'BEGIN {
+        ok = (r != "inf") && (op == "lt" ? r + 0 < g + 0 : r + 0 <= g + 0)
+        print ok ? "PASS" : "FAIL" }'
+}

@@ -239,7 +239,7 @@ mod tests {
         assert!(!l.is_copy(b"usr/bin/ls"));
         assert!(!l.is_copy(b"etcetera"));
         let back = Layout::parse(&l.to_toml()).unwrap();
-        assert_eq!(back.is_copy(b"etc/x"), true);
+        assert!(back.is_copy(b"etc/x"));
         assert!(
             Layout::new(Mode::Reflink, &[])
                 .unwrap()
