@@ -176,3 +176,25 @@ mod tests {
         assert!(format!("{e:#}").contains("line 2"), "{e:#}");
     }
 }
+
+#[cfg(test)]
+mod readme_tests {
+    /// The example in the README's Configuration section is a valid config.
+    #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .expect("README has a Configuration section");
+        let block = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block");
+        let cfg = super::parse(block, "README").unwrap();
+        assert_eq!(cfg.guests.len(), 1);
+        assert_eq!(cfg.trust.public_keys.len(), 1);
+        assert_eq!(cfg.private.len(), 2);
+    }
+}
