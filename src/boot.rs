@@ -50,7 +50,15 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     flip::save(root, &st)?;
     if opts.restart && st.restart.is_some() {
         log::info!("finishing guest restarts cut short by an interruption");
-        flip::finish_restarts(root, cfg, &mut st)?;
+        if let Err(e) = flip::finish_restarts(root, cfg, &mut st) {
+            // As in apply: an unproven tree whose guests do not start is reverted.
+            if st.pending.is_none() || root.link("previous")?.is_none() {
+                return Err(e);
+            }
+            log::error!("{e:#}; reverting the pending tree");
+            let prev = flip::revert(root, cfg, no_auto_revert(opts))?;
+            return Ok(BootOutcome::Reverted(prev));
+        }
     }
     failpoint::hit("boot-before-count");
     let Some(p) = st.pending.as_mut() else {
@@ -70,12 +78,20 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     }
     let version = p.version.clone();
     log::warn!(
-        "`{version}` was booted {} times without being marked good; reverting",
+        "`{version}` used up its {} boot(s) without being marked good; reverting",
         cfg.boot.tries
     );
-    let prev = flip::revert(root, cfg, opts)?;
+    // Back to the tree that was good; never forward again to the unproven one.
+    let prev = flip::revert(root, cfg, no_auto_revert(opts))?;
     failpoint::hit("boot-after-count");
     Ok(BootOutcome::Reverted(prev))
+}
+
+fn no_auto_revert(opts: Options) -> Options {
+    Options {
+        auto_revert: false,
+        ..opts
+    }
 }
 
 /// Makes `current` and `previous` name installed trees: a `current` naming a missing tree is

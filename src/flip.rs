@@ -62,6 +62,8 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         return Err(Fail::Nothing(format!("`{version}` is already current")).into());
     }
     let mut st = state::load(root.fd())?;
+    // Restored if the guests fail and treeswap flips back: an unproven tree stays unproven.
+    let pending_before = st.pending.clone();
     st.pending = (pending && cfg.boot.tries > 0).then(|| Pending {
         version: version.to_owned(),
         boots: 0,
@@ -104,6 +106,11 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
             Ok(()) => String::new(),
             Err(e2) => format!("; restarting the guests on `{old}` failed too: {e2:#}"),
         };
+        if pending_before.as_ref().is_some_and(|p| p.version == old) {
+            let mut st = state::load(root.fd())?;
+            st.pending = pending_before;
+            save(root, &st)?;
+        }
         return Err(Fail::GuestsReverted(format!("{e:#}; flipped back to `{old}`{also}")).into());
     }
     Ok(())
@@ -129,7 +136,6 @@ pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> 
             Some(g) => {
                 failpoint::hit("guest-before-restart");
                 crate::guests::restart(g)?;
-                failpoint::hit("guest-after-restart");
             }
             None => log::warn!("guest `{name}` is no longer configured; not restarting it"),
         }
@@ -137,6 +143,7 @@ pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> 
             r.guests.remove(0);
         }
         save(root, st)?;
+        failpoint::hit("guest-after-restart");
     }
     Ok(())
 }

@@ -201,6 +201,8 @@ fn open_root(cli: &Cli, how: Lock, create: bool) -> Result<Root> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Read the config up front, so that a broken one is reported by every command.
+    config(&cli)?;
     let command = match (&cli.command, cli.revert) {
         (Some(_), true) => {
             return Err(Fail::Usage("--revert cannot be combined with a command".into()).into());
@@ -398,13 +400,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Boot => {
             let cfg = config(&cli)?;
-            let root = open_root(&cli, Lock::Exclusive, true)?;
+            let root = open_root(&cli, Lock::Exclusive, false)?;
             match treeswap::boot::boot(&root, &cfg, flip_opts(&cli))? {
                 treeswap::boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
                 treeswap::boot::BootOutcome::Reverted(v) => {
                     return Err(Fail::GuestsReverted(format!(
-                        "the pending tree was booted {} times without being marked good; reverted to `{v}`",
-                        cfg.boot.tries
+                        "the pending tree did not prove healthy (boot tries used up, or its guests failed); reverted to `{v}`"
                     ))
                     .into());
                 }

@@ -701,6 +701,19 @@ pub struct Env {
     pub root: PathBuf,
 }
 
+impl Drop for Env {
+    /// Pool objects may be immutable (protect = "immutable"): clear the flag so that the
+    /// scratch directory can be removed.
+    fn drop(&mut self) {
+        let _ = Command::new("chattr")
+            .args(["-R", "-f", "-i"])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 impl Env {
     pub fn new() -> Self {
         let dir = tempfile::Builder::new()
