@@ -273,19 +273,28 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         check_space(root, &plan, &new)?;
     }
 
-    materialize(&d, &plan, &base, &pool, &mut entries)?;
-    crate::failpoint::hit("apply-after-objects");
-    // Nothing may follow the last blob.
-    if let Some(extra) = entries.next() {
-        let name = extra
-            .map(|e| crate::path::display(&e.path_bytes()))
-            .unwrap_or_else(|e| e.to_string());
-        return Err(bad(format!(
-            "unexpected member `{name}` after the last blob"
-        )));
+    let written = (|| -> Result<()> {
+        materialize(&d, &plan, &base, &pool, &mut entries)?;
+        crate::failpoint::hit("apply-after-objects");
+        // Nothing may follow the last blob.
+        if let Some(extra) = entries.next() {
+            let name = extra
+                .map(|e| crate::path::display(&e.path_bytes()))
+                .unwrap_or_else(|e| e.to_string());
+            return Err(bad(format!(
+                "unexpected member `{name}` after the last blob"
+            )));
+        }
+        import::install(root, cfg, &pool, &new, true)
+    })();
+    if let Err(e) = written {
+        // Give the pool back as it was: the objects this apply wrote are used by no tree
+        // (unless the new tree got installed after all, before a late error).
+        if !root.is_installed(&to).unwrap_or(true) {
+            pool.discard_created();
+        }
+        return Err(e);
     }
-
-    import::install(root, cfg, &pool, &new, true)?;
     if opts.stage_only {
         return Ok(Outcome::Staged { to });
     }
@@ -303,6 +312,9 @@ struct Plan {
     metas: HashMap<Hash, Vec<(Meta, ObjectId)>>,
     /// Objects of the base tree by content, the references a delta may use.
     base_content: HashMap<Hash, ObjectId>,
+    /// For contents whose objects the pool already has: one of those objects, a reference
+    /// for later patches.
+    existing: HashMap<Hash, ObjectId>,
     /// Bytes of new objects.
     bytes: u64,
     objects: u64,
@@ -345,6 +357,7 @@ fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan>
     let mut plan = Plan {
         metas: HashMap::new(),
         base_content,
+        existing: HashMap::new(),
         bytes: 0,
         objects: 0,
     };
@@ -360,7 +373,21 @@ fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan>
         }
         // Unchanged entries link to base objects the pool has; `verify` catches a pool that
         // lost them. Changed ones may need new objects.
-        if !changed.contains(&*e.path) || pool.has(&id)? {
+        if !changed.contains(&*e.path) {
+            continue;
+        }
+        if let Some(&k) = in_delta.get(sha256)
+            && d.contents[k].size != *size
+        {
+            return Err(bad(format!(
+                "`{}` has size {size}, but its content {} has size {}",
+                e.display(),
+                hex::encode(sha256),
+                d.contents[k].size
+            )));
+        }
+        if pool.has(&id)? {
+            plan.existing.entry(*sha256).or_insert(id);
             continue;
         }
         if !in_delta.contains_key(sha256) {
@@ -495,9 +522,10 @@ fn materialize<R: Read>(
         let empty = Vec::new();
         let metas = plan.metas.get(&c.sha256).unwrap_or(&empty);
         let Some(((meta0, id0), rest)) = metas.split_first() else {
-            // Every object this content makes is in the pool already.
-            if let Some(((_, id), _)) = plan.metas.get(&c.sha256).and_then(|m| m.split_first()) {
-                have.insert(c.sha256, *id);
+            // Every object this content makes is in the pool already; later patches may
+            // still use it as their reference.
+            if let Some(id) = plan.existing.get(&c.sha256) {
+                have.entry(c.sha256).or_insert(*id);
             }
             continue;
         };

@@ -35,6 +35,8 @@ pub struct Pool {
     mode: Mode,
     /// For objects that hit the link limit: the copy to try first.
     copy_hint: Mutex<HashMap<ObjectId, u32>>,
+    /// Objects (and copies) this handle published, so that a failed apply can remove them.
+    created: Mutex<Vec<String>>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -108,6 +110,7 @@ impl Pool {
             tmp: sys::open_dir_beneath(root, b"tmp")?,
             mode: Mode::Hardlink,
             copy_hint: Mutex::new(HashMap::new()),
+            created: Mutex::new(Vec::new()),
         })
     }
 
@@ -237,6 +240,7 @@ impl Pool {
             Ok(()) => {
                 // The temporary name is gone: nothing to clean up.
                 tmp.published = true;
+                self.created.lock().expect("poisoned").push(rel.clone());
                 if self.mode == Mode::Immutable {
                     crate::protect::set_immutable(tmp.fd(), true)
                         .with_context(|| format!("cannot protect `pool/{rel}`"))?;
@@ -245,6 +249,18 @@ impl Pool {
             }
             Err(Errno::EXIST) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("cannot publish object `pool/{rel}`")),
+        }
+    }
+
+    /// Removes every object this handle published (newest first). Only for work that failed
+    /// before any tree linked them; a failure to remove one is logged, and `gc` removes it
+    /// later.
+    pub fn discard_created(&self) {
+        let created = std::mem::take(&mut *self.created.lock().expect("poisoned"));
+        for rel in created.iter().rev() {
+            if let Err(e) = crate::protect::unlink_protected(self.dir.as_fd(), rel.as_bytes()) {
+                log::warn!("cannot remove `pool/{rel}` after a failure: {e:#}");
+            }
         }
     }
 
