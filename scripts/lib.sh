@@ -75,9 +75,17 @@ ts_cleanup() {
             log "warning: not removing $d: something is mounted below it"
             continue
         fi
-        rm -rf --one-file-system -- "$d"
+        _ts_rm_tree "$d"
     done
     TS_TMPDIRS=()
+}
+
+# treeswap marks pool objects immutable (chattr +i) where the file system allows,
+# so a plain rm -rf of a state root fails; clear the flags and try again.
+_ts_rm_tree() {
+    rm -rf --one-file-system -- "$1" 2>/dev/null && return 0
+    chattr -R -f -i -a "$1" 2>/dev/null || true
+    rm -rf --one-file-system -- "$1"
 }
 
 drop_caches() {
@@ -137,7 +145,7 @@ _ts_remove_stale() {
             die "stale $d still has mounts below it; unmount them and remove it by hand"
         fi
         log "removing stale partial build $d"
-        rm -rf --one-file-system -- "$d"
+        _ts_rm_tree "$d"
     done
 }
 

@@ -59,6 +59,9 @@ fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) ->
         .ok_or_else(|| bad(format!("it is truncated: member `{want}` is missing")))?
         .map_err(|e| bad(format!("cannot read member `{want}`: {e}")))?;
     let name = m.path_bytes().into_owned();
+    if m.header().entry_type() != tar::EntryType::Regular {
+        return Err(bad(format!("member `{want}` is not a regular file")));
+    }
     if name != want.as_bytes() {
         return Err(bad(format!(
             "expected member `{want}`, found `{}`",
@@ -415,7 +418,7 @@ fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan>
             .entry(*sha256)
             .or_default()
             .push((e.meta.clone(), id));
-        plan.bytes += size;
+        plan.bytes = plan.bytes.saturating_add(*size);
         plan.objects += 1;
     }
     Ok(plan)
@@ -426,11 +429,13 @@ fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan>
 fn check_space(root: &Root, plan: &Plan, new: &Manifest) -> Result<()> {
     let st = rustix::fs::fstatvfs(root.fd()).context("cannot read free space")?;
     let block = st.f_frsize.max(512);
-    let round = |n: u64| n.div_ceil(block) * block;
+    let round = |n: u64| n.div_ceil(block).saturating_mul(block);
     let dirs = new.entries.iter().filter(|e| e.is_dir()).count() as u64;
-    let mut need: u64 =
-        round(plan.bytes) + plan.objects * block + dirs * block + new.entries.len() as u64 * 200;
-    need += need / 20 + (16 << 20);
+    let mut need: u64 = round(plan.bytes)
+        .saturating_add(plan.objects.saturating_mul(block))
+        .saturating_add(dirs.saturating_mul(block))
+        .saturating_add(new.entries.len() as u64 * 200);
+    need = need.saturating_add(need / 20).saturating_add(16 << 20);
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     if need > free {
         return Err(Fail::NoSpace(format!(
@@ -484,6 +489,9 @@ fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<
         .ok_or_else(|| bad(format!("it is truncated: member `{name}` is missing")))?
         .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
     let got_name = member.path_bytes().into_owned();
+    if member.header().entry_type() != tar::EntryType::Regular {
+        return Err(bad(format!("member `{name}` is not a regular file")));
+    }
     if got_name != name.as_bytes() {
         return Err(bad(format!(
             "expected member `{name}`, found `{}`",
@@ -565,7 +573,7 @@ fn materialize<R: Read>(
             Source::Zstd | Source::ZstdPatch { .. } => {
                 let reference = c.source.base().map(reference).transpose()?;
                 let blob = blob.as_deref().expect("blob");
-                let mut dec = crate::codec::stream(&c.source, blob, reference.as_deref())?;
+                let mut dec = crate::codec::stream(&c.source, blob, reference.as_deref(), c.size)?;
                 pool.store(&mut dec, meta0, c.size, &c.sha256)
                     .with_context(what)?;
             }

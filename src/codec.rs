@@ -14,7 +14,7 @@ pub const LEVEL: i32 = 19;
 
 /// zstd window log that covers `n` bytes of reference plus `m` of content.
 pub fn window_log(n: u64, m: u64) -> u32 {
-    let total = (n + m).max(1 << 10);
+    let total = n.saturating_add(m).clamp(1 << 10, 1 << 31);
     (64 - (total - 1).leading_zeros()).clamp(10, 31)
 }
 
@@ -41,24 +41,29 @@ fn bad(e: impl std::fmt::Display) -> anyhow::Error {
     Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")).into()
 }
 
-/// A streaming decoder for `zstd` and `zstd-patch` blobs. Its read errors carry
-/// [`Fail::BadDelta`], so they say the delta is malformed rather than that I/O failed.
+/// A streaming decoder for `zstd` and `zstd-patch` blobs of a content of `size` bytes. Its
+/// read errors carry [`Fail::BadDelta`], so they say the delta is malformed rather than that
+/// I/O failed. The window is bounded by what the encoder could have used for this reference
+/// and size, so a frame header cannot make the decoder allocate more than the content needs.
 pub fn stream<'a>(
     source: &Source,
     blob: &'a [u8],
     reference: Option<&'a [u8]>,
+    size: u64,
 ) -> Result<Box<dyn Read + 'a>> {
+    let ref_len = reference.map_or(0, |r| r.len() as u64);
+    let max = window_log(ref_len, size);
     match (source, reference) {
         (Source::Zstd, _) => {
             let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
-            dec.window_log_max(31).map_err(bad)?;
+            dec.window_log_max(max).map_err(bad)?;
             Ok(Box::new(Tagged(dec)))
         }
         (Source::ZstdPatch { .. }, Some(r)) => {
             let mut dec =
                 zstd::stream::read::Decoder::with_ref_prefix(std::io::BufReader::new(blob), r)
                     .map_err(bad)?;
-            dec.window_log_max(31).map_err(bad)?;
+            dec.window_log_max(max).map_err(bad)?;
             Ok(Box::new(Tagged(dec)))
         }
         _ => bail!("no streaming decoder for a `{}` blob", source.name()),
@@ -68,8 +73,10 @@ pub fn stream<'a>(
 /// Applies a zstd-compressed bsdiff patch. The patch stream is limited to about three times
 /// the declared result size, so a compression bomb stops early.
 pub fn bsdiff_apply(reference: &[u8], blob: &[u8], size: u64) -> Result<Vec<u8>> {
-    let dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
-    let mut patch = dec.take(size.saturating_mul(3) + (1 << 20));
+    let limit = size.saturating_mul(3).saturating_add(1 << 20);
+    let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
+    dec.window_log_max(window_log(0, limit)).map_err(bad)?;
+    let mut patch = Tagged(dec).take(limit);
     let mut out = Vec::new();
     bsdiff::patch(reference, &mut patch, &mut out)
         .map_err(|e| bad(format!("bad bsdiff patch: {e}")))?;
@@ -95,7 +102,7 @@ pub fn decode(
         return bsdiff_apply(r, blob, size);
     }
     let mut out = Vec::new();
-    stream(source, blob, reference)?
+    stream(source, blob, reference, size)?
         .take(size.saturating_add(1))
         .read_to_end(&mut out)?;
     if out.len() as u64 != size {

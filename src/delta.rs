@@ -170,6 +170,7 @@ pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
         (None, None, None, None, None);
     let mut section: Option<String> = None;
     let mut done: Vec<String> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
     for (n, line) in r.lines().enumerate() {
         let line = line.with_context(|| format!("line {}", n + 1))?;
         let res: Result<()> = (|| {
@@ -208,6 +209,10 @@ pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
             }
             let key = c.key()?;
             c.expect(b'=')?;
+            if seen.contains(&key) {
+                bail!("`{key}` given twice");
+            }
+            seen.push(key.clone());
             match key.as_str() {
                 "removed" | "changed" | "contents" => {
                     if done.contains(&key) {

@@ -557,6 +557,7 @@ pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
     let mut count = None;
     let mut format = None;
     let mut in_entries = false;
+    let mut seen: Vec<String> = Vec::new();
     let mut closed = false;
     for (n, line) in r.lines().enumerate() {
         let line = line.with_context(|| format!("line {}", n + 1))?;
@@ -587,6 +588,10 @@ pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
             }
             let key = c.key()?;
             c.expect(b'=')?;
+            if seen.contains(&key) {
+                bail!("`{key}` given twice");
+            }
+            seen.push(key.clone());
             match key.as_str() {
                 "entries" => {
                     c.expect(b'[')?;

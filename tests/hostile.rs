@@ -1,0 +1,749 @@
+//! Hostile deltas, applied by the real binary to a root whose base tree is installed and
+//! current. Each must fail with a documented exit code and one line on stderr, change nothing
+//! outside the root, leave `current` and the current tree as they were and the pool with at
+//! most new complete objects, and leave a root that passes `verify --full`. The good delta
+//! must then still apply.
+//!
+//! The structured corpus comes from `scripts/make-hostile-corpus.py` (run here on a fresh
+//! good delta, so nothing generated is committed); the every-byte-flip corpus is made in the
+//! test. Every apply runs under `ulimit -v` (1 GiB of address space) so that an allocation
+//! for bytes that do not exist shows up as a failure instead of passing unnoticed, and under
+//! a time limit.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+/// The exit codes a hostile delta may give (src/error.rs): verification, wrong base, malformed,
+/// no space, untrusted, downgrade.
+const HOSTILE_CODES: [i32; 6] = [3, 7, 8, 9, 10, 11];
+/// Address space for each hostile apply: far above what the fixture deltas need, far below
+/// what trusting a declared size would take.
+const ADDRESS_SPACE_KIB: u64 = 1 << 20;
+/// No hostile apply of these tiny deltas may take longer (a debug build on a loaded machine).
+const APPLY_LIMIT: Duration = Duration::from_secs(20);
+
+/// The content of a file in another installed tree than the delta's base; a patch must not be
+/// able to use it (the corpus script names it).
+const FOREIGN_CONTENT: &[u8] = b"secret content that only another installed tree has\n";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A root with base `1` installed and current and `0.9` installed beside it, a good delta from
+/// `1` to `2`, the trees it goes between, and a sentinel directory outside the root.
+struct Setup {
+    env: Env,
+    /// A copy of the binary: other builds may replace target/debug/treeswap while this runs.
+    bin: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+    good: PathBuf,
+    sentinel: PathBuf,
+    no_devices: PathBuf,
+}
+
+impl Setup {
+    fn new(v1: &Path, v2: &Path) -> Setup {
+        let env = Env::new();
+        let bin = env.path("treeswap");
+        fs::copy(BIN, &bin).expect("copy the binary");
+        env.ts(["init"]).success();
+        let other = env.tree("other", &TreeSpec::new().file("secret", FOREIGN_CONTENT));
+        env.import(&other, "0.9");
+        env.ts([
+            "import".as_ref(),
+            v1.as_os_str(),
+            "--version".as_ref(),
+            "1".as_ref(),
+            "--activate".as_ref(),
+        ])
+        .success();
+        let good = env.path("good.delta");
+        let mut c = ts_cmd();
+        c.args([
+            "diff",
+            "--from-version",
+            "1",
+            "--to-version",
+            "2",
+            "--from-dir",
+        ])
+        .arg(v1)
+        .arg("--to-dir")
+        .arg(v2)
+        .arg("-o")
+        .arg(&good);
+        run(&mut c).success();
+        let sentinel = env.path("sentinel");
+        fs::create_dir(&sentinel).unwrap();
+        fs::write(sentinel.join("keep"), "must not change\n").unwrap();
+        let no_devices = env.path("no-devices.toml");
+        fs::write(&no_devices, "[trust]\nallow_devices = false\n").unwrap();
+        Setup {
+            env,
+            bin,
+            v1: v1.to_owned(),
+            v2: v2.to_owned(),
+            good,
+            sentinel,
+            no_devices,
+        }
+    }
+
+    /// A copy of the prepared root (hardlinks and metadata kept) for one case.
+    fn fresh_root(&self, name: &str) -> PathBuf {
+        let root = self.env.path(&format!("case-{name}"));
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(&self.env.root)
+            .arg(&root)
+            .status()
+            .expect("run cp");
+        assert!(st.success(), "cp -a of the root failed");
+        root
+    }
+
+    fn remove_root(&self, root: &Path) {
+        fs::remove_dir_all(root).unwrap_or_else(|e| panic!("rm -r {}: {e}", root.display()));
+    }
+}
+
+/// What must not change when a hostile apply fails.
+struct Before {
+    current: PathBuf,
+    tree: Snapshot,
+    pool: BTreeSet<PathBuf>,
+    trees: Vec<Vec<u8>>,
+    manifests: Vec<Vec<u8>>,
+    sentinel: Snapshot,
+    scratch: Vec<Vec<u8>>,
+}
+
+fn before(setup: &Setup, root: &Path) -> Before {
+    Before {
+        current: fs::read_link(root.join("current")).expect("current"),
+        tree: snapshot(&current_dir(root)),
+        pool: pool_files(root).into_iter().collect(),
+        trees: names(&root.join("trees")),
+        manifests: names(&root.join("manifests")),
+        sentinel: snapshot(&setup.sentinel),
+        scratch: outside(setup),
+    }
+}
+
+/// The current tree's directory.
+fn current_dir(root: &Path) -> PathBuf {
+    fs::canonicalize(root.join("current")).expect("current")
+}
+
+/// The scratch directory's entries other than the per-case roots and deltas (which parallel
+/// workers make and remove), and whether the absolute path the corpus aims at exists.
+fn outside(setup: &Setup) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = names(setup.env.dir.path())
+        .into_iter()
+        .filter(|n| !n.starts_with(b"case-") && !n.starts_with(b"flip-") && n != b"treeswap")
+        .collect();
+    if Path::new("/tmp/treeswap-escape").exists() {
+        v.push(b"/tmp/treeswap-escape".to_vec());
+    }
+    v
+}
+
+/// `treeswap -q --root ROOT [--config C] apply DELTA --no-restart` under the address-space
+/// limit, with the time it took. `-q`: the "unsigned delta" warning would be a second line.
+fn apply(setup: &Setup, root: &Path, delta: &Path, config: Option<&Path>) -> (Run, Duration) {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
+        ))
+        .arg(&setup.bin)
+        .arg("-q")
+        .arg("--root")
+        .arg(root);
+    if let Some(cfg) = config {
+        c.arg("--config").arg(cfg);
+    }
+    c.arg("apply").arg(delta).arg("--no-restart");
+    c.env_remove("TREESWAP_ROOT")
+        .env("TREESWAP_PROTECT", "hardlink");
+    let start = Instant::now();
+    let r = run(&mut c);
+    (r, start.elapsed())
+}
+
+/// The object id of a pool file from what is on its inode (FORMAT.md, "Object id").
+fn object_id_of(path: &Path) -> String {
+    let md = fs::symlink_metadata(path).unwrap();
+    let data = fs::read(path).unwrap();
+    let meta = treeswap::object::Meta {
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        xattrs: xattrs_of(path)
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_slice(), v.into_boxed_slice()))
+            .collect(),
+    };
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    hex::encode(treeswap::object::object_id(&meta, data.len() as u64, &sha))
+}
+
+/// Checks a failed (or accepted) hostile apply; returns the problems found, and the new pool
+/// objects it left (complete ones are allowed, and reported).
+fn check(
+    setup: &Setup,
+    root: &Path,
+    was: &Before,
+    r: &Run,
+    took: Duration,
+    allowed: &[i32],
+    accept_ok: bool,
+) -> (Vec<String>, Vec<PathBuf>) {
+    let mut bad = Vec::new();
+    let code = r.code();
+    let err = r.stderr();
+    if took > APPLY_LIMIT {
+        bad.push(format!("took {took:?}"));
+    }
+    // zstd's own refusal of an oversized window ("Frame requires too much memory for
+    // decoding") is the wanted outcome, not an allocation failure.
+    if err.contains("panicked")
+        || err.contains("Allocation error")
+        || err.contains("memory allocation of")
+        || err.contains("out of memory")
+    {
+        bad.push(format!("panic or allocation failure: {}", err.trim()));
+    }
+    match code {
+        Some(0) if accept_ok => {
+            // Accepted: it must be exactly the intended result.
+            let d = diff_trees(
+                &snapshot(&setup.v2),
+                &snapshot(&current_dir(root)),
+                Links::Subset,
+            );
+            if !d.is_empty() {
+                bad.push(format!("accepted, but the result differs: {d:?}"));
+            }
+        }
+        Some(c) if allowed.contains(&c) && HOSTILE_CODES.contains(&c) => {
+            if !(err.ends_with('\n') && err.lines().count() == 1 && err.starts_with("treeswap: ")) {
+                bad.push(format!("stderr is not one line: {err:?}"));
+            }
+        }
+        other => bad.push(format!(
+            "exit {other:?}, wanted one of {allowed:?}: {}",
+            err.trim()
+        )),
+    }
+    if !diff_trees(&was.sentinel, &snapshot(&setup.sentinel), Links::Exact).is_empty()
+        || outside(setup) != was.scratch
+    {
+        bad.push("something outside the root changed".into());
+    }
+    let mut new_objects = Vec::new();
+    if code != Some(0) {
+        if fs::read_link(root.join("current")).ok().as_deref() != Some(&was.current) {
+            bad.push("`current` changed".into());
+        }
+        let d = diff_trees(&was.tree, &snapshot(&current_dir(root)), Links::Exact);
+        if !d.is_empty() {
+            bad.push(format!("the current tree changed: {d:?}"));
+        }
+        if names(&root.join("trees")) != was.trees
+            || names(&root.join("manifests")) != was.manifests
+        {
+            bad.push("installed trees or manifests changed".into());
+        }
+        let now: BTreeSet<PathBuf> = pool_files(root).into_iter().collect();
+        for gone in was.pool.difference(&now) {
+            bad.push(format!("pool object {} disappeared", gone.display()));
+        }
+        for new in now.difference(&was.pool) {
+            let full = root.join("pool").join(new);
+            let name = new.file_name().unwrap().to_string_lossy().into_owned();
+            if object_id_of(&full) != name {
+                bad.push(format!("incomplete new pool object {}", new.display()));
+            }
+            new_objects.push(new.clone());
+        }
+    }
+    (bad, new_objects)
+}
+
+/// `verify --full` of the current tree.
+fn verify_full(setup: &Setup, root: &Path) -> Option<String> {
+    let mut c = Command::new(&setup.bin);
+    c.arg("--root").arg(root).args(["verify", "--full"]);
+    c.env_remove("TREESWAP_ROOT")
+        .env("TREESWAP_PROTECT", "hardlink");
+    let r = run(&mut c);
+    (r.code() != Some(0)).then(|| format!("verify --full failed: {}", r.stderr().trim()))
+}
+
+/// The fixture trees, copied so that their metadata (owner, modes) is what this test expects.
+fn fixture_trees(env: &Env) -> (PathBuf, PathBuf) {
+    let (v1, v2) = (env.path("v1"), env.path("v2"));
+    for (from, to) in [("fixtures/v1", &v1), ("fixtures/v2", &v2)] {
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(repo().join(from))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    (v1, v2)
+}
+
+/// Runs `f` on each item on two threads (the machine has two cores; each apply is a process).
+fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let half = items.len().div_ceil(2);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(half.max(1))
+            .map(|chunk| s.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker panicked"))
+            .collect()
+    })
+}
+
+/// Runs `scripts/make-hostile-corpus.py` on the setup's good delta; its cases, each
+/// `[name, expected codes, config, description]`.
+fn make_corpus(setup: &Setup) -> (PathBuf, Vec<Vec<String>>) {
+    let base_manifest = setup.env.path("base.toml");
+    let r = ts_cmd().arg("manifest").arg(&setup.v1).output().unwrap();
+    assert!(r.status.success());
+    fs::write(&base_manifest, &r.stdout).unwrap();
+    let corpus = setup.env.path("corpus");
+    let st = Command::new("python3")
+        .arg(repo().join("scripts/make-hostile-corpus.py"))
+        .arg(&setup.good)
+        .arg(&base_manifest)
+        .arg(&setup.sentinel)
+        .arg(&corpus)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run python3 scripts/make-hostile-corpus.py");
+    assert!(st.success(), "make-hostile-corpus.py failed");
+    let index = fs::read_to_string(corpus.join("index.tsv")).unwrap();
+    let cases = index
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect();
+    (corpus, cases)
+}
+
+struct CaseResult {
+    name: String,
+    code: Option<i32>,
+    problems: Vec<String>,
+    new_objects: usize,
+    took: Duration,
+}
+
+/// Applies one corpus case to a fresh copy of the root and checks everything; then the good
+/// delta must still apply to that same root.
+fn run_case(setup: &Setup, corpus: &Path, case: &[String]) -> CaseResult {
+    let (name, codes, config) = (&case[0], &case[1], &case[2]);
+    let accept_ok = codes.split(',').any(|c| c == "ok");
+    let allowed: Vec<i32> = codes.split(',').filter_map(|c| c.parse().ok()).collect();
+    let root = setup.fresh_root(name);
+    let was = before(setup, &root);
+    let cfg = (config == "no-devices").then_some(setup.no_devices.as_path());
+    let (r, took) = apply(setup, &root, &corpus.join(format!("{name}.delta")), cfg);
+    let (mut problems, new) = check(setup, &root, &was, &r, took, &allowed, accept_ok);
+    problems.extend(verify_full(setup, &root));
+    if r.code() != Some(0) {
+        let (g, _) = apply(setup, &root, &setup.good, None);
+        if g.code() != Some(0) {
+            problems.push(format!(
+                "the good delta no longer applies: {}",
+                g.stderr().trim()
+            ));
+        }
+    }
+    setup.remove_root(&root);
+    CaseResult {
+        name: name.clone(),
+        code: r.code(),
+        problems,
+        new_objects: new.len(),
+        took,
+    }
+}
+
+fn corpus_setup() -> (Env, Setup) {
+    let scratch = Env::new();
+    let (v1, v2) = fixture_trees(&scratch);
+    let setup = Setup::new(&v1, &v2);
+    (scratch, setup)
+}
+
+/// Runs the named cases of the corpus and fails with every problem found.
+fn run_cases(only: &[&str]) {
+    let (_scratch, setup) = corpus_setup();
+    let (corpus, mut cases) = make_corpus(&setup);
+    if !only.is_empty() {
+        cases.retain(|c| only.contains(&c[0].as_str()));
+        assert_eq!(cases.len(), only.len(), "cases missing from the corpus");
+    } else {
+        assert!(cases.len() > 60, "only {} cases", cases.len());
+    }
+    let results = parallel(&cases, |case| run_case(&setup, &corpus, case));
+    let mut failures = Vec::new();
+    for c in &results {
+        eprintln!(
+            "{:40} exit {:?} in {:4} ms{}",
+            c.name,
+            c.code,
+            c.took.as_millis(),
+            if c.new_objects == 0 {
+                String::new()
+            } else {
+                format!(", left {} new complete pool object(s)", c.new_objects)
+            }
+        );
+        for p in &c.problems {
+            failures.push(format!("{}: {p}", c.name));
+        }
+    }
+    // And on the untouched root as well.
+    let (r, _) = apply(&setup, &setup.env.root, &setup.good, None);
+    r.success();
+    assert_same_tree(
+        &snapshot(&setup.v2),
+        &snapshot(&current_dir(&setup.env.root)),
+    );
+    assert!(verify_full(&setup, &setup.env.root).is_none());
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
+
+#[test]
+fn hostile_corpus_is_refused_and_changes_nothing() {
+    if skip_unless_root() {
+        return;
+    }
+    run_cases(&[]);
+}
+
+/// Bug: `apply::plan` sums the declared sizes of new objects with `+=` (and `check_space`
+/// rounds with `div_ceil * block`), so a file declared 2^64-1 bytes long, or two of 2^63,
+/// overflow: a panic (exit 101) in a debug build, a wrapped sum that passes the space check
+/// in a release build.
+#[test]
+fn declared_sizes_that_overflow_u64_are_refused_not_a_panic() {
+    if skip_unless_root() {
+        return;
+    }
+    run_cases(&["size-u64-max", "size-sum-overflows"]);
+}
+
+/// Bug (found by the `patch_apply` fuzz target: out-of-memory, malloc of 1.6 GiB from a
+/// 91-byte input): `codec::stream` lets the zstd decoder use any window up to 2^31
+/// (`window_log_max(31)`), so a blob of a few bytes whose frame header declares a 2 GiB window
+/// and no content size makes treeswap allocate 2 GiB before a byte of content exists. The
+/// window should be bounded by what the declared content (plus reference) can need.
+#[test]
+fn zstd_window_is_bounded_by_the_declared_size() {
+    if skip_unless_root() {
+        return;
+    }
+    run_cases(&["zstd-bomb-window-2g"]);
+}
+
+/// The same bug in-process, on the inputs the fuzzer found: decoding runs in a child
+/// process under an address-space limit, where a 2 GiB window fails to allocate.
+#[test]
+fn fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window() {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
+        ))
+        .arg(exe)
+        .args([
+            "--exact",
+            "decode_fuzz_oom_inputs",
+            "--ignored",
+            "--nocapture",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The fuzzer's inputs (fuzz/fuzz_targets/patch_apply.rs layout: source, size, reference
+/// length, reference, blob), and a hand-made frame: magic, no content size, window 2^31, one
+/// RLE block.
+const FUZZ_OOM_INPUTS: &[&str] = &[
+    // fuzz/artifacts/patch_apply/oom-9cf552fe897125fd17ee04f4b71995a5abb3cece
+    "01090100000028b52ffd04a4024500580269656c6c6f2c20786f726c640a68667770656d6f736c6d726d6c706c656f2d640b2c210a6965787472610d00202f10000d03c1e030681808068741c34030380c1a0682c135eba261e8f1",
+    "01070000000028b52ffd00a84300000000",
+];
+
+#[test]
+#[ignore = "run by fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window under ulimit -v"]
+fn decode_fuzz_oom_inputs() {
+    use treeswap::delta::Source;
+    for hexed in FUZZ_OOM_INPUTS {
+        let data = hex::decode(hexed.trim()).unwrap();
+        let source = match data[0] % 4 {
+            0 => Source::Base,
+            1 => Source::Zstd,
+            2 => Source::ZstdPatch { base: [0; 32] },
+            _ => Source::Bsdiff { base: [0; 32] },
+        };
+        let size = u64::from(u32::from_le_bytes([data[1], data[2], data[3], 0])) % ((1 << 20) + 1);
+        let ref_len = usize::from(u16::from_le_bytes([data[4], data[5]]));
+        let rest = &data[6..];
+        let (reference, blob) = rest.split_at(ref_len.min(rest.len()));
+        let reference = (data[0] & 4 == 0).then_some(reference);
+        if let Err(e) = treeswap::codec::decode(&source, blob, reference, size) {
+            let msg = format!("{e:#}");
+            // "Frame requires too much memory for decoding" is zstd refusing the window:
+            // the wanted outcome. An allocation failure says "Allocation error".
+            assert!(
+                !msg.contains("Allocation error") && !msg.contains("memory allocation"),
+                "input {hexed}: the decoder tried to allocate the window the frame declares: {msg}"
+            );
+        }
+    }
+}
+
+/// A small base and result: a delta of 10 tar blocks (5 KiB) with a `base` content, a
+/// `zstd-patch` blob and a `zstd` blob.
+fn tiny_trees(env: &Env) -> (PathBuf, PathBuf) {
+    let tool: Vec<u8> = (0..1500u32)
+        .map(|i| b"abcdefgh\n"[(i % 9) as usize])
+        .collect();
+    let mut tool2 = tool.clone();
+    tool2[700..710].copy_from_slice(b"0123456789");
+    let v1 = env.tree(
+        "tiny1",
+        &TreeSpec::new()
+            .file("etc/conf", "a = 1\n")
+            .file("bin/tool", &tool)
+            .mode(0o755)
+            .file("lib/old", "old library\n"),
+    );
+    let v2 = env.tree(
+        "tiny2",
+        &TreeSpec::new()
+            .file("etc/conf", "a = 1\n")
+            .mode(0o600)
+            .file("bin/tool", &tool2)
+            .mode(0o755)
+            .file("lib/new", "a new library, compressed whole\n"),
+    );
+    (v1, v2)
+}
+
+/// How a tar stream is read: (start, end, grouped) ranges covering every byte. `grouped`
+/// ranges are inverted as a whole in one run by default:
+/// - the padding after each member's data and the end-of-archive blocks, which the reader
+///   never interprets;
+/// - each header field that the reader does not use to find or name a member's data (mode,
+///   uid, gid, mtime, linkname, uname, gname, devmajor, devminor, prefix, the unused tail):
+///   inverting any byte of one is caught by the header checksum alone, like any other byte of
+///   the same field.
+///
+/// The name, size, checksum, type flag and magic of every header, and every data byte, are
+/// inverted one byte at a time.
+fn tar_ranges(tar: &[u8]) -> Vec<(usize, usize, bool)> {
+    // Header fields by offset: (start, end, read byte by byte).
+    const FIELDS: [(usize, usize, bool); 17] = [
+        (0, 100, true),    // name
+        (100, 108, false), // mode
+        (108, 116, false), // uid
+        (116, 124, false), // gid
+        (124, 136, true),  // size
+        (136, 148, false), // mtime
+        (148, 156, true),  // checksum
+        (156, 157, true),  // type flag
+        (157, 257, false), // linkname
+        (257, 265, true),  // magic, version
+        (265, 297, false), // uname
+        (297, 329, false), // gname
+        (329, 337, false), // devmajor
+        (337, 345, false), // devminor
+        (345, 400, false), // prefix
+        (400, 500, false), // prefix
+        (500, 512, false), // unused
+    ];
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 512 <= tar.len() {
+        let h = &tar[off..off + 512];
+        if h.iter().all(|&b| b == 0) {
+            out.push((off, tar.len(), true));
+            return out;
+        }
+        for (s, e, single) in FIELDS {
+            out.push((off + s, off + e, !single));
+        }
+        let size_field = std::str::from_utf8(&h[124..136]).unwrap();
+        let size =
+            usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+                .unwrap();
+        let data_end = off + 512 + size;
+        let next = off + 512 + size.div_ceil(512) * 512;
+        out.push((off + 512, data_end, false));
+        if next > data_end {
+            out.push((data_end, next, true));
+        }
+        off = next;
+    }
+    if off < tar.len() {
+        out.push((off, tar.len(), true));
+    }
+    out
+}
+
+/// Every byte of a small good delta inverted in turn (XOR 0xFF), each applied by the binary.
+/// Bytes the tar reader never reads (member padding, end-of-archive blocks) are inverted a
+/// whole range at a time, one run per range: inverting one of them alone is the same input to
+/// treeswap as inverting another. Set `TREESWAP_HOSTILE_EVERY_BYTE=1` to flip those one by
+/// one as well.
+#[test]
+fn every_byte_flipped_is_refused_or_harmless() {
+    if skip_unless_root() {
+        return;
+    }
+    let scratch = Env::new();
+    let (v1, v2) = tiny_trees(&scratch);
+    let setup = Setup::new(&v1, &v2);
+    let good = fs::read(&setup.good).unwrap();
+    let every = std::env::var_os("TREESWAP_HOSTILE_EVERY_BYTE").is_some();
+    let ranges = tar_ranges(&good);
+    // Each variant: the byte range to invert.
+    let mut variants: Vec<(usize, usize)> = Vec::new();
+    for &(s, e, grouped) in &ranges {
+        if grouped && !every {
+            variants.push((s, e));
+        } else {
+            variants.extend((s..e).map(|i| (i, i + 1)));
+        }
+    }
+    let grouped: Vec<_> = ranges.iter().filter(|r| r.2).collect();
+    eprintln!(
+        "delta of {} bytes: {} runs ({} bytes in {} grouped ranges)",
+        good.len(),
+        variants.len(),
+        grouped.iter().map(|(s, e, _)| e - s).sum::<usize>(),
+        grouped.len()
+    );
+    let start = Instant::now();
+    // Two workers, each with its own root, reset after every run.
+    let halves: Vec<Vec<(usize, usize)>> = variants
+        .chunks(variants.len().div_ceil(2))
+        .map(<[_]>::to_vec)
+        .collect();
+    let results = parallel(&halves, |chunk| {
+        let worker = format!("flip-{}", chunk[0].0);
+        let mut root = setup.fresh_root(&worker);
+        let delta = setup.env.path(&format!("{worker}.delta"));
+        let mut bad = Vec::new();
+        let (mut accepted, mut new_objects) = (Vec::new(), 0usize);
+        let mut was = before(&setup, &root);
+        for &(s, e) in chunk {
+            let mut bytes = good.clone();
+            for b in &mut bytes[s..e] {
+                *b ^= 0xff;
+            }
+            fs::write(&delta, &bytes).unwrap();
+            let (r, took) = apply(&setup, &root, &delta, None);
+            let (problems, new) = check(&setup, &root, &was, &r, took, &HOSTILE_CODES, true);
+            for p in problems {
+                bad.push(format!("bytes {s}..{e}: {p}"));
+            }
+            new_objects += new.len();
+            if r.code() == Some(0) {
+                accepted.push((s, e));
+                bad.extend(verify_full(&setup, &root));
+                // Start again from the base, current.
+                setup.remove_root(&root);
+                root = setup.fresh_root(&worker);
+                was = before(&setup, &root);
+            } else {
+                // Garbage objects of a failed run would change what the next run does.
+                for n in new {
+                    fs::remove_file(root.join("pool").join(n)).unwrap();
+                }
+            }
+        }
+        bad.extend(verify_full(&setup, &root));
+        (bad, accepted, new_objects)
+    });
+    let mut failures = Vec::new();
+    let mut accepted = Vec::new();
+    let mut new_objects = 0;
+    for (b, a, n) in results {
+        failures.extend(b);
+        accepted.extend(a);
+        new_objects += n;
+    }
+    eprintln!(
+        "{} runs in {:?}; accepted (tree checked equal to the intended result): {accepted:?}; \
+         {new_objects} complete objects left by failed runs",
+        variants.len(),
+        start.elapsed()
+    );
+    // Every accepted change is one the tar reader ignores: padding, the end-of-archive
+    // blocks, or the checksum's trailing byte (after its NUL terminator).
+    let padding: Vec<(usize, usize)> = ranges
+        .iter()
+        .filter(|r| r.2 && (r.1 == good.len() || r.1 % 512 == 0) && r.0 % 512 != 500)
+        .map(|r| (r.0, r.1))
+        .collect();
+    for &(s, e) in &accepted {
+        let in_header_checksum_tail = e == s + 1
+            && ranges
+                .iter()
+                .any(|&(rs, re, g)| !g && re - rs == 8 && s == rs + 7 && rs % 512 == 148);
+        let harmless =
+            padding.iter().any(|&(ps, pe)| ps <= s && e <= pe) || in_header_checksum_tail;
+        if !harmless {
+            failures.push(format!(
+                "bytes {s}..{e} changed and the delta was still accepted"
+            ));
+        }
+    }
+    let (r, _) = apply(&setup, &setup.env.root, &setup.good, None);
+    r.success();
+    assert_same_tree(
+        &snapshot(&setup.v2),
+        &snapshot(&current_dir(&setup.env.root)),
+    );
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
