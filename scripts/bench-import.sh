@@ -6,8 +6,10 @@
 # In one run, on the debootstrap --variant=minbase bookworm tree from lib.sh:
 #   (a) `treeswap import` into a fresh root   vs  `ostree commit` into a fresh
 #       `ostree init --mode=bare` repo
-#   (b) `treeswap checkout V DEST`            vs  `cp -al trees/V DEST`
-#       (and, for reference only, `ostree checkout -H`)
+#   (b) `treeswap checkout V DEST`            vs  `cp -al SRC DEST` of the same tree
+#       (and, for reference only, `ostree checkout -H`). cp -al copies the source,
+#       not trees/V: the kernel refuses to link immutable inodes, and treeswap marks
+#       its pool objects immutable (chattr +i) where it can.
 # OSTree refuses device nodes, fifos and sockets, so both tools get the same copy
 # of the tree with those removed (the count is printed).
 #
@@ -55,7 +57,7 @@ median() { tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {pr
 
 for ((i = 1; i <= REPS; i++)); do
     log "round $i/$REPS"
-    rm -rf "$W/ts" "$W/repo" "$W/co-ts" "$W/co-cp" "$W/co-ostree"
+    for d in ts repo co-ts co-cp co-ostree; do _ts_rm_tree "$W/$d"; done
     "$TREESWAP" --root "$W/ts" init
     ostree --repo="$W/repo" init --mode=bare
     # Alternate which tool goes first, so neither always profits from the other's
@@ -69,9 +71,9 @@ for ((i = 1; i <= REPS; i++)); do
     fi
     if ((i % 2)); then
         timed ts_checkout "$TREESWAP" --root "$W/ts" checkout "$V" "$W/co-ts"
-        timed cp_al cp -al "$W/ts/trees/$V" "$W/co-cp"
+        timed cp_al cp -al "$W/src" "$W/co-cp"
     else
-        timed cp_al cp -al "$W/ts/trees/$V" "$W/co-cp"
+        timed cp_al cp -al "$W/src" "$W/co-cp"
         timed ts_checkout "$TREESWAP" --root "$W/ts" checkout "$V" "$W/co-ts"
     fi
     timed ostree_checkout ostree --repo="$W/repo" checkout -H bench "$W/co-ostree"

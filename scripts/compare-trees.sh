@@ -2,7 +2,7 @@
 # compare-trees.sh - compare two directory trees entry by entry, independently of treeswap.
 #
 # Usage:
-#   compare-trees.sh [--mtime] [--max-diffs N] A B
+#   compare-trees.sh [--mtime] [--flags] [--max-diffs N] A B
 #   compare-trees.sh --save SNAPSHOT DIR
 #
 # A and B are directories or snapshot files written by --save (so a tree can be
@@ -14,6 +14,9 @@
 # are hardlinked together in A must be hardlinked together in B (not the reverse,
 # since treeswap joins identical files). Timestamps are ignored unless --mtime is
 # given (then the mtime of every entry, directories included, must match too).
+# --flags also compares inode flags (chattr/lsattr: i, a, d, A, s, u, c, S, j, t,
+# D, T, C, P) of regular files and directories; off by default because treeswap
+# marks its pool objects immutable, so its trees legitimately differ from sources.
 # Sockets are ignored (treeswap skips them).
 #
 # Names are handled as bytes, so newlines and non-UTF-8 bytes are fine; they are
@@ -24,12 +27,31 @@
 set -euo pipefail
 
 exec python3 - "$@" <<'PY'
-import hashlib, json, os, stat, sys
+import array, fcntl, hashlib, json, os, stat, sys
+
+FS_IOC_GETFLAGS = 0x80086601
+# Flags a user sets; leaves out ones the file system manages (extents, htree, inline).
+FLAG_NAMES = [(0x1, "s"), (0x2, "u"), (0x4, "c"), (0x8, "S"), (0x10, "i"), (0x20, "a"),
+              (0x40, "d"), (0x80, "A"), (0x4000, "j"), (0x8000, "t"), (0x10000, "D"),
+              (0x20000, "T"), (0x800000, "C"), (0x20000000, "P")]
+
+def inode_flags(path):
+    """lsattr-style letters of a regular file or directory (never opens devices)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        buf = array.array("i", [0, 0])
+        try:
+            fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        except OSError:
+            return "?"
+    finally:
+        os.close(fd)
+    return "".join(n for bit, n in FLAG_NAMES if buf[0] & bit) or "-"
 
 def usage(msg=None):
     if msg:
         print(f"compare-trees: {msg}", file=sys.stderr)
-    print("usage: compare-trees.sh [--mtime] [--max-diffs N] A B\n"
+    print("usage: compare-trees.sh [--mtime] [--flags] [--max-diffs N] A B\n"
           "       compare-trees.sh --save SNAPSHOT DIR", file=sys.stderr)
     sys.exit(2)
 
@@ -74,6 +96,8 @@ def record(path, st):
     t = ftype(st.st_mode)
     r = {"type": t, "perm": oct(stat.S_IMODE(st.st_mode)), "uid": st.st_uid, "gid": st.st_gid,
          "xattrs": xattrs(path), "mtime": st.st_mtime_ns}
+    if t in ("file", "dir"):
+        r["flags"] = inode_flags(path)
     if t == "file":
         r["size"] = st.st_size
         r["sha256"] = sha256(path)
@@ -122,6 +146,7 @@ def load(arg):
 
 def main(argv):
     check_mtime = False
+    check_flags = False
     max_diffs = 200
     save = None
     args = []
@@ -130,6 +155,8 @@ def main(argv):
         a = argv[i]
         if a == "--mtime":
             check_mtime = True
+        elif a == "--flags":
+            check_flags = True
         elif a == "--max-diffs":
             i += 1
             max_diffs = int(argv[i]) if i < len(argv) else usage("--max-diffs needs N")
@@ -175,6 +202,8 @@ def main(argv):
     keys = ["type", "perm", "uid", "gid", "size", "sha256", "target", "rdev"]
     if check_mtime:
         keys.append("mtime")
+    if check_flags:
+        keys.append("flags")
     for p in sorted(a.keys() & b.keys()):
         ra, rb = a[p], b[p]
         if ra["type"] != rb["type"]:

@@ -29,7 +29,8 @@ export TREESWAP_ROOT="$work/versions"
 run import "$work/v1" --version 1 --activate
 run verify --full
 run diff --from-dir "$work/v1" --to-dir "$work/v2" --from-version 1 --to-version 2 -o "$work/2.delta" -v
-echo "delta: $(stat -c %s "$work/2.delta") bytes; members:"; tar tf "$work/2.delta" | sed 's/^/  /'
+echo "delta: $(stat -c %s "$work/2.delta") bytes, a zstd-compressed tar; members:"
+zstd -dc "$work/2.delta" | tar tf - | sed 's/^/  /'
 run apply "$work/2.delta" --no-restart -v
 run status
 "$work/versions/current/usr/bin/hello"

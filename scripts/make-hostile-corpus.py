@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import struct
+import subprocess
 import sys
 import tarfile
 import tomllib
@@ -235,6 +236,10 @@ def main():
     good_path, base_path, sentinel, outdir = sys.argv[1:5]
     os.makedirs(outdir, exist_ok=True)
     good_bytes = open(good_path, "rb").read()
+    if good_bytes[:4] == b"\x28\xb5\x2f\xfd":
+        # A zstd-compressed delta (the default): work on its plain tar, also a valid delta.
+        good_bytes = subprocess.run(["zstd", "-dc"], input=good_bytes, stdout=subprocess.PIPE,
+                                    check=True).stdout
     base_t = tomllib.loads(open(base_path, encoding="utf-8").read())
     base = [entry_from_toml(e) for e in base_t["entries"]]
     base_by_sha = {e["sha256"]: e for e in base if e["type"] == "file"}

@@ -14,7 +14,10 @@
 #      were not disturbed)
 #   4. treeswap verify --full
 #   5. treeswap checkout base DEST; DEST must equal the base tree
-#   6. the source trees are unchanged, mtimes included (snapshot before vs after)
+#   6. the source trees are unchanged, mtimes and inode flags (chattr) included
+#      (snapshot before vs after)
+#   7. pool objects refuse writes when immutable, and verify --full catches a
+#      corrupted object (exit status 3)
 # Exits 1 if any step fails. Environment: see lib.sh (TREESWAP_CACHE, TREESWAP, ...).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -70,8 +73,10 @@ step "treeswap verify upgraded --full" "$TREESWAP" --root "$R" verify upgraded -
 step "treeswap checkout base DEST" "$TREESWAP" --root "$R" checkout base "$W/checkout"
 step "checkout == source" "$CMP" "$base" "$W/checkout"
 step "treeswap status --json" "$TREESWAP" --root "$R" status --json
-step "base source unchanged (mtimes too)" "$CMP" --mtime "$W/base.before" "$base"
-step "upgraded source unchanged (mtimes too)" "$CMP" --mtime "$W/upg.before" "$upgraded"
+step "base source unchanged (mtimes, inode flags too)" \
+    "$CMP" --mtime --flags "$W/base.before" "$base"
+step "upgraded source unchanged (mtimes, flags too)" \
+    "$CMP" --mtime --flags "$W/upg.before" "$upgraded"
 
 # Last, because it damages the temp root: verify must notice a changed object.
 # Guard first that the object is not the source's own inode (an import that
@@ -81,6 +86,17 @@ if [ "$(stat -c %d:%i "$victim")" = "$(stat -c %d:%i "$base/usr/bin/ls")" ]; the
     echo "FAIL  trees/base/usr/bin/ls is the source's own inode (import linked the source)"
     failures=$((failures + 1))
 else
+    echo "pool protection of usr/bin/ls: $(lsattr -d "$victim" 2>&1 | cut -d' ' -f1)"
+    if lsattr -d "$victim" 2>/dev/null | cut -d' ' -f1 | grep -q i; then
+        append_refused() {
+            if printf 'X' 2>/dev/null >> "$victim"; then
+                echo "append to an immutable object succeeded"; return 1
+            fi
+            echo "append refused, as it should be"
+        }
+        step "immutable pool object refuses writes" append_refused
+        chattr -i "$victim"   # corrupt it the way a bypass (or a bad disk) would
+    fi
     printf 'X' >> "$victim"
     expect_exit3() {
         local rc=0

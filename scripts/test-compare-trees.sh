@@ -128,6 +128,13 @@ touch -d '2001-01-01' "$W/m/etc/hello"
 out=$("$CMP" --mtime "$A" "$W/m") && rc=0 || rc=$?
 [ "$rc" = 1 ] && grep -q 'etc/hello: mtime' <<<"$out" && ok "--mtime detects mtime" \
     || bad "--mtime: rc=$rc $out"
+cp -a "$A" "$W/f"
+chattr +i "$W/f/etc/hello"
+"$CMP" "$A" "$W/f" > /dev/null && ok "inode flags ignored by default" || bad "flags not ignored"
+out=$("$CMP" --flags "$A" "$W/f") && rc=0 || rc=$?
+[ "$rc" = 1 ] && grep -q 'etc/hello: flags - != i' <<<"$out" && ok "--flags detects chattr +i" \
+    || bad "--flags: rc=$rc $out"
+chattr -i "$W/f/etc/hello"
 "$CMP" "$A" "$W/does-not-exist" > /dev/null 2>&1 && rc=0 || rc=$?
 [ "$rc" = 2 ] && ok "missing tree exits 2" || bad "missing tree exits $rc"
 

@@ -96,7 +96,7 @@ fn read_manifest<R: Read>(
 /// Reads and parses the head of a delta (manifest and signature member) from a stream, with no
 /// trusted keys and no state root: the entry point of the delta-reader fuzz target.
 pub fn read_delta_head(input: impl Read) -> Result<Delta> {
-    let mut archive = tar::Archive::new(input);
+    let mut archive = tar::Archive::new(tar_stream(input)?);
     let mut entries = archive.entries().map_err(bad)?;
     read_manifest(&mut entries, crate::trust::Policy::Keys(&[]))
 }
@@ -182,6 +182,26 @@ fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// zstd frames start with these bytes; a delta is a plain tar or a zstd-compressed one.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The delta's tar stream, decompressed if it is zstd-compressed. The outer window is capped
+/// at zstd's default limit (128 MiB), whatever a frame header asks for.
+fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
+    use std::io::BufRead;
+    let mut input = std::io::BufReader::with_capacity(1 << 16, input);
+    let head = input
+        .fill_buf()
+        .map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if head.starts_with(&ZSTD_MAGIC) {
+        let mut dec = zstd::stream::read::Decoder::with_buffer(input).map_err(bad)?;
+        dec.window_log_max(27).map_err(bad)?;
+        Ok(Box::new(dec))
+    } else {
+        Ok(Box::new(input))
+    }
+}
+
 pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Result<Outcome> {
     let keys = crate::trust::load_keys(&cfg.trust.public_keys)?;
     let policy = if opts.insecure {
@@ -189,7 +209,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     } else {
         crate::trust::Policy::Keys(&keys)
     };
-    let mut archive = tar::Archive::new(input);
+    let mut archive = tar::Archive::new(tar_stream(input)?);
     let mut entries = archive.entries().map_err(bad)?;
     let d = read_manifest(&mut entries, policy)?;
     let to = d.to_version.clone();

@@ -9,8 +9,11 @@ use anyhow::{Result, bail};
 use crate::delta::Source;
 use crate::error::Fail;
 
-/// zstd level for whole contents and patches: high ratio, still fast to decode.
+/// zstd level of the blobs a delta ships: high ratio, still fast to decode.
 pub const LEVEL: i32 = 19;
+/// zstd level used to compare candidate references before the final encoding: ~50x faster
+/// than [`LEVEL`] and ranks references the same way in practice.
+pub const SCOUT_LEVEL: i32 = 3;
 
 /// zstd window log that covers `n` bytes of reference plus `m` of content.
 pub fn window_log(n: u64, m: u64) -> u32 {
@@ -18,12 +21,12 @@ pub fn window_log(n: u64, m: u64) -> u32 {
     (64 - (total - 1).leading_zeros()).clamp(10, 31)
 }
 
-pub fn zstd_whole(data: &[u8]) -> Result<Vec<u8>> {
-    Ok(zstd::bulk::compress(data, LEVEL)?)
+pub fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    Ok(zstd::bulk::compress(data, level)?)
 }
 
-pub fn zstd_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
-    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, base)?;
+pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, base)?;
     enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
     enc.long_distance_matching(base.len() > 8 << 20)?;
     enc.include_checksum(false)?;
@@ -139,12 +142,12 @@ mod tests {
             .collect();
         let mut new = base.clone();
         new[5000..5010].copy_from_slice(b"0123456789");
-        let z = zstd_whole(&new).unwrap();
+        let z = zstd_whole(&new, LEVEL).unwrap();
         assert_eq!(
             decode(&Source::Zstd, &z, None, new.len() as u64).unwrap(),
             new
         );
-        let p = zstd_patch(&base, &new).unwrap();
+        let p = zstd_patch(&base, &new, LEVEL).unwrap();
         let src = Source::ZstdPatch { base: [0; 32] };
         assert!(p.len() < z.len());
         assert_eq!(
@@ -158,7 +161,7 @@ mod tests {
             new
         );
         // A declared size smaller than the output: refused, not expanded.
-        let bomb = zstd_whole(&vec![0u8; 64 << 20]).unwrap();
+        let bomb = zstd_whole(&vec![0u8; 64 << 20], LEVEL).unwrap();
         assert!(decode(&Source::Zstd, &bomb, None, 10).is_err());
         assert!(decode(&Source::Zstd, b"garbage", None, 10).is_err());
     }

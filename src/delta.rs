@@ -132,7 +132,7 @@ impl Delta {
 fn content_from_fields(mut f: Fields) -> Result<Content> {
     let sha256 = f.hash("sha256")?;
     let size = f.int("size")?;
-    let source = match f.str("source")?.as_str() {
+    let source = match &*f.str("source")? {
         "base" => Source::Base,
         "zstd" => Source::Zstd,
         "zstd-patch" => Source::ZstdPatch {
@@ -207,7 +207,7 @@ pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
                 }
                 return Ok(());
             }
-            let key = c.key()?;
+            let key = c.key()?.into_owned();
             c.expect(b'=')?;
             if seen.contains(&key) {
                 bail!("`{key}` given twice");
@@ -223,12 +223,12 @@ pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
                 }
                 "format" => format = Some(c.int()?),
                 "from_version" => {
-                    let v = c.string()?;
+                    let v = c.string()?.into_owned();
                     crate::version::validate(&v)?;
                     d.from_version = Some(v);
                 }
                 "to_version" => {
-                    let v = c.string()?;
+                    let v = c.string()?.into_owned();
                     crate::version::validate(&v)?;
                     to_version = Some(v);
                 }

@@ -14,15 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
-use crate::codec::{bsdiff_patch, zstd_patch, zstd_whole};
+use crate::codec::{LEVEL, SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
 use crate::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::manifest::{Entry, Hash, Kind, Manifest};
 use crate::object::ObjectId;
 use crate::progress::Progress;
 
-/// bsdiff's suffix sort is slow and memory-hungry; it is tried only on files up to this size,
-/// where it wins on small executables.
-const BSDIFF_MAX: u64 = 4 << 20;
+/// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
+/// size, where it can win.
+const BSDIFF_MAX: u64 = 2 << 20;
 /// Reference candidates tried per content.
 const MAX_CANDIDATES: usize = 3;
 
@@ -166,13 +166,14 @@ pub fn diff(
     }
 
     let total: u64 = needed.iter().map(|e| size_of(e)).sum();
+    let shipped: HashSet<usize> = needed.iter().map(|e| *e as *const Entry as usize).collect();
     let progress = Progress::bytes(total, "diffing");
     let done = AtomicU64::new(0);
     type Encoded = Result<(Content, Vec<u8>)>;
     let encoded: Vec<Encoded> = jobs
         .par_iter()
         .map(|(e, cands)| {
-            let r = encode(e, cands, read_from, read_to, &needed)
+            let r = encode(e, cands, read_from, read_to, &shipped)
                 .with_context(|| format!("cannot encode `{}`", e.display()));
             progress.inc(size_of(e));
             done.fetch_add(1, Ordering::Relaxed);
@@ -228,7 +229,7 @@ fn encode(
     cands: &[&Entry],
     read_from: Reader,
     read_to: Reader,
-    needed: &[&Entry],
+    shipped: &HashSet<usize>,
 ) -> Result<(Content, Vec<u8>)> {
     let (size, sha256) = match &e.kind {
         Kind::File { size, sha256 } => (*size, *sha256),
@@ -238,21 +239,43 @@ fn encode(
     if data.len() as u64 != size {
         bail!("it changed while the delta was being made");
     }
-    let mut best = (Source::Zstd, zstd_whole(&data)?);
+    // Rank the references with a fast level, then encode only the winner at the final level.
+    let mut scout = (None, zstd_whole(&data, SCOUT_LEVEL)?.len());
+    let mut bases: Vec<(Hash, Vec<u8>)> = Vec::new();
     for c in cands {
         let base_sha = content_of(c).expect("file");
         // A candidate is either a base file or a content of this delta shipped earlier.
-        let shipped = needed.iter().any(|n| std::ptr::eq(*n, *c));
-        let base = if shipped { read_to(c)? } else { read_from(c)? };
-        let p = zstd_patch(&base, &data)?;
-        if p.len() < best.1.len() {
-            best = (Source::ZstdPatch { base: base_sha }, p);
+        let base = if shipped.contains(&(*c as *const Entry as usize)) {
+            read_to(c)?
+        } else {
+            read_from(c)?
+        };
+        let n = zstd_patch(&base, &data, SCOUT_LEVEL)?.len();
+        if n < scout.1 {
+            scout = (Some(bases.len()), n);
         }
-        if size <= BSDIFF_MAX && base.len() as u64 <= BSDIFF_MAX {
-            let p = bsdiff_patch(&base, &data)?;
-            if p.len() < best.1.len() {
-                best = (Source::Bsdiff { base: base_sha }, p);
-            }
+        bases.push((base_sha, base));
+    }
+    let mut best = match scout.0 {
+        None => (Source::Zstd, zstd_whole(&data, LEVEL)?),
+        Some(k) => {
+            let (sha, base) = &bases[k];
+            (
+                Source::ZstdPatch { base: *sha },
+                zstd_patch(base, &data, LEVEL)?,
+            )
+        }
+    };
+    // bsdiff wins on small executables, whose code moves by a few bytes everywhere.
+    if let Some(k) = scout.0
+        && size <= BSDIFF_MAX
+        && data.starts_with(b"\x7fELF")
+        && bases[k].1.len() as u64 <= BSDIFF_MAX
+    {
+        let (sha, base) = &bases[k];
+        let p = bsdiff_patch(base, &data)?;
+        if p.len() < best.1.len() {
+            best = (Source::Bsdiff { base: *sha }, p);
         }
     }
     let blob_sha: Hash = sha2::Digest::finalize(sha2::Digest::chain_update(
@@ -271,25 +294,18 @@ fn encode(
     ))
 }
 
-/// Writes a delta as a tar: `delta.toml`, its signature `delta.toml.minisig` (empty without
+/// Writes a delta: a tar with `delta.toml`, its signature `delta.toml.minisig` (empty without
 /// `sign`, an unencrypted minisign secret key file), then one `blobs/<sha256>` member per
-/// shipped content, in manifest order.
+/// shipped content, in manifest order. With `compress`, the tar is zstd-compressed as two
+/// frames (a zstd stream may hold several): the manifest and signature at a high level, the
+/// already compressed blobs at a fast one. Stock tools read it: `tar --zstd -tf D`.
 pub fn write_delta(
     d: &Delta,
     blobs: &[Vec<u8>],
     sign: Option<&std::path::Path>,
-    out: impl Write,
+    compress: bool,
+    mut out: impl Write,
 ) -> Result<()> {
-    let mut tar = tar::Builder::new(out);
-    let append = |tar: &mut tar::Builder<_>, name: &str, data: &[u8]| -> Result<()> {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(0);
-        h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, name, data)
-            .with_context(|| format!("cannot write delta member `{name}`"))
-    };
     let text = d.to_toml();
     let sig = match sign {
         Some(key) => crate::trust::sign(
@@ -303,15 +319,44 @@ pub fn write_delta(
         )?,
         None => String::new(),
     };
-    append(&mut tar, MANIFEST_MEMBER, text.as_bytes())?;
-    append(&mut tar, SIGNATURE_MEMBER, sig.as_bytes())?;
+    let mut head = Vec::with_capacity(text.len() + 2048);
+    tar_member(&mut head, MANIFEST_MEMBER, text.as_bytes())?;
+    tar_member(&mut head, SIGNATURE_MEMBER, sig.as_bytes())?;
+    let mut rest = Vec::new();
     let mut it = blobs.iter();
     for c in &d.contents {
         if c.blob.is_some() {
             let blob = it.next().context("a blob is missing")?;
-            append(&mut tar, &Delta::blob_member(c), blob)?;
+            tar_member(&mut rest, &Delta::blob_member(c), blob)?;
         }
     }
-    tar.into_inner()?.flush()?;
+    // The end of the archive: two zero blocks.
+    rest.extend_from_slice(&[0u8; 1024]);
+    if compress {
+        out.write_all(&zstd::bulk::compress(&head, LEVEL)?)?;
+        out.write_all(&zstd::bulk::compress(&rest, 3)?)?;
+    } else {
+        out.write_all(&head)?;
+        out.write_all(&rest)?;
+    }
+    out.flush().context("cannot write the delta")?;
+    Ok(())
+}
+
+/// Appends one regular-file ustar member (header, data, padding to 512 bytes).
+fn tar_member(out: &mut Vec<u8>, name: &str, data: &[u8]) -> Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)
+        .with_context(|| format!("cannot name delta member `{name}`"))?;
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
     Ok(())
 }

@@ -113,6 +113,9 @@ enum Command {
         /// Sign the delta with this unencrypted minisign secret key (`minisign -G -W`).
         #[arg(long, value_name = "SECRET_KEY_FILE")]
         sign: Option<PathBuf>,
+        /// Write a plain tar instead of a zstd-compressed one.
+        #[arg(long)]
+        uncompressed: bool,
     },
     /// Apply a delta (`-` reads standard input): stage, verify, flip.
     Apply {
@@ -340,6 +343,7 @@ fn run(cli: Cli) -> Result<()> {
             to,
             output,
             sign,
+            uncompressed,
         } => diff_command(
             &cli,
             from_dir.as_deref(),
@@ -350,6 +354,7 @@ fn run(cli: Cli) -> Result<()> {
             to.as_deref(),
             output,
             sign.as_deref(),
+            !*uncompressed,
         )?,
         Command::Apply {
             file,
@@ -456,6 +461,7 @@ fn diff_command(
     to: Option<&str>,
     output: &std::path::Path,
     sign: Option<&std::path::Path>,
+    compress: bool,
 ) -> Result<()> {
     let (delta, blobs, stats) = match (from_dir, to_dir, from, to) {
         (Some(d1), Some(d2), None, None) => {
@@ -505,7 +511,7 @@ fn diff_command(
         }
     };
     if output.as_os_str() == "-" {
-        diff::write_delta(&delta, &blobs, sign, std::io::stdout().lock())?;
+        diff::write_delta(&delta, &blobs, sign, compress, std::io::stdout().lock())?;
     } else {
         // Written beside its final name and renamed, so a reader never sees half a delta.
         let dir = match output.parent() {
@@ -514,7 +520,19 @@ fn diff_command(
         };
         let tmp = tempfile::NamedTempFile::new_in(&dir)
             .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?;
-        diff::write_delta(&delta, &blobs, sign, std::io::BufWriter::new(tmp.as_file()))?;
+        diff::write_delta(
+            &delta,
+            &blobs,
+            sign,
+            compress,
+            std::io::BufWriter::new(tmp.as_file()),
+        )?;
+        // Deltas are meant to be passed around: readable by all, like any download.
+        std::fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .with_context(|| format!("cannot set the mode of `{}`", tmp.path().display()))?;
         tmp.persist(output)
             .with_context(|| format!("cannot write `{}`", output.display()))?;
     }

@@ -60,7 +60,11 @@ pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
         boot,
         guests_pending: st.restart.map(|r| r.guests).unwrap_or_default(),
         pinned: st.pins,
-        protect: root.pool_for(cfg)?.mode().name(),
+        // Probing needs a writable root; a read-only one gets no new trees anyway.
+        protect: root
+            .pool_for(cfg)
+            .map(|p| p.mode().name())
+            .unwrap_or("unknown"),
     })
 }
 

@@ -382,6 +382,16 @@ struct DeltaTar {
     members: Vec<(String, Vec<u8>)>,
 }
 
+/// The delta's tar, decompressed if `treeswap diff` compressed it (the default).
+fn plain_tar(path: &Path) -> Vec<u8> {
+    let bytes = fs::read(path).unwrap();
+    if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        zstd::stream::decode_all(bytes.as_slice()).unwrap()
+    } else {
+        bytes
+    }
+}
+
 /// Where a member sits in the file.
 struct Span {
     header: u64,
@@ -391,7 +401,8 @@ struct Span {
 
 impl DeltaTar {
     fn read(path: &Path) -> DeltaTar {
-        let mut ar = tar::Archive::new(fs::File::open(path).unwrap());
+        let plain = plain_tar(path);
+        let mut ar = tar::Archive::new(plain.as_slice());
         let mut members = Vec::new();
         for e in ar.entries().unwrap() {
             let mut e = e.unwrap();
@@ -404,6 +415,10 @@ impl DeltaTar {
     }
     /// The byte spans of each member of the file at `path`.
     fn spans(path: &Path) -> Vec<(String, Span)> {
+        // Byte-level tampering works on the plain tar, which is a valid delta too: store the
+        // delta uncompressed first.
+        let plain = plain_tar(path);
+        fs::write(path, &plain).unwrap();
         let mut ar = tar::Archive::new(fs::File::open(path).unwrap());
         ar.entries()
             .unwrap()

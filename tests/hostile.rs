@@ -72,6 +72,7 @@ impl Setup {
         let mut c = ts_cmd();
         c.args([
             "diff",
+            "--uncompressed",
             "--from-version",
             "1",
             "--to-version",
