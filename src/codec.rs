@@ -9,8 +9,9 @@ use anyhow::{Result, bail};
 use crate::delta::Source;
 use crate::error::Fail;
 
-/// zstd level of the blobs a delta ships: high ratio, still fast to decode.
-pub const LEVEL: i32 = 19;
+/// zstd level of the blobs a delta ships. Measured on a Debian point release: level 12 makes
+/// a delta 2% larger than level 19 in a third of the time; both decode equally fast.
+pub const LEVEL: i32 = 12;
 /// zstd level used to compare candidate references before the final encoding: ~50x faster
 /// than [`LEVEL`] and ranks references the same way in practice.
 pub const SCOUT_LEVEL: i32 = 3;
@@ -28,7 +29,9 @@ pub fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
 pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, base)?;
     enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
-    enc.long_distance_matching(base.len() > 8 << 20)?;
+    // Long-distance matching finds the reference's long runs even at low levels, whose
+    // small hash tables would otherwise lose most of a big reference.
+    enc.long_distance_matching(level < 10 || base.len() > 8 << 20)?;
     enc.include_checksum(false)?;
     enc.write_all(data)?;
     Ok(enc.finish()?)

@@ -116,6 +116,9 @@ enum Command {
         /// Write a plain tar instead of a zstd-compressed one.
         #[arg(long)]
         uncompressed: bool,
+        /// zstd level of the blobs (1-22): higher is smaller and slower to make.
+        #[arg(long, default_value_t = treeswap::codec::LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
     },
     /// Apply a delta (`-` reads standard input): stage, verify, flip.
     Apply {
@@ -344,6 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             sign,
             uncompressed,
+            level,
         } => diff_command(
             &cli,
             from_dir.as_deref(),
@@ -355,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             sign.as_deref(),
             !*uncompressed,
+            *level,
         )?,
         Command::Apply {
             file,
@@ -462,6 +467,7 @@ fn diff_command(
     output: &std::path::Path,
     sign: Option<&std::path::Path>,
     compress: bool,
+    level: i32,
 ) -> Result<()> {
     let (delta, blobs, stats) = match (from_dir, to_dir, from, to) {
         (Some(d1), Some(d2), None, None) => {
@@ -482,7 +488,7 @@ fn diff_command(
             };
             let r1 = |e: &treeswap::manifest::Entry| read(t1.as_fd(), e);
             let r2 = |e: &treeswap::manifest::Entry| read(t2.as_fd(), e);
-            diff::diff(&m1, &r1, &m2, &r2, to_version)?
+            diff::diff(&m1, &r1, &m2, &r2, to_version, level)?
         }
         (None, None, Some(v1), Some(v2)) => {
             if from_version.is_some() || to_version.is_some() {
@@ -501,7 +507,7 @@ fn diff_command(
                 std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut v)?;
                 Ok(v)
             };
-            diff::diff(&m1, &read, &m2, &read, v2)?
+            diff::diff(&m1, &read, &m2, &read, v2, level)?
         }
         _ => {
             return Err(Fail::Usage(
