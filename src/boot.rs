@@ -28,6 +28,16 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
         st.unprotected = false;
     }
     let current = root.link("current")?;
+    // A flip cut short: finish it (point `previous` at the tree it left) if `current` changed,
+    // forget it if not.
+    if let Some(f) = st.flip.take()
+        && current.as_deref() == Some(f.to.as_str())
+        && f.from != f.to
+        && root.is_installed(&f.from)?
+    {
+        log::info!("finishing an interrupted flip: `previous` is `{}`", f.from);
+        root.set_link("previous", &f.from)?;
+    }
     // A record for a flip that never happened (the crash came before the rename).
     if st
         .pending

@@ -64,9 +64,17 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
     let mut st = state::load(root.fd())?;
     // Restored if the guests fail and treeswap flips back: an unproven tree stays unproven.
     let pending_before = st.pending.clone();
-    st.pending = (pending && cfg.boot.tries > 0).then(|| Pending {
-        version: version.to_owned(),
-        boots: 0,
+    if pending {
+        st.pending = (cfg.boot.tries > 0).then(|| Pending {
+            version: version.to_owned(),
+            boots: 0,
+        });
+    }
+    // A flip back to a good tree clears the pending mark only once `current` has changed: a
+    // crash before that must leave the unproven tree counted, so that `boot` reverts it.
+    st.flip = old.as_ref().map(|from| state::Flip {
+        from: from.clone(),
+        to: version.to_owned(),
     });
     st.restart = (opts.restart && !cfg.guests.is_empty()).then(|| Restart {
         target: version.to_owned(),
@@ -81,6 +89,11 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         root.set_link("previous", old)?;
     }
     failpoint::hit("flip-after-previous");
+    st.flip = None;
+    if !pending {
+        st.pending = None;
+    }
+    save(root, &st)?;
     log::info!("current is now `{version}`");
     if !opts.restart {
         return Ok(());

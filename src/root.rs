@@ -129,6 +129,26 @@ impl Root {
     }
 
     fn clear_leftovers(&self) -> Result<()> {
+        // Manifests whose tree never got installed (a crash before the commit rename) or was
+        // removed (a crash in gc after the uninstall rename).
+        let manifests = sys::open_dir_beneath(self.fd.as_fd(), b"manifests")?;
+        let trees = sys::open_dir_beneath(self.fd.as_fd(), b"trees")?;
+        for name in sys::read_dir(manifests.as_fd())? {
+            let s = String::from_utf8_lossy(&name);
+            let version = s
+                .strip_suffix(".layout.toml")
+                .or_else(|| s.strip_suffix(".toml"))
+                .filter(|v| !v.starts_with('.'));
+            let orphan = match version {
+                Some(v) => sys::lstatat(trees.as_fd(), v.as_bytes())?.is_none(),
+                // A temporary file of an interrupted write.
+                None => true,
+            };
+            if orphan {
+                log::info!("removing `manifests/{s}`, which belongs to no installed tree");
+                sys::unlinkat_ok(manifests.as_fd(), &name, false)?;
+            }
+        }
         for d in ["tmp", "staging"] {
             let dfd = sys::open_dir_beneath(self.fd.as_fd(), d.as_bytes())?;
             for name in sys::read_dir(dfd.as_fd())? {

@@ -8,12 +8,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use anyhow::{Context, Result, bail};
 use rustix::fs::{FileType, Mode};
 
-use crate::manifest::{Kind, Manifest};
+use crate::manifest::{Entry, Kind, Manifest};
 use crate::path::split_parent;
 use crate::pool::Pool;
 use crate::progress::Progress;
 use crate::protect::Layout;
 use crate::sys;
+use rayon::prelude::*;
 
 /// Directory handles kept open while building; beyond this the cache starts over.
 const DIR_CACHE: usize = 256;
@@ -22,6 +23,9 @@ const DIR_CACHE: usize = 256;
 /// Regular files are hardlinks to their pool objects, or copies where `layout` says so.
 /// Timestamps: regular files share the pool object's mtime (the epoch); directories,
 /// symlinks and special files get the time they were built.
+///
+/// Directories are made first, in order (a parent sorts before its children); then every
+/// other entry is made in parallel, in chunks that each keep their own directory handles.
 pub fn build(
     m: &Manifest,
     pool: &Pool,
@@ -30,79 +34,114 @@ pub fn build(
     name: &[u8],
 ) -> Result<()> {
     let top_entry = m.entries.first().context("empty manifest")?;
+    if m.entries.len() > 1 && m.entries[0].path.as_ref() != b"." {
+        bail!("manifest does not start with the top directory");
+    }
     rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
         .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
     let top = sys::open_dir_beneath(parent, name)?;
     sys::apply_meta_fd(top.as_fd(), &top_entry.meta).context("on the top directory")?;
-    let mut dirs: HashMap<Box<[u8]>, OwnedFd> = HashMap::new();
     let progress = Progress::items(m.entries.len() as u64, "staging");
-    for e in &m.entries[1..] {
+    let (dirs, others): (Vec<&Entry>, Vec<&Entry>) =
+        m.entries[1..].iter().partition(|e| e.is_dir());
+    let mut cache = DirCache::new(top.as_fd());
+    for e in dirs {
         progress.inc(1);
         let (ppath, base) = split_parent(&e.path);
-        if ppath != b"." && !dirs.contains_key(ppath) {
-            if dirs.len() >= DIR_CACHE {
-                dirs.clear();
-            }
-            let fd = sys::open_dir_beneath(top.as_fd(), ppath)?;
-            dirs.insert(ppath.into(), fd);
-        }
-        let pfd = if ppath == b"." {
-            top.as_fd()
-        } else {
-            dirs[ppath].as_fd()
-        };
-        let res: Result<Option<OwnedFd>> = (|| {
-            match &e.kind {
-                Kind::Dir => {
-                    rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
-                    let fd = sys::open_dir_beneath(pfd, base)?;
-                    sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
-                    return Ok(Some(fd));
-                }
-                Kind::File { .. } => {
-                    let id = e.object().expect("file");
-                    if layout.is_copy(&e.path) {
-                        pool.copy_to(&id, &e.meta, pfd, base)?;
-                    } else {
-                        pool.link(&id, pfd, base)?;
-                    }
-                }
-                Kind::Symlink { target } => {
-                    rustix::fs::symlinkat(&target[..], pfd, base)?;
-                    sys::apply_meta_at(pfd, base, &e.meta, true)?;
-                }
-                Kind::Char { major, minor } | Kind::Block { major, minor } => {
-                    let ft = if matches!(e.kind, Kind::Char { .. }) {
-                        FileType::CharacterDevice
-                    } else {
-                        FileType::BlockDevice
-                    };
-                    rustix::fs::mknodat(
-                        pfd,
-                        base,
-                        ft,
-                        Mode::from_raw_mode(0o600),
-                        rustix::fs::makedev(*major, *minor),
-                    )?;
-                    sys::apply_meta_at(pfd, base, &e.meta, false)?;
-                }
-                Kind::Fifo => {
-                    rustix::fs::mknodat(pfd, base, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?;
-                    sys::apply_meta_at(pfd, base, &e.meta, false)?;
-                }
-            }
-            Ok(None)
+        let res: Result<OwnedFd> = (|| {
+            let pfd = cache.get(ppath)?;
+            rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
+            let fd = sys::open_dir_beneath(pfd, base)?;
+            sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
+            Ok(fd)
         })();
-        if let Some(fd) = res.with_context(|| format!("cannot create `{}`", e.display()))? {
-            if dirs.len() >= DIR_CACHE {
-                dirs.clear();
+        let fd = res.with_context(|| format!("cannot create `{}`", e.display()))?;
+        cache.put(&e.path, fd);
+    }
+    drop(cache);
+    others
+        .par_chunks(2048)
+        .try_for_each(|chunk| -> Result<()> {
+            let mut cache = DirCache::new(top.as_fd());
+            for e in chunk {
+                let (ppath, base) = split_parent(&e.path);
+                make(e, pool, layout, cache.get(ppath)?, base)
+                    .with_context(|| format!("cannot create `{}`", e.display()))?;
             }
-            dirs.insert(e.path.clone(), fd);
+            progress.inc(chunk.len() as u64);
+            Ok(())
+        })?;
+    progress.finish();
+    Ok(())
+}
+
+/// Directory handles by path, opened beneath the top without following symlinks; starts
+/// over when it holds [`DIR_CACHE`] of them.
+struct DirCache<'a> {
+    top: BorrowedFd<'a>,
+    fds: HashMap<Box<[u8]>, OwnedFd>,
+}
+
+impl<'a> DirCache<'a> {
+    fn new(top: BorrowedFd<'a>) -> Self {
+        DirCache {
+            top,
+            fds: HashMap::new(),
         }
     }
-    progress.finish();
-    if m.entries.len() > 1 && m.entries[0].path.as_ref() != b"." {
-        bail!("manifest does not start with the top directory");
+    fn get(&mut self, path: &[u8]) -> Result<BorrowedFd<'_>> {
+        if path == b"." {
+            return Ok(self.top);
+        }
+        if !self.fds.contains_key(path) {
+            let fd = sys::open_dir_beneath(self.top, path)?;
+            self.put(path, fd);
+        }
+        Ok(self.fds[path].as_fd())
+    }
+    fn put(&mut self, path: &[u8], fd: OwnedFd) {
+        if self.fds.len() >= DIR_CACHE {
+            self.fds.clear();
+        }
+        self.fds.insert(path.into(), fd);
+    }
+}
+
+/// Makes one entry that is not a directory as `base` in `pfd`.
+fn make(e: &Entry, pool: &Pool, layout: &Layout, pfd: BorrowedFd, base: &[u8]) -> Result<()> {
+    match &e.kind {
+        Kind::Dir => bail!("directories are made first"),
+        Kind::File { .. } => {
+            let id = e.object().expect("file");
+            if layout.is_copy(&e.path) {
+                pool.copy_to(&id, &e.meta, pfd, base)?;
+            } else {
+                pool.link(&id, pfd, base)?;
+            }
+        }
+        Kind::Symlink { target } => {
+            rustix::fs::symlinkat(&target[..], pfd, base)?;
+            sys::apply_meta_at(pfd, base, &e.meta, true)?;
+        }
+        Kind::Char { major, minor } | Kind::Block { major, minor } => {
+            let ft = if matches!(e.kind, Kind::Char { .. }) {
+                FileType::CharacterDevice
+            } else {
+                FileType::BlockDevice
+            };
+            rustix::fs::mknodat(
+                pfd,
+                base,
+                ft,
+                Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(*major, *minor),
+            )?;
+            sys::apply_meta_at(pfd, base, &e.meta, false)?;
+        }
+        Kind::Fifo => {
+            rustix::fs::mknodat(pfd, base, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?;
+            sys::apply_meta_at(pfd, base, &e.meta, false)?;
+        }
     }
     Ok(())
 }

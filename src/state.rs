@@ -21,6 +21,10 @@ pub struct State {
     /// Guests still to restart onto `target`, recorded before the first restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
+    /// A flip in progress: recorded before `current` changes, cleared once `previous` is set,
+    /// so that `boot` can finish one cut short between the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flip: Option<Flip>,
     /// Set while pool objects may be without their immutable flag (see protect.rs).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unprotected: bool,
@@ -34,6 +38,13 @@ pub struct State {
 pub struct Pending {
     pub version: String,
     pub boots: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Flip {
+    pub from: String,
+    pub to: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -127,6 +138,10 @@ mod tests {
             }),
             pins: vec!["1".into()],
             unprotected: true,
+            flip: Some(Flip {
+                from: "1".into(),
+                to: "2".into(),
+            }),
         };
         let text = toml::to_string(&s).unwrap();
         assert_eq!(parse(&text).unwrap(), s);
