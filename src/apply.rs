@@ -103,7 +103,9 @@ pub fn read_delta_head(input: impl Read) -> Result<Delta> {
 
 /// Applies the delta manifest to the base manifest: the result's manifest, checked to be a
 /// tree whose digest is the delta's `to` digest.
-pub fn compose(base: &Manifest, d: &Delta) -> Result<Manifest> {
+/// The base is consumed: its unchanged entries move into the result, so that only one tree's
+/// worth of entries is in memory.
+pub fn compose(base: Manifest, d: &Delta) -> Result<Manifest> {
     for p in &d.removed {
         if base.find(p).is_none() {
             return Err(bad(format!(
@@ -113,34 +115,21 @@ pub fn compose(base: &Manifest, d: &Delta) -> Result<Manifest> {
         }
     }
     let mut entries: Vec<Entry> = Vec::with_capacity(base.entries.len() + d.changed.len());
-    let (a, b) = (&base.entries, &d.changed);
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x.path == y.path => {
-                entries.push(y.clone());
-                i += 1;
-                j += 1;
-            }
-            (Some(x), Some(y)) if x.path < y.path => {
-                if d.removed.binary_search(&x.path).is_err() {
-                    entries.push(x.clone());
-                }
-                i += 1;
-            }
-            (Some(x), None) => {
-                if d.removed.binary_search(&x.path).is_err() {
-                    entries.push(x.clone());
-                }
-                i += 1;
-            }
-            (_, Some(y)) => {
-                entries.push(y.clone());
-                j += 1;
-            }
-            (None, None) => unreachable!(),
+    let mut changed = d.changed.iter().peekable();
+    let mut removed = d.removed.iter().peekable();
+    for x in base.entries {
+        // Changed entries that sort before this one are new paths.
+        while let Some(y) = changed.next_if(|y| y.path < x.path) {
+            entries.push(y.clone());
+        }
+        while removed.next_if(|p| p[..] < x.path[..]).is_some() {}
+        if let Some(y) = changed.next_if(|y| y.path == x.path) {
+            entries.push(y.clone());
+        } else if removed.next_if(|p| p[..] == x.path[..]).is_none() {
+            entries.push(x);
         }
     }
+    entries.extend(changed.cloned());
     check_tree(&entries).map_err(|e| bad(format!("its result is not a valid tree: {e:#}")))?;
     let m = Manifest {
         version: Some(d.to_version.clone()),
@@ -278,11 +267,12 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         );
     }
     let base = root.load_manifest(&base_version)?;
-    let new = compose(&base, &d)?;
+    let base_content = base_contents(&base, &d);
+    // The base's entries move into the new manifest (at a million entries a manifest is
+    // ~150 MB; there is never a second one).
+    let new = compose(base, &d)?;
     let pool = root.pool_for(cfg)?;
-    let plan = plan(&base, &new, &d, &pool)?;
-    // The base manifest is not needed any more; at a million entries it is ~150 MB.
-    drop(base);
+    let plan = plan(base_content, &new, &d, &pool)?;
     if let Err(e) = check_space(root, &plan, &new) {
         if !cfg.gc_before_apply {
             return Err(e);
@@ -345,9 +335,10 @@ struct Plan {
     objects: u64,
 }
 
-fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan> {
-    // Only the contents the delta refers to: a map of the whole base would cost ~100 MB at a
-    // million entries.
+/// The objects of the base tree that hold the contents the delta refers to (as contents it
+/// already has, or as patch references). Only those: a map of the whole base would cost
+/// ~100 MB at a million entries.
+fn base_contents(base: &Manifest, d: &Delta) -> HashMap<Hash, ObjectId> {
     let wanted: HashSet<Hash> = d
         .contents
         .iter()
@@ -365,6 +356,15 @@ fn plan(base: &Manifest, new: &Manifest, d: &Delta, pool: &Pool) -> Result<Plan>
                 .or_insert_with(|| e.object().expect("file"));
         }
     }
+    base_content
+}
+
+fn plan(
+    base_content: HashMap<Hash, ObjectId>,
+    new: &Manifest,
+    d: &Delta,
+    pool: &Pool,
+) -> Result<Plan> {
     let in_delta: HashMap<Hash, usize> = d
         .contents
         .iter()

@@ -50,7 +50,17 @@ impl Root {
         fs_err::create_dir_all(path)
             .with_context(|| format!("cannot create the state root `{}`", path.display()))?;
         let fd = sys::open_dir(path)?;
-        for d in ["pool", "tmp", "staging", "trees", "manifests"] {
+        // The common case: a complete root (the last thing made below is `manifests/`).
+        if sys::lstatat(fd.as_fd(), b"manifests")?.is_some()
+            && sys::lstatat(fd.as_fd(), b"pool/ff")?.is_some()
+        {
+            return Ok(Root {
+                path: path.to_owned(),
+                fd,
+                lock: None,
+            });
+        }
+        for d in ["pool", "tmp", "staging", "trees"] {
             sys::mkdirat(fd.as_fd(), d.as_bytes(), 0o755, true)
                 .with_context(|| format!("in the state root `{}`", path.display()))?;
         }
@@ -59,6 +69,8 @@ impl Root {
             sys::mkdirat(pool.as_fd(), format!("{i:02x}").as_bytes(), 0o755, true)
                 .with_context(|| format!("in `{}/pool`", path.display()))?;
         }
+        sys::mkdirat(fd.as_fd(), b"manifests", 0o755, true)
+            .with_context(|| format!("in the state root `{}`", path.display()))?;
         Ok(Root {
             path: path.to_owned(),
             fd,
