@@ -10,7 +10,7 @@ struct Logger;
 static JOURNAL: OnceLock<bool> = OnceLock::new();
 
 /// Whether stderr is connected to the systemd journal (see `systemd.exec(5)`, `JOURNAL_STREAM`).
-fn to_journal() -> bool {
+pub fn to_journal() -> bool {
     *JOURNAL.get_or_init(|| {
         let Ok(v) = std::env::var("JOURNAL_STREAM") else {
             return false;

@@ -164,10 +164,12 @@ fn main() {
             let code = error::exit_code(&e);
             // One line: the causes joined, innermost last.
             let msg = format!("{e:#}").replace('\n', " ");
-            if code == error::EXIT_NOTHING {
-                eprintln!("treeswap: {msg}");
-            } else {
-                eprintln!("treeswap: error: {msg}");
+            match (code == error::EXIT_NOTHING, treeswap::logging::to_journal()) {
+                (true, false) => eprintln!("treeswap: {msg}"),
+                (false, false) => eprintln!("treeswap: error: {msg}"),
+                // Under systemd the journal takes the priority from the prefix.
+                (true, true) => eprintln!("<5>{msg}"),
+                (false, true) => eprintln!("<3>error: {msg}"),
             }
             code
         }

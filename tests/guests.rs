@@ -1273,3 +1273,34 @@ fn status_json_reports_boot_and_guests_pending() {
     // The text form says it too.
     t.ts(["status"]).success().stdout_has("pending");
 }
+
+/// Under systemd (stderr is the stream `JOURNAL_STREAM` names), every line carries its syslog
+/// priority for the journal; elsewhere lines start with `treeswap:`.
+#[test]
+fn log_lines_carry_their_priority_into_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let err_path = env.path("stderr");
+    let err = fs::File::create(&err_path).unwrap();
+    let md = err.metadata().unwrap();
+    let mut c = ts_cmd();
+    c.env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
+        .arg("--root")
+        .arg(env.path("missing-root"))
+        .args(["-v", "status"])
+        .stderr(err);
+    let st = c.status().unwrap();
+    assert_eq!(st.code(), Some(1));
+    let text = fs::read_to_string(&err_path).unwrap();
+    assert!(
+        text.lines().all(|l| l.starts_with('<')) && text.contains("<3>error: "),
+        "{text}"
+    );
+    // Not the journal: plain lines.
+    let r = run(ts_cmd()
+        .env("JOURNAL_STREAM", "1:1")
+        .arg("--root")
+        .arg(env.path("missing-root"))
+        .arg("status"));
+    r.exit(1).stderr_has("treeswap: error: ");
+}
