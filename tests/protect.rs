@@ -241,3 +241,85 @@ fn hardlink_mode_offers_no_protection_and_verify_reports_it() {
     );
     verify(&root, "1").exit(3).stdout_has("is corrupt");
 }
+
+/// `gc_before_apply = true`: an apply that does not fit runs gc first (keeping current,
+/// previous and the delta's base), says so, and then fits.
+#[test]
+fn gc_before_apply_makes_room() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mnt = Mount::tmpfs(&env.path("small"), "48m");
+    let root = mnt.path.join("root");
+    let random = |n: usize, seed: u64| -> Vec<u8> {
+        let mut x = seed * 2 + 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut trees = Vec::new();
+    for v in 1..=4u64 {
+        trees.push(env.tree(
+            &format!("t{v}"),
+            &TreeSpec::new().file("big", random(10 << 20, v)),
+        ));
+    }
+    for v in 1..=3 {
+        ts(
+            &root,
+            [
+                "import",
+                trees[v - 1].to_str().unwrap(),
+                "--version",
+                &v.to_string(),
+                "--no-restart",
+            ],
+        )
+        .success();
+    }
+    ts(&root, ["switch", "2", "--no-restart"]).success();
+    ts(&root, ["switch", "3", "--no-restart"]).success();
+    let delta = env.path("3-4.delta");
+    let mut c = ts_cmd();
+    c.arg("diff")
+        .arg("--from-dir")
+        .arg(&trees[2])
+        .arg("--to-dir")
+        .arg(&trees[3])
+        .args([
+            "--from-version",
+            "3",
+            "--to-version",
+            "4",
+            "--level",
+            "1",
+            "-o",
+        ])
+        .arg(&delta);
+    run(&mut c).success();
+    // Without gc_before_apply: refused for space.
+    ts(&root, ["apply", delta.to_str().unwrap(), "--no-restart"])
+        .exit(9)
+        .stderr_has("missing");
+    let cfg = env.path("gc.toml");
+    fs::write(&cfg, "gc_before_apply = true\n").unwrap();
+    let mut c = ts_cmd();
+    c.arg("--root").arg(&root).arg("--config").arg(&cfg).args([
+        "apply",
+        delta.to_str().unwrap(),
+        "--no-restart",
+    ]);
+    run(&mut c).success().stderr_has("running gc first");
+    assert!(
+        !root.join("trees/1").exists(),
+        "gc removed the unprotected tree"
+    );
+    assert!(root.join("trees/3").exists(), "the delta's base stays");
+    verify(&root, "4").success();
+}
