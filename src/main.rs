@@ -262,7 +262,9 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let dir = dir.as_ref().expect("required");
                 let m = scan::scan(dir, true, None)?.manifest;
-                out.write_all(m.to_toml().as_bytes())?;
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+                m.write_toml(&mut w)?;
+                w.flush()?;
             }
         }
         Command::Verify { version, full } => {

@@ -99,6 +99,11 @@ impl Manifest {
         tree_digest(&self.entries)
     }
 
+    /// The index of the entry at `path`.
+    pub fn index(&self, path: &[u8]) -> Option<usize> {
+        self.entries.binary_search_by(|e| (*e.path).cmp(path)).ok()
+    }
+
     pub fn find(&self, path: &[u8]) -> Option<&Entry> {
         self.entries
             .binary_search_by(|e| (*e.path).cmp(path))
@@ -108,21 +113,30 @@ impl Manifest {
 
     /// The canonical TOML text.
     pub fn to_toml(&self) -> String {
-        let mut out = String::with_capacity(64 + self.entries.len() * 160);
-        out.push_str("# treeswap tree manifest; see FORMAT.md\n");
-        let _ = writeln!(out, "format = {FORMAT}");
+        let mut out = Vec::with_capacity(64 + self.entries.len() * 160);
+        self.write_toml(&mut out).expect("writing to memory");
+        String::from_utf8(out).expect("manifests are UTF-8")
+    }
+
+    /// Writes the canonical TOML text, entry by entry (a million-entry manifest is ~200 MB of
+    /// text; it is never held in memory whole).
+    pub fn write_toml(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        writeln!(out, "# treeswap tree manifest; see FORMAT.md")?;
+        writeln!(out, "format = {FORMAT}")?;
         if let Some(v) = &self.version {
-            let _ = writeln!(out, "version = \"{v}\"");
+            writeln!(out, "version = \"{v}\"")?;
         }
-        let _ = writeln!(out, "digest = \"{}\"", hex::encode(self.digest()));
-        let _ = writeln!(out, "count = {}", self.entries.len());
-        out.push_str("entries = [\n");
+        writeln!(out, "digest = \"{}\"", hex::encode(self.digest()))?;
+        writeln!(out, "count = {}", self.entries.len())?;
+        writeln!(out, "entries = [")?;
+        let mut line = String::with_capacity(512);
         for e in &self.entries {
-            write_entry(&mut out, e);
-            out.push_str(",\n");
+            line.clear();
+            write_entry(&mut line, e);
+            line.push_str(",\n");
+            out.write_all(line.as_bytes())?;
         }
-        out.push_str("]\n");
-        out
+        writeln!(out, "]")
     }
 }
 

@@ -299,7 +299,11 @@ impl Root {
     pub fn write_manifest(&self, version: &str, m: &Manifest) -> Result<()> {
         let dir = self.path.join("manifests");
         let tmp = dir.join(format!(".{version}.toml.tmp"));
-        fs_err::write(&tmp, m.to_toml())?;
+        let f = fs_err::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        m.write_toml(&mut w)
+            .and_then(|()| std::io::Write::flush(&mut w))
+            .with_context(|| format!("cannot write `{}`", tmp.display()))?;
         fs_err::rename(&tmp, self.manifest_path(version))?;
         Ok(())
     }

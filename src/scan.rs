@@ -57,15 +57,40 @@ pub fn scan(dir: &Path, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
 
 pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
     let mut items: Vec<(Entry, (u64, u64))> = Vec::new();
+    walk(top, &mut |e, ino| {
+        items.push((e, ino));
+        Ok(true)
+    })?;
+    items.sort_unstable_by(|a, b| a.0.path.cmp(&b.0.path));
+    if hash {
+        hash_files(top, &mut items, hook)?;
+    }
+    let (entries, inodes): (Vec<Entry>, Vec<(u64, u64)>) = items.into_iter().unzip();
+    let mut manifest = Manifest {
+        version: None,
+        entries,
+    };
+    manifest.normalize()?;
+    Ok(Scan { manifest, inodes })
+}
+
+/// What [`walk`] calls for each entry, with its device and inode; for a directory, whether to
+/// descend into it.
+pub type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>;
+
+/// Walks the tree under `top` without following any symlink: the top (`.`) first, then every
+/// entry, a directory before its children but in no other order. Regular files get a zero
+/// hash and no extended attributes; sockets are skipped with a warning.
+pub fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
     let st = rustix::fs::fstat(top).context("cannot stat the top directory")?;
-    items.push((
+    visit(
         Entry {
             path: (*b".").into(),
             meta: meta_of(&st, sys::fd_xattrs(top)?),
             kind: Kind::Dir,
         },
         (st.st_dev, st.st_ino),
-    ));
+    )?;
     let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
     while let Some(rel) = pending.pop() {
         let fd = if rel == b"." {
@@ -85,19 +110,21 @@ pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Sc
                 FileType::Directory => {
                     let sub = sys::open_dir_beneath(dfd, &name)?;
                     let meta = meta_of(&st, sys::fd_xattrs(sub.as_fd())?);
-                    items.push((
+                    let descend = visit(
                         Entry {
                             path: path.clone().into(),
                             meta,
                             kind: Kind::Dir,
                         },
                         ino,
-                    ));
-                    pending.push(path);
+                    )?;
+                    if descend {
+                        pending.push(path);
+                    }
                     continue;
                 }
                 FileType::RegularFile => {
-                    items.push((
+                    visit(
                         Entry {
                             path: path.into(),
                             meta: meta_of(&st, Vec::new()),
@@ -107,7 +134,7 @@ pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Sc
                             },
                         },
                         ino,
-                    ));
+                    )?;
                     continue;
                 }
                 FileType::Symlink => {
@@ -137,31 +164,21 @@ pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Sc
             if matches!(kind, Kind::Symlink { .. }) {
                 meta.mode = 0o777;
             }
-            items.push((
+            visit(
                 Entry {
                     path: path.into(),
                     meta,
                     kind,
                 },
                 ino,
-            ));
+            )?;
         }
         if let Some(f) = fd {
             // Keep no handle longer than its directory is being read.
             drop(f);
         }
     }
-    items.sort_unstable_by(|a, b| a.0.path.cmp(&b.0.path));
-    if hash {
-        hash_files(top, &mut items, hook)?;
-    }
-    let (entries, inodes): (Vec<Entry>, Vec<(u64, u64)>) = items.into_iter().unzip();
-    let mut manifest = Manifest {
-        version: None,
-        entries,
-    };
-    manifest.normalize()?;
-    Ok(Scan { manifest, inodes })
+    Ok(())
 }
 
 /// Hashes each distinct inode once, in parallel, and fills in content hashes and extended

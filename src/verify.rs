@@ -22,42 +22,42 @@ pub fn verify_tree(
     layout: &Layout,
     full: bool,
 ) -> Result<Vec<String>> {
-    let found = scan::scan_fd(tree, false, None)?;
-    let mut problems = Vec::new();
-    let (a, b) = (&m.entries, &found.manifest.entries);
-    let (mut i, mut j) = (0, 0);
-    let mut wanted_inodes: Vec<(usize, usize)> = Vec::new();
+    // Walk the tree and look each entry up in the manifest: no second manifest in memory.
+    let a = &m.entries;
+    let mut seen = vec![false; a.len()];
+    let mut found: Vec<(Vec<u8>, String)> = Vec::new();
+    // Files that should be links to their objects, with the inode found.
+    let mut linked: Vec<(usize, (u64, u64))> = Vec::new();
     // Files that are private copies, not links: compared by content in a full check.
     let mut copies: Vec<usize> = Vec::new();
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x.path == y.path => {
-                compare(x, y, &mut problems);
-                if matches!(x.kind, Kind::File { .. }) && matches!(y.kind, Kind::File { .. }) {
-                    if layout.is_copy(&x.path) {
-                        copies.push(i);
-                    } else {
-                        wanted_inodes.push((i, j));
-                    }
-                }
-                i += 1;
-                j += 1;
+    scan::walk(tree, &mut |y, ino| {
+        let Some(i) = m.index(&y.path) else {
+            found.push((y.path.to_vec(), format!("extra: {}", y.display())));
+            // The contents of an extra directory are extra too; naming it is enough.
+            return Ok(false);
+        };
+        seen[i] = true;
+        let x = &a[i];
+        let mut p = Vec::new();
+        compare(x, &y, &mut p);
+        found.extend(p.into_iter().map(|s| (y.path.to_vec(), s)));
+        if matches!(x.kind, Kind::File { .. }) && matches!(y.kind, Kind::File { .. }) {
+            if layout.is_copy(&x.path) {
+                copies.push(i);
+            } else {
+                linked.push((i, ino));
             }
-            (Some(x), Some(y)) if x.path < y.path => {
-                problems.push(format!("missing: {}", x.display()));
-                i += 1;
-            }
-            (Some(x), None) => {
-                problems.push(format!("missing: {}", x.display()));
-                i += 1;
-            }
-            (_, Some(y)) => {
-                problems.push(format!("extra: {}", y.display()));
-                j += 1;
-            }
-            (None, None) => unreachable!(),
+        }
+        Ok(x.is_dir() && y.is_dir())
+    })?;
+    for (i, e) in a.iter().enumerate() {
+        if !seen[i] {
+            found.push((e.path.to_vec(), format!("missing: {}", e.display())));
         }
     }
+    found.sort();
+    let mut problems: Vec<String> = found.into_iter().map(|(_, s)| s).collect();
+    let wanted_inodes = linked;
     // Each file must be its pool object (or one of the object's extra copies).
     let ids: HashSet<ObjectId> = wanted_inodes
         .iter()
@@ -79,9 +79,8 @@ pub fn verify_tree(
         let (id, v) = r?;
         by_id.insert(id, v);
     }
-    for &(i, j) in &wanted_inodes {
+    for &(i, have) in &wanted_inodes {
         let id = a[i].object().expect("file");
-        let have = found.inodes[j];
         match by_id[&id] {
             Some(ino) if ino == have => {}
             None => problems.push(format!(
