@@ -191,7 +191,8 @@ fn hash_files(
     let mut first: HashMap<(u64, u64), usize> = HashMap::new();
     let mut jobs: Vec<usize> = Vec::new();
     for (i, (e, ino)) in items.iter().enumerate() {
-        if matches!(e.kind, Kind::File { .. }) && first.insert(*ino, i).is_none() {
+        if matches!(e.kind, Kind::File { .. }) && !first.contains_key(ino) {
+            first.insert(*ino, i);
             jobs.push(i);
         }
     }
@@ -219,16 +220,26 @@ fn hash_files(
         })
         .collect();
     progress.finish();
-    let mut done: HashMap<(u64, u64), (Meta, u64, Hash)> = HashMap::new();
+    // Each result goes straight to the entry it was computed for; other names of the same
+    // inode copy it from there (no second map of a million results).
     for (i, r) in results {
-        done.insert(items[i].1, r?);
+        let (meta, sz, h) = r?;
+        let e = &mut items[i].0;
+        e.meta = meta;
+        e.kind = Kind::File {
+            size: sz,
+            sha256: h,
+        };
     }
-    for (e, ino) in items.iter_mut() {
-        if let Kind::File { size, sha256 } = &mut e.kind {
-            let (meta, sz, h) = &done[ino];
-            e.meta = meta.clone();
-            *size = *sz;
-            *sha256 = *h;
+    for k in 0..items.len() {
+        if !matches!(items[k].0.kind, Kind::File { .. }) {
+            continue;
+        }
+        let j = first[&items[k].1];
+        if j != k {
+            let (meta, kind) = (items[j].0.meta.clone(), items[j].0.kind.clone());
+            items[k].0.meta = meta;
+            items[k].0.kind = kind;
         }
     }
     Ok(())
