@@ -162,15 +162,8 @@ impl Pool {
         .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
         if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
             let size = rustix::fs::fstat(&src)?.st_size as u64;
-            let mut off_in = 0u64;
-            while off_in < size {
-                let len = (size - off_in).min(1 << 30) as usize;
-                let n = rustix::fs::copy_file_range(&src, Some(&mut off_in), &dst, None, len)
-                    .context("cannot copy an object")?;
-                if n == 0 {
-                    bail!("object {} is shorter than it should be", hex::encode(id));
-                }
-            }
+            sys::copy_range(src.as_fd(), dst.as_fd(), size)
+                .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         }
         sys::apply_meta_fd(dst.as_fd(), meta)?;
         sys::zero_times(dst.as_fd())
@@ -338,16 +331,8 @@ impl Pool {
             xattrs: sys::fd_xattrs(src.as_fd())?,
         };
         let tmp = TmpFile::create(self.tmp.as_fd())?;
-        let mut off_in = 0u64;
-        let size = st.st_size as u64;
-        while off_in < size {
-            let len = (size - off_in).min(1 << 30) as usize;
-            let n = rustix::fs::copy_file_range(&src, Some(&mut off_in), tmp.fd(), None, len)
-                .context("cannot copy object")?;
-            if n == 0 {
-                bail!("object {} is shorter than it should be", hex::encode(id));
-            }
-        }
+        sys::copy_range(src.as_fd(), tmp.fd(), st.st_size as u64)
+            .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         self.publish(tmp, &meta, id, n)?;
         Ok(())
     }

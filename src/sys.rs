@@ -341,6 +341,23 @@ pub fn free_bytes(fd: BorrowedFd) -> Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Copies the first `size` bytes of `src` to the end of `dst` in the kernel
+/// ([copy_file_range(2)]).
+///
+/// [copy_file_range(2)]: https://man7.org/linux/man-pages/man2/copy_file_range.2.html
+pub fn copy_range(src: BorrowedFd, dst: BorrowedFd, size: u64) -> Result<()> {
+    let mut off_in = 0u64;
+    while off_in < size {
+        let len = (size - off_in).min(1 << 30) as usize;
+        let n = rustix::fs::copy_file_range(src, Some(&mut off_in), dst, None, len)
+            .context("copy_file_range failed")?;
+        if n == 0 {
+            bail!("the source is shorter than {size} bytes");
+        }
+    }
+    Ok(())
+}
+
 /// Sets atime and mtime of an open file to the epoch (FORMAT.md, "Timestamps").
 pub fn zero_times(fd: BorrowedFd) -> Result<()> {
     let zero = rustix::fs::Timespec {
