@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -169,7 +168,6 @@ pub fn diff(
     let total: u64 = needed.iter().map(|e| size_of(e)).sum();
     let shipped: HashSet<usize> = needed.iter().map(|e| *e as *const Entry as usize).collect();
     let progress = Progress::bytes(total, "diffing");
-    let done = AtomicU64::new(0);
     type Encoded = Result<(Content, Vec<u8>)>;
     let encoded: Vec<Encoded> = jobs
         .par_iter()
@@ -177,7 +175,6 @@ pub fn diff(
             let r = encode(e, cands, read_from, read_to, &shipped, level)
                 .with_context(|| format!("cannot encode `{}`", e.display()));
             progress.inc(size_of(e));
-            done.fetch_add(1, Ordering::Relaxed);
             r
         })
         .collect();
@@ -287,9 +284,8 @@ fn encode(
             }
         }
     };
-    let scout = (pick, 0);
     // bsdiff wins on small executables, whose code moves by a few bytes everywhere.
-    if let Some(k) = scout.0
+    if let Some(k) = pick
         && size <= BSDIFF_MAX
         && data.starts_with(b"\x7fELF")
         && bases[k].1.len() as u64 <= BSDIFF_MAX

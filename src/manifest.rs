@@ -466,13 +466,6 @@ impl<'a> Fields<'a> {
             None => bail!("missing `{k}`"),
         }
     }
-    pub fn opt_str(&mut self, k: &str) -> Result<Option<Cow<'a, str>>> {
-        match self.take(k) {
-            Some(Value::Str(s)) => Ok(Some(s)),
-            Some(_) => bail!("`{k}` must be a string"),
-            None => Ok(None),
-        }
-    }
     pub fn int(&mut self, k: &str) -> Result<u64> {
         match self.take(k) {
             Some(Value::Int(n)) => Ok(n),

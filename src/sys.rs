@@ -373,7 +373,3 @@ pub fn zero_times(fd: BorrowedFd) -> Result<()> {
     )
     .context("cannot set timestamps")
 }
-
-pub fn fd(f: &OwnedFd) -> BorrowedFd<'_> {
-    f.as_fd()
-}
