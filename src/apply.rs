@@ -201,6 +201,12 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let mut archive = tar::Archive::new(tar_stream(input)?);
     let mut entries = archive.entries().map_err(bad)?;
     let d = read_manifest(&mut entries, policy)?;
+    log::debug!(
+        "read the delta manifest: {} changed, {} removed, {} contents",
+        d.changed.len(),
+        d.removed.len(),
+        d.contents.len()
+    );
     let to = d.to_version.clone();
     let current = root.link("current")?;
     if let Some(cur) = &current
@@ -271,8 +277,10 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     // The base's entries move into the new manifest (at a million entries a manifest is
     // ~150 MB; there is never a second one).
     let new = compose(base, &d)?;
+    log::debug!("composed the new manifest: {} entries", new.entries.len());
     let pool = root.pool_for(cfg)?;
     let plan = plan(base_content, &new, &d, &pool)?;
+    log::debug!("planned {} new objects, {} bytes", plan.objects, plan.bytes);
     if let Err(e) = check_space(root, &plan, &new) {
         if !cfg.gc_before_apply {
             return Err(e);
@@ -288,20 +296,36 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         check_space(root, &plan, &new)?;
     }
 
-    let written = (|| -> Result<()> {
-        materialize(&d, &plan, &pool, &mut entries)?;
-        crate::failpoint::hit("apply-after-objects");
-        // Nothing may follow the last blob.
-        if let Some(extra) = entries.next() {
-            let name = extra
-                .map(|e| crate::path::display(&e.path_bytes()))
-                .unwrap_or_else(|e| e.to_string());
-            return Err(bad(format!(
-                "unexpected member `{name}` after the last blob"
-            )));
-        }
-        import::install(root, cfg, &pool, &new, true)
-    })();
+    let mut write_and_stage = || -> Result<()> {
+        // The objects are written while everything that does not need them is staged.
+        let late: HashSet<&[u8]> = d
+            .changed
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::File { .. }))
+            .map(|e| &*e.path)
+            .collect();
+        let mut work = || -> Result<()> {
+            materialize(&d, &plan, &pool, &mut entries)?;
+            log::debug!("wrote the new objects");
+            crate::failpoint::hit("apply-after-objects");
+            // Nothing may follow the last blob.
+            if let Some(extra) = entries.next() {
+                let name = extra
+                    .map(|e| crate::path::display(&e.path_bytes()))
+                    .unwrap_or_else(|e| e.to_string());
+                return Err(bad(format!(
+                    "unexpected member `{name}` after the last blob"
+                )));
+            }
+            Ok(())
+        };
+        let during = crate::stage::During {
+            late,
+            work: &mut work,
+        };
+        import::install(root, cfg, &pool, &new, true, Some(during))
+    };
+    let written = write_and_stage();
     if let Err(e) = written {
         // Give the pool back as it was: the objects this apply wrote are used by no tree
         // (unless the new tree got installed after all, before a late error).
@@ -542,85 +566,149 @@ fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<
     Ok(blob)
 }
 
-/// Writes every new object, content by content, in delta order.
+/// The contents being decoded at once hold at most this many bytes (blobs plus results),
+/// unless one content alone is larger.
+const IN_FLIGHT_BYTES: u64 = 64 << 20;
+
+/// Writes every new object. Blobs are read from the stream in delta order, and each content
+/// is decoded and written by a worker thread as soon as its blob is in, after its reference
+/// has been announced to the kernel (`POSIX_FADV_WILLNEED`) so that cold reads overlap. A
+/// patch against a content still being made waits until the contents in flight are done.
 fn materialize<R: Read>(
     d: &Delta,
     plan: &Plan,
     pool: &Pool,
     entries: &mut tar::Entries<R>,
 ) -> Result<()> {
+    use std::sync::Mutex;
     // Where each content can be read from once it exists: an object of the base or one this
     // apply wrote.
-    let mut have: HashMap<Hash, ObjectId> = plan.base_content.clone();
+    let have: Mutex<HashMap<Hash, ObjectId>> = Mutex::new(plan.base_content.clone());
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let progress = crate::progress::Progress::items(d.contents.len() as u64, "writing");
-    for c in &d.contents {
-        progress.inc(1);
-        let blob = match c.blob {
-            Some(_) => Some(read_blob(entries, c)?),
-            None => None,
-        };
-        let empty = Vec::new();
-        let metas = plan.metas.get(&c.sha256).unwrap_or(&empty);
-        let Some(((meta0, id0), rest)) = metas.split_first() else {
-            // Every object this content makes is in the pool already; later patches may
-            // still use it as their reference.
-            if let Some(id) = plan.existing.get(&c.sha256) {
-                have.entry(c.sha256).or_insert(*id);
+    let mut next = 0;
+    while next < d.contents.len() {
+        // One round: contents are handed to workers until one needs a content still in
+        // flight, or the bytes in flight reach the limit; the round ends when all are done.
+        rayon::in_place_scope(|s| -> Result<()> {
+            let mut in_flight: HashSet<Hash> = HashSet::new();
+            let mut bytes = 0u64;
+            while let Some(c) = d.contents.get(next) {
+                if failed.lock().expect("poisoned").is_some() {
+                    break;
+                }
+                let waits = c.source.base().is_some_and(|r| in_flight.contains(r));
+                if !in_flight.is_empty() && (waits || bytes >= IN_FLIGHT_BYTES) {
+                    break;
+                }
+                next += 1;
+                let blob = match c.blob {
+                    Some(_) => Some(read_blob(entries, c)?),
+                    None => None,
+                };
+                let Some(metas) = plan.metas.get(&c.sha256).filter(|m| !m.is_empty()) else {
+                    // Every object this content makes is in the pool already; later patches
+                    // may still use it as their reference.
+                    progress.inc(1);
+                    if let Some(id) = plan.existing.get(&c.sha256) {
+                        have.lock()
+                            .expect("poisoned")
+                            .entry(c.sha256)
+                            .or_insert(*id);
+                    }
+                    continue;
+                };
+                let source = match c.source {
+                    Source::Base => Some(c.sha256),
+                    _ => c.source.base().copied(),
+                };
+                if let Some(id) =
+                    source.and_then(|h| have.lock().expect("poisoned").get(&h).copied())
+                    && let Ok(fd) = pool.open_object(&id)
+                {
+                    let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+                }
+                bytes = bytes
+                    .saturating_add(blob.as_ref().map_or(0, |b| b.len() as u64))
+                    .saturating_add(c.size);
+                in_flight.insert(c.sha256);
+                let (have, failed, progress) = (&have, &failed, &progress);
+                s.spawn(move |_| {
+                    match write_content(c, blob.as_deref(), metas, have, pool) {
+                        Ok(id) => {
+                            have.lock().expect("poisoned").insert(c.sha256, id);
+                        }
+                        Err(e) => {
+                            failed.lock().expect("poisoned").get_or_insert(e);
+                        }
+                    }
+                    progress.inc(1);
+                });
             }
-            continue;
-        };
-        let what = || format!("content {}", hex::encode(c.sha256));
-        let reference = |sha: &Hash| -> Result<Vec<u8>> {
-            let id = have
-                .get(sha)
-                .ok_or_else(|| anyhow!("reference {} is not available", hex::encode(sha)))?;
-            read_checked(pool, id, sha)
-        };
-        match &c.source {
-            Source::Base => {
-                let src = pool.open_object(&have[&c.sha256])?;
-                pool.store(
-                    &mut FdReader {
-                        fd: src.as_fd(),
-                        off: 0,
-                    },
-                    meta0,
-                    c.size,
-                    &c.sha256,
-                )
-                .with_context(what)?;
-            }
-            Source::Zstd | Source::ZstdPatch { .. } => {
-                let reference = c.source.base().map(reference).transpose()?;
-                let blob = blob.as_deref().expect("blob");
-                let mut dec = crate::codec::stream(&c.source, blob, reference.as_deref(), c.size)?;
-                pool.store(&mut dec, meta0, c.size, &c.sha256)
-                    .with_context(what)?;
-            }
-            Source::Bsdiff { base } => {
-                let reference = reference(base)?;
-                let out =
-                    crate::codec::bsdiff_apply(&reference, blob.as_deref().expect("blob"), c.size)?;
-                pool.store(&mut &out[..], meta0, c.size, &c.sha256)
-                    .with_context(what)?;
-            }
-        }
-        have.insert(c.sha256, *id0);
-        crate::failpoint::hit("apply-after-object");
-        for (meta, _) in rest {
-            let src = pool.open_object(id0)?;
-            pool.store(
-                &mut FdReader {
-                    fd: src.as_fd(),
-                    off: 0,
-                },
-                meta,
-                c.size,
-                &c.sha256,
-            )
-            .with_context(what)?;
+            Ok(())
+        })?;
+        if let Some(e) = failed.lock().expect("poisoned").take() {
+            return Err(e);
         }
     }
     progress.finish();
     Ok(())
+}
+
+/// Makes the objects `metas` (at least one) of content `c` from its blob or reference;
+/// returns the first one's id.
+fn write_content(
+    c: &Content,
+    blob: Option<&[u8]>,
+    metas: &[(Meta, ObjectId)],
+    have: &std::sync::Mutex<HashMap<Hash, ObjectId>>,
+    pool: &Pool,
+) -> Result<ObjectId> {
+    let have = |sha: &Hash| have.lock().expect("poisoned").get(sha).copied();
+    let ((meta0, id0), rest) = metas.split_first().expect("an object to make");
+    let what = || format!("content {}", hex::encode(c.sha256));
+    let reference = |sha: &Hash| -> Result<Vec<u8>> {
+        let id =
+            have(sha).ok_or_else(|| anyhow!("reference {} is not available", hex::encode(sha)))?;
+        read_checked(pool, &id, sha)
+    };
+    let copy_of = |id: &ObjectId, meta: &Meta| -> Result<()> {
+        let src = pool.open_object(id)?;
+        pool.store(
+            &mut FdReader {
+                fd: src.as_fd(),
+                off: 0,
+            },
+            meta,
+            c.size,
+            &c.sha256,
+        )
+        .with_context(what)?;
+        Ok(())
+    };
+    match &c.source {
+        Source::Base => {
+            let id = have(&c.sha256)
+                .ok_or_else(|| anyhow!("content {} is not available", hex::encode(c.sha256)))?;
+            copy_of(&id, meta0)?;
+        }
+        Source::Zstd | Source::ZstdPatch { .. } => {
+            let reference = c.source.base().map(reference).transpose()?;
+            let blob = blob.expect("blob");
+            let mut dec = crate::codec::stream(&c.source, blob, reference.as_deref(), c.size)?;
+            pool.store(&mut dec, meta0, c.size, &c.sha256)
+                .with_context(what)?;
+        }
+        Source::Bsdiff { base } => {
+            let reference = reference(base)?;
+            let out = crate::codec::bsdiff_apply(&reference, blob.expect("blob"), c.size)?;
+            pool.store(&mut &out[..], meta0, c.size, &c.sha256)
+                .with_context(what)?;
+        }
+    }
+    crate::failpoint::hit("apply-after-object");
+    for (meta, _) in rest {
+        copy_of(id0, meta)?;
+    }
+    Ok(*id0)
 }

@@ -110,7 +110,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             return EXIT_NO_SPACE;
         }
         if let Some(e) = cause.downcast_ref::<std::io::Error>()
-            && e.raw_os_error() == Some(libc::ENOSPC)
+            && (e.raw_os_error() == Some(libc::ENOSPC)
+                || e.kind() == std::io::ErrorKind::StorageFull)
         {
             return EXIT_NO_SPACE;
         }

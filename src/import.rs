@@ -49,18 +49,20 @@ pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Ma
         m.entries.len(),
         hex::encode(m.digest())
     );
-    install(root, cfg, &pool, &m, false)?;
+    install(root, cfg, &pool, &m, false, None)?;
     Ok(m)
 }
 
 /// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc);
 /// with `verify`, the staged tree is checked entry by entry against `m` before the commit.
+/// `during` is work to do while the tree is built (see [`stage::During`]).
 pub fn install(
     root: &Root,
     cfg: &Config,
     pool: &crate::pool::Pool,
     m: &Manifest,
     verify: bool,
+    during: Option<stage::During>,
 ) -> Result<()> {
     let version = m.version.as_deref().context("manifest has no version")?;
     let staging = root.subdir("staging")?;
@@ -72,7 +74,14 @@ pub fn install(
         // cleared makes `boot` re-protect the pool.
         crate::protect::mark_unprotected(root, true)?;
     }
-    let built = stage::build(m, pool, &layout, staging.as_fd(), version.as_bytes());
+    let built = stage::build(
+        m,
+        pool,
+        &layout,
+        staging.as_fd(),
+        version.as_bytes(),
+        during,
+    );
     if immutable {
         crate::protect::mark_unprotected(root, false)?;
     }
@@ -83,6 +92,7 @@ pub fn install(
         }
         return Err(e.context(format!("cannot build `staging/{version}`")));
     }
+    log::debug!("staged `staging/{version}`");
     crate::failpoint::hit("stage-after-build");
     if verify {
         let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
@@ -95,10 +105,12 @@ pub fn install(
             .into());
         }
     }
+    log::debug!("verified `staging/{version}`");
     root.write_manifest(version, m)?;
     fs_err::write(root.layout_path(version), layout.to_toml())?;
     crate::failpoint::hit("stage-before-syncfs");
     root.syncfs()?;
+    log::debug!("wrote the manifest and synced the file system");
     crate::failpoint::hit("stage-after-syncfs");
     let trees = root.subdir("trees")?;
     rustix::fs::renameat(staging.as_fd(), version, trees.as_fd(), version)

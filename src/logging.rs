@@ -9,6 +9,9 @@ struct Logger;
 
 static JOURNAL: OnceLock<bool> = OnceLock::new();
 
+/// When logging started: debug lines carry the time since then, to show where time goes.
+static START: OnceLock<std::time::Instant> = OnceLock::new();
+
 /// Whether stderr is connected to the systemd journal (see `systemd.exec(5)`, `JOURNAL_STREAM`).
 pub fn to_journal() -> bool {
     *JOURNAL.get_or_init(|| {
@@ -37,6 +40,12 @@ impl log::Log for Logger {
             log::Level::Debug => "debug",
             log::Level::Trace => "trace",
         };
+        let elapsed = match (r.level(), START.get()) {
+            (log::Level::Debug | log::Level::Trace, Some(t)) => {
+                format!("[{:.3}s] ", t.elapsed().as_secs_f64())
+            }
+            _ => String::new(),
+        };
         let mut err = std::io::stderr().lock();
         if to_journal() {
             let pri = match r.level() {
@@ -45,9 +54,9 @@ impl log::Log for Logger {
                 log::Level::Info => 6,
                 log::Level::Debug | log::Level::Trace => 7,
             };
-            let _ = writeln!(err, "<{pri}>{level}: {}", r.args());
+            let _ = writeln!(err, "<{pri}>{level}: {elapsed}{}", r.args());
         } else {
-            let _ = writeln!(err, "treeswap: {level}: {}", r.args());
+            let _ = writeln!(err, "treeswap: {level}: {elapsed}{}", r.args());
         }
     }
     fn flush(&self) {}
@@ -67,6 +76,7 @@ pub fn init(verbose: u8, quiet: bool) {
             _ => log::LevelFilter::Trace,
         }
     };
+    START.get_or_init(std::time::Instant::now);
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
 }

@@ -7,7 +7,7 @@
 //! is the same bytes by construction. Durability comes from one `syncfs` by the caller before
 //! its commit point, not from per-object fsync.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
@@ -335,6 +335,57 @@ impl Pool {
             .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         self.publish(tmp, &meta, id, n)?;
         Ok(())
+    }
+
+    /// The inode (device, number) of each of `ids` that the pool has, without its extra
+    /// copies. Reads each shard directory that holds one of them once (the inode numbers come
+    /// with the names), which costs far less than a lookup per object. A file system whose
+    /// directory entries carry other numbers than `stat` only makes callers fall back to
+    /// [`Pool::inodes`].
+    pub fn primary_inodes(&self, ids: &[ObjectId]) -> Result<HashMap<ObjectId, (u64, u64)>> {
+        use rayon::prelude::*;
+        let dev = rustix::fs::fstat(&self.dir)
+            .context("cannot stat the pool")?
+            .st_dev;
+        let mut shards: HashMap<u8, HashSet<ObjectId>> = HashMap::new();
+        for id in ids {
+            shards.entry(id[0]).or_default().insert(*id);
+        }
+        type Found = Vec<(ObjectId, (u64, u64))>;
+        let found: Vec<Result<Found>> = shards
+            .par_iter()
+            .map(|(shard, wanted)| {
+                let name = hex::encode([*shard]);
+                let fd = match rustix::fs::openat2(
+                    self.dir.as_fd(),
+                    name.as_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                    Mode0::empty(),
+                    sys::BENEATH,
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) => return Ok(Vec::new()),
+                    Err(e) => return Err(e).context(format!("cannot open `pool/{name}`")),
+                };
+                let mut dir = rustix::fs::Dir::read_from(&fd).context("cannot read the pool")?;
+                let mut out = Vec::new();
+                while let Some(ent) = dir.read() {
+                    let ent = ent.context("cannot read the pool")?;
+                    let mut id = [0u8; 32];
+                    if hex::decode_to_slice(ent.file_name().to_bytes(), &mut id).is_ok()
+                        && wanted.contains(&id)
+                    {
+                        out.push((id, (dev, ent.ino())));
+                    }
+                }
+                Ok(out)
+            })
+            .collect();
+        let mut map = HashMap::with_capacity(ids.len());
+        for r in found {
+            map.extend(r?);
+        }
+        Ok(map)
     }
 
     /// The (device, inode) of every copy of an object, for fast verification.

@@ -2,7 +2,7 @@
 //! symlinks and special files, all created relative to directory handles that were opened
 //! without following any symlink, so no manifest path can leave the tree being built.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
@@ -18,6 +18,18 @@ use rayon::prelude::*;
 
 /// Directory handles kept open while building; beyond this the cache starts over.
 const DIR_CACHE: usize = 256;
+/// Entries made by one task, which keeps its own directory handles.
+const CHUNK: usize = 512;
+/// Threads per core for making entries.
+const IO_THREADS_PER_CORE: usize = 4;
+
+/// Work to do while a tree is built: [`build`] runs `work` on the calling thread while it
+/// makes everything but the entries at the paths in `late`, which need what `work` makes;
+/// those are made once `work` has succeeded.
+pub struct During<'a> {
+    pub late: HashSet<&'a [u8]>,
+    pub work: &'a mut dyn FnMut() -> Result<()>,
+}
 
 /// Builds the tree of `m` as the new directory `name` in `parent`, which must not exist.
 /// Regular files are hardlinks to their pool objects, or copies where `layout` says so.
@@ -26,12 +38,14 @@ const DIR_CACHE: usize = 256;
 ///
 /// Directories are made first, in order (a parent sorts before its children); then every
 /// other entry is made in parallel, in chunks that each keep their own directory handles.
+/// With `during`, its work runs at the same time (see [`During`]).
 pub fn build(
     m: &Manifest,
     pool: &Pool,
     layout: &Layout,
     parent: BorrowedFd,
     name: &[u8],
+    during: Option<During>,
 ) -> Result<()> {
     let top_entry = m.entries.first().context("empty manifest")?;
     if m.entries.len() > 1 && m.entries[0].path.as_ref() != b"." {
@@ -44,33 +58,69 @@ pub fn build(
     let progress = Progress::items(m.entries.len() as u64, "staging");
     let (dirs, others): (Vec<&Entry>, Vec<&Entry>) =
         m.entries[1..].iter().partition(|e| e.is_dir());
-    let mut cache = DirCache::new(top.as_fd());
-    for e in dirs {
-        progress.inc(1);
-        let (ppath, base) = split_parent(&e.path);
-        let res: Result<OwnedFd> = (|| {
-            let pfd = cache.get(ppath)?;
-            rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
-            let fd = sys::open_dir_beneath(pfd, base)?;
-            sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
-            Ok(fd)
-        })();
-        let fd = res.with_context(|| format!("cannot create `{}`", e.display()))?;
-        cache.put(&e.path, fd);
+    let make_dirs = || -> Result<()> {
+        let mut cache = DirCache::new(top.as_fd());
+        for e in dirs {
+            progress.inc(1);
+            let (ppath, base) = split_parent(&e.path);
+            let res: Result<OwnedFd> = (|| {
+                let pfd = cache.get(ppath)?;
+                rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
+                let fd = sys::open_dir_beneath(pfd, base)?;
+                sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
+                Ok(fd)
+            })();
+            let fd = res.with_context(|| format!("cannot create `{}`", e.display()))?;
+            cache.put(&e.path, fd);
+        }
+        Ok(())
+    };
+    // The work waits on metadata reads as much as on the CPU: more threads than cores keep
+    // the cores busy on a cold cache.
+    let threads = rayon::current_num_threads() * IO_THREADS_PER_CORE;
+    let pool_threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("cannot start threads")?;
+    let make_all = |entries: &[&Entry]| -> Result<()> {
+        pool_threads.install(|| {
+            entries
+                .par_chunks(CHUNK)
+                .try_for_each(|chunk| -> Result<()> {
+                    let mut cache = DirCache::new(top.as_fd());
+                    for e in chunk {
+                        let (ppath, base) = split_parent(&e.path);
+                        make(e, pool, layout, cache.get(ppath)?, base)
+                            .with_context(|| format!("cannot create `{}`", e.display()))?;
+                    }
+                    progress.inc(chunk.len() as u64);
+                    Ok(())
+                })
+        })
+    };
+    match during {
+        None => {
+            make_dirs()?;
+            make_all(&others)?;
+        }
+        Some(During { late, work }) => {
+            let (late, early): (Vec<&Entry>, Vec<&Entry>) =
+                others.into_iter().partition(|e| late.contains(&*e.path));
+            let (built, worked) = std::thread::scope(|s| {
+                let builder = s.spawn(|| -> Result<()> {
+                    make_dirs()?;
+                    make_all(&early)
+                });
+                let worked = work();
+                (builder.join(), worked)
+            });
+            let built = built.unwrap_or_else(|_| Err(anyhow::anyhow!("a staging thread panicked")));
+            // The work's error comes first: a build that failed because of it says less.
+            worked?;
+            built?;
+            make_all(&late)?;
+        }
     }
-    drop(cache);
-    others
-        .par_chunks(2048)
-        .try_for_each(|chunk| -> Result<()> {
-            let mut cache = DirCache::new(top.as_fd());
-            for e in chunk {
-                let (ppath, base) = split_parent(&e.path);
-                make(e, pool, layout, cache.get(ppath)?, base)
-                    .with_context(|| format!("cannot create `{}`", e.display()))?;
-            }
-            progress.inc(chunk.len() as u64);
-            Ok(())
-        })?;
     progress.finish();
     Ok(())
 }

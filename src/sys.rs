@@ -14,7 +14,7 @@ use crate::object::Meta;
 use crate::path::display;
 
 /// Resolution that stays under the directory handle and follows no symlink at all.
-const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+pub(crate) const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 

@@ -1,6 +1,6 @@
 //! Checking a tree on disk against its manifest, entry by entry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::fd::BorrowedFd;
 
 use anyhow::Result;
@@ -64,32 +64,20 @@ pub fn verify_tree(
         .filter_map(|&(i, _)| a[i].object())
         .collect();
     let ids: Vec<ObjectId> = ids.into_iter().collect();
-    // One lookup per object: its own inode. Extra copies (past the link limit) are looked
-    // for only for a file that is not the object itself.
-    type Primary = Result<(ObjectId, Option<(u64, u64)>)>;
-    let primaries: Vec<Primary> = ids
-        .par_iter()
-        .map(|id| {
-            let st = crate::sys::lstatat(pool.fd(), crate::pool::object_rel(id, 0).as_bytes())?;
-            Ok((*id, st.map(|st| (st.st_dev, st.st_ino))))
-        })
-        .collect();
-    let mut by_id: HashMap<ObjectId, Option<(u64, u64)>> = HashMap::new();
-    for r in primaries {
-        let (id, v) = r?;
-        by_id.insert(id, v);
-    }
+    // Each object's own inode, from its shard directory's entries. Extra copies (past the
+    // link limit) are looked for only for a file that is not the object itself.
+    let primaries = pool.primary_inodes(&ids)?;
     for &(i, have) in &wanted_inodes {
         let id = a[i].object().expect("file");
-        match by_id[&id] {
-            Some(ino) if ino == have => {}
-            None => problems.push(format!(
+        match primaries.get(&id) {
+            Some(&ino) if ino == have => {}
+            None if !pool.has(&id)? => problems.push(format!(
                 "missing object: {} (pool object {} is gone)",
                 a[i].display(),
                 hex::encode(id)
             )),
-            Some(_) if pool.inodes(&id)?.contains(&have) => {}
-            Some(_) => problems.push(format!(
+            _ if pool.inodes(&id)?.contains(&have) => {}
+            _ => problems.push(format!(
                 "modified: {} (not a link to its pool object)",
                 a[i].display()
             )),
