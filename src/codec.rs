@@ -39,7 +39,7 @@ pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
 
 pub fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
     let mut patch = Vec::new();
-    bsdiff::diff(base, data, &mut patch)?;
+    crate::bsdiff::diff(base, data, &mut patch);
     Ok(zstd::bulk::compress(&patch, LEVEL)?)
 }
 

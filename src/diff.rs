@@ -8,10 +8,11 @@
 //! same name without digits, in the base and among contents shipped earlier in this delta.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
-use rayon::prelude::*;
 
 use crate::codec::{SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
 use crate::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
@@ -22,11 +23,40 @@ use crate::progress::Progress;
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
 /// size, where it can win.
 const BSDIFF_MAX: u64 = 2 << 20;
+/// bsdiff is tried only where the best zstd blob is over 1/this of the content's size.
+const BSDIFF_MIN_GAIN: u64 = 64;
 /// Reference candidates tried per content.
 const MAX_CANDIDATES: usize = 3;
 
-/// Reads the content of a file entry of one side.
-pub type Reader<'a> = &'a (dyn Fn(&Entry) -> Result<Vec<u8>> + Sync);
+/// Opens a file entry of one side for reading.
+pub type Opener<'a> = &'a (dyn Fn(&Entry) -> Result<OwnedFd> + Sync);
+
+/// Where the candidate references of a content are read: contents shipped earlier in the
+/// delta (by address) from the new side, the others from the base.
+struct Sides<'a> {
+    from: Opener<'a>,
+    to: Opener<'a>,
+    shipped: HashSet<usize>,
+}
+
+impl<'a> Sides<'a> {
+    fn of(&self, c: &Entry) -> Opener<'a> {
+        if self.shipped.contains(&(c as *const Entry as usize)) {
+            self.to
+        } else {
+            self.from
+        }
+    }
+}
+
+/// The whole content of a file entry.
+fn read(open: Opener, e: &Entry) -> Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(size_of(e) as usize);
+    std::fs::File::from(open(e)?)
+        .read_to_end(&mut v)
+        .with_context(|| format!("cannot read `{}`", e.display()))?;
+    Ok(v)
+}
 
 /// What a diff shipped, for the log and the benchmarks.
 #[derive(Debug, Default)]
@@ -54,11 +84,11 @@ fn names(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Computes the delta manifest and its blobs.
-pub fn diff(
+pub fn diff<'a>(
     from: &Manifest,
-    read_from: Reader,
+    read_from: Opener<'a>,
     to: &Manifest,
-    read_to: Reader,
+    read_to: Opener<'a>,
     to_version: &str,
     level: i32,
 ) -> Result<(Delta, Vec<Vec<u8>>, Stats)> {
@@ -99,6 +129,11 @@ pub fn diff(
         }
     }
 
+    log::debug!(
+        "compared the manifests: {} changed, {} removed",
+        d.changed.len(),
+        d.removed.len()
+    );
     // What the base already has.
     let base_objects: HashSet<ObjectId> = from.entries.iter().filter_map(Entry::object).collect();
     let mut base_content: HashMap<Hash, &Entry> = HashMap::new();
@@ -167,18 +202,66 @@ pub fn diff(
 
     let total: u64 = needed.iter().map(|e| size_of(e)).sum();
     let shipped: HashSet<usize> = needed.iter().map(|e| *e as *const Entry as usize).collect();
+    let sides = Sides {
+        from: read_from,
+        to: read_to,
+        shipped,
+    };
     let progress = Progress::bytes(total, "diffing");
+    // The biggest contents first, each worker taking the next one, so that one big file
+    // does not start last; meanwhile a reader thread walks the same order ahead of them and
+    // asks the kernel to read the files (`POSIX_FADV_WILLNEED`), so cold reads overlap.
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(size_of(jobs[k].0)));
+    let taken = AtomicUsize::new(0);
     type Encoded = Result<(Content, Vec<u8>)>;
-    let encoded: Vec<Encoded> = jobs
-        .par_iter()
-        .map(|(e, cands)| {
-            let r = encode(e, cands, read_from, read_to, &shipped, level)
-                .with_context(|| format!("cannot encode `{}`", e.display()));
-            progress.inc(size_of(e));
-            r
-        })
-        .collect();
+    let results: std::sync::Mutex<Vec<Option<Encoded>>> =
+        std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for &k in &order {
+                if taken.load(Ordering::Relaxed) >= jobs.len() {
+                    break;
+                }
+                let (e, cands) = &jobs[k];
+                for (c, open) in
+                    std::iter::once((*e, read_to)).chain(cands.iter().map(|c| (*c, sides.of(c))))
+                {
+                    if let Ok(fd) = open(c) {
+                        let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+                    }
+                }
+            }
+        });
+        for _ in 0..rayon::current_num_threads() {
+            s.spawn(|| {
+                loop {
+                    let n = taken.fetch_add(1, Ordering::Relaxed);
+                    let Some(&k) = order.get(n) else { break };
+                    let (e, cands) = &jobs[k];
+                    let r = encode(e, cands, &sides, level)
+                        .with_context(|| format!("cannot encode `{}`", e.display()));
+                    progress.inc(size_of(e));
+                    let failed = r.is_err();
+                    results.lock().expect("poisoned")[k] = Some(r);
+                    if failed {
+                        // Stop the others: the diff fails anyway.
+                        taken.store(order.len(), Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
     progress.finish();
+    let mut encoded = Vec::with_capacity(jobs.len());
+    for r in results.into_inner().expect("poisoned") {
+        // Contents left undone after a failure have no result; the failure is reported.
+        match r {
+            Some(r) => encoded.push(r?),
+            None => bail!("a content was not encoded"),
+        }
+    }
+    log::debug!("encoded {} contents", encoded.len());
     let mut stats = Stats {
         changed: d.changed.len(),
         removed: d.removed.len(),
@@ -186,8 +269,7 @@ pub fn diff(
         ..Default::default()
     };
     let mut blobs = Vec::new();
-    for r in encoded {
-        let (c, blob) = r?;
+    for (c, blob) in encoded {
         match c.source {
             Source::Zstd => stats.whole += 1,
             Source::ZstdPatch { .. } => stats.zstd_patch += 1,
@@ -222,19 +304,12 @@ fn similar_size(a: &Entry, b: &Entry) -> bool {
 }
 
 /// Encodes one content as the smallest of its possible blobs.
-fn encode(
-    e: &Entry,
-    cands: &[&Entry],
-    read_from: Reader,
-    read_to: Reader,
-    shipped: &HashSet<usize>,
-    level: i32,
-) -> Result<(Content, Vec<u8>)> {
+fn encode(e: &Entry, cands: &[&Entry], sides: &Sides, level: i32) -> Result<(Content, Vec<u8>)> {
     let (size, sha256) = match &e.kind {
         Kind::File { size, sha256 } => (*size, *sha256),
         _ => bail!("not a file"),
     };
-    let data = read_to(e)?;
+    let data = read(sides.to, e)?;
     if data.len() as u64 != size {
         bail!("it changed while the delta was being made");
     }
@@ -243,11 +318,7 @@ fn encode(
     let mut bases: Vec<(Hash, Vec<u8>)> = Vec::new();
     for c in cands {
         // A candidate is either a base file or a content of this delta shipped earlier.
-        let base = if shipped.contains(&(*c as *const Entry as usize)) {
-            read_to(c)?
-        } else {
-            read_from(c)?
-        };
+        let base = read(sides.of(c), c)?;
         bases.push((content_of(c).expect("file"), base));
     }
     let pick = match bases.len() {
@@ -284,9 +355,11 @@ fn encode(
             }
         }
     };
-    // bsdiff wins on small executables, whose code moves by a few bytes everywhere.
+    // bsdiff wins on small executables, whose code moves by a few bytes everywhere; it is
+    // not tried where the patch is already tiny, as it can save little there.
     if let Some(k) = pick
         && size <= BSDIFF_MAX
+        && best.1.len() as u64 > size / BSDIFF_MIN_GAIN
         && data.starts_with(b"\x7fELF")
         && bases[k].1.len() as u64 <= BSDIFF_MAX
     {

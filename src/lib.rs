@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod boot;
+pub mod bsdiff;
 pub mod codec;
 pub mod config;
 pub mod delta;

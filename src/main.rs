@@ -484,14 +484,12 @@ fn diff_command(
             }
             let m2 = scan::scan(d2, true, None)?.manifest;
             let (t1, t2) = (treeswap::sys::open_dir(d1)?, treeswap::sys::open_dir(d2)?);
-            let read = |top: std::os::fd::BorrowedFd, e: &treeswap::manifest::Entry| {
-                let fd = treeswap::sys::open_file_beneath(top, &e.path)?;
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut v)?;
-                Ok(v)
+            let r1 = |e: &treeswap::manifest::Entry| {
+                treeswap::sys::open_file_beneath(t1.as_fd(), &e.path)
             };
-            let r1 = |e: &treeswap::manifest::Entry| read(t1.as_fd(), e);
-            let r2 = |e: &treeswap::manifest::Entry| read(t2.as_fd(), e);
+            let r2 = |e: &treeswap::manifest::Entry| {
+                treeswap::sys::open_file_beneath(t2.as_fd(), &e.path)
+            };
             diff::diff(&m1, &r1, &m2, &r2, to_version, level)?
         }
         (None, None, Some(v1), Some(v2)) => {
@@ -503,13 +501,10 @@ fn diff_command(
             }
             let root = open_root(cli, Lock::Shared, false)?;
             let (m1, m2) = (root.load_manifest(v1)?, root.load_manifest(v2)?);
+            log::debug!("loaded the manifests");
             let pool = root.pool()?;
             let read = |e: &treeswap::manifest::Entry| {
-                let id = e.object().context("not a file")?;
-                let fd = pool.open_object(&id)?;
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut v)?;
-                Ok(v)
+                pool.open_object(&e.object().context("not a file")?)
             };
             diff::diff(&m1, &read, &m2, &read, v2, level)?
         }
