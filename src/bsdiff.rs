@@ -214,4 +214,24 @@ mod tests {
             "patch of {n} bytes"
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_pair_round_trips(
+            old in proptest::collection::vec(0u8..4, 0..3000),
+            edits in proptest::collection::vec((0usize..3000, 0u8..4), 0..40),
+            cut in 0usize..3000,
+        ) {
+            let mut new = old.clone();
+            for (i, b) in edits {
+                if !new.is_empty() {
+                    let i = i % new.len();
+                    new[i] = b;
+                }
+            }
+            let cut = cut.min(new.len());
+            new.splice(cut..cut, old.iter().rev().copied().take(100));
+            round_trip(&old, &new);
+        }
+    }
 }
