@@ -103,33 +103,51 @@ pub fn read_delta_head(input: impl Read) -> Result<Delta> {
 
 /// Applies the delta manifest to the base manifest: the result's manifest, checked to be a
 /// tree whose digest is the delta's `to` digest.
-/// The base is consumed: its unchanged entries move into the result, so that only one tree's
-/// worth of entries is in memory.
+/// The base is consumed and changed in place (replaced entries swapped, removed ones dropped,
+/// new ones merged in from the back), so that only one tree's worth of entries is in memory.
 pub fn compose(base: Manifest, d: &Delta) -> Result<Manifest> {
+    let mut entries = base.entries;
     for p in &d.removed {
-        if base.find(p).is_none() {
+        if entries.binary_search_by(|e| (*e.path).cmp(p)).is_err() {
             return Err(bad(format!(
                 "it removes `{}`, which the base tree does not have",
                 crate::path::display(p)
             )));
         }
     }
-    let mut entries: Vec<Entry> = Vec::with_capacity(base.entries.len() + d.changed.len());
-    let mut changed = d.changed.iter().peekable();
-    let mut removed = d.removed.iter().peekable();
-    for x in base.entries {
-        // Changed entries that sort before this one are new paths.
-        while let Some(y) = changed.next_if(|y| y.path < x.path) {
-            entries.push(y.clone());
-        }
-        while removed.next_if(|p| p[..] < x.path[..]).is_some() {}
-        if let Some(y) = changed.next_if(|y| y.path == x.path) {
-            entries.push(y.clone());
-        } else if removed.next_if(|p| p[..] == x.path[..]).is_none() {
-            entries.push(x);
+    // Changed entries replace the base's entry at their path, or are new paths.
+    let mut added: Vec<Entry> = Vec::new();
+    for y in &d.changed {
+        match entries.binary_search_by(|e| e.path.cmp(&y.path)) {
+            Ok(i) => entries[i] = y.clone(),
+            Err(_) => added.push(y.clone()),
         }
     }
-    entries.extend(changed.cloned());
+    if !d.removed.is_empty() {
+        let mut removed = d.removed.iter().peekable();
+        entries.retain(|x| {
+            while removed.next_if(|p| p[..] < x.path[..]).is_some() {}
+            removed.next_if(|p| p[..] == x.path[..]).is_none()
+        });
+    }
+    // Both lists are sorted: merge from the back into the grown vector.
+    let n = entries.len();
+    entries.reserve_exact(added.len());
+    entries.resize_with(n + added.len(), || Entry {
+        path: Box::default(),
+        meta: Meta::default(),
+        kind: Kind::Dir,
+    });
+    let (mut i, mut w) = (n, n + added.len());
+    while let Some(y) = added.pop() {
+        while i > 0 && entries[i - 1].path > y.path {
+            i -= 1;
+            w -= 1;
+            entries.swap(i, w);
+        }
+        w -= 1;
+        entries[w] = y;
+    }
     check_tree(&entries).map_err(|e| bad(format!("its result is not a valid tree: {e:#}")))?;
     let m = Manifest {
         version: Some(d.to_version.clone()),
@@ -279,7 +297,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let new = compose(base, &d)?;
     log::debug!("composed the new manifest: {} entries", new.entries.len());
     let pool = root.pool_for(cfg)?;
-    let plan = plan(base_content, &new, &d, &pool)?;
+    let plan = plan(base_content, &d, &pool)?;
     log::debug!("planned {} new objects, {} bytes", plan.objects, plan.bytes);
     if let Err(e) = check_space(root, &plan, &new) {
         if !cfg.gc_before_apply {
@@ -383,12 +401,7 @@ fn base_contents(base: &Manifest, d: &Delta) -> HashMap<Hash, ObjectId> {
     base_content
 }
 
-fn plan(
-    base_content: HashMap<Hash, ObjectId>,
-    new: &Manifest,
-    d: &Delta,
-    pool: &Pool,
-) -> Result<Plan> {
+fn plan(base_content: HashMap<Hash, ObjectId>, d: &Delta, pool: &Pool) -> Result<Plan> {
     let in_delta: HashMap<Hash, usize> = d
         .contents
         .iter()
@@ -421,19 +434,15 @@ fn plan(
         bytes: 0,
         objects: 0,
     };
+    // Unchanged entries link to base objects the pool has; `verify` catches a pool that lost
+    // them. Changed ones may need new objects.
     let mut seen: HashSet<ObjectId> = HashSet::new();
-    let changed: HashSet<&[u8]> = d.changed.iter().map(|e| &*e.path).collect();
-    for e in &new.entries {
+    for e in &d.changed {
         let Kind::File { size, sha256 } = &e.kind else {
             continue;
         };
         let id = e.object().expect("file");
         if !seen.insert(id) {
-            continue;
-        }
-        // Unchanged entries link to base objects the pool has; `verify` catches a pool that
-        // lost them. Changed ones may need new objects.
-        if !changed.contains(&*e.path) {
             continue;
         }
         if let Some(&k) = in_delta.get(sha256)

@@ -7,7 +7,7 @@
 //! is the same bytes by construction. Durability comes from one `syncfs` by the caller before
 //! its commit point, not from per-object fsync.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
@@ -337,24 +337,34 @@ impl Pool {
         Ok(())
     }
 
-    /// The inode (device, number) of each of `ids` that the pool has, without its extra
-    /// copies. Reads each shard directory that holds one of them once (the inode numbers come
-    /// with the names), which costs far less than a lookup per object. A file system whose
-    /// directory entries carry other numbers than `stat` only makes callers fall back to
-    /// [`Pool::inodes`].
-    pub fn primary_inodes(&self, ids: &[ObjectId]) -> Result<HashMap<ObjectId, (u64, u64)>> {
+    /// The pool's device, and the inode number of each object in `wanted` (sorted by id)
+    /// that the pool has, without its extra copies. Reads each shard directory that holds one
+    /// of them once (the inode numbers come with the names), which costs far less than a
+    /// lookup per object. A file system whose directory entries carry other numbers than
+    /// `stat` only makes callers fall back to [`Pool::inodes`].
+    pub fn primary_inodes<T: Sync>(
+        &self,
+        wanted: &[(ObjectId, T)],
+    ) -> Result<(u64, Vec<Option<u64>>)> {
         use rayon::prelude::*;
         let dev = rustix::fs::fstat(&self.dir)
             .context("cannot stat the pool")?
             .st_dev;
-        let mut shards: HashMap<u8, HashSet<ObjectId>> = HashMap::new();
-        for id in ids {
-            shards.entry(id[0]).or_default().insert(*id);
+        let mut inodes: Vec<Option<u64>> = vec![None; wanted.len()];
+        // Split both by shard (the first byte of the id).
+        let mut parts: Vec<(u8, &[(ObjectId, T)], &mut [Option<u64>])> = Vec::new();
+        let (mut rest_w, mut rest_i) = (wanted, &mut inodes[..]);
+        while let Some(first) = rest_w.first() {
+            let shard = first.0[0];
+            let n = rest_w.partition_point(|(id, _)| id[0] == shard);
+            let (w, w2) = rest_w.split_at(n);
+            let (i, i2) = std::mem::take(&mut rest_i).split_at_mut(n);
+            parts.push((shard, w, i));
+            (rest_w, rest_i) = (w2, i2);
         }
-        type Found = Vec<(ObjectId, (u64, u64))>;
-        let found: Vec<Result<Found>> = shards
-            .par_iter()
-            .map(|(shard, wanted)| {
+        parts
+            .par_iter_mut()
+            .try_for_each(|(shard, w, out)| -> Result<()> {
                 let name = hex::encode([*shard]);
                 let fd = match rustix::fs::openat2(
                     self.dir.as_fd(),
@@ -364,28 +374,25 @@ impl Pool {
                     sys::BENEATH,
                 ) {
                     Ok(fd) => fd,
-                    Err(Errno::NOENT) => return Ok(Vec::new()),
+                    Err(Errno::NOENT) => return Ok(()),
                     Err(e) => return Err(e).context(format!("cannot open `pool/{name}`")),
                 };
                 let mut dir = rustix::fs::Dir::read_from(&fd).context("cannot read the pool")?;
-                let mut out = Vec::new();
                 while let Some(ent) = dir.read() {
                     let ent = ent.context("cannot read the pool")?;
                     let mut id = [0u8; 32];
-                    if hex::decode_to_slice(ent.file_name().to_bytes(), &mut id).is_ok()
-                        && wanted.contains(&id)
-                    {
-                        out.push((id, (dev, ent.ino())));
+                    if hex::decode_to_slice(ent.file_name().to_bytes(), &mut id).is_err() {
+                        continue;
+                    }
+                    let mut k = w.partition_point(|(x, _)| *x < id);
+                    while k < w.len() && w[k].0 == id {
+                        out[k] = Some(ent.ino());
+                        k += 1;
                     }
                 }
-                Ok(out)
-            })
-            .collect();
-        let mut map = HashMap::with_capacity(ids.len());
-        for r in found {
-            map.extend(r?);
-        }
-        Ok(map)
+                Ok(())
+            })?;
+        Ok((dev, inodes))
     }
 
     /// The (device, inode) of every copy of an object, for fast verification.

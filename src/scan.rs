@@ -1,7 +1,6 @@
 //! Reading a directory tree into a manifest: a walk that never follows a symlink, and a
 //! parallel pass that hashes each distinct inode once.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
@@ -56,22 +55,44 @@ pub fn scan(dir: &Path, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
 }
 
 pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
-    let mut items: Vec<(Entry, (u64, u64))> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut inodes: Vec<(u64, u64)> = Vec::new();
     walk(top, &mut |e, ino| {
-        items.push((e, ino));
+        entries.push(e);
+        inodes.push(ino);
         Ok(true)
     })?;
-    items.sort_unstable_by(|a, b| a.0.path.cmp(&b.0.path));
+    // Sorted by path through a permutation, applied in place: no second copy of the entries.
+    let mut order: Vec<u32> = (0..entries.len() as u32).collect();
+    order.par_sort_unstable_by(|&x, &y| entries[x as usize].path.cmp(&entries[y as usize].path));
+    permute(&mut entries, &mut inodes, order);
     if hash {
-        hash_files(top, &mut items, hook)?;
+        hash_files(top, &mut entries, &inodes, hook)?;
     }
-    let (entries, inodes): (Vec<Entry>, Vec<(u64, u64)>) = items.into_iter().unzip();
     let mut manifest = Manifest {
         version: None,
         entries,
     };
     manifest.normalize()?;
     Ok(Scan { manifest, inodes })
+}
+
+/// Reorders both vectors so that position `i` holds what was at `order[i]`.
+fn permute(entries: &mut [Entry], inodes: &mut [(u64, u64)], mut order: Vec<u32>) {
+    for i in 0..order.len() {
+        // Follow the cycle through `i`; a done position points to itself.
+        let mut cur = i;
+        loop {
+            let next = order[cur] as usize;
+            order[cur] = cur as u32;
+            if next == i || next == cur {
+                break;
+            }
+            entries.swap(cur, next);
+            inodes.swap(cur, next);
+            cur = next;
+        }
+    }
 }
 
 /// What [`walk`] calls for each entry, with its device and inode; for a directory, whether to
@@ -185,61 +206,53 @@ pub fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
 /// attributes of every regular file.
 fn hash_files(
     top: BorrowedFd,
-    items: &mut [(Entry, (u64, u64))],
+    entries: &mut [Entry],
+    inodes: &[(u64, u64)],
     hook: Option<FileHook>,
 ) -> Result<()> {
-    let mut first: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut jobs: Vec<usize> = Vec::new();
-    for (i, (e, ino)) in items.iter().enumerate() {
-        if matches!(e.kind, Kind::File { .. }) && !first.contains_key(ino) {
-            first.insert(*ino, i);
-            jobs.push(i);
+    // Files by inode: each group of names of one inode is hashed once, through its first name.
+    let mut files: Vec<u32> = (0..entries.len() as u32)
+        .filter(|&i| matches!(entries[i as usize].kind, Kind::File { .. }))
+        .collect();
+    files.par_sort_unstable_by_key(|&i| (inodes[i as usize], i));
+    let mut job = vec![false; entries.len()];
+    for (k, &i) in files.iter().enumerate() {
+        if k == 0 || inodes[files[k - 1] as usize] != inodes[i as usize] {
+            job[i as usize] = true;
         }
     }
-    let bytes: u64 = jobs
+    let bytes: u64 = entries
         .iter()
-        .map(|&i| match items[i].0.kind {
+        .zip(&job)
+        .filter(|(_, j)| **j)
+        .map(|(e, _)| match e.kind {
             Kind::File { size, .. } => size,
             _ => 0,
         })
         .sum();
     let progress = Progress::bytes(bytes, "hashing");
-    type Hashed = Result<(Meta, u64, Hash)>;
-    let results: Vec<(usize, Hashed)> = jobs
-        .par_iter()
-        .map(|&i| {
-            let (e, ino) = &items[i];
-            let r = hash_one(top, &e.path, *ino, hook);
-            if let Ok((_, size, _)) = &r {
-                progress.inc(*size);
-            }
-            (
-                i,
-                r.with_context(|| format!("cannot read `{}`", e.display())),
-            )
-        })
-        .collect();
+    // Each result goes straight into its entry: no vector of a million results.
+    entries
+        .par_iter_mut()
+        .zip(inodes.par_iter())
+        .zip(job.par_iter())
+        .filter(|(_, j)| **j)
+        .try_for_each(|((e, ino), _)| -> Result<()> {
+            let (meta, size, h) = hash_one(top, &e.path, *ino, hook)
+                .with_context(|| format!("cannot read `{}`", e.display()))?;
+            progress.inc(size);
+            e.meta = meta;
+            e.kind = Kind::File { size, sha256: h };
+            Ok(())
+        })?;
     progress.finish();
-    // Each result goes straight to the entry it was computed for; other names of the same
-    // inode copy it from there (no second map of a million results).
-    for (i, r) in results {
-        let (meta, sz, h) = r?;
-        let e = &mut items[i].0;
-        e.meta = meta;
-        e.kind = Kind::File {
-            size: sz,
-            sha256: h,
-        };
-    }
-    for k in 0..items.len() {
-        if !matches!(items[k].0.kind, Kind::File { .. }) {
-            continue;
-        }
-        let j = first[&items[k].1];
-        if j != k {
-            let (meta, kind) = (items[j].0.meta.clone(), items[j].0.kind.clone());
-            items[k].0.meta = meta;
-            items[k].0.kind = kind;
+    // Other names of an inode copy the result from the first.
+    for w in files.windows(2) {
+        let (j, k) = (w[0] as usize, w[1] as usize);
+        if inodes[j] == inodes[k] {
+            let (meta, kind) = (entries[j].meta.clone(), entries[j].kind.clone());
+            entries[k].meta = meta;
+            entries[k].kind = kind;
         }
     }
     Ok(())

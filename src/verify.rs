@@ -1,6 +1,5 @@
 //! Checking a tree on disk against its manifest, entry by entry.
 
-use std::collections::HashSet;
 use std::os::fd::BorrowedFd;
 
 use anyhow::Result;
@@ -26,8 +25,9 @@ pub fn verify_tree(
     let a = &m.entries;
     let mut seen = vec![false; a.len()];
     let mut found: Vec<(Vec<u8>, String)> = Vec::new();
-    // Files that should be links to their objects, with the inode found.
-    let mut linked: Vec<(usize, (u64, u64))> = Vec::new();
+    // Files that should be links to their objects, with the inode found (entry index,
+    // device, inode: compact, as a million of them may be kept).
+    let mut linked: Vec<(u32, u64, u64)> = Vec::new();
     // Files that are private copies, not links: compared by content in a full check.
     let mut copies: Vec<usize> = Vec::new();
     scan::walk(tree, &mut |y, ino| {
@@ -45,7 +45,7 @@ pub fn verify_tree(
             if layout.is_copy(&x.path) {
                 copies.push(i);
             } else {
-                linked.push((i, ino));
+                linked.push((i as u32, ino.0, ino.1));
             }
         }
         Ok(x.is_dir() && y.is_dir())
@@ -57,32 +57,36 @@ pub fn verify_tree(
     }
     found.sort();
     let mut problems: Vec<String> = found.into_iter().map(|(_, s)| s).collect();
-    let wanted_inodes = linked;
-    // Each file must be its pool object (or one of the object's extra copies).
-    let ids: HashSet<ObjectId> = wanted_inodes
-        .iter()
-        .filter_map(|&(i, _)| a[i].object())
+    // Each file must be its pool object (or one of the object's extra copies). The ids,
+    // sorted, with the index in `linked` of the file that wants each.
+    let mut wanted: Vec<(ObjectId, u32)> = linked
+        .par_iter()
+        .enumerate()
+        .map(|(k, &(i, _, _))| (a[i as usize].object().expect("file"), k as u32))
         .collect();
-    let ids: Vec<ObjectId> = ids.into_iter().collect();
-    // Each object's own inode, from its shard directory's entries. Extra copies (past the
-    // link limit) are looked for only for a file that is not the object itself.
-    let primaries = pool.primary_inodes(&ids)?;
-    for &(i, have) in &wanted_inodes {
-        let id = a[i].object().expect("file");
-        match primaries.get(&id) {
-            Some(&ino) if ino == have => {}
+    wanted.par_sort_unstable();
+    let (dev, inodes) = pool.primary_inodes(&wanted)?;
+    for (&(id, k), &ino) in wanted.iter().zip(&inodes) {
+        let (i, have_dev, have_ino) = linked[k as usize];
+        let have = (have_dev, have_ino);
+        let e = &a[i as usize];
+        match ino {
+            Some(ino) if (dev, ino) == have => {}
             None if !pool.has(&id)? => problems.push(format!(
                 "missing object: {} (pool object {} is gone)",
-                a[i].display(),
+                e.display(),
                 hex::encode(id)
             )),
             _ if pool.inodes(&id)?.contains(&have) => {}
             _ => problems.push(format!(
                 "modified: {} (not a link to its pool object)",
-                a[i].display()
+                e.display()
             )),
         }
     }
+    drop(inodes);
+    let mut ids: Vec<ObjectId> = wanted.into_iter().map(|(id, _)| id).collect();
+    ids.dedup();
     if full {
         let results: Vec<Result<Vec<String>>> =
             ids.par_iter().map(|id| pool.check_object(id)).collect();
