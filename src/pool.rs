@@ -352,7 +352,8 @@ impl Pool {
             .st_dev;
         let mut inodes: Vec<Option<u64>> = vec![None; wanted.len()];
         // Split both by shard (the first byte of the id).
-        let mut parts: Vec<(u8, &[(ObjectId, T)], &mut [Option<u64>])> = Vec::new();
+        type Part<'a, T> = (u8, &'a [(ObjectId, T)], &'a mut [Option<u64>]);
+        let mut parts: Vec<Part<T>> = Vec::new();
         let (mut rest_w, mut rest_i) = (wanted, &mut inodes[..]);
         while let Some(first) = rest_w.first() {
             let shard = first.0[0];
