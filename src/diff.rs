@@ -17,7 +17,6 @@ use anyhow::{Context, Result, bail};
 use crate::codec::{SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
 use crate::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::manifest::{Entry, Hash, Kind, Manifest};
-use crate::object::ObjectId;
 use crate::progress::Progress;
 
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
@@ -83,11 +82,81 @@ fn names(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (base, stem)
 }
 
+/// How the new tree differs from the base: its changed entries (new paths included), the
+/// removed paths, and the new tree's digest and entry count.
+pub struct Changes {
+    pub changed: Vec<Entry>,
+    pub removed: Vec<Box<[u8]>>,
+    pub to_digest: Hash,
+    pub to_count: u64,
+}
+
+/// A merge-join of the base's sorted entries with the new tree's, fed block by block, so
+/// that the new tree need not be in memory as a whole.
+pub struct Compare<'a> {
+    from: &'a [Entry],
+    i: usize,
+    changed: Vec<Entry>,
+    removed: Vec<Box<[u8]>>,
+}
+
+impl<'a> Compare<'a> {
+    pub fn new(from: &'a Manifest) -> Self {
+        Compare {
+            from: &from.entries,
+            i: 0,
+            changed: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    /// The next entries of the new tree, in order.
+    pub fn feed(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for y in entries {
+            while let Some(x) = self.from.get(self.i)
+                && x.path < y.path
+            {
+                self.removed.push(x.path.clone());
+                self.i += 1;
+            }
+            match self.from.get(self.i) {
+                Some(x) if x.path == y.path => {
+                    if *x != y {
+                        self.changed.push(y);
+                    }
+                    self.i += 1;
+                }
+                _ => self.changed.push(y),
+            }
+        }
+    }
+
+    pub fn finish(mut self, to_digest: Hash, to_count: u64) -> Changes {
+        for x in &self.from[self.i..] {
+            self.removed.push(x.path.clone());
+        }
+        Changes {
+            changed: self.changed,
+            removed: self.removed,
+            to_digest,
+            to_count,
+        }
+    }
+}
+
+/// The changes from `from` to `to`, both in memory.
+pub fn compare(from: &Manifest, to: Manifest) -> Changes {
+    let (digest, count) = (to.digest(), to.entries.len() as u64);
+    let mut c = Compare::new(from);
+    c.feed(to.entries);
+    c.finish(digest, count)
+}
+
 /// Computes the delta manifest and its blobs.
 pub fn diff<'a>(
     from: &Manifest,
     read_from: Opener<'a>,
-    to: &Manifest,
+    changes: Changes,
     read_to: Opener<'a>,
     to_version: &str,
     level: i32,
@@ -97,55 +166,52 @@ pub fn diff<'a>(
         from_version: from.version.clone(),
         from_digest: from.digest(),
         to_version: to_version.to_owned(),
-        to_digest: to.digest(),
-        to_count: to.entries.len() as u64,
+        to_digest: changes.to_digest,
+        to_count: changes.to_count,
+        changed: changes.changed,
+        removed: changes.removed,
         ..Default::default()
     };
-    // Merge-join the two sorted entry lists.
-    let (a, b) = (&from.entries, &to.entries);
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x.path == y.path => {
-                if x != y {
-                    d.changed.push(y.clone());
-                }
-                i += 1;
-                j += 1;
-            }
-            (Some(x), Some(y)) if x.path < y.path => {
-                d.removed.push(x.path.clone());
-                i += 1;
-            }
-            (Some(x), None) => {
-                d.removed.push(x.path.clone());
-                i += 1;
-            }
-            (_, Some(y)) => {
-                d.changed.push(y.clone());
-                j += 1;
-            }
-            (None, None) => unreachable!(),
-        }
-    }
-
     log::debug!(
         "compared the manifests: {} changed, {} removed",
         d.changed.len(),
         d.removed.len()
     );
-    // What the base already has.
-    let base_objects: HashSet<ObjectId> = from.entries.iter().filter_map(Entry::object).collect();
-    let mut base_content: HashMap<Hash, &Entry> = HashMap::new();
+    // What the base has of what the changed files need: only that, as maps of the whole
+    // base would take hundreds of MB at a million entries.
+    let mut want_sha: HashSet<Hash> = HashSet::new();
+    let mut want_name: HashSet<Vec<u8>> = HashSet::new();
+    for e in &d.changed {
+        if let Kind::File { sha256, .. } = &e.kind {
+            want_sha.insert(*sha256);
+            let (n, s) = names(&e.path);
+            want_name.insert(n);
+            want_name.insert(s);
+        }
+    }
+    let mut base_by_sha: HashMap<Hash, Vec<&Entry>> = HashMap::new();
     let mut by_name: HashMap<Vec<u8>, Vec<&Entry>> = HashMap::new();
     for e in &from.entries {
         if let Kind::File { sha256, .. } = &e.kind {
-            base_content.entry(*sha256).or_insert(e);
+            if want_sha.contains(sha256) {
+                base_by_sha.entry(*sha256).or_default().push(e);
+            }
             let (n, s) = names(&e.path);
-            by_name.entry(n).or_default().push(e);
-            by_name.entry(s).or_default().push(e);
+            for key in [n, s] {
+                if want_name.contains(&key) {
+                    by_name.entry(key).or_default().push(e);
+                }
+            }
         }
     }
+    let in_base = |e: &Entry| {
+        let (Kind::File { sha256, .. }, Some(id)) = (&e.kind, e.object()) else {
+            return false;
+        };
+        base_by_sha
+            .get(sha256)
+            .is_some_and(|v| v.iter().any(|b| b.object() == Some(id)))
+    };
 
     // The contents to ship, once each, with the entry that first needs them.
     let mut needed: Vec<&Entry> = Vec::new();
@@ -154,10 +220,10 @@ pub fn diff<'a>(
         let Kind::File { sha256, size } = &e.kind else {
             continue;
         };
-        if base_objects.contains(&e.object().expect("file")) || !listed.insert(*sha256) {
+        if in_base(e) || !listed.insert(*sha256) {
             continue;
         }
-        if base_content.contains_key(sha256) {
+        if base_by_sha.contains_key(sha256) {
             d.contents.push(Content {
                 sha256: *sha256,
                 size: *size,

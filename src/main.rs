@@ -490,7 +490,8 @@ fn diff_command(
             let r2 = |e: &treeswap::manifest::Entry| {
                 treeswap::sys::open_file_beneath(t2.as_fd(), &e.path)
             };
-            diff::diff(&m1, &r1, &m2, &r2, to_version, level)?
+            let changes = diff::compare(&m1, m2);
+            diff::diff(&m1, &r1, changes, &r2, to_version, level)?
         }
         (None, None, Some(v1), Some(v2)) => {
             if from_version.is_some() || to_version.is_some() {
@@ -500,13 +501,20 @@ fn diff_command(
                 .into());
             }
             let root = open_root(cli, Lock::Shared, false)?;
-            let (m1, m2) = (root.load_manifest(v1)?, root.load_manifest(v2)?);
-            log::debug!("loaded the manifests");
+            // The new tree's manifest is compared as it is read, never held whole.
+            let m1 = root.load_manifest(v1)?;
+            let mut cmp = diff::Compare::new(&m1);
+            let (digest, count) = root.stream_manifest(v2, &mut |block| {
+                cmp.feed(block);
+                Ok(())
+            })?;
+            let changes = cmp.finish(digest, count);
+            log::debug!("compared the manifests");
             let pool = root.pool()?;
             let read = |e: &treeswap::manifest::Entry| {
                 pool.open_object(&e.object().context("not a file")?)
             };
-            diff::diff(&m1, &read, &m2, &read, v2, level)?
+            diff::diff(&m1, &read, changes, &read, v2, level)?
         }
         _ => {
             return Err(Fail::Usage(

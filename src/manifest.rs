@@ -180,10 +180,16 @@ pub fn check_tree(entries: &[Entry]) -> Result<()> {
 }
 
 /// sha256 over the canonical binary encoding of sorted entries (FORMAT.md, "Tree digest").
-pub fn tree_digest(entries: &[Entry]) -> Hash {
+/// The tree digest's hasher before the first entry.
+fn digest_start(count: u64) -> Sha256 {
     let mut h = Sha256::new();
     h.update(b"treeswap-tree-v1\0");
-    h.update((entries.len() as u64).to_be_bytes());
+    h.update(count.to_be_bytes());
+    h
+}
+
+pub fn tree_digest(entries: &[Entry]) -> Hash {
+    let mut h = digest_start(entries.len() as u64);
     let mut buf = Vec::with_capacity(256);
     for e in entries {
         buf.clear();
@@ -609,11 +615,97 @@ fn entry_line(line: &[u8]) -> Result<Entry> {
 /// The text is read in blocks of a few MiB; within a block, runs of entry lines are parsed
 /// in parallel, so a million entries load in well under two seconds with memory for the
 /// entries plus one block.
-pub fn parse_reader(mut r: impl BufRead) -> Result<Manifest> {
+pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let h = read_blocks(r, &mut |_, block| {
+        entries.extend(block);
+        Ok(())
+    })?;
+    let m = Manifest {
+        version: h.version,
+        entries,
+    };
+    if h.count != Some(m.entries.len() as u64) {
+        bail!(
+            "manifest declares {:?} entries but has {}",
+            h.count,
+            m.entries.len()
+        );
+    }
+    check_tree(&m.entries)?;
+    let want = h.digest.context("manifest has no `digest`")?;
+    let got = m.digest();
+    if got != want {
+        bail!(
+            "manifest digest mismatch: declared {}, entries give {}",
+            hex::encode(want),
+            hex::encode(got)
+        );
+    }
+    Ok(m)
+}
+
+/// What a manifest's header declares.
+#[derive(Debug)]
+pub struct Header {
+    pub version: Option<String>,
+    pub digest: Option<Hash>,
+    pub count: Option<u64>,
+}
+
+/// Reads a stored tree manifest without keeping it: `sink` gets its entries in order, a block
+/// (a few thousand) at a time. Checks the format, that paths are sorted and unique, and the
+/// declared count and digest (which must come before the entries, as treeswap writes them);
+/// not that the entries form a tree, which needs them all ([`parse_reader`] does).
+pub fn stream_reader(
+    r: impl BufRead,
+    sink: &mut dyn FnMut(Vec<Entry>) -> Result<()>,
+) -> Result<Header> {
+    let mut hasher: Option<Sha256> = None;
+    let mut n = 0u64;
+    let mut last: Option<Box<[u8]>> = None;
+    let mut buf = Vec::with_capacity(256);
+    let h = read_blocks(r, &mut |count, block| {
+        let count = count.context("the manifest's `count` must come before its entries")?;
+        let hs = hasher.get_or_insert_with(|| digest_start(count));
+        for e in &block {
+            if last.as_ref().is_some_and(|l| *l >= e.path) {
+                bail!("manifest entries are not sorted at `{}`", e.display());
+            }
+            last = Some(e.path.clone());
+            buf.clear();
+            encode_entry(&mut buf, e);
+            hs.update(&buf);
+            n += 1;
+        }
+        sink(block)
+    })?;
+    if h.count != Some(n) {
+        bail!("manifest declares {:?} entries but has {n}", h.count);
+    }
+    let want = h.digest.context("manifest has no `digest`")?;
+    let got: Hash = hasher.unwrap_or_else(|| digest_start(0)).finalize().into();
+    if got != want {
+        bail!(
+            "manifest digest mismatch: declared {}, entries give {}",
+            hex::encode(want),
+            hex::encode(got)
+        );
+    }
+    Ok(h)
+}
+
+/// The line reader under [`parse_reader`] and [`stream_reader`]: parses the header and hands
+/// the entries to `sink` in blocks, with the count declared so far; checks the format and
+/// that `entries` is closed.
+fn read_blocks(
+    mut r: impl BufRead,
+    sink: &mut dyn FnMut(Option<u64>, Vec<Entry>) -> Result<()>,
+) -> Result<Header> {
     use rayon::prelude::*;
     use std::io::Read;
     const BLOCK: u64 = 4 << 20;
-    let mut m = Manifest::default();
+    let mut version = None;
     let mut digest = None;
     let mut count = None;
     let mut format = None;
@@ -638,14 +730,19 @@ pub fn parse_reader(mut r: impl BufRead) -> Result<Manifest> {
             }
         };
         let mut batch: Vec<(usize, &[u8])> = Vec::new();
-        let flush = |batch: &mut Vec<(usize, &[u8])>, entries: &mut Vec<Entry>| -> Result<()> {
+        let flush = |batch: &mut Vec<(usize, &[u8])>,
+                     count: Option<u64>,
+                     sink: &mut dyn FnMut(Option<u64>, Vec<Entry>) -> Result<()>|
+         -> Result<()> {
+            if batch.is_empty() {
+                return Ok(());
+            }
             let parsed: Result<Vec<Entry>> = batch
                 .par_iter()
                 .map(|(n, l)| entry_line(l).with_context(|| format!("manifest line {n}")))
                 .collect();
-            entries.extend(parsed?);
             batch.clear();
-            Ok(())
+            sink(count, parsed?)
         };
         for raw in buf[..cut].split(|&b| b == b'\n') {
             line_no += 1;
@@ -654,7 +751,7 @@ pub fn parse_reader(mut r: impl BufRead) -> Result<Manifest> {
                 batch.push((line_no, raw));
                 continue;
             }
-            flush(&mut batch, &mut m.entries)?;
+            flush(&mut batch, count, sink)?;
             let res: Result<()> = (|| {
                 let line = std::str::from_utf8(raw).context("not UTF-8")?;
                 let mut c = Cursor::new(line);
@@ -690,7 +787,7 @@ pub fn parse_reader(mut r: impl BufRead) -> Result<Manifest> {
                     "version" => {
                         let v = c.string()?.into_owned();
                         crate::version::validate(&v)?;
-                        m.version = Some(v);
+                        version = Some(v);
                     }
                     "digest" => digest = Some(parse_hash(&c.string()?)?),
                     "count" => count = Some(c.int()?),
@@ -703,7 +800,7 @@ pub fn parse_reader(mut r: impl BufRead) -> Result<Manifest> {
             })();
             res.with_context(|| format!("manifest line {line_no}"))?;
         }
-        flush(&mut batch, &mut m.entries)?;
+        flush(&mut batch, count, sink)?;
         drop(batch);
         // `split` yields one empty piece after the last newline; it is not a line.
         if cut > 0 && buf[cut - 1] == b'\n' {
@@ -722,24 +819,11 @@ pub fn parse_reader(mut r: impl BufRead) -> Result<Manifest> {
         Some(f) => bail!("manifest format {f} is not supported (this treeswap reads {FORMAT})"),
         None => bail!("manifest has no `format`"),
     }
-    if count != Some(m.entries.len() as u64) {
-        bail!(
-            "manifest declares {:?} entries but has {}",
-            count,
-            m.entries.len()
-        );
-    }
-    check_tree(&m.entries)?;
-    let want = digest.context("manifest has no `digest`")?;
-    let got = m.digest();
-    if got != want {
-        bail!(
-            "manifest digest mismatch: declared {}, entries give {}",
-            hex::encode(want),
-            hex::encode(got)
-        );
-    }
-    Ok(m)
+    Ok(Header {
+        version,
+        digest,
+        count,
+    })
 }
 
 #[cfg(test)]
@@ -810,6 +894,38 @@ mod tests {
         let text = sample().to_toml();
         for cut in [10, text.len() / 2, text.len() - 3] {
             assert!(parse(&text[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn streaming_reads_what_parsing_reads_and_checks_the_same() {
+        let m = sample();
+        let text = m.to_toml();
+        let stream = |text: &str| -> Result<(Header, Vec<Entry>)> {
+            let mut got = Vec::new();
+            let h = stream_reader(text.as_bytes(), &mut |block| {
+                got.extend(block);
+                Ok(())
+            })?;
+            Ok((h, got))
+        };
+        let (h, got) = stream(&text).unwrap();
+        assert_eq!(got, m.entries);
+        assert_eq!(h.digest, Some(m.digest()));
+        assert_eq!(h.count, Some(m.entries.len() as u64));
+        let err = format!(
+            "{:#}",
+            stream(&text.replace("size = 3", "size = 4")).unwrap_err()
+        );
+        assert!(err.contains("digest mismatch"), "{err}");
+        // Two entry lines swapped: out of order.
+        let mut lines: Vec<&str> = text.lines().collect();
+        let first = lines.iter().position(|l| l.starts_with('{')).unwrap();
+        lines.swap(first + 1, first + 2);
+        let err = format!("{:#}", stream(&lines.join("\n")).unwrap_err());
+        assert!(err.contains("not sorted"), "{err}");
+        for cut in [10, text.len() / 2, text.len() - 3] {
+            assert!(stream(&text[..cut]).is_err());
         }
     }
 }

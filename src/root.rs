@@ -273,6 +273,26 @@ impl Root {
         Ok(m)
     }
 
+    /// Reads a stored manifest block by block into `sink`, without keeping it (see
+    /// [`manifest::stream_reader`]); returns its declared digest and entry count.
+    pub fn stream_manifest(
+        &self,
+        version: &str,
+        sink: &mut dyn FnMut(Vec<manifest::Entry>) -> Result<()>,
+    ) -> Result<(manifest::Hash, u64)> {
+        let p = self.manifest_path(version);
+        let f = fs_err::File::open(&p)?;
+        let h = manifest::stream_reader(std::io::BufReader::with_capacity(1 << 20, f), sink)
+            .with_context(|| format!("cannot load the manifest `{}`", p.display()))?;
+        if h.version.as_deref() != Some(version) {
+            bail!("`{}` is the manifest of another version", p.display());
+        }
+        Ok((
+            h.digest.context("manifest has no digest")?,
+            h.count.context("manifest has no count")?,
+        ))
+    }
+
     /// The digest a stored manifest declares, read from its header only (a full load checks
     /// it against the entries). `None` if the version has no manifest.
     pub fn manifest_digest(&self, version: &str) -> Result<Option<manifest::Hash>> {
