@@ -337,6 +337,10 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
             }
             Ok(())
         };
+        // On btrfs, from the base's read-only snapshot: only the changes are staged.
+        if import::install_by_snapshot(root, cfg, &pool, &new, &base_version, &d, &mut work)? {
+            return Ok(());
+        }
         let during = crate::stage::During {
             late,
             work: &mut work,

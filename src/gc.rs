@@ -60,6 +60,9 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
             }
         })?;
         sys::remove_tree_at(staging.as_fd(), doomed.as_bytes())?;
+        if let Some(snapshots) = root.snapshots_dir_opt()? {
+            sys::remove_tree_at(snapshots.as_fd(), v.as_bytes())?;
+        }
         log::info!("removed version `{v}`");
         report.trees_removed.push(v);
     }

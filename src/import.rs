@@ -74,12 +74,14 @@ pub fn install(
         // cleared makes `boot` re-protect the pool.
         crate::protect::mark_unprotected(root, true)?;
     }
+    let snapshots = crate::snapshot::enabled(root.fd(), pool);
     let built = stage::build(
         m,
         pool,
         &layout,
         staging.as_fd(),
         version.as_bytes(),
+        snapshots,
         during,
     );
     if immutable {
@@ -106,17 +108,87 @@ pub fn install(
         }
     }
     log::debug!("verified `staging/{version}`");
+    commit(root, m, &layout, staging.as_fd(), snapshots)
+}
+
+/// Writes the manifest and layout of the staged and verified `staging/<V>`, syncs, keeps its
+/// read-only snapshot (`snapshots`), and renames it to `trees/<V>`, the commit point.
+fn commit(
+    root: &Root,
+    m: &Manifest,
+    layout: &Layout,
+    staging: std::os::fd::BorrowedFd,
+    snapshots: bool,
+) -> Result<()> {
+    let version = m.version.as_deref().context("manifest has no version")?;
     root.write_manifest(version, m)?;
     fs_err::write(root.layout_path(version), layout.to_toml())?;
     crate::failpoint::hit("stage-before-syncfs");
     root.syncfs()?;
     log::debug!("wrote the manifest and synced the file system");
     crate::failpoint::hit("stage-after-syncfs");
+    if snapshots {
+        let staged = sys::open_dir_beneath(staging, version.as_bytes())?;
+        crate::snapshot::keep_pristine(root, staged.as_fd(), version)?;
+    }
     let trees = root.subdir("trees")?;
-    rustix::fs::renameat(staging.as_fd(), version, trees.as_fd(), version)
+    rustix::fs::renameat(staging, version, trees.as_fd(), version)
         .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))?;
     sys::fsync(trees.as_fd())?;
     crate::failpoint::hit("stage-after-commit");
     log::info!("installed version `{version}`");
     Ok(())
+}
+
+/// Installs the tree of `m`, which is installed version `base` changed by `d`, by starting
+/// from the read-only snapshot of `base` (see snapshot.rs): `write` makes the new objects,
+/// then only the entries `d` changes are made and checked. Returns `false`, having done
+/// nothing, where that is not possible (not btrfs in reflink mode, or no snapshot of
+/// `base`); the caller then builds the whole tree.
+pub fn install_by_snapshot(
+    root: &Root,
+    cfg: &Config,
+    pool: &crate::pool::Pool,
+    m: &Manifest,
+    base: &str,
+    d: &crate::delta::Delta,
+    write: &mut dyn FnMut() -> Result<()>,
+) -> Result<bool> {
+    if !crate::snapshot::enabled(root.fd(), pool) {
+        return Ok(false);
+    }
+    let version = m.version.as_deref().context("manifest has no version")?;
+    let staging = root.subdir("staging")?;
+    sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
+    if !crate::snapshot::start_from(root, staging.as_fd(), base, version)? {
+        return Ok(false);
+    }
+    let res = (|| -> Result<()> {
+        write()?;
+        let layout = Layout::new(pool.mode(), &cfg.private)?;
+        let top = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
+        let problems =
+            crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout)?;
+        log::debug!(
+            "staged `staging/{version}` from the snapshot of `{base}` ({} entries changed, {} removed)",
+            d.changed.len(),
+            d.removed.len()
+        );
+        crate::failpoint::hit("stage-after-build");
+        if !problems.is_empty() {
+            return Err(crate::error::Fail::Verify(format!(
+                "the staged tree `staging/{version}` does not match its manifest: {}",
+                problems.join("; ")
+            ))
+            .into());
+        }
+        commit(root, m, &layout, staging.as_fd(), true)
+    })();
+    if let Err(e) = res {
+        if let Err(e2) = sys::remove_tree_at(staging.as_fd(), version.as_bytes()) {
+            log::warn!("cannot remove `staging/{version}`: {e2:#}");
+        }
+        return Err(e);
+    }
+    Ok(true)
 }

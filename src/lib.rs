@@ -22,6 +22,7 @@ pub mod progress;
 pub mod protect;
 pub mod root;
 pub mod scan;
+pub mod snapshot;
 pub mod stage;
 pub mod state;
 pub mod status;

@@ -328,7 +328,15 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config(&cli)?;
             let pool = root.pool_for(&cfg)?;
             let layout = treeswap::protect::Layout::new(pool.mode(), &cfg.private)?;
-            if let Err(e) = stage::build(&m, &pool, &layout, pfd.as_fd(), name.as_bytes(), None) {
+            if let Err(e) = stage::build(
+                &m,
+                &pool,
+                &layout,
+                pfd.as_fd(),
+                name.as_bytes(),
+                false,
+                None,
+            ) {
                 // Remove what was built, unless DEST existed before (then nothing was).
                 if !e.chain().any(|c| {
                     c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::EXIST)

@@ -7,6 +7,7 @@
 //! staging/<V>/        a tree being built; renamed to trees/<V> once complete
 //! trees/<V>/          installed trees, farms of hardlinks into pool/
 //! manifests/<V>.toml  the manifest of each installed tree
+//! snapshots/<V>/      on btrfs: read-only snapshots of installed trees (snapshot.rs)
 //! current, previous   relative symlinks to trees/<V>
 //! lock                flock(2) target: one writer at a time
 //! ```
@@ -140,6 +141,21 @@ impl Root {
         Ok(())
     }
 
+    /// `snapshots/`, the read-only snapshots of installed trees on btrfs (see snapshot.rs),
+    /// made if missing.
+    pub fn snapshots_dir(&self) -> Result<OwnedFd> {
+        sys::mkdirat(self.fd.as_fd(), b"snapshots", 0o700, true)?;
+        sys::open_dir_beneath(self.fd.as_fd(), b"snapshots")
+    }
+
+    /// `snapshots/`, if there is one.
+    pub fn snapshots_dir_opt(&self) -> Result<Option<OwnedFd>> {
+        if sys::lstatat(self.fd.as_fd(), b"snapshots")?.is_none() {
+            return Ok(None);
+        }
+        sys::open_dir_beneath(self.fd.as_fd(), b"snapshots").map(Some)
+    }
+
     fn clear_leftovers(&self) -> Result<()> {
         // Manifests whose tree never got installed (a crash before the commit rename) or was
         // removed (a crash in gc after the uninstall rename).
@@ -161,6 +177,7 @@ impl Root {
                 sys::unlinkat_ok(manifests.as_fd(), &name, false)?;
             }
         }
+        crate::snapshot::clear_orphans(self)?;
         for d in ["tmp", "staging"] {
             let dfd = sys::open_dir_beneath(self.fd.as_fd(), d.as_bytes())?;
             for name in sys::read_dir(dfd.as_fd())? {

@@ -104,14 +104,7 @@ pub type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>;
 /// hash and no extended attributes; sockets are skipped with a warning.
 pub fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
     let st = rustix::fs::fstat(top).context("cannot stat the top directory")?;
-    visit(
-        Entry {
-            path: (*b".").into(),
-            meta: meta_of(&st, sys::fd_xattrs(top)?),
-            kind: Kind::Dir,
-        },
-        (st.st_dev, st.st_ino),
-    )?;
+    visit(top_entry(top, &st)?, (st.st_dev, st.st_ino))?;
     let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
     while let Some(rel) = pending.pop() {
         let fd = if rel == b"." {
@@ -127,72 +120,17 @@ pub fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
                 bail!("`{}` vanished while it was being read", display(&path));
             };
             let ino = (st.st_dev, st.st_ino);
-            let kind = match FileType::from_raw_mode(st.st_mode) {
-                FileType::Directory => {
-                    let sub = sys::open_dir_beneath(dfd, &name)?;
-                    let meta = meta_of(&st, sys::fd_xattrs(sub.as_fd())?);
-                    let descend = visit(
-                        Entry {
-                            path: path.clone().into(),
-                            meta,
-                            kind: Kind::Dir,
-                        },
-                        ino,
-                    )?;
-                    if descend {
-                        pending.push(path);
-                    }
-                    continue;
-                }
-                FileType::RegularFile => {
-                    visit(
-                        Entry {
-                            path: path.into(),
-                            meta: meta_of(&st, Vec::new()),
-                            kind: Kind::File {
-                                size: st.st_size as u64,
-                                sha256: [0; 32],
-                            },
-                        },
-                        ino,
-                    )?;
-                    continue;
-                }
-                FileType::Symlink => {
-                    let target = sys::readlinkat(dfd, &name)?.with_context(|| {
-                        format!("`{}` vanished while it was being read", display(&path))
-                    })?;
-                    Kind::Symlink {
-                        target: target.into(),
-                    }
-                }
-                FileType::CharacterDevice => Kind::Char {
-                    major: rustix::fs::major(st.st_rdev),
-                    minor: rustix::fs::minor(st.st_rdev),
-                },
-                FileType::BlockDevice => Kind::Block {
-                    major: rustix::fs::major(st.st_rdev),
-                    minor: rustix::fs::minor(st.st_rdev),
-                },
-                FileType::Fifo => Kind::Fifo,
-                FileType::Socket => {
-                    log::warn!("skipping socket `{}`", display(&path));
-                    continue;
-                }
-                other => bail!("`{}` has an unknown file type {other:?}", display(&path)),
+            let Some(e) = entry_of(dfd, &name, path, &st)? else {
+                continue;
             };
-            let mut meta = meta_of(&st, sys::xattrs_at(dfd, &name)?);
-            if matches!(kind, Kind::Symlink { .. }) {
-                meta.mode = 0o777;
+            if e.is_dir() {
+                let path = e.path.to_vec();
+                if visit(e, ino)? {
+                    pending.push(path);
+                }
+            } else {
+                visit(e, ino)?;
             }
-            visit(
-                Entry {
-                    path: path.into(),
-                    meta,
-                    kind,
-                },
-                ino,
-            )?;
         }
         if let Some(f) = fd {
             // Keep no handle longer than its directory is being read.
@@ -200,6 +138,88 @@ pub fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn top_entry(top: BorrowedFd, st: &rustix::fs::Stat) -> Result<Entry> {
+    Ok(Entry {
+        path: (*b".").into(),
+        meta: meta_of(st, sys::fd_xattrs(top)?),
+        kind: Kind::Dir,
+    })
+}
+
+/// The entry [`walk`] makes of `name` in `dfd` (at `path` in the tree), given its `lstat`;
+/// `None` for a socket, which is skipped with a warning.
+fn entry_of(
+    dfd: BorrowedFd,
+    name: &[u8],
+    path: Vec<u8>,
+    st: &rustix::fs::Stat,
+) -> Result<Option<Entry>> {
+    let kind = match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => {
+            let sub = sys::open_dir_beneath(dfd, name)?;
+            return Ok(Some(Entry {
+                path: path.into(),
+                meta: meta_of(st, sys::fd_xattrs(sub.as_fd())?),
+                kind: Kind::Dir,
+            }));
+        }
+        FileType::RegularFile => {
+            return Ok(Some(Entry {
+                path: path.into(),
+                meta: meta_of(st, Vec::new()),
+                kind: Kind::File {
+                    size: st.st_size as u64,
+                    sha256: [0; 32],
+                },
+            }));
+        }
+        FileType::Symlink => {
+            let target = sys::readlinkat(dfd, name)?.with_context(|| {
+                format!("`{}` vanished while it was being read", display(&path))
+            })?;
+            Kind::Symlink {
+                target: target.into(),
+            }
+        }
+        FileType::CharacterDevice => Kind::Char {
+            major: rustix::fs::major(st.st_rdev),
+            minor: rustix::fs::minor(st.st_rdev),
+        },
+        FileType::BlockDevice => Kind::Block {
+            major: rustix::fs::major(st.st_rdev),
+            minor: rustix::fs::minor(st.st_rdev),
+        },
+        FileType::Fifo => Kind::Fifo,
+        FileType::Socket => {
+            log::warn!("skipping socket `{}`", display(&path));
+            return Ok(None);
+        }
+        other => bail!("`{}` has an unknown file type {other:?}", display(&path)),
+    };
+    let mut meta = meta_of(st, sys::xattrs_at(dfd, name)?);
+    if matches!(kind, Kind::Symlink { .. }) {
+        meta.mode = 0o777;
+    }
+    Ok(Some(Entry {
+        path: path.into(),
+        meta,
+        kind,
+    }))
+}
+
+/// The entry [`walk`] would make of `name` in `dfd`, or `None` if there is none; `path` is
+/// its path in the tree, `.` for the directory `dfd` itself.
+pub fn entry_at(dfd: BorrowedFd, name: &[u8], path: &[u8]) -> Result<Option<Entry>> {
+    if path == b"." {
+        let st = rustix::fs::fstat(dfd).context("cannot stat the top directory")?;
+        return top_entry(dfd, &st).map(Some);
+    }
+    match sys::lstatat(dfd, name)? {
+        Some(st) => entry_of(dfd, name, path.to_vec(), &st),
+        None => Ok(None),
+    }
 }
 
 /// Hashes each distinct inode once, in parallel, and fills in content hashes and extended

@@ -38,21 +38,27 @@ pub struct During<'a> {
 ///
 /// Directories are made first, in order (a parent sorts before its children); then every
 /// other entry is made in parallel, in chunks that each keep their own directory handles.
-/// With `during`, its work runs at the same time (see [`During`]).
+/// With `subvolume`, the top is a new btrfs subvolume. With `during`, its work runs at the
+/// same time (see [`During`]).
 pub fn build(
     m: &Manifest,
     pool: &Pool,
     layout: &Layout,
     parent: BorrowedFd,
     name: &[u8],
+    subvolume: bool,
     during: Option<During>,
 ) -> Result<()> {
     let top_entry = m.entries.first().context("empty manifest")?;
     if m.entries.len() > 1 && m.entries[0].path.as_ref() != b"." {
         bail!("manifest does not start with the top directory");
     }
-    rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
-        .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
+    if subvolume {
+        crate::snapshot::create(parent, name)?;
+    } else {
+        rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
+            .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
+    }
     let top = sys::open_dir_beneath(parent, name)?;
     sys::apply_meta_fd(top.as_fd(), &top_entry.meta).context("on the top directory")?;
     let progress = Progress::items(m.entries.len() as u64, "staging");
@@ -158,7 +164,13 @@ impl<'a> DirCache<'a> {
 }
 
 /// Makes one entry that is not a directory as `base` in `pfd`.
-fn make(e: &Entry, pool: &Pool, layout: &Layout, pfd: BorrowedFd, base: &[u8]) -> Result<()> {
+pub(crate) fn make(
+    e: &Entry,
+    pool: &Pool,
+    layout: &Layout,
+    pfd: BorrowedFd,
+    base: &[u8],
+) -> Result<()> {
     match &e.kind {
         Kind::Dir => bail!("directories are made first"),
         Kind::File { .. } => {

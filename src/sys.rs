@@ -216,6 +216,19 @@ pub fn apply_meta_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
     Ok(())
 }
 
+/// Like [`apply_meta_fd`], and also removes extended attributes that `meta` does not have:
+/// for an existing directory whose metadata changed.
+pub fn set_meta_exact_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
+    apply_meta_fd(fd, meta)?;
+    for (k, _) in fd_xattrs(fd)? {
+        if !meta.xattrs.iter().any(|(n, _)| *n == k) {
+            rustix::fs::fremovexattr(fd, &k[..])
+                .with_context(|| format!("cannot remove extended attribute `{}`", display(&k)))?;
+        }
+    }
+    Ok(())
+}
+
 /// Sets owner, mode (unless a symlink) and extended attributes on `name` in `dir` without
 /// following it ([fchownat(2)], [fchmodat(2)], [lsetxattr(2)]). Used for symlinks and special
 /// files that treeswap itself just created, so `name` is known not to be a symlink to elsewhere.
@@ -280,6 +293,10 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
             Mode::empty(),
         )
         .with_context(|| format!("cannot open `{}` to remove it", display(name)))?;
+        if crate::snapshot::is_subvolume(sub.as_fd()) {
+            // A tree on btrfs: deleting the subvolume removes it whole.
+            return crate::snapshot::destroy(dir, name);
+        }
         for child in read_dir(sub.as_fd())? {
             remove_tree_at(sub.as_fd(), &child)
                 .with_context(|| format!("in `{}`", display(name)))?;

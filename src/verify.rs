@@ -121,7 +121,9 @@ fn check_copy(tree: BorrowedFd, e: &Entry) -> Result<Option<String>> {
     Ok(None)
 }
 
-fn compare(want: &Entry, have: &Entry, problems: &mut Vec<String>) {
+/// Compares an entry found on disk with the one wanted, as [`verify_tree`] does; regular
+/// files by metadata and size only.
+pub(crate) fn compare(want: &Entry, have: &Entry, problems: &mut Vec<String>) {
     let p = want.display();
     if want.kind.name() != have.kind.name() {
         problems.push(format!(

@@ -885,6 +885,21 @@ impl Mount {
         assert!(st.success(), "mkfs.ext4 failed");
         Mount::new(&["-o", "loop", image.to_str().unwrap()], path)
     }
+    /// A fresh btrfs file system of `size_mib` MiB on a loop device, its image in `image`.
+    pub fn btrfs_loop(image: &Path, size_mib: u64, path: &Path) -> Mount {
+        let f = fs::File::create(image).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        drop(f);
+        let st = Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(image)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run mkfs.btrfs");
+        assert!(st.success(), "mkfs.btrfs failed");
+        Mount::new(&["-o", "loop", image.to_str().unwrap()], path)
+    }
     /// `mount -o remount,OPTS`.
     pub fn remount(&self, opts: &str) {
         let st = Command::new("mount")

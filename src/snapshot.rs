@@ -1,0 +1,253 @@
+//! Staging by btrfs snapshot: on btrfs in reflink mode, every tree is a subvolume, and each
+//! installed version also keeps a read-only snapshot of itself as it was verified
+//! (`snapshots/<V>`). An apply then starts `staging/<new>` as a writable snapshot of the base's
+//! read-only one, which costs the same for ten files or a million, and changes only what the
+//! delta changes; verification checks those entries. The rest of the tree is exactly the
+//! verified base, which no guest can have written to, as the snapshot is read-only.
+//!
+//! The ioctls are those of `btrfs subvolume create|snapshot|delete`
+//! ([btrfs-ioctl(2)](https://btrfs.readthedocs.io/en/latest/btrfs-ioctl.html)).
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use anyhow::{Context, Result, bail};
+use rustix::fs::{FileType, Mode, OFlags};
+
+use crate::manifest::{Entry, Kind, Manifest};
+use crate::path::split_parent;
+use crate::pool::Pool;
+use crate::protect::Layout;
+use crate::sys;
+
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+/// The inode number of every subvolume's top directory.
+const SUBVOLUME_ROOT_INO: u64 = 256;
+const SUBVOL_RDONLY: u64 = 1 << 1;
+
+#[repr(C)]
+struct VolArgs {
+    fd: i64,
+    name: [u8; 4088],
+}
+
+#[repr(C)]
+struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; 4040],
+}
+
+nix::ioctl_write_ptr!(ioc_subvol_create, 0x94, 14, VolArgs);
+nix::ioctl_write_ptr!(ioc_snap_destroy, 0x94, 15, VolArgs);
+nix::ioctl_write_ptr!(ioc_snap_create_v2, 0x94, 23, VolArgsV2);
+
+fn name_field<const N: usize>(name: &[u8]) -> Result<[u8; N]> {
+    if name.is_empty() || name.len() >= N || name.contains(&0) || name.contains(&b'/') {
+        bail!("invalid subvolume name `{}`", crate::path::display(name));
+    }
+    let mut out = [0u8; N];
+    out[..name.len()].copy_from_slice(name);
+    Ok(out)
+}
+
+/// Whether `fd` is on btrfs.
+// `f_type`'s integer type differs between architectures.
+#[allow(clippy::unnecessary_cast)]
+pub fn is_btrfs(fd: BorrowedFd) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type as i64 == BTRFS_SUPER_MAGIC)
+}
+
+/// Whether the open directory `fd` is the top of a btrfs subvolume.
+pub fn is_subvolume(fd: BorrowedFd) -> bool {
+    is_btrfs(fd) && rustix::fs::fstat(fd).is_ok_and(|st| st.st_ino == SUBVOLUME_ROOT_INO)
+}
+
+/// Creates the empty subvolume `name` in `parent`.
+pub fn create(parent: BorrowedFd, name: &[u8]) -> Result<()> {
+    let args = VolArgs {
+        fd: 0,
+        name: name_field(name)?,
+    };
+    // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args` for the call's duration.
+    unsafe { ioc_subvol_create(parent.as_raw_fd(), &args) }
+        .with_context(|| format!("cannot create subvolume `{}`", crate::path::display(name)))?;
+    Ok(())
+}
+
+/// Makes `name` in `parent` a snapshot of the subvolume open as `src`.
+pub fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: bool) -> Result<()> {
+    let args = VolArgsV2 {
+        fd: i64::from(src.as_raw_fd()),
+        transid: 0,
+        flags: if read_only { SUBVOL_RDONLY } else { 0 },
+        unused: [0; 4],
+        name: name_field(name)?,
+    };
+    // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args_v2` for the call's duration.
+    unsafe { ioc_snap_create_v2(parent.as_raw_fd(), &args) }
+        .with_context(|| format!("cannot snapshot to `{}`", crate::path::display(name)))?;
+    Ok(())
+}
+
+/// Deletes the subvolume `name` in `parent`, with everything in it.
+pub fn destroy(parent: BorrowedFd, name: &[u8]) -> Result<()> {
+    let args = VolArgs {
+        fd: 0,
+        name: name_field(name)?,
+    };
+    // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args` for the call's duration.
+    unsafe { ioc_snap_destroy(parent.as_raw_fd(), &args) }
+        .with_context(|| format!("cannot delete subvolume `{}`", crate::path::display(name)))?;
+    Ok(())
+}
+
+/// Whether trees of this root are subvolumes with read-only snapshots: on btrfs, in reflink
+/// mode, unless `TREESWAP_SNAPSHOTS=0`.
+pub fn enabled(root: BorrowedFd, pool: &Pool) -> bool {
+    pool.mode() == crate::protect::Mode::Reflink
+        && std::env::var("TREESWAP_SNAPSHOTS").map_or(true, |v| v != "0")
+        && is_btrfs(root)
+}
+
+/// Takes the read-only snapshot `snapshots/<version>` of the verified tree open as `tree`.
+pub fn keep_pristine(root: &crate::root::Root, tree: BorrowedFd, version: &str) -> Result<()> {
+    let dir = root.snapshots_dir()?;
+    if sys::lstatat(dir.as_fd(), version.as_bytes())?.is_some() {
+        destroy(dir.as_fd(), version.as_bytes())?;
+    }
+    snapshot(tree, dir.as_fd(), version.as_bytes(), true)
+}
+
+/// Starts `staging/<new>` as a writable snapshot of `snapshots/<base>`, if the base has one.
+/// Returns whether it did.
+pub fn start_from(
+    root: &crate::root::Root,
+    staging: BorrowedFd,
+    base: &str,
+    new: &str,
+) -> Result<bool> {
+    let dir = root.snapshots_dir()?;
+    let Ok(src) = sys::open_dir_beneath(dir.as_fd(), base.as_bytes()) else {
+        return Ok(false);
+    };
+    if !is_subvolume(src.as_fd()) {
+        return Ok(false);
+    }
+    snapshot(src.as_fd(), staging, new.as_bytes(), false)?;
+    Ok(true)
+}
+
+/// Turns the snapshot of the base tree open as `top` into the tree of `m`: removes the
+/// `removed` paths and re-makes every `changed` entry, then checks each of those against `m`.
+/// Returns the problems found.
+pub fn change(
+    top: BorrowedFd,
+    m: &Manifest,
+    changed: &[Entry],
+    removed: &[Box<[u8]>],
+    pool: &Pool,
+    layout: &Layout,
+) -> Result<Vec<String>> {
+    // Removed paths, children before their parents.
+    for p in removed.iter().rev() {
+        let (parent, base) = split_parent(p);
+        let pfd = open_parent(top, parent)?;
+        sys::remove_tree_at(pfd.as_fd(), base)
+            .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))?;
+    }
+    // Changed entries, parents before their children.
+    for e in changed {
+        if &*e.path == b"." {
+            sys::set_meta_exact_fd(top, &e.meta).context("on the top directory")?;
+            continue;
+        }
+        let (parent, base) = split_parent(&e.path);
+        let pfd = open_parent(top, parent)?;
+        let res = (|| -> Result<()> {
+            let st = sys::lstatat(pfd.as_fd(), base)?;
+            let is_dir = st
+                .as_ref()
+                .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+            match (&e.kind, st) {
+                // A directory stays (its entries are changed one by one); only its metadata.
+                (Kind::Dir, Some(_)) if is_dir => {
+                    let fd = sys::open_dir_beneath(pfd.as_fd(), base)?;
+                    sys::set_meta_exact_fd(fd.as_fd(), &e.meta)
+                }
+                (Kind::Dir, old) => {
+                    if old.is_some() {
+                        sys::remove_tree_at(pfd.as_fd(), base)?;
+                    }
+                    rustix::fs::mkdirat(pfd.as_fd(), base, Mode::from_raw_mode(0o700))?;
+                    let fd = sys::open_dir_beneath(pfd.as_fd(), base)?;
+                    sys::apply_meta_fd(fd.as_fd(), &e.meta)
+                }
+                (_, old) => {
+                    if old.is_some() {
+                        sys::remove_tree_at(pfd.as_fd(), base)?;
+                    }
+                    crate::stage::make(e, pool, layout, pfd.as_fd(), base)
+                }
+            }
+        })();
+        res.with_context(|| format!("cannot make `{}`", e.display()))?;
+    }
+    // Check what changed: each changed entry against the manifest, each removed path gone.
+    let mut problems = Vec::new();
+    for e in changed {
+        let found = if &*e.path == b"." {
+            crate::scan::entry_at(top, b".", b".")?
+        } else {
+            let (parent, base) = split_parent(&e.path);
+            let pfd = open_parent(top, parent)?;
+            crate::scan::entry_at(pfd.as_fd(), base, &e.path)?
+        };
+        match found {
+            Some(y) => crate::verify::compare(e, &y, &mut problems),
+            None => problems.push(format!("missing: {}", e.display())),
+        }
+    }
+    for p in removed {
+        if m.find(p).is_some() {
+            continue;
+        }
+        let (parent, base) = split_parent(p);
+        if let Ok(pfd) = open_parent(top, parent)
+            && sys::lstatat(pfd.as_fd(), base)?.is_some()
+        {
+            problems.push(format!("extra: {}", crate::path::display(p)));
+        }
+    }
+    Ok(problems)
+}
+
+fn open_parent(top: BorrowedFd, parent: &[u8]) -> Result<std::os::fd::OwnedFd> {
+    if parent == b"." {
+        Ok(rustix::fs::openat(
+            top,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    } else {
+        sys::open_dir_beneath(top, parent)
+    }
+}
+
+/// Removes `snapshots/<V>` for every version that is not installed (left by a crash between
+/// taking the snapshot and the commit, or by gc).
+pub fn clear_orphans(root: &crate::root::Root) -> Result<()> {
+    let Some(dir) = root.snapshots_dir_opt()? else {
+        return Ok(());
+    };
+    for name in sys::read_dir(dir.as_fd())? {
+        let v = String::from_utf8_lossy(&name).into_owned();
+        if !root.is_installed(&v)? {
+            log::info!("removing `snapshots/{v}`, which belongs to no installed tree");
+            destroy(dir.as_fd(), &name)?;
+        }
+    }
+    Ok(())
+}
