@@ -169,7 +169,7 @@ pub fn install_by_snapshot(
         let top = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
         let problems =
             crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout)?;
-        log::debug!(
+        log::info!(
             "staged `staging/{version}` from the snapshot of `{base}` ({} entries changed, {} removed)",
             d.changed.len(),
             d.removed.len()
