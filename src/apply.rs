@@ -439,7 +439,22 @@ fn plan(base_content: HashMap<Hash, ObjectId>, d: &Delta, pool: &Pool) -> Result
         objects: 0,
     };
     // Unchanged entries link to base objects the pool has; `verify` catches a pool that lost
-    // them. Changed ones may need new objects.
+    // them. Changed ones may need new objects: which the pool has is looked up in parallel,
+    // as each lookup may wait on the disk.
+    let ids: HashSet<ObjectId> = d.changed.iter().filter_map(Entry::object).collect();
+    let in_pool: HashSet<ObjectId> = {
+        use rayon::prelude::*;
+        let ids: Vec<ObjectId> = ids.into_iter().collect();
+        let has: Vec<Result<bool>> =
+            crate::stage::io_threads()?.install(|| ids.par_iter().map(|id| pool.has(id)).collect());
+        let mut in_pool = HashSet::new();
+        for (id, h) in ids.iter().zip(has) {
+            if h? {
+                in_pool.insert(*id);
+            }
+        }
+        in_pool
+    };
     let mut seen: HashSet<ObjectId> = HashSet::new();
     for e in &d.changed {
         let Kind::File { size, sha256 } = &e.kind else {
@@ -459,7 +474,7 @@ fn plan(base_content: HashMap<Hash, ObjectId>, d: &Delta, pool: &Pool) -> Result
                 d.contents[k].size
             )));
         }
-        if pool.has(&id)? {
+        if in_pool.contains(&id) {
             plan.existing.entry(*sha256).or_insert(id);
             continue;
         }

@@ -123,6 +123,7 @@ fn commit(
     let version = m.version.as_deref().context("manifest has no version")?;
     root.write_manifest(version, m)?;
     fs_err::write(root.layout_path(version), layout.to_toml())?;
+    log::debug!("wrote the manifest");
     crate::failpoint::hit("stage-before-syncfs");
     root.syncfs()?;
     log::debug!("wrote the manifest and synced the file system");
@@ -130,6 +131,7 @@ fn commit(
     if snapshots {
         let staged = sys::open_dir_beneath(staging, version.as_bytes())?;
         crate::snapshot::keep_pristine(root, staged.as_fd(), version)?;
+        log::debug!("kept the read-only snapshot `snapshots/{version}`");
     }
     let trees = root.subdir("trees")?;
     rustix::fs::renameat(staging, version, trees.as_fd(), version)
@@ -163,12 +165,15 @@ pub fn install_by_snapshot(
     if !crate::snapshot::start_from(root, staging.as_fd(), base, version)? {
         return Ok(false);
     }
+    log::debug!("snapshot of `{base}` taken");
     let res = (|| -> Result<()> {
         write()?;
+        log::debug!("wrote the new objects");
         let layout = Layout::new(pool.mode(), &cfg.private)?;
         let top = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
         let problems =
             crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout)?;
+        log::debug!("changed and checked the entries");
         log::info!(
             "staged `staging/{version}` from the snapshot of `{base}` ({} entries changed, {} removed)",
             d.changed.len(),

@@ -150,77 +150,109 @@ pub fn change(
     pool: &Pool,
     layout: &Layout,
 ) -> Result<Vec<String>> {
-    // Removed paths, children before their parents.
-    for p in removed.iter().rev() {
-        let (parent, base) = split_parent(p);
-        let pfd = open_parent(top, parent)?;
-        sys::remove_tree_at(pfd.as_fd(), base)
-            .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))?;
-    }
-    // Changed entries, parents before their children.
-    for e in changed {
-        if &*e.path == b"." {
-            sys::set_meta_exact_fd(top, &e.meta).context("on the top directory")?;
-            continue;
-        }
-        let (parent, base) = split_parent(&e.path);
-        let pfd = open_parent(top, parent)?;
-        let res = (|| -> Result<()> {
-            let st = sys::lstatat(pfd.as_fd(), base)?;
-            let is_dir = st
-                .as_ref()
-                .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
-            match (&e.kind, st) {
-                // A directory stays (its entries are changed one by one); only its metadata.
-                (Kind::Dir, Some(_)) if is_dir => {
-                    let fd = sys::open_dir_beneath(pfd.as_fd(), base)?;
-                    sys::set_meta_exact_fd(fd.as_fd(), &e.meta)
-                }
-                (Kind::Dir, old) => {
-                    if old.is_some() {
-                        sys::remove_tree_at(pfd.as_fd(), base)?;
-                    }
-                    rustix::fs::mkdirat(pfd.as_fd(), base, Mode::from_raw_mode(0o700))?;
-                    let fd = sys::open_dir_beneath(pfd.as_fd(), base)?;
-                    sys::apply_meta_fd(fd.as_fd(), &e.meta)
-                }
-                (_, old) => {
-                    if old.is_some() {
-                        sys::remove_tree_at(pfd.as_fd(), base)?;
-                    }
-                    crate::stage::make(e, pool, layout, pfd.as_fd(), base)
-                }
-            }
-        })();
-        res.with_context(|| format!("cannot make `{}`", e.display()))?;
-    }
-    // Check what changed: each changed entry against the manifest, each removed path gone.
-    let mut problems = Vec::new();
-    for e in changed {
-        let found = if &*e.path == b"." {
-            crate::scan::entry_at(top, b".", b".")?
-        } else {
-            let (parent, base) = split_parent(&e.path);
+    use rayon::prelude::*;
+    // Lookups in a big cold tree wait on the disk: many threads keep several in flight.
+    let threads = crate::stage::io_threads()?;
+    threads.install(|| -> Result<Vec<String>> {
+        // Removed paths whose parent is not removed too (removing a directory removes what
+        // is in it), independent of each other.
+        let tops: Vec<&Box<[u8]>> = removed
+            .iter()
+            .filter(|p| {
+                let parent = split_parent(p).0;
+                parent == b"." || removed.binary_search_by(|q| (**q).cmp(parent)).is_err()
+            })
+            .collect();
+        tops.par_iter().try_for_each(|p| -> Result<()> {
+            let (parent, base) = split_parent(p);
             let pfd = open_parent(top, parent)?;
-            crate::scan::entry_at(pfd.as_fd(), base, &e.path)?
-        };
-        match found {
-            Some(y) => crate::verify::compare(e, &y, &mut problems),
-            None => problems.push(format!("missing: {}", e.display())),
-        }
-    }
-    for p in removed {
-        if m.find(p).is_some() {
-            continue;
-        }
-        let (parent, base) = split_parent(p);
-        if let Ok(pfd) = open_parent(top, parent)
-            && sys::lstatat(pfd.as_fd(), base)?.is_some()
+            sys::remove_tree_at(pfd.as_fd(), base)
+                .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))
+        })?;
+        // Changed entries, depth by depth (parents before their children), each depth in
+        // parallel.
+        let depth = |e: &Entry| e.path.iter().filter(|&&b| b == b'/').count();
+        let mut order: Vec<&Entry> = changed.iter().collect();
+        order.sort_by_key(|e| (&*e.path != b".", depth(e)));
+        for level in
+            order.chunk_by(|a, b| (&*a.path != b".", depth(a)) == (&*b.path != b".", depth(b)))
         {
-            problems.push(format!("extra: {}", crate::path::display(p)));
+            level
+                .par_iter()
+                .try_for_each(|e| make_changed(top, e, pool, layout))?;
         }
+        // Check what changed: each changed entry against the manifest, each removed path gone.
+        let mut problems: Vec<String> = changed
+            .par_iter()
+            .map(|e| -> Result<Vec<String>> {
+                let found = if &*e.path == b"." {
+                    crate::scan::entry_at(top, b".", b".")?
+                } else {
+                    let (parent, base) = split_parent(&e.path);
+                    let pfd = open_parent(top, parent)?;
+                    crate::scan::entry_at(pfd.as_fd(), base, &e.path)?
+                };
+                let mut problems = Vec::new();
+                match found {
+                    Some(y) => crate::verify::compare(e, &y, &mut problems),
+                    None => problems.push(format!("missing: {}", e.display())),
+                }
+                Ok(problems)
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        for p in removed {
+            if m.find(p).is_some() {
+                continue;
+            }
+            let (parent, base) = split_parent(p);
+            if let Ok(pfd) = open_parent(top, parent)
+                && sys::lstatat(pfd.as_fd(), base)?.is_some()
+            {
+                problems.push(format!("extra: {}", crate::path::display(p)));
+            }
+        }
+        Ok(problems)
+    })
+}
+
+/// Makes the changed entry `e` in the snapshot open as `top`, where its parent exists.
+fn make_changed(top: BorrowedFd, e: &Entry, pool: &Pool, layout: &Layout) -> Result<()> {
+    if &*e.path == b"." {
+        return sys::set_meta_exact_fd(top, &e.meta).context("on the top directory");
     }
-    Ok(problems)
+    let (parent, base) = split_parent(&e.path);
+    let res = (|| -> Result<()> {
+        let pfd = open_parent(top, parent)?;
+        let st = sys::lstatat(pfd.as_fd(), base)?;
+        let is_dir = st
+            .as_ref()
+            .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+        match (&e.kind, st) {
+            // A directory stays (its entries are changed one by one); only its metadata.
+            (Kind::Dir, Some(_)) if is_dir => {
+                let fd = sys::open_dir_beneath(pfd.as_fd(), base)?;
+                sys::set_meta_exact_fd(fd.as_fd(), &e.meta)
+            }
+            (Kind::Dir, old) => {
+                if old.is_some() {
+                    sys::remove_tree_at(pfd.as_fd(), base)?;
+                }
+                rustix::fs::mkdirat(pfd.as_fd(), base, Mode::from_raw_mode(0o700))?;
+                let fd = sys::open_dir_beneath(pfd.as_fd(), base)?;
+                sys::apply_meta_fd(fd.as_fd(), &e.meta)
+            }
+            (_, old) => {
+                if old.is_some() {
+                    sys::remove_tree_at(pfd.as_fd(), base)?;
+                }
+                crate::stage::make(e, pool, layout, pfd.as_fd(), base)
+            }
+        }
+    })();
+    res.with_context(|| format!("cannot make `{}`", e.display()))
 }
 
 fn open_parent(top: BorrowedFd, parent: &[u8]) -> Result<std::os::fd::OwnedFd> {

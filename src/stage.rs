@@ -23,6 +23,15 @@ const CHUNK: usize = 512;
 /// Threads per core for making entries.
 const IO_THREADS_PER_CORE: usize = 4;
 
+/// Threads for work that waits on metadata reads as much as on the CPU: more threads than
+/// cores keep the cores busy on a cold cache.
+pub(crate) fn io_threads() -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads() * IO_THREADS_PER_CORE)
+        .build()
+        .context("cannot start threads")
+}
+
 /// Work to do while a tree is built: [`build`] runs `work` on the calling thread while it
 /// makes everything but the entries at the paths in `late`, which need what `work` makes;
 /// those are made once `work` has succeeded.
@@ -81,13 +90,7 @@ pub fn build(
         }
         Ok(())
     };
-    // The work waits on metadata reads as much as on the CPU: more threads than cores keep
-    // the cores busy on a cold cache.
-    let threads = rayon::current_num_threads() * IO_THREADS_PER_CORE;
-    let pool_threads = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("cannot start threads")?;
+    let pool_threads = io_threads()?;
     let make_all = |entries: &[&Entry]| -> Result<()> {
         pool_threads.install(|| {
             entries
