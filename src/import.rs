@@ -143,8 +143,8 @@ fn commit(
 }
 
 /// Installs the tree of `m`, which is installed version `base` changed by `d`, by starting
-/// from the read-only snapshot of `base` (see snapshot.rs): `write` makes the new objects,
-/// then only the entries `d` changes are made and checked. Returns `false`, having done
+/// from the read-only snapshot of `base` (see snapshot.rs): only the entries `d` changes are
+/// made and checked, while `write` makes the new objects on the calling thread. Returns `false`, having done
 /// nothing, where that is not possible (not btrfs in reflink mode, or no snapshot of
 /// `base`); the caller then builds the whole tree.
 pub fn install_by_snapshot(
@@ -167,12 +167,10 @@ pub fn install_by_snapshot(
     }
     log::debug!("snapshot of `{base}` taken");
     let res = (|| -> Result<()> {
-        write()?;
-        log::debug!("wrote the new objects");
         let layout = Layout::new(pool.mode(), &cfg.private)?;
         let top = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
         let problems =
-            crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout)?;
+            crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout, write)?;
         log::debug!("changed and checked the entries");
         log::info!(
             "staged `staging/{version}` from the snapshot of `{base}` ({} entries changed, {} removed)",

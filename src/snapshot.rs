@@ -141,7 +141,10 @@ pub fn start_from(
 
 /// Turns the snapshot of the base tree open as `top` into the tree of `m`: removes the
 /// `removed` paths and re-makes every `changed` entry, then checks each of those against `m`.
+/// `write`, which makes the new objects, runs on the calling thread meanwhile; the regular
+/// files that need them are made once it is done.
 /// Returns the problems found.
+#[allow(clippy::too_many_arguments)]
 pub fn change(
     top: BorrowedFd,
     m: &Manifest,
@@ -149,38 +152,28 @@ pub fn change(
     removed: &[Box<[u8]>],
     pool: &Pool,
     layout: &Layout,
+    write: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Vec<String>> {
     use rayon::prelude::*;
     // Lookups in a big cold tree wait on the disk: many threads keep several in flight.
     let threads = crate::stage::io_threads()?;
+    // Regular files need the new objects, which `write` makes on this thread meanwhile;
+    // everything else is made first, on the others.
+    let (files, others): (Vec<&Entry>, Vec<&Entry>) = changed
+        .iter()
+        .partition(|e| matches!(e.kind, Kind::File { .. }));
+    let (first, written) = std::thread::scope(|s| {
+        let first =
+            s.spawn(|| threads.install(|| remove_and_make(top, removed, &others, pool, layout)));
+        let written = write();
+        (first.join(), written)
+    });
+    written?;
+    first.unwrap_or_else(|_| Err(anyhow::anyhow!("a staging thread panicked")))?;
     threads.install(|| -> Result<Vec<String>> {
-        // Removed paths whose parent is not removed too (removing a directory removes what
-        // is in it), independent of each other.
-        let tops: Vec<&Box<[u8]>> = removed
-            .iter()
-            .filter(|p| {
-                let parent = split_parent(p).0;
-                parent == b"." || removed.binary_search_by(|q| (**q).cmp(parent)).is_err()
-            })
-            .collect();
-        tops.par_iter().try_for_each(|p| -> Result<()> {
-            let (parent, base) = split_parent(p);
-            let pfd = open_parent(top, parent)?;
-            sys::remove_tree_at(pfd.as_fd(), base)
-                .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))
-        })?;
-        // Changed entries, depth by depth (parents before their children), each depth in
-        // parallel.
-        let depth = |e: &Entry| e.path.iter().filter(|&&b| b == b'/').count();
-        let mut order: Vec<&Entry> = changed.iter().collect();
-        order.sort_by_key(|e| (&*e.path != b".", depth(e)));
-        for level in
-            order.chunk_by(|a, b| (&*a.path != b".", depth(a)) == (&*b.path != b".", depth(b)))
-        {
-            level
-                .par_iter()
-                .try_for_each(|e| make_changed(top, e, pool, layout))?;
-        }
+        files
+            .par_iter()
+            .try_for_each(|e| make_changed(top, e, pool, layout))?;
         // Check what changed: each changed entry against the manifest, each removed path gone.
         let mut problems: Vec<String> = changed
             .par_iter()
@@ -216,6 +209,45 @@ pub fn change(
         }
         Ok(problems)
     })
+}
+
+/// Removes the `removed` paths and makes the changed entries `others` (no regular files),
+/// parents before children.
+fn remove_and_make(
+    top: BorrowedFd,
+    removed: &[Box<[u8]>],
+    others: &[&Entry],
+    pool: &Pool,
+    layout: &Layout,
+) -> Result<()> {
+    use rayon::prelude::*;
+    // Removed paths whose parent is not removed too (removing a directory removes what
+    // is in it), independent of each other.
+    let tops: Vec<&Box<[u8]>> = removed
+        .iter()
+        .filter(|p| {
+            let parent = split_parent(p).0;
+            parent == b"." || removed.binary_search_by(|q| (**q).cmp(parent)).is_err()
+        })
+        .collect();
+    tops.par_iter().try_for_each(|p| -> Result<()> {
+        let (parent, base) = split_parent(p);
+        let pfd = open_parent(top, parent)?;
+        sys::remove_tree_at(pfd.as_fd(), base)
+            .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))
+    })?;
+    // Changed entries, depth by depth (parents before their children), each depth in
+    // parallel.
+    let depth = |e: &Entry| e.path.iter().filter(|&&b| b == b'/').count();
+    let mut order: Vec<&Entry> = others.to_vec();
+    order.sort_by_key(|e| (&*e.path != b".", depth(e)));
+    for level in order.chunk_by(|a, b| (&*a.path != b".", depth(a)) == (&*b.path != b".", depth(b)))
+    {
+        level
+            .par_iter()
+            .try_for_each(|e| make_changed(top, e, pool, layout))?;
+    }
+    Ok(())
 }
 
 /// Makes the changed entry `e` in the snapshot open as `top`, where its parent exists.
