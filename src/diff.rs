@@ -91,20 +91,18 @@ pub struct Changes {
     pub to_count: u64,
 }
 
-/// A merge-join of the base's sorted entries with the new tree's, fed block by block, so
-/// that the new tree need not be in memory as a whole.
-pub struct Compare<'a> {
-    from: &'a [Entry],
-    i: usize,
+/// A merge-join of the base's sorted entries (an iterator, which may be reading them as it
+/// goes) with the new tree's, fed block by block: neither tree need be in memory as a whole.
+pub struct Compare<I: Iterator<Item = Entry>> {
+    base: std::iter::Peekable<I>,
     changed: Vec<Entry>,
     removed: Vec<Box<[u8]>>,
 }
 
-impl<'a> Compare<'a> {
-    pub fn new(from: &'a Manifest) -> Self {
+impl<I: Iterator<Item = Entry>> Compare<I> {
+    pub fn new(base: I) -> Self {
         Compare {
-            from: &from.entries,
-            i: 0,
+            base: base.peekable(),
             changed: Vec::new(),
             removed: Vec::new(),
         }
@@ -113,27 +111,19 @@ impl<'a> Compare<'a> {
     /// The next entries of the new tree, in order.
     pub fn feed(&mut self, entries: impl IntoIterator<Item = Entry>) {
         for y in entries {
-            while let Some(x) = self.from.get(self.i)
-                && x.path < y.path
-            {
-                self.removed.push(x.path.clone());
-                self.i += 1;
+            while let Some(x) = self.base.next_if(|x| x.path < y.path) {
+                self.removed.push(x.path);
             }
-            match self.from.get(self.i) {
-                Some(x) if x.path == y.path => {
-                    if *x != y {
-                        self.changed.push(y);
-                    }
-                    self.i += 1;
-                }
+            match self.base.next_if(|x| x.path == y.path) {
+                Some(x) if x == y => {}
                 _ => self.changed.push(y),
             }
         }
     }
 
     pub fn finish(mut self, to_digest: Hash, to_count: u64) -> Changes {
-        for x in &self.from[self.i..] {
-            self.removed.push(x.path.clone());
+        for x in self.base.by_ref() {
+            self.removed.push(x.path);
         }
         Changes {
             changed: self.changed,
@@ -147,14 +137,142 @@ impl<'a> Compare<'a> {
 /// The changes from `from` to `to`, both in memory.
 pub fn compare(from: &Manifest, to: Manifest) -> Changes {
     let (digest, count) = (to.digest(), to.entries.len() as u64);
-    let mut c = Compare::new(from);
+    let mut c = Compare::new(from.entries.iter().cloned());
     c.feed(to.entries);
     c.finish(digest, count)
 }
 
+/// The changes between two installed versions and what the diff needs of the base, read from
+/// their stored manifests as streams: the base's is read on a second thread, block by block,
+/// while the new one's is merged with it; then the base's once more, keeping only what the
+/// changed files need. Memory depends on the change, not on the trees.
+pub fn installed(root: &crate::root::Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(2);
+    let (changes, base_head) = std::thread::scope(|s| -> Result<_> {
+        let reader = s.spawn(move || {
+            root.stream_manifest(v1, &mut |block| {
+                tx.send(block)
+                    .map_err(|_| anyhow::anyhow!("the comparison stopped"))
+            })
+        });
+        let mut cmp = Compare::new(rx.iter().flatten());
+        let to = root.stream_manifest(v2, &mut |block| {
+            cmp.feed(block);
+            Ok(())
+        });
+        // Draining the base (for its removed paths), or dropping the receiver after an
+        // error, lets the reader finish.
+        let changes = match to {
+            Ok((digest, count)) => Ok(cmp.finish(digest, count)),
+            Err(e) => {
+                drop(cmp);
+                Err(e)
+            }
+        };
+        let base_head = reader
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the manifest reader panicked")));
+        Ok((changes?, base_head?))
+    })?;
+    let mut base = Base::new(Some(v1.to_owned()), base_head.0, &changes);
+    root.stream_manifest(v1, &mut |block| {
+        for e in &block {
+            base.keep(e);
+        }
+        Ok(())
+    })?;
+    Ok((base, changes))
+}
+
+/// What a diff needs of the base tree, kept from its entries as they go by: its entries at
+/// the changed paths, and those that may serve the changed files (the same content, or the
+/// same name or name without digits). Nothing else: a map of a whole base would take
+/// hundreds of MB at a million entries.
+pub struct Base {
+    pub version: Option<String>,
+    pub digest: Hash,
+    want_path: HashSet<Box<[u8]>>,
+    want_sha: HashSet<Hash>,
+    want_name: HashSet<Vec<u8>>,
+    kept: Vec<Entry>,
+    at_path: HashMap<Box<[u8]>, usize>,
+    by_sha: HashMap<Hash, Vec<usize>>,
+    by_name: HashMap<Vec<u8>, Vec<usize>>,
+}
+
+impl Base {
+    pub fn new(version: Option<String>, digest: Hash, changes: &Changes) -> Base {
+        let mut b = Base {
+            version,
+            digest,
+            want_path: HashSet::new(),
+            want_sha: HashSet::new(),
+            want_name: HashSet::new(),
+            kept: Vec::new(),
+            at_path: HashMap::new(),
+            by_sha: HashMap::new(),
+            by_name: HashMap::new(),
+        };
+        for e in &changes.changed {
+            if let Kind::File { sha256, .. } = &e.kind {
+                b.want_path.insert(e.path.clone());
+                b.want_sha.insert(*sha256);
+                let (n, s) = names(&e.path);
+                b.want_name.insert(n);
+                b.want_name.insert(s);
+            }
+        }
+        b
+    }
+
+    /// Looks at the base's next entry (in order).
+    pub fn keep(&mut self, e: &Entry) {
+        let Kind::File { sha256, .. } = &e.kind else {
+            return;
+        };
+        let (n, s) = names(&e.path);
+        let by_path = self.want_path.contains(&e.path);
+        let by_sha = self.want_sha.contains(sha256);
+        let names: Vec<Vec<u8>> = [n, s]
+            .into_iter()
+            .filter(|k| self.want_name.contains(k))
+            .collect();
+        if !by_path && !by_sha && names.is_empty() {
+            return;
+        }
+        let i = self.kept.len();
+        self.kept.push(e.clone());
+        if by_path {
+            self.at_path.insert(e.path.clone(), i);
+        }
+        if by_sha {
+            self.by_sha.entry(*sha256).or_default().push(i);
+        }
+        for k in names {
+            self.by_name.entry(k).or_default().push(i);
+        }
+    }
+
+    fn at_path(&self, path: &[u8]) -> Option<&Entry> {
+        self.at_path.get(path).map(|&i| &self.kept[i])
+    }
+    fn with_sha(&self, sha: &Hash) -> impl Iterator<Item = &Entry> {
+        self.by_sha
+            .get(sha)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.kept[i])
+    }
+    fn named(&self, key: &[u8]) -> Option<Vec<&Entry>> {
+        self.by_name
+            .get(key)
+            .map(|v| v.iter().map(|&i| &self.kept[i]).collect())
+    }
+}
+
 /// Computes the delta manifest and its blobs.
 pub fn diff<'a>(
-    from: &Manifest,
+    base: &Base,
     read_from: Opener<'a>,
     changes: Changes,
     read_to: Opener<'a>,
@@ -163,8 +281,8 @@ pub fn diff<'a>(
 ) -> Result<(Delta, Vec<Vec<u8>>, Stats)> {
     crate::version::validate(to_version)?;
     let mut d = Delta {
-        from_version: from.version.clone(),
-        from_digest: from.digest(),
+        from_version: base.version.clone(),
+        from_digest: base.digest,
         to_version: to_version.to_owned(),
         to_digest: changes.to_digest,
         to_count: changes.to_count,
@@ -177,40 +295,11 @@ pub fn diff<'a>(
         d.changed.len(),
         d.removed.len()
     );
-    // What the base has of what the changed files need: only that, as maps of the whole
-    // base would take hundreds of MB at a million entries.
-    let mut want_sha: HashSet<Hash> = HashSet::new();
-    let mut want_name: HashSet<Vec<u8>> = HashSet::new();
-    for e in &d.changed {
-        if let Kind::File { sha256, .. } = &e.kind {
-            want_sha.insert(*sha256);
-            let (n, s) = names(&e.path);
-            want_name.insert(n);
-            want_name.insert(s);
-        }
-    }
-    let mut base_by_sha: HashMap<Hash, Vec<&Entry>> = HashMap::new();
-    let mut by_name: HashMap<Vec<u8>, Vec<&Entry>> = HashMap::new();
-    for e in &from.entries {
-        if let Kind::File { sha256, .. } = &e.kind {
-            if want_sha.contains(sha256) {
-                base_by_sha.entry(*sha256).or_default().push(e);
-            }
-            let (n, s) = names(&e.path);
-            for key in [n, s] {
-                if want_name.contains(&key) {
-                    by_name.entry(key).or_default().push(e);
-                }
-            }
-        }
-    }
     let in_base = |e: &Entry| {
         let (Kind::File { sha256, .. }, Some(id)) = (&e.kind, e.object()) else {
             return false;
         };
-        base_by_sha
-            .get(sha256)
-            .is_some_and(|v| v.iter().any(|b| b.object() == Some(id)))
+        base.with_sha(sha256).any(|b| b.object() == Some(id))
     };
 
     // The contents to ship, once each, with the entry that first needs them.
@@ -223,7 +312,7 @@ pub fn diff<'a>(
         if in_base(e) || !listed.insert(*sha256) {
             continue;
         }
-        if base_by_sha.contains_key(sha256) {
+        if base.with_sha(sha256).next().is_some() {
             d.contents.push(Content {
                 sha256: *sha256,
                 size: *size,
@@ -240,14 +329,14 @@ pub fn diff<'a>(
     let mut jobs: Vec<(&Entry, Vec<&Entry>)> = Vec::new();
     for e in &needed {
         let mut cands: Vec<&Entry> = Vec::new();
-        if let Some(old) = from.find(&e.path)
+        if let Some(old) = base.at_path(&e.path)
             && matches!(old.kind, Kind::File { .. })
         {
             cands.push(old);
         }
         let (n, s) = names(&e.path);
         for key in [&n, &s] {
-            for src in [by_name.get(key), shipped_by_name.get(key)]
+            for src in [base.named(key), shipped_by_name.get(key).cloned()]
                 .into_iter()
                 .flatten()
             {

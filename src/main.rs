@@ -499,7 +499,12 @@ fn diff_command(
                 treeswap::sys::open_file_beneath(t2.as_fd(), &e.path)
             };
             let changes = diff::compare(&m1, m2);
-            diff::diff(&m1, &r1, changes, &r2, to_version, level)?
+            let mut base = diff::Base::new(m1.version.clone(), m1.digest(), &changes);
+            for e in &m1.entries {
+                base.keep(e);
+            }
+            drop(m1);
+            diff::diff(&base, &r1, changes, &r2, to_version, level)?
         }
         (None, None, Some(v1), Some(v2)) => {
             if from_version.is_some() || to_version.is_some() {
@@ -509,20 +514,13 @@ fn diff_command(
                 .into());
             }
             let root = open_root(cli, Lock::Shared, false)?;
-            // The new tree's manifest is compared as it is read, never held whole.
-            let m1 = root.load_manifest(v1)?;
-            let mut cmp = diff::Compare::new(&m1);
-            let (digest, count) = root.stream_manifest(v2, &mut |block| {
-                cmp.feed(block);
-                Ok(())
-            })?;
-            let changes = cmp.finish(digest, count);
-            log::debug!("compared the manifests");
+            // Neither manifest is held whole.
+            let (base, changes) = diff::installed(&root, v1, v2)?;
             let pool = root.pool()?;
             let read = |e: &treeswap::manifest::Entry| {
                 pool.open_object(&e.object().context("not a file")?)
             };
-            diff::diff(&m1, &read, changes, &read, v2, level)?
+            diff::diff(&base, &read, changes, &read, v2, level)?
         }
         _ => {
             return Err(Fail::Usage(
