@@ -81,9 +81,10 @@ fn trees(env: &Env) -> (PathBuf, PathBuf) {
     (v1, v2)
 }
 
+/// Fields drop in order: the file system is unmounted before its scratch directory goes.
 struct Lab {
-    env: Env,
     _mnt: Mount,
+    _env: Env,
     root: PathBuf,
     v1: PathBuf,
     v2: PathBuf,
@@ -117,8 +118,8 @@ fn lab() -> Lab {
     )
     .success();
     Lab {
-        env,
         _mnt: mnt,
+        _env: env,
         root,
         v1,
         v2,
@@ -202,7 +203,6 @@ fn apply_starts_from_the_base_snapshot_and_makes_exactly_the_new_tree() {
         subvolumes(root),
         ["snapshots/1", "snapshots/3", "trees/1", "trees/3"]
     );
-    drop(l.env);
 }
 
 #[test]
