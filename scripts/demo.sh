@@ -8,7 +8,7 @@ cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
 ts="$repo/target/release/treeswap"
 work=$(mktemp -d)
 # Objects may carry the immutable flag (protect = "immutable"); clear it to clean up.
-trap 'chattr -R -i "$work" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'chattr -R -f -i "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # Git keeps only the executable bit, so set the modes the example means.
 cp -a "$repo/fixtures/v1" "$work/v1"
