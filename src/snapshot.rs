@@ -114,9 +114,7 @@ pub fn enabled(root: BorrowedFd, pool: &Pool) -> bool {
 /// Takes the read-only snapshot `snapshots/<version>` of the verified tree open as `tree`.
 pub fn keep_pristine(root: &crate::root::Root, tree: BorrowedFd, version: &str) -> Result<()> {
     let dir = root.snapshots_dir()?;
-    if sys::lstatat(dir.as_fd(), version.as_bytes())?.is_some() {
-        destroy(dir.as_fd(), version.as_bytes())?;
-    }
+    sys::remove_tree_at(dir.as_fd(), version.as_bytes())?;
     snapshot(tree, dir.as_fd(), version.as_bytes(), true)
 }
 
@@ -310,7 +308,7 @@ pub fn clear_orphans(root: &crate::root::Root) -> Result<()> {
         let v = String::from_utf8_lossy(&name).into_owned();
         if !root.is_installed(&v)? {
             log::info!("removing `snapshots/{v}`, which belongs to no installed tree");
-            destroy(dir.as_fd(), &name)?;
+            sys::remove_tree_at(dir.as_fd(), &name)?;
         }
     }
     Ok(())
