@@ -7,6 +7,7 @@
 //! Similar contents are looked for at the same path, then among files of the same name or the
 //! same name without digits, in the base and among contents shipped earlier in this delta.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -92,14 +93,15 @@ pub struct Changes {
 }
 
 /// A merge-join of the base's sorted entries (an iterator, which may be reading them as it
-/// goes) with the new tree's, fed block by block: neither tree need be in memory as a whole.
-pub struct Compare<I: Iterator<Item = Entry>> {
+/// goes, of owned or borrowed entries) with the new tree's, fed block by block: neither tree
+/// need be in memory as a whole.
+pub struct Compare<I: Iterator<Item = T>, T: Borrow<Entry>> {
     base: std::iter::Peekable<I>,
     changed: Vec<Entry>,
     removed: Vec<Box<[u8]>>,
 }
 
-impl<I: Iterator<Item = Entry>> Compare<I> {
+impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
     pub fn new(base: I) -> Self {
         Compare {
             base: base.peekable(),
@@ -111,11 +113,11 @@ impl<I: Iterator<Item = Entry>> Compare<I> {
     /// The next entries of the new tree, in order.
     pub fn feed(&mut self, entries: impl IntoIterator<Item = Entry>) {
         for y in entries {
-            while let Some(x) = self.base.next_if(|x| x.path < y.path) {
-                self.removed.push(x.path);
+            while let Some(x) = self.base.next_if(|x| x.borrow().path < y.path) {
+                self.removed.push(x.borrow().path.clone());
             }
-            match self.base.next_if(|x| x.path == y.path) {
-                Some(x) if x == y => {}
+            match self.base.next_if(|x| x.borrow().path == y.path) {
+                Some(x) if *x.borrow() == y => {}
                 _ => self.changed.push(y),
             }
         }
@@ -123,7 +125,7 @@ impl<I: Iterator<Item = Entry>> Compare<I> {
 
     pub fn finish(mut self, to_digest: Hash, to_count: u64) -> Changes {
         for x in self.base.by_ref() {
-            self.removed.push(x.path);
+            self.removed.push(x.borrow().path.clone());
         }
         Changes {
             changed: self.changed,
@@ -137,7 +139,7 @@ impl<I: Iterator<Item = Entry>> Compare<I> {
 /// The changes from `from` to `to`, both in memory.
 pub fn compare(from: &Manifest, to: Manifest) -> Changes {
     let (digest, count) = (to.digest(), to.entries.len() as u64);
-    let mut c = Compare::new(from.entries.iter().cloned());
+    let mut c = Compare::new(from.entries.iter());
     c.feed(to.entries);
     c.finish(digest, count)
 }

@@ -88,10 +88,7 @@ pub fn install(
         crate::protect::mark_unprotected(root, false)?;
     }
     if let Err(e) = built {
-        // Give back what the half-built tree took; the next writer would remove it anyway.
-        if let Err(e2) = sys::remove_tree_at(staging.as_fd(), version.as_bytes()) {
-            log::warn!("cannot remove `staging/{version}`: {e2:#}");
-        }
+        discard_staging(staging.as_fd(), version);
         return Err(e.context(format!("cannot build `staging/{version}`")));
     }
     log::debug!("staged `staging/{version}`");
@@ -188,10 +185,16 @@ pub fn install_by_snapshot(
         commit(root, m, &layout, staging.as_fd(), true)
     })();
     if let Err(e) = res {
-        if let Err(e2) = sys::remove_tree_at(staging.as_fd(), version.as_bytes()) {
-            log::warn!("cannot remove `staging/{version}`: {e2:#}");
-        }
+        discard_staging(staging.as_fd(), version);
         return Err(e);
     }
     Ok(true)
+}
+
+/// Gives back what a tree that failed half-way took: removes `staging/<version>`, only warning
+/// if it cannot (the next writer removes it anyway).
+fn discard_staging(staging: std::os::fd::BorrowedFd, version: &str) {
+    if let Err(e) = sys::remove_tree_at(staging, version.as_bytes()) {
+        log::warn!("cannot remove `staging/{version}`: {e:#}");
+    }
 }

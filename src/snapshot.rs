@@ -11,7 +11,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use anyhow::{Context, Result, bail};
-use rustix::fs::{FileType, Mode, OFlags};
+use rustix::fs::{FileType, Mode};
 
 use crate::manifest::{Entry, Kind, Manifest};
 use crate::path::split_parent;
@@ -66,13 +66,22 @@ pub fn is_subvolume(fd: BorrowedFd) -> bool {
 
 /// Creates the empty subvolume `name` in `parent`.
 pub fn create(parent: BorrowedFd, name: &[u8]) -> Result<()> {
+    vol_ioctl(parent, name, ioc_subvol_create)
+        .with_context(|| format!("cannot create subvolume `{}`", crate::path::display(name)))
+}
+
+/// One of the ioctls that take a `btrfs_ioctl_vol_args` naming `name` in `parent`.
+fn vol_ioctl(
+    parent: BorrowedFd,
+    name: &[u8],
+    ioctl: unsafe fn(i32, *const VolArgs) -> nix::Result<i32>,
+) -> Result<()> {
     let args = VolArgs {
         fd: 0,
         name: name_field(name)?,
     };
     // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args` for the call's duration.
-    unsafe { ioc_subvol_create(parent.as_raw_fd(), &args) }
-        .with_context(|| format!("cannot create subvolume `{}`", crate::path::display(name)))?;
+    unsafe { ioctl(parent.as_raw_fd(), &args) }?;
     Ok(())
 }
 
@@ -93,14 +102,8 @@ pub fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: boo
 
 /// Deletes the subvolume `name` in `parent`, with everything in it.
 pub fn destroy(parent: BorrowedFd, name: &[u8]) -> Result<()> {
-    let args = VolArgs {
-        fd: 0,
-        name: name_field(name)?,
-    };
-    // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args` for the call's duration.
-    unsafe { ioc_snap_destroy(parent.as_raw_fd(), &args) }
-        .with_context(|| format!("cannot delete subvolume `{}`", crate::path::display(name)))?;
-    Ok(())
+    vol_ioctl(parent, name, ioc_snap_destroy)
+        .with_context(|| format!("cannot delete subvolume `{}`", crate::path::display(name)))
 }
 
 /// Whether trees of this root are subvolumes with read-only snapshots: on btrfs, in reflink
@@ -180,7 +183,7 @@ pub fn change(
                     crate::scan::entry_at(top, b".", b".")?
                 } else {
                     let (parent, base) = split_parent(&e.path);
-                    let pfd = open_parent(top, parent)?;
+                    let pfd = sys::open_dir_beneath(top, parent)?;
                     crate::scan::entry_at(pfd.as_fd(), base, &e.path)?
                 };
                 let mut problems = Vec::new();
@@ -199,7 +202,7 @@ pub fn change(
                 continue;
             }
             let (parent, base) = split_parent(p);
-            if let Ok(pfd) = open_parent(top, parent)
+            if let Ok(pfd) = sys::open_dir_beneath(top, parent)
                 && sys::lstatat(pfd.as_fd(), base)?.is_some()
             {
                 problems.push(format!("extra: {}", crate::path::display(p)));
@@ -230,7 +233,7 @@ fn remove_and_make(
         .collect();
     tops.par_iter().try_for_each(|p| -> Result<()> {
         let (parent, base) = split_parent(p);
-        let pfd = open_parent(top, parent)?;
+        let pfd = sys::open_dir_beneath(top, parent)?;
         sys::remove_tree_at(pfd.as_fd(), base)
             .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))
     })?;
@@ -255,7 +258,7 @@ fn make_changed(top: BorrowedFd, e: &Entry, pool: &Pool, layout: &Layout) -> Res
     }
     let (parent, base) = split_parent(&e.path);
     let res = (|| -> Result<()> {
-        let pfd = open_parent(top, parent)?;
+        let pfd = sys::open_dir_beneath(top, parent)?;
         let st = sys::lstatat(pfd.as_fd(), base)?;
         let is_dir = st
             .as_ref()
@@ -283,19 +286,6 @@ fn make_changed(top: BorrowedFd, e: &Entry, pool: &Pool, layout: &Layout) -> Res
         }
     })();
     res.with_context(|| format!("cannot make `{}`", e.display()))
-}
-
-fn open_parent(top: BorrowedFd, parent: &[u8]) -> Result<std::os::fd::OwnedFd> {
-    if parent == b"." {
-        Ok(rustix::fs::openat(
-            top,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?)
-    } else {
-        sys::open_dir_beneath(top, parent)
-    }
 }
 
 /// Removes `snapshots/<V>` for every version that is not installed (left by a crash between
