@@ -2,7 +2,8 @@
 //!
 //! Steps: scan and hash DIR (each new object is copied into the pool as it is hashed, and
 //! re-hashed while copied so that a file changed under our feet is caught); build
-//! `staging/<V>` from the pool; write `manifests/<V>.toml`; `syncfs`; rename `staging/<V>` to
+//! `staging/<V>` from the pool; write `manifests/<V>.toml` (through a temporary name; when
+//! staging from a snapshot, on another thread meanwhile); `syncfs`; rename `staging/<V>` to
 //! `trees/<V>` (the commit point); fsync `trees/`. DIR is only read.
 
 use std::os::fd::AsFd;
@@ -105,20 +106,45 @@ pub fn install(
         }
     }
     log::debug!("verified `staging/{version}`");
-    commit(root, m, &layout, staging.as_fd(), snapshots)
+    root.write_manifest_tmp(version, m, None)?;
+    commit(root, version, &layout, staging.as_fd(), snapshots)
 }
 
-/// Writes the manifest and layout of the staged and verified `staging/<V>`, syncs, keeps its
-/// read-only snapshot (`snapshots`), and renames it to `trees/<V>`, the commit point.
-fn commit(
+/// Runs `stage`, which builds and checks `staging/<V>`, while the manifest `m` is written to
+/// its temporary name on another thread. If either fails, the temporary manifest is removed.
+/// (For a tree staged from a snapshot, writing the manifest takes as long as the staging.)
+fn with_manifest_written(
     root: &Root,
     m: &Manifest,
+    digest: Option<&crate::manifest::Hash>,
+    version: &str,
+    stage: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let res = std::thread::scope(|s| {
+        let written = s.spawn(|| root.write_manifest_tmp(version, m, digest));
+        let staged = stage();
+        let written = written
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the manifest writer panicked")));
+        staged.and(written)
+    });
+    if res.is_err() {
+        root.discard_manifest_tmp(version);
+    }
+    res
+}
+
+/// Commits the staged and verified `staging/<V>`, whose manifest is written to its temporary
+/// name: writes the layout, names the manifest, syncs, keeps the tree's read-only snapshot
+/// (`snapshots`), and renames it to `trees/<V>`, the commit point.
+fn commit(
+    root: &Root,
+    version: &str,
     layout: &Layout,
     staging: std::os::fd::BorrowedFd,
     snapshots: bool,
 ) -> Result<()> {
-    let version = m.version.as_deref().context("manifest has no version")?;
-    root.write_manifest(version, m)?;
+    root.publish_manifest(version)?;
     fs_err::write(root.layout_path(version), layout.to_toml())?;
     log::debug!("wrote the manifest");
     crate::failpoint::hit("stage-before-syncfs");
@@ -157,14 +183,14 @@ pub fn install_by_snapshot(
         return Ok(false);
     }
     let version = m.version.as_deref().context("manifest has no version")?;
+    let layout = Layout::new(pool.mode(), &cfg.private)?;
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
     if !crate::snapshot::start_from(root, staging.as_fd(), base, version)? {
         return Ok(false);
     }
     log::debug!("snapshot of `{base}` taken");
-    let res = (|| -> Result<()> {
-        let layout = Layout::new(pool.mode(), &cfg.private)?;
+    let stage = || -> Result<()> {
         let top = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
         let problems =
             crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout, write)?;
@@ -182,8 +208,10 @@ pub fn install_by_snapshot(
             ))
             .into());
         }
-        commit(root, m, &layout, staging.as_fd(), true)
-    })();
+        Ok(())
+    };
+    let res = with_manifest_written(root, m, Some(&d.to_digest), version, stage)
+        .and_then(|()| commit(root, version, &layout, staging.as_fd(), true));
     if let Err(e) = res {
         discard_staging(staging.as_fd(), version);
         return Err(e);

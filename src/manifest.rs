@@ -121,12 +121,21 @@ impl Manifest {
     /// Writes the canonical TOML text, entry by entry (a million-entry manifest is ~200 MB of
     /// text; it is never held in memory whole).
     pub fn write_toml(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.write_toml_with_digest(out, &self.digest())
+    }
+
+    /// [`Manifest::write_toml`], where the caller has the digest already.
+    pub fn write_toml_with_digest(
+        &self,
+        out: &mut impl std::io::Write,
+        digest: &Hash,
+    ) -> std::io::Result<()> {
         writeln!(out, "# treeswap tree manifest; see FORMAT.md")?;
         writeln!(out, "format = {FORMAT}")?;
         if let Some(v) = &self.version {
             writeln!(out, "version = \"{v}\"")?;
         }
-        writeln!(out, "digest = \"{}\"", hex::encode(self.digest()))?;
+        writeln!(out, "digest = \"{}\"", hex::encode(digest))?;
         writeln!(out, "count = {}", self.entries.len())?;
         writeln!(out, "entries = [")?;
         let mut line = String::with_capacity(512);
@@ -616,6 +625,23 @@ fn entry_line(line: &[u8]) -> Result<Entry> {
 /// in parallel, so a million entries load in well under two seconds with memory for the
 /// entries plus one block.
 pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
+    let (m, want) = parse_reader_unverified(r)?;
+    check_tree(&m.entries)?;
+    let got = m.digest();
+    if got != want {
+        bail!(
+            "manifest digest mismatch: declared {}, entries give {}",
+            hex::encode(want),
+            hex::encode(got)
+        );
+    }
+    Ok(m)
+}
+
+/// [`parse_reader`] without the tree check and the digest check, which cost a pass over every
+/// entry: for a manifest whose entries are checked otherwise (`apply` checks the digest of
+/// the tree it composes from it). Checks the declared count; returns the declared digest.
+pub fn parse_reader_unverified(r: impl BufRead) -> Result<(Manifest, Hash)> {
     let mut entries: Vec<Entry> = Vec::new();
     let h = read_blocks(r, &mut |_, block| {
         entries.extend(block);
@@ -632,17 +658,8 @@ pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
             m.entries.len()
         );
     }
-    check_tree(&m.entries)?;
     let want = h.digest.context("manifest has no `digest`")?;
-    let got = m.digest();
-    if got != want {
-        bail!(
-            "manifest digest mismatch: declared {}, entries give {}",
-            hex::encode(want),
-            hex::encode(got)
-        );
-    }
-    Ok(m)
+    Ok((m, want))
 }
 
 /// What a manifest's header declares.

@@ -280,9 +280,25 @@ impl Root {
     }
 
     pub fn load_manifest(&self, version: &str) -> Result<Manifest> {
+        self.load_manifest_with(version, manifest::parse_reader)
+    }
+
+    /// [`Root::load_manifest`] without checking the entries against the stored digest (see
+    /// [`manifest::parse_reader_unverified`]); the caller checks them otherwise.
+    pub fn load_manifest_unverified(&self, version: &str) -> Result<Manifest> {
+        self.load_manifest_with(version, |r| {
+            manifest::parse_reader_unverified(r).map(|(m, _)| m)
+        })
+    }
+
+    fn load_manifest_with(
+        &self,
+        version: &str,
+        parse: impl FnOnce(std::io::BufReader<fs_err::File>) -> Result<Manifest>,
+    ) -> Result<Manifest> {
         let p = self.manifest_path(version);
         let f = fs_err::File::open(&p)?;
-        let m = manifest::parse_reader(std::io::BufReader::with_capacity(1 << 20, f))
+        let m = parse(std::io::BufReader::with_capacity(1 << 20, f))
             .with_context(|| format!("cannot load the manifest `{}`", p.display()))?;
         if m.version.as_deref() != Some(version) {
             bail!("`{}` is the manifest of another version", p.display());
@@ -333,16 +349,53 @@ impl Root {
 
     /// Writes a manifest to a temporary name and renames it into place. Durability comes from
     /// the caller's `syncfs` before its commit point.
-    pub fn write_manifest(&self, version: &str, m: &Manifest) -> Result<()> {
-        let dir = self.path.join("manifests");
-        let tmp = dir.join(format!(".{version}.toml.tmp"));
+    /// Writes the manifest of `version` to its temporary name, `manifests/.<V>.toml.tmp`;
+    /// [`Root::publish_manifest`] gives it its name; its writing to the disk is started. If
+    /// writing fails, nothing is left. `digest`, if given, is `m`'s digest, already computed.
+    pub fn write_manifest_tmp(
+        &self,
+        version: &str,
+        m: &Manifest,
+        digest: Option<&manifest::Hash>,
+    ) -> Result<()> {
+        let tmp = self.manifest_tmp_path(version);
         let f = fs_err::File::create(&tmp)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        m.write_toml(&mut w)
+        let digest = digest.copied().unwrap_or_else(|| m.digest());
+        let res = m
+            .write_toml_with_digest(&mut w, &digest)
             .and_then(|()| std::io::Write::flush(&mut w))
-            .with_context(|| format!("cannot write `{}`", tmp.display()))?;
-        fs_err::rename(&tmp, self.manifest_path(version))?;
+            .with_context(|| format!("cannot write `{}`", tmp.display()));
+        match res {
+            Ok(()) => sys::start_writeback(w.get_ref().file().as_fd()),
+            Err(_) => {
+                drop(w);
+                self.discard_manifest_tmp(version);
+            }
+        }
+        res
+    }
+
+    /// Renames the manifest written by [`Root::write_manifest_tmp`] to `manifests/<V>.toml`.
+    pub fn publish_manifest(&self, version: &str) -> Result<()> {
+        fs_err::rename(self.manifest_tmp_path(version), self.manifest_path(version))?;
         Ok(())
+    }
+
+    /// Removes the manifest written by [`Root::write_manifest_tmp`], if it is there.
+    pub fn discard_manifest_tmp(&self, version: &str) {
+        let tmp = self.manifest_tmp_path(version);
+        if let Err(e) = std::fs::remove_file(&tmp)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            log::warn!("cannot remove `{}`: {e}", tmp.display());
+        }
+    }
+
+    fn manifest_tmp_path(&self, version: &str) -> PathBuf {
+        self.path
+            .join("manifests")
+            .join(format!(".{version}.toml.tmp"))
     }
 
     /// The one durability point before a commit rename: flush the whole file system.

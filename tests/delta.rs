@@ -1398,6 +1398,31 @@ fn delta_for_another_base_exits_7_naming_both_digests() {
 }
 
 #[test]
+fn a_damaged_stored_base_manifest_is_named_and_nothing_is_written() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = fixture();
+    let root = f.root("root");
+    // An entry the update keeps, changed in the stored manifest of the base (its declared
+    // digest stays): the tree composed from it cannot have the delta's result digest.
+    let stored = root.join("manifests/1.toml");
+    let text = fs::read_to_string(&stored).unwrap();
+    let damaged = edit_line(&text, "path = \"etc/conf\"", "mode = 0o644", "mode = 0o600");
+    assert_ne!(text, damaged);
+    fs::write(&stored, damaged).unwrap();
+    let before = capture(&root);
+    let r = apply(&root, &f.delta);
+    r.exit(1)
+        .stderr_has("manifest is damaged")
+        .stderr_has("manifest digest mismatch");
+    one_error(&r);
+    let after = capture(&root);
+    assert!(assert_unchanged(&before, &after, &root, "damaged base").is_empty());
+    assert_clean(&root, "2");
+}
+
+#[test]
 fn hostile_manifests_exit_8() {
     if skip_unless_root() {
         return;

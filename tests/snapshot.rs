@@ -32,7 +32,8 @@ fn p(path: &Path) -> &str {
 
 /// A base tree and a new one that differ in every way a delta can: content, mode only,
 /// owner only, a directory's mode and xattrs, types (file to directory, directory to
-/// symlink), a removed directory with children, new nested directories, a device node.
+/// symlink), a removed directory with children, new nested directories, a device node, and
+/// files replaced in place that shrink and lose an xattr, or grow and gain one and setuid.
 fn common(t: TreeSpec) -> TreeSpec {
     t.dir("usr")
         .dir("usr/bin")
@@ -53,6 +54,9 @@ fn trees(env: &Env) -> (PathBuf, PathBuf) {
             .mode(0o644)
             .file("etc/owner", "o\n")
             .file("etc/becomes-dir", "f\n")
+            .file("etc/shrinks", vec![1u8; 100_000])
+            .xattr("user.gone", "1")
+            .file("etc/grows", "g\n")
             .dir("etc/becomes-link")
             .file("etc/becomes-link/x", "x\n")
             .dir("var/old")
@@ -71,6 +75,10 @@ fn trees(env: &Env) -> (PathBuf, PathBuf) {
             .owner(1000, 1000)
             .dir("etc/becomes-dir")
             .file("etc/becomes-dir/inside", "i\n")
+            .file("etc/shrinks", "small\n")
+            .file("etc/grows", vec![2u8; 150_000])
+            .mode(0o4755)
+            .xattr("user.new", "2")
             .symlink("etc/becomes-link", "../usr")
             .dir("var")
             .dir("var/new")
@@ -263,4 +271,58 @@ fn a_kill_while_staging_by_snapshot_leaves_nothing_and_the_next_apply_succeeds()
             &snapshot(&fs::canonicalize(root.join("current")).unwrap()),
         );
     }
+}
+
+#[test]
+fn a_delta_cut_short_while_staging_by_snapshot_leaves_the_root_as_it_was() {
+    if skip_unless_root() {
+        return;
+    }
+    let l = lab();
+    let root = &l.root;
+    // A plain tar, cut inside its last blob: the apply fails after the snapshot is taken and
+    // while the manifest is being written.
+    let plain = l.delta.with_extension("tar");
+    run(ts_cmd().args([
+        "diff",
+        "--uncompressed",
+        "--from-dir",
+        p(&l.v1),
+        "--to-dir",
+        p(&l.v2),
+        "--from-version",
+        "1",
+        "--to-version",
+        "2",
+        "-o",
+        p(&plain),
+    ]))
+    .success();
+    let last = tar::Archive::new(fs::File::open(&plain).unwrap())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().raw_header_position())
+        .last()
+        .unwrap();
+    let cut = l.delta.with_extension("cut");
+    fs::write(&cut, &fs::read(&plain).unwrap()[..last as usize + 512 + 4]).unwrap();
+    let pool_before = pool_files(root);
+
+    tsr(root, &[], ["-vv", "apply", p(&cut), "--no-restart"])
+        .exit(8)
+        .stderr_has("snapshot of `1` taken");
+    assert_clean(root, "2");
+    assert_eq!(subvolumes(root), ["snapshots/1", "trees/1"]);
+    assert_eq!(pool_files(root), pool_before);
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap(),
+        Path::new("trees/1")
+    );
+    tsr(root, &[], ["verify", "1", "--full"]).success();
+
+    tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
+    assert_same_tree(
+        &snapshot(&l.v2),
+        &snapshot(&fs::canonicalize(root.join("current")).unwrap()),
+    );
 }

@@ -782,7 +782,7 @@ pub fn names(dir: &Path) -> Vec<Vec<u8>> {
 }
 
 /// After a failed run: nothing half-written. `tmp/` and `staging/` are empty and `version`
-/// has neither a tree nor a manifest.
+/// has neither a tree nor a manifest, not even a temporary one.
 #[track_caller]
 pub fn assert_clean(root: &Path, version: &str) {
     for d in ["tmp", "staging"] {
@@ -799,12 +799,14 @@ pub fn assert_clean(root: &Path, version: &str) {
         "`{}` should not exist",
         tree.display()
     );
-    let m = root.join("manifests").join(format!("{version}.toml"));
-    assert!(
-        fs::symlink_metadata(&m).is_err(),
-        "`{}` should not exist",
-        m.display()
-    );
+    for m in [format!("{version}.toml"), format!(".{version}.toml.tmp")] {
+        let m = root.join("manifests").join(m);
+        assert!(
+            fs::symlink_metadata(&m).is_err(),
+            "`{}` should not exist",
+            m.display()
+        );
+    }
 }
 
 /// Every file in `pool/` (relative paths like `ab/abcd…` and `ab/abcd….1`).
