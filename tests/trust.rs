@@ -281,5 +281,12 @@ fn gc_keeps_current_previous_pinned_and_the_newest() {
     env.ts(["gc"]).success();
     let list = env.ts(["list"]).stdout();
     assert_eq!(list.lines().count(), 2, "{list}");
-    assert!(!env.root.join("manifests/1.toml").exists());
+    // Nothing of a removed version stays in `manifests/`: not its manifest, not its layout.
+    assert_eq!(
+        names(&env.root.join("manifests"))
+            .iter()
+            .map(|n| show(n))
+            .collect::<Vec<_>>(),
+        ["4.layout.toml", "4.toml", "5.layout.toml", "5.toml"]
+    );
 }
