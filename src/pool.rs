@@ -37,7 +37,13 @@ pub struct Pool {
     copy_hint: Mutex<HashMap<ObjectId, u32>>,
     /// Objects (and copies) this handle published, so that a failed apply can remove them.
     created: Mutex<Vec<String>>,
+    /// In immutable mode, held around clearing an object's flag, linking it and setting the
+    /// flag again, by every thread linking an object of that stripe: otherwise one thread can
+    /// set the flag again between another's clearing it and linking (`EPERM`).
+    link_locks: [Mutex<()>; LINK_LOCKS],
 }
+
+const LINK_LOCKS: usize = 64;
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -111,6 +117,7 @@ impl Pool {
             mode: Mode::Hardlink,
             copy_hint: Mutex::new(HashMap::new()),
             created: Mutex::new(Vec::new()),
+            link_locks: std::array::from_fn(|_| Mutex::new(())),
         })
     }
 
@@ -142,6 +149,13 @@ impl Pool {
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode0::empty(),
         )?;
+        // Objects of a stripe share a lock: the object's name (`ab/abcd…`) picks it.
+        let stripe = rel.bytes().skip(3).take(4).fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        let _held = self.link_locks[stripe % LINK_LOCKS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let flags = rustix::fs::ioctl_getflags(&fd)?;
         rustix::fs::ioctl_setflags(&fd, flags - rustix::fs::IFlags::IMMUTABLE)?;
         let r = rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());

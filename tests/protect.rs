@@ -163,6 +163,38 @@ fn immutable_on_ext4_refuses_writes_through_a_tree() {
 }
 
 #[test]
+fn many_names_of_one_immutable_object_are_linked_at_once() {
+    if skip_unless_root() {
+        return;
+    }
+    // 2 000 files with the same content (as Debian's `*.triggers` files are): staging threads
+    // link the one object at the same time, each clearing and setting its immutable flag.
+    let env = Env::new();
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    let mut spec = TreeSpec::new();
+    for d in 0..40 {
+        spec = spec.dir(format!("d{d}"));
+        for f in 0..50 {
+            spec = spec.file(format!("d{d}/f{f}.triggers"), "activate-noawait ldconfig\n");
+        }
+    }
+    let dir = env.tree("same", &spec);
+    let mut c = ts_cmd();
+    c.env("TREESWAP_PROTECT", "immutable")
+        .arg("--root")
+        .arg(&root)
+        .args(["import", dir.to_str().unwrap(), "--version", "1"]);
+    run(&mut c).success();
+    verify(&root, "1").success();
+    let one = inode(&root.join("trees/1/d0/f0.triggers"));
+    assert_eq!(inode(&root.join("trees/1/d39/f49.triggers")), one);
+    let err = try_write(&root.join("trees/1/d7/f7.triggers")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    unprotect(&root);
+}
+
+#[test]
 fn reflink_on_xfs_and_btrfs_keeps_writes_private() {
     if skip_unless_root() {
         return;
