@@ -290,6 +290,13 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
             "this delta applies to installed version `{base_version}`, which is not current"
         );
     }
+    // Which of the new tree's changed objects the pool has already: lookups that wait on the
+    // disk when the cache is cold, made meanwhile on other threads.
+    let in_pool = {
+        let pool = root.pool()?;
+        let ids: HashSet<ObjectId> = d.changed.iter().filter_map(Entry::object).collect();
+        std::thread::spawn(move || lookup(&pool, ids.into_iter().collect()))
+    };
     // The base's entries are not checked against its digest here: the digest of the tree
     // composed from them is, which covers every entry the new tree keeps.
     let base = root.load_manifest_unverified(&base_version)?;
@@ -307,7 +314,10 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     })?;
     log::debug!("composed the new manifest: {} entries", new.entries.len());
     let pool = root.pool_for(cfg)?;
-    let plan = plan(base_content, &d, &pool)?;
+    let in_pool = in_pool
+        .join()
+        .unwrap_or_else(|_| Err(anyhow!("a pool lookup thread panicked")))?;
+    let plan = plan(base_content, &d, in_pool)?;
     log::debug!("planned {} new objects, {} bytes", plan.objects, plan.bytes);
     if let Err(e) = check_space(root, &plan, &new) {
         if !cfg.gc_before_apply {
@@ -415,7 +425,27 @@ fn base_contents(base: &Manifest, d: &Delta) -> HashMap<Hash, ObjectId> {
     base_content
 }
 
-fn plan(base_content: HashMap<Hash, ObjectId>, d: &Delta, pool: &Pool) -> Result<Plan> {
+/// Which of `ids` the pool has, looked up in parallel, as each lookup may wait on the disk.
+fn lookup(pool: &Pool, ids: Vec<ObjectId>) -> Result<HashSet<ObjectId>> {
+    use rayon::prelude::*;
+    let has: Vec<Result<bool>> =
+        crate::stage::io_threads()?.install(|| ids.par_iter().map(|id| pool.has(id)).collect());
+    let mut in_pool = HashSet::new();
+    for (id, h) in ids.iter().zip(has) {
+        if h? {
+            in_pool.insert(*id);
+        }
+    }
+    Ok(in_pool)
+}
+
+/// What applying `d` needs to write, given the objects of the changed entries that the pool
+/// has (`in_pool`).
+fn plan(
+    base_content: HashMap<Hash, ObjectId>,
+    d: &Delta,
+    in_pool: HashSet<ObjectId>,
+) -> Result<Plan> {
     let in_delta: HashMap<Hash, usize> = d
         .contents
         .iter()
@@ -449,22 +479,7 @@ fn plan(base_content: HashMap<Hash, ObjectId>, d: &Delta, pool: &Pool) -> Result
         objects: 0,
     };
     // Unchanged entries link to base objects the pool has; `verify` catches a pool that lost
-    // them. Changed ones may need new objects: which the pool has is looked up in parallel,
-    // as each lookup may wait on the disk.
-    let ids: HashSet<ObjectId> = d.changed.iter().filter_map(Entry::object).collect();
-    let in_pool: HashSet<ObjectId> = {
-        use rayon::prelude::*;
-        let ids: Vec<ObjectId> = ids.into_iter().collect();
-        let has: Vec<Result<bool>> =
-            crate::stage::io_threads()?.install(|| ids.par_iter().map(|id| pool.has(id)).collect());
-        let mut in_pool = HashSet::new();
-        for (id, h) in ids.iter().zip(has) {
-            if h? {
-                in_pool.insert(*id);
-            }
-        }
-        in_pool
-    };
+    // them. Changed ones may need new objects: `in_pool` says which.
     let mut seen: HashSet<ObjectId> = HashSet::new();
     for e in &d.changed {
         let Kind::File { size, sha256 } = &e.kind else {
