@@ -347,11 +347,10 @@ impl Root {
         bail!("`{}` has no digest in its header", p.display())
     }
 
-    /// Writes a manifest to a temporary name and renames it into place. Durability comes from
-    /// the caller's `syncfs` before its commit point.
-    /// Writes the manifest of `version` to its temporary name, `manifests/.<V>.toml.tmp`;
-    /// [`Root::publish_manifest`] gives it its name; its writing to the disk is started. If
-    /// writing fails, nothing is left. `digest`, if given, is `m`'s digest, already computed.
+    /// Writes the manifest of `version` to its temporary name, `manifests/.<V>.toml.tmp`, and
+    /// starts its writing to the disk; [`Root::publish_manifest`] gives it its name.
+    /// Durability comes from the caller's `syncfs` before its commit point. If writing fails,
+    /// nothing is left. `digest`, if given, is `m`'s digest, already computed.
     pub fn write_manifest_tmp(
         &self,
         version: &str,
