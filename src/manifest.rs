@@ -759,7 +759,12 @@ impl<'a> Scan<'a> {
 pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
     let (m, want) = parse_reader_unverified(r)?;
     check_tree(&m.entries)?;
-    let got = m.digest();
+    check_digest(&want, &m.digest())?;
+    Ok(m)
+}
+
+/// The error for a manifest whose entries do not give its declared digest.
+fn check_digest(want: &Hash, got: &Hash) -> Result<()> {
     if got != want {
         bail!(
             "manifest digest mismatch: declared {}, entries give {}",
@@ -767,7 +772,7 @@ pub fn parse_reader(r: impl BufRead) -> Result<Manifest> {
             hex::encode(got)
         );
     }
-    Ok(m)
+    Ok(())
 }
 
 /// [`parse_reader`] without the tree check and the digest check, which cost a pass over every
@@ -834,13 +839,7 @@ pub fn stream_reader(
     }
     let want = h.digest.context("manifest has no `digest`")?;
     let got: Hash = hasher.unwrap_or_else(|| digest_start(0)).finalize().into();
-    if got != want {
-        bail!(
-            "manifest digest mismatch: declared {}, entries give {}",
-            hex::encode(want),
-            hex::encode(got)
-        );
-    }
+    check_digest(&want, &got)?;
     Ok(h)
 }
 
