@@ -168,7 +168,9 @@ pub fn change(
     let (first, written) = std::thread::scope(|s| {
         let first = s.spawn(|| {
             let r = threads.install(|| remove_and_make(top, removed, &others, pool, layout));
-            log::debug!("removed what the delta removes and made what is not a regular file");
+            if r.is_ok() {
+                log::debug!("removed what the delta removes and made what is not a regular file");
+            }
             r
         });
         let written = write();

@@ -99,26 +99,32 @@ struct Lab {
     delta: PathBuf,
 }
 
+/// Writes the delta from version 1 (the tree `v1`) to version 2 (`v2`) to `out`.
+fn diff(v1: &Path, v2: &Path, out: &Path, extra: &[&str]) {
+    run(ts_cmd()
+        .arg("diff")
+        .args(extra)
+        .args(["--from-dir", p(v1), "--to-dir", p(v2)])
+        .args(["--from-version", "1", "--to-version", "2", "-o", p(out)]))
+    .success();
+}
+
+/// `current` of `root` is exactly the tree `want`.
+#[track_caller]
+fn assert_current_is(root: &Path, want: &Path) {
+    assert_same_tree(
+        &snapshot(want),
+        &snapshot(&fs::canonicalize(root.join("current")).unwrap()),
+    );
+}
+
 fn lab() -> Lab {
     let env = Env::new();
     let mnt = Mount::btrfs_loop(&env.path("btrfs.img"), 320, &env.path("mnt"));
     let root = mnt.path.join("root");
     let (v1, v2) = trees(&env);
     let delta = env.path("d.delta");
-    run(ts_cmd().args([
-        "diff",
-        "--from-dir",
-        p(&v1),
-        "--to-dir",
-        p(&v2),
-        "--from-version",
-        "1",
-        "--to-version",
-        "2",
-        "-o",
-        p(&delta),
-    ]))
-    .success();
+    diff(&v1, &v2, &delta, &[]);
     tsr(
         &root,
         &[],
@@ -172,10 +178,7 @@ fn apply_starts_from_the_base_snapshot_and_makes_exactly_the_new_tree() {
     tsr(root, &[], ["-vv", "apply", p(&l.delta), "--no-restart"])
         .success()
         .stderr_has("from the snapshot of `1`");
-    assert_same_tree(
-        &snapshot(&l.v2),
-        &snapshot(&fs::canonicalize(root.join("current")).unwrap()),
-    );
+    assert_current_is(root, &l.v2);
     assert_eq!(
         subvolumes(root),
         ["snapshots/1", "snapshots/2", "trees/1", "trees/2"]
@@ -226,10 +229,7 @@ fn without_snapshots_the_whole_tree_is_staged_with_the_same_result() {
     )
     .success()
     .stderr_lacks("from the snapshot");
-    assert_same_tree(
-        &snapshot(&l.v2),
-        &snapshot(&fs::canonicalize(l.root.join("current")).unwrap()),
-    );
+    assert_current_is(&l.root, &l.v2);
 }
 
 #[test]
@@ -266,10 +266,7 @@ fn a_kill_while_staging_by_snapshot_leaves_nothing_and_the_next_apply_succeeds()
             Path::new("trees/1")
         );
         tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
-        assert_same_tree(
-            &snapshot(&l.v2),
-            &snapshot(&fs::canonicalize(root.join("current")).unwrap()),
-        );
+        assert_current_is(root, &l.v2);
     }
 }
 
@@ -283,21 +280,7 @@ fn a_delta_cut_short_while_staging_by_snapshot_leaves_the_root_as_it_was() {
     // A plain tar, cut inside its last blob: the apply fails after the snapshot is taken and
     // while the manifest is being written.
     let plain = l.delta.with_extension("tar");
-    run(ts_cmd().args([
-        "diff",
-        "--uncompressed",
-        "--from-dir",
-        p(&l.v1),
-        "--to-dir",
-        p(&l.v2),
-        "--from-version",
-        "1",
-        "--to-version",
-        "2",
-        "-o",
-        p(&plain),
-    ]))
-    .success();
+    diff(&l.v1, &l.v2, &plain, &["--uncompressed"]);
     let last = tar::Archive::new(fs::File::open(&plain).unwrap())
         .entries()
         .unwrap()
@@ -321,8 +304,5 @@ fn a_delta_cut_short_while_staging_by_snapshot_leaves_the_root_as_it_was() {
     tsr(root, &[], ["verify", "1", "--full"]).success();
 
     tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
-    assert_same_tree(
-        &snapshot(&l.v2),
-        &snapshot(&fs::canonicalize(root.join("current")).unwrap()),
-    );
+    assert_current_is(root, &l.v2);
 }
