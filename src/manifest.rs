@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::object::{Meta, ObjectId, object_id};
-use crate::path::{decode_path, encode_path, validate_path};
+use crate::path::{decode_path, validate_path};
 
 /// The manifest format version; see FORMAT.md for what changes it.
 pub const FORMAT: u32 = 1;
@@ -232,14 +232,23 @@ pub fn encode_entry(buf: &mut Vec<u8>, e: &Entry) {
     }
 }
 
+/// Appends the lowercase hex of `bytes` to `out`.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+}
+
 /// Writes one entry as a one-line TOML inline table, keys in canonical order.
 pub fn write_entry(out: &mut String, e: &Entry) {
-    let _ = write!(
-        out,
-        "{{ path = \"{}\", type = \"{}\"",
-        encode_path(&e.path),
-        e.kind.name()
-    );
+    out.push_str("{ path = \"");
+    crate::path::push_path(out, &e.path);
+    out.push_str("\", type = \"");
+    out.push_str(e.kind.name());
+    out.push('"');
     if !matches!(e.kind, Kind::Symlink { .. }) {
         let _ = write!(out, ", mode = 0o{:o}", e.meta.mode);
     }
@@ -247,10 +256,14 @@ pub fn write_entry(out: &mut String, e: &Entry) {
     match &e.kind {
         Kind::Dir | Kind::Fifo => {}
         Kind::File { size, sha256 } => {
-            let _ = write!(out, ", size = {size}, sha256 = \"{}\"", hex::encode(sha256));
+            let _ = write!(out, ", size = {size}, sha256 = \"");
+            push_hex(out, sha256);
+            out.push('"');
         }
         Kind::Symlink { target } => {
-            let _ = write!(out, ", target = \"{}\"", encode_path(target));
+            out.push_str(", target = \"");
+            crate::path::push_path(out, target);
+            out.push('"');
         }
         Kind::Char { major, minor } | Kind::Block { major, minor } => {
             let _ = write!(out, ", major = {major}, minor = {minor}");
@@ -262,7 +275,11 @@ pub fn write_entry(out: &mut String, e: &Entry) {
             if i > 0 {
                 out.push_str(", ");
             }
-            let _ = write!(out, "\"{}\" = \"{}\"", encode_path(k), hex::encode(v));
+            out.push('"');
+            crate::path::push_path(out, k);
+            out.push_str("\" = \"");
+            push_hex(out, v);
+            out.push('"');
         }
         out.push_str(" }");
     }
@@ -1025,6 +1042,20 @@ mod tests {
         let text = m.to_toml();
         let back = parse(&text).unwrap();
         assert_eq!(back, m);
+        // The canonical text, byte for byte (FORMAT.md): escapes, xattrs, symlinks.
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+        assert_eq!(
+            lines,
+            [
+                r#"{ path = ".", type = "dir", mode = 0o755, uid = 0, gid = 0 },"#,
+                concat!(
+                    r#"{ path = "a%0Ab%FF", type = "file", mode = 0o4755, uid = 1, gid = 2, "#,
+                    r#"size = 3, sha256 = "0707070707070707070707070707070707070707070707070707070707070707", "#,
+                    r#"xattrs = { "user.x" = "0001" } },"#
+                ),
+                r#"{ path = "l", type = "symlink", uid = 0, gid = 0, target = "../%25x%22" },"#,
+            ]
+        );
         // Stock TOML readers accept the text too.
         let v: toml::Table = text.parse().unwrap();
         assert_eq!(v["entries"].as_array().unwrap().len(), 3);

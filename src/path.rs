@@ -47,31 +47,48 @@ fn needs_escape(b: u8) -> bool {
 /// Encodes bytes for a manifest string (see the module doc).
 pub fn encode_path(p: &[u8]) -> String {
     let mut out = String::with_capacity(p.len());
+    push_path(&mut out, p);
+    out
+}
+
+/// Appends the encoding of `p` (see [`encode_path`]) to `out`.
+pub fn push_path(out: &mut String, p: &[u8]) {
+    // Most names are printable ASCII with nothing to escape.
+    if p.iter().all(|&b| b.is_ascii() && !needs_escape(b)) {
+        out.push_str(std::str::from_utf8(p).expect("ASCII"));
+        return;
+    }
     let mut rest = p;
     while !rest.is_empty() {
         match std::str::from_utf8(rest) {
             Ok(s) => {
-                push_escaped(&mut out, s);
+                push_escaped(out, s);
                 break;
             }
             Err(e) => {
                 let (good, bad) = rest.split_at(e.valid_up_to());
-                push_escaped(&mut out, std::str::from_utf8(good).unwrap_or_default());
+                push_escaped(out, std::str::from_utf8(good).unwrap_or_default());
                 let n = e.error_len().unwrap_or(bad.len());
-                for b in &bad[..n] {
-                    out.push_str(&format!("%{b:02X}"));
+                for &b in &bad[..n] {
+                    push_percent(out, b);
                 }
                 rest = &bad[n..];
             }
         }
     }
-    out
+}
+
+fn push_percent(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[usize::from(b >> 4)] as char);
+    out.push(HEX[usize::from(b & 15)] as char);
 }
 
 fn push_escaped(out: &mut String, s: &str) {
     for ch in s.chars() {
         if ch.is_ascii() && needs_escape(ch as u8) {
-            out.push_str(&format!("%{:02X}", ch as u8));
+            push_percent(out, ch as u8);
         } else {
             out.push(ch);
         }

@@ -183,13 +183,23 @@ impl Pool {
         sys::zero_times(dst.as_fd())
     }
 
-    /// Makes the regular file open (for writing) as `dst` a copy of object `id` with `meta`,
-    /// in place: its old content is dropped and the object's blocks are shared (`FICLONE`).
-    /// Cheaper than removing the file and making a new one, on btrfs by far. Returns `false`,
-    /// having left `dst` in some state, where the file system cannot share the blocks.
-    pub fn clone_over(&self, id: &ObjectId, meta: &Meta, dst: BorrowedFd) -> Result<bool> {
+    /// Makes the regular file open (for writing) as `dst`, `dst_size` bytes long, a copy of
+    /// object `id` with `meta`, in place: the object's blocks are shared (`FICLONE`) over its
+    /// old content, which is first cut off if it is longer. Cheaper than removing the file and
+    /// making a new one, on btrfs by far. Returns `false`, having left `dst` in some state,
+    /// where the file system cannot share the blocks.
+    pub fn clone_over(
+        &self,
+        id: &ObjectId,
+        meta: &Meta,
+        dst: BorrowedFd,
+        dst_size: u64,
+    ) -> Result<bool> {
         let src = self.open_object(id)?;
-        rustix::fs::ftruncate(dst, 0).context("cannot truncate")?;
+        // A whole-file clone replaces the bytes up to the object's end and leaves any beyond.
+        if dst_size > rustix::fs::fstat(&src)?.st_size as u64 {
+            rustix::fs::ftruncate(dst, 0).context("cannot truncate")?;
+        }
         if rustix::fs::ioctl_ficlone(dst, &src).is_err() {
             return Ok(false);
         }

@@ -198,17 +198,25 @@ pub fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
 }
 
 /// Sets owner, then mode, then extended attributes on an open file or directory: in this
-/// order because [fchown(2)] clears setuid, setgid and `security.capability`.
+/// order because [fchown(2)] clears setuid, setgid and `security.capability`. Owner and mode
+/// are only changed where they differ (each change is a file system transaction; `fstat` is
+/// not).
 ///
 /// [fchown(2)]: https://man7.org/linux/man-pages/man2/fchown.2.html
 pub fn apply_meta_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
-    rustix::fs::fchown(
-        fd,
-        Some(rustix::process::Uid::from_raw(meta.uid)),
-        Some(rustix::process::Gid::from_raw(meta.gid)),
-    )
-    .context("cannot change owner")?;
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).context("cannot change mode")?;
+    let st = rustix::fs::fstat(fd).context("cannot read metadata")?;
+    let chown = st.st_uid != meta.uid || st.st_gid != meta.gid;
+    if chown {
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::process::Uid::from_raw(meta.uid)),
+            Some(rustix::process::Gid::from_raw(meta.gid)),
+        )
+        .context("cannot change owner")?;
+    }
+    if chown || st.st_mode & 0o7777 != meta.mode {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).context("cannot change mode")?;
+    }
     for (k, v) in &meta.xattrs {
         rustix::fs::fsetxattr(fd, &k[..], v, rustix::fs::XattrFlags::empty())
             .with_context(|| format!("cannot set extended attribute `{}`", display(k)))?;
