@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::config::Config;
 use crate::delta::{self, Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::error::Fail;
-use crate::manifest::{Entry, Hash, Kind, Manifest, check_tree};
+use crate::manifest::{Entry, Hash, Kind, Manifest, check_tree, tree_digest};
 use crate::object::{Meta, ObjectId};
 use crate::pool::{FdReader, Pool};
 use crate::root::Root;
@@ -148,7 +148,9 @@ pub fn compose(base: Manifest, d: &Delta) -> Result<Manifest> {
         w -= 1;
         entries[w] = y;
     }
-    check_tree(&entries).map_err(|e| bad(format!("its result is not a valid tree: {e:#}")))?;
+    // Both passes over every entry at once: the tree check's error comes first.
+    let (tree, got) = rayon::join(|| check_tree(&entries), || tree_digest(&entries));
+    tree.map_err(|e| bad(format!("its result is not a valid tree: {e:#}")))?;
     let m = Manifest {
         version: Some(d.to_version.clone()),
         entries,
@@ -161,7 +163,6 @@ pub fn compose(base: Manifest, d: &Delta) -> Result<Manifest> {
         ))
         .into());
     }
-    let got = m.digest();
     if got != d.to_digest {
         return Err(Fail::Integrity(format!(
             "the delta's result has digest {}, but it declares {}",

@@ -753,15 +753,27 @@ impl<'a> Scan<'a> {
     }
     /// 64 lowercase hex digits.
     fn hash(&mut self) -> Option<Hash> {
-        let digits = self.0.get(..64)?;
-        let nibble = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
+        /// Each byte's value as a lowercase hex digit, or 0xff.
+        const NIBBLE: [u8; 256] = {
+            let mut t = [0xffu8; 256];
+            let mut c = 0;
+            while c < 16 {
+                t[b"0123456789abcdef"[c] as usize] = c as u8;
+                c += 1;
+            }
+            t
         };
+        let digits = self.0.get(..64)?;
         let mut h = [0u8; 32];
+        // No branch per digit: a bad digit sets high bits in `bad`.
+        let mut bad = 0u8;
         for (out, pair) in h.iter_mut().zip(digits.chunks_exact(2)) {
-            *out = nibble(pair[0])? << 4 | nibble(pair[1])?;
+            let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+            bad |= hi | lo;
+            *out = hi << 4 | lo;
+        }
+        if bad > 0xf {
+            return None;
         }
         self.0 = &self.0[64..];
         Some(h)

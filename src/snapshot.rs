@@ -327,7 +327,12 @@ fn replace_file(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool) -> Result<
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
         return Ok(false);
     }
-    pool.clone_over(&e.object().expect("file"), &e.meta, fd.as_fd(), st.st_size as u64)
+    pool.clone_over(
+        &e.object().expect("file"),
+        &e.meta,
+        fd.as_fd(),
+        st.st_size as u64,
+    )
 }
 
 /// Removes `snapshots/<V>` for every version that is not installed (left by a crash between
