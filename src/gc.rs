@@ -52,19 +52,8 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
             .with_context(|| format!("cannot remove `trees/{v}`"))?;
         sys::fsync(trees.as_fd())?;
         crate::failpoint::hit("gc-after-uninstall");
-        for p in [root.manifest_path(&v), root.layout_path(&v)] {
-            fs_err::remove_file(p).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
-        }
+        root.forget(&v)?;
         sys::remove_tree_at(staging.as_fd(), doomed.as_bytes())?;
-        if let Some(snapshots) = root.snapshots_dir_opt()? {
-            sys::remove_tree_at(snapshots.as_fd(), v.as_bytes())?;
-        }
         log::info!("removed version `{v}`");
         report.trees_removed.push(v);
     }

@@ -94,20 +94,29 @@ pub fn install(
     }
     log::debug!("staged `staging/{version}`");
     crate::failpoint::hit("stage-after-build");
-    if verify {
-        let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
-        let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, &layout, false)?;
-        if !problems.is_empty() {
-            return Err(crate::error::Fail::Verify(format!(
-                "the staged tree `staging/{version}` does not match its manifest: {}",
-                problems.join("; ")
-            ))
-            .into());
+    let res = (|| -> Result<()> {
+        if verify {
+            let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
+            let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, &layout, false)?;
+            if !problems.is_empty() {
+                return Err(crate::error::Fail::Verify(format!(
+                    "the staged tree `staging/{version}` does not match its manifest: {}",
+                    problems.join("; ")
+                ))
+                .into());
+            }
         }
+        log::debug!("verified `staging/{version}`");
+        root.write_manifest_tmp(version, m, None)?;
+        commit(root, version, &layout, staging.as_fd(), snapshots)
+    })();
+    if let Err(e) = res {
+        if !root.is_installed(version).unwrap_or(true) {
+            discard_staging(staging.as_fd(), version);
+        }
+        return Err(e);
     }
-    log::debug!("verified `staging/{version}`");
-    root.write_manifest_tmp(version, m, None)?;
-    commit(root, version, &layout, staging.as_fd(), snapshots)
+    Ok(())
 }
 
 /// Runs `stage`, which builds and checks `staging/<V>`, while the manifest `m` is written to
@@ -145,20 +154,30 @@ fn commit(
     snapshots: bool,
 ) -> Result<()> {
     root.publish_manifest(version)?;
-    fs_err::write(root.layout_path(version), layout.to_toml())?;
-    log::debug!("wrote the manifest");
-    crate::failpoint::hit("stage-before-syncfs");
-    root.syncfs()?;
-    log::debug!("wrote the manifest and synced the file system");
-    crate::failpoint::hit("stage-after-syncfs");
-    if snapshots {
-        let staged = sys::open_dir_beneath(staging, version.as_bytes())?;
-        crate::snapshot::keep_pristine(root, staged.as_fd(), version)?;
-        log::debug!("kept the read-only snapshot `snapshots/{version}`");
-    }
     let trees = root.subdir("trees")?;
-    rustix::fs::renameat(staging, version, trees.as_fd(), version)
-        .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))?;
+    let committed = (|| -> Result<()> {
+        fs_err::write(root.layout_path(version), layout.to_toml())?;
+        log::debug!("wrote the manifest");
+        crate::failpoint::check("stage-before-syncfs")?;
+        root.syncfs()?;
+        log::debug!("wrote the manifest and synced the file system");
+        crate::failpoint::check("stage-after-syncfs")?;
+        if snapshots {
+            let staged = sys::open_dir_beneath(staging, version.as_bytes())?;
+            crate::snapshot::keep_pristine(root, staged.as_fd(), version)?;
+            log::debug!("kept the read-only snapshot `snapshots/{version}`");
+        }
+        crate::failpoint::check("stage-before-commit")?;
+        rustix::fs::renameat(staging, version, trees.as_fd(), version)
+            .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))
+    })();
+    if let Err(e) = committed {
+        // The version is not installed: what names it goes, as if nothing had happened.
+        if let Err(e) = root.forget(version) {
+            log::warn!("cannot remove what names the uninstalled version `{version}`: {e:#}");
+        }
+        return Err(e);
+    }
     sys::fsync(trees.as_fd())?;
     crate::failpoint::hit("stage-after-commit");
     log::info!("installed version `{version}`");

@@ -381,6 +381,23 @@ impl Root {
         Ok(())
     }
 
+    /// Removes what names version `version` besides its tree: its manifest, its layout and
+    /// its read-only snapshot, those that are there. For a version whose tree is gone, or was
+    /// never committed.
+    pub fn forget(&self, version: &str) -> Result<()> {
+        for p in [self.manifest_path(version), self.layout_path(version)] {
+            if let Err(e) = fs_err::remove_file(p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(e.into());
+            }
+        }
+        if let Some(snapshots) = self.snapshots_dir_opt()? {
+            sys::remove_tree_at(snapshots.as_fd(), version.as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Removes the manifest written by [`Root::write_manifest_tmp`], if it is there.
     pub fn discard_manifest_tmp(&self, version: &str) {
         let tmp = self.manifest_tmp_path(version);

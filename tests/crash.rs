@@ -358,6 +358,7 @@ const MATRIX: &[(Op, &[&str])] = &[
             "stage-after-build",
             "stage-before-syncfs",
             "stage-after-syncfs",
+            "stage-before-commit",
         ],
     ),
     (
@@ -366,6 +367,7 @@ const MATRIX: &[(Op, &[&str])] = &[
             "stage-after-build",
             "stage-before-syncfs",
             "stage-after-syncfs",
+            "stage-before-commit",
             "stage-after-commit",
             "apply-after-object",
             "apply-after-objects",
@@ -607,7 +609,8 @@ fn crash_matrix_gc() {
     run_matrix(Op::Gc);
 }
 
-/// The `failpoint::hit("...")` names in the sources under `dir`.
+/// The `failpoint::hit("...")` and `failpoint::check("...")` names in the sources under
+/// `dir`.
 fn failpoints_in_code(dir: &Path, out: &mut BTreeSet<String>) {
     for e in fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -615,14 +618,16 @@ fn failpoints_in_code(dir: &Path, out: &mut BTreeSet<String>) {
             failpoints_in_code(&p, out);
         } else if p.extension() == Some(OsStr::new("rs")) {
             let text = fs::read_to_string(&p).unwrap();
-            for (i, _) in text.match_indices("failpoint::hit(") {
-                let rest = text[i + "failpoint::hit(".len()..].trim_start();
-                let Some(lit) = rest.strip_prefix('"') else {
-                    // The definition `pub fn hit(name: &str)` has no literal.
-                    continue;
-                };
-                let end = lit.find('"').expect("closing quote");
-                out.insert(lit[..end].to_owned());
+            for call in ["failpoint::hit(", "failpoint::check("] {
+                for (i, _) in text.match_indices(call) {
+                    let rest = text[i + call.len()..].trim_start();
+                    let Some(lit) = rest.strip_prefix('"') else {
+                        // The definitions (`pub fn hit(name: &str)`) have no literal.
+                        continue;
+                    };
+                    let end = lit.find('"').expect("closing quote");
+                    out.insert(lit[..end].to_owned());
+                }
             }
         }
     }

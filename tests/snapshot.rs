@@ -240,6 +240,7 @@ fn a_kill_while_staging_by_snapshot_leaves_nothing_and_the_next_apply_succeeds()
     for fp in [
         "stage-after-build",
         "stage-after-syncfs",
+        "stage-before-commit",
         "stage-after-commit",
     ] {
         let l = lab();
@@ -268,6 +269,51 @@ fn a_kill_while_staging_by_snapshot_leaves_nothing_and_the_next_apply_succeeds()
         tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
         assert_current_is(root, &l.v2);
     }
+}
+
+#[test]
+fn an_error_late_in_the_commit_leaves_the_root_as_it_was() {
+    if skip_unless_root() {
+        return;
+    }
+    let l = lab();
+    let root = &l.root;
+    let pool_before = pool_files(root);
+    // After the manifest is named: before and after `syncfs`, and after the new tree's
+    // read-only snapshot is taken; staged from the snapshot and staged whole.
+    for snapshots in ["1", "0"] {
+        for fp in [
+            "stage-before-syncfs",
+            "stage-after-syncfs",
+            "stage-before-commit",
+        ] {
+            let armed = format!("{fp}:error");
+            let env = [
+                ("TREESWAP_FAILPOINT", armed.as_str()),
+                ("TREESWAP_SNAPSHOTS", snapshots),
+            ];
+            let r = tsr(root, &env, ["apply", p(&l.delta), "--no-restart"]);
+            let r = r
+                .exit(1)
+                .stderr_has(&format!("an error injected at failpoint `{fp}`"));
+            assert_eq!(
+                r.stderr().lines().filter(|l| l.contains("error")).count(),
+                1,
+                "{fp}: {}",
+                r.stderr()
+            );
+            assert_clean(root, "2");
+            assert_eq!(subvolumes(root), ["snapshots/1", "trees/1"], "{fp}");
+            assert_eq!(pool_files(root), pool_before, "{fp}");
+            assert_eq!(
+                fs::read_link(root.join("current")).unwrap(),
+                Path::new("trees/1")
+            );
+        }
+    }
+    tsr(root, &[], ["verify", "1", "--full"]).success();
+    tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
+    assert_current_is(root, &l.v2);
 }
 
 #[test]

@@ -799,8 +799,14 @@ pub fn assert_clean(root: &Path, version: &str) {
         "`{}` should not exist",
         tree.display()
     );
-    for m in [format!("{version}.toml"), format!(".{version}.toml.tmp")] {
-        let m = root.join("manifests").join(m);
+    let names = [
+        format!("manifests/{version}.toml"),
+        format!("manifests/.{version}.toml.tmp"),
+        format!("manifests/{version}.layout.toml"),
+        format!("snapshots/{version}"),
+    ];
+    for m in names {
+        let m = root.join(m);
         assert!(
             fs::symlink_metadata(&m).is_err(),
             "`{}` should not exist",
