@@ -16,6 +16,7 @@ pub const ALL: &[&str] = &[
     "stage-after-syncfs",
     "stage-before-commit",
     "stage-after-commit",
+    "pool-link-unprotected",
     "apply-after-object",
     "apply-after-objects",
     "flip-after-state",

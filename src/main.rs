@@ -313,7 +313,8 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", status::status(&root, &config(&cli)?)?.to_list());
         }
         Command::Checkout { version, dest } => {
-            let root = open_root(&cli, Lock::Shared, false)?;
+            // A writer: in immutable mode, it records that objects are briefly unprotected.
+            let root = open_root(&cli, Lock::Exclusive, false)?;
             treeswap::version::validate(version)?;
             let m = root.load_manifest(version)?;
             let parent = match dest.parent() {
@@ -328,7 +329,12 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config(&cli)?;
             let pool = root.pool_for(&cfg)?;
             let layout = treeswap::protect::Layout::new(pool.mode(), &cfg.private)?;
-            if let Err(e) = stage::build(
+            let immutable = pool.mode() == treeswap::protect::Mode::Immutable;
+            if immutable {
+                // As for staging: a crash while linking makes `boot` re-protect the pool.
+                treeswap::protect::mark_unprotected(&root, true)?;
+            }
+            let built = stage::build(
                 &m,
                 &pool,
                 &layout,
@@ -336,7 +342,11 @@ fn run(cli: Cli) -> Result<()> {
                 name.as_bytes(),
                 false,
                 None,
-            ) {
+            );
+            if immutable {
+                treeswap::protect::mark_unprotected(&root, false)?;
+            }
+            if let Err(e) = built {
                 // Remove what was built, unless DEST existed before (then nothing was).
                 if !e.chain().any(|c| {
                     c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::EXIST)

@@ -158,6 +158,7 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner());
         let flags = rustix::fs::ioctl_getflags(&fd)?;
         rustix::fs::ioctl_setflags(&fd, flags - rustix::fs::IFlags::IMMUTABLE)?;
+        crate::failpoint::hit("pool-link-unprotected");
         let r = rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
         rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::IMMUTABLE)?;
         r

@@ -194,6 +194,79 @@ fn many_names_of_one_immutable_object_are_linked_at_once() {
     unprotect(&root);
 }
 
+/// The pool objects that can be opened for writing, which in immutable mode none can.
+fn unprotected_objects(root: &Path) -> Vec<PathBuf> {
+    pool_files(root)
+        .into_iter()
+        .filter(|f| {
+            fs::OpenOptions::new()
+                .append(true)
+                .open(root.join("pool").join(f))
+                .is_ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_kill_while_an_object_is_unprotected_is_repaired_by_boot() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    two_versions(&env, &root, "immutable", None);
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    let v3 = env.tree(
+        "v3",
+        &TreeSpec::new()
+            .dir("etc")
+            .file("etc/conf", "setting = 1\n")
+            .file("new", "three"),
+    );
+    let ts = |failpoint: Option<&str>, args: &[&str]| {
+        let mut c = ts_cmd();
+        c.env("TREESWAP_PROTECT", "immutable")
+            .arg("--root")
+            .arg(&root)
+            .args(args);
+        if let Some(f) = failpoint {
+            c.env("TREESWAP_FAILPOINT", f);
+        }
+        run(&mut c)
+    };
+    // Killed with an object's immutable flag cleared, while linking it: by `checkout` and by
+    // `import` (which `apply` shares).
+    let dest = env.path("checkout");
+    let cases: [(&str, Vec<&str>); 2] = [
+        ("checkout", vec!["checkout", "1", dest.to_str().unwrap()]),
+        (
+            "import",
+            vec!["import", v3.to_str().unwrap(), "--version", "3"],
+        ),
+    ];
+    for (what, args) in cases {
+        let r = ts(Some("pool-link-unprotected"), &args);
+        assert_eq!(
+            r.code(),
+            None,
+            "{what} should have been killed: {}",
+            r.stderr()
+        );
+        assert!(
+            !unprotected_objects(&root).is_empty(),
+            "{what}: the kill should have left an object unprotected"
+        );
+        ts(None, &["boot"])
+            .success()
+            .stderr_has("re-protected 1 pool object(s)");
+        assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new(), "{what}");
+    }
+    let err = try_write(&root.join("current/usr/bin/tool")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    unprotect(&root);
+}
+
 #[test]
 fn reflink_on_xfs_and_btrfs_keeps_writes_private() {
     if skip_unless_root() {
