@@ -118,6 +118,19 @@ fn assert_current_is(root: &Path, want: &Path) {
     );
 }
 
+/// After a failed apply of version 2: the lab's root is as it was before, version 1 current
+/// with its snapshot, nothing of version 2 left, and the pool holding `pool_before`.
+#[track_caller]
+fn assert_as_before(root: &Path, pool_before: &[PathBuf]) {
+    assert_clean(root, "2");
+    assert_eq!(subvolumes(root), ["snapshots/1", "trees/1"]);
+    assert_eq!(pool_files(root), pool_before);
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap(),
+        Path::new("trees/1")
+    );
+}
+
 fn lab() -> Lab {
     let env = Env::new();
     let mnt = Mount::btrfs_loop(&env.path("btrfs.img"), 320, &env.path("mnt"));
@@ -287,6 +300,7 @@ fn an_error_late_in_the_commit_leaves_the_root_as_it_was() {
             "stage-after-syncfs",
             "stage-before-commit",
         ] {
+            eprintln!("failing at {fp}, TREESWAP_SNAPSHOTS={snapshots}");
             let armed = format!("{fp}:error");
             let env = [
                 ("TREESWAP_FAILPOINT", armed.as_str()),
@@ -302,13 +316,7 @@ fn an_error_late_in_the_commit_leaves_the_root_as_it_was() {
                 "{fp}: {}",
                 r.stderr()
             );
-            assert_clean(root, "2");
-            assert_eq!(subvolumes(root), ["snapshots/1", "trees/1"], "{fp}");
-            assert_eq!(pool_files(root), pool_before, "{fp}");
-            assert_eq!(
-                fs::read_link(root.join("current")).unwrap(),
-                Path::new("trees/1")
-            );
+            assert_as_before(root, &pool_before);
         }
     }
     tsr(root, &[], ["verify", "1", "--full"]).success();
@@ -340,13 +348,7 @@ fn a_delta_cut_short_while_staging_by_snapshot_leaves_the_root_as_it_was() {
     tsr(root, &[], ["-vv", "apply", p(&cut), "--no-restart"])
         .exit(8)
         .stderr_has("snapshot of `1` taken");
-    assert_clean(root, "2");
-    assert_eq!(subvolumes(root), ["snapshots/1", "trees/1"]);
-    assert_eq!(pool_files(root), pool_before);
-    assert_eq!(
-        fs::read_link(root.join("current")).unwrap(),
-        Path::new("trees/1")
-    );
+    assert_as_before(root, &pool_before);
     tsr(root, &[], ["verify", "1", "--full"]).success();
 
     tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
