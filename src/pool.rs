@@ -227,24 +227,25 @@ impl Pool {
         }
         let tmp = TmpFile::create(self.tmp.as_fd())?;
         let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
         let mut written = 0u64;
-        loop {
-            let n = src.read(&mut buf).context("cannot read object data")?;
-            if n == 0 {
-                break;
+        sys::with_io_buffer(|buf| -> Result<()> {
+            loop {
+                let n = src.read(buf).context("cannot read object data")?;
+                if n == 0 {
+                    return Ok(());
+                }
+                written += n as u64;
+                if written > size {
+                    return Err(Fail::Integrity(format!(
+                        "object {} has more than its declared {size} bytes",
+                        hex::encode(id)
+                    ))
+                    .into());
+                }
+                h.update(&buf[..n]);
+                write_all(tmp.fd(), &buf[..n])?;
             }
-            written += n as u64;
-            if written > size {
-                return Err(Fail::Integrity(format!(
-                    "object {} has more than its declared {size} bytes",
-                    hex::encode(id)
-                ))
-                .into());
-            }
-            h.update(&buf[..n]);
-            write_all(tmp.fd(), &buf[..n])?;
-        }
+        })?;
         let got: Hash = h.finalize().into();
         if written != size || &got != sha256 {
             return Err(Fail::Integrity(format!(

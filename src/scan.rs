@@ -304,17 +304,16 @@ fn hash_one(
 /// Reads an open file from its start to its end and returns its size and sha256.
 pub fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
     let mut size = 0u64;
-    let mut off = 0u64;
-    loop {
-        let n = rustix::io::pread(fd, &mut buf[..], off)?;
-        if n == 0 {
-            break;
+    sys::with_io_buffer(|buf| -> Result<()> {
+        loop {
+            let n = rustix::io::pread(fd, &mut buf[..], size)?;
+            if n == 0 {
+                return Ok(());
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
         }
-        h.update(&buf[..n]);
-        size += n as u64;
-        off += n as u64;
-    }
+    })?;
     Ok((size, h.finalize().into()))
 }
