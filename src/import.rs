@@ -69,25 +69,18 @@ pub fn install(
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
     let layout = Layout::new(pool.mode(), &cfg.private)?;
-    let immutable = pool.mode() == crate::protect::Mode::Immutable;
-    if immutable {
-        // Objects are briefly unprotected while they are linked; a crash before the record is
-        // cleared makes `boot` re-protect the pool.
-        crate::protect::mark_unprotected(root, true)?;
-    }
     let snapshots = crate::snapshot::enabled(root.fd(), pool);
-    let built = stage::build(
-        m,
-        pool,
-        &layout,
-        staging.as_fd(),
-        version.as_bytes(),
-        snapshots,
-        during,
-    );
-    if immutable {
-        crate::protect::mark_unprotected(root, false)?;
-    }
+    let built = crate::protect::while_linking(root, pool, || {
+        stage::build(
+            m,
+            pool,
+            &layout,
+            staging.as_fd(),
+            version.as_bytes(),
+            snapshots,
+            during,
+        )
+    })?;
     if let Err(e) = built {
         discard_staging(staging.as_fd(), version);
         return Err(e.context(format!("cannot build `staging/{version}`")));

@@ -329,23 +329,17 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config(&cli)?;
             let pool = root.pool_for(&cfg)?;
             let layout = treeswap::protect::Layout::new(pool.mode(), &cfg.private)?;
-            let immutable = pool.mode() == treeswap::protect::Mode::Immutable;
-            if immutable {
-                // As for staging: a crash while linking makes `boot` re-protect the pool.
-                treeswap::protect::mark_unprotected(&root, true)?;
-            }
-            let built = stage::build(
-                &m,
-                &pool,
-                &layout,
-                pfd.as_fd(),
-                name.as_bytes(),
-                false,
-                None,
-            );
-            if immutable {
-                treeswap::protect::mark_unprotected(&root, false)?;
-            }
+            let built = treeswap::protect::while_linking(&root, &pool, || {
+                stage::build(
+                    &m,
+                    &pool,
+                    &layout,
+                    pfd.as_fd(),
+                    name.as_bytes(),
+                    false,
+                    None,
+                )
+            })?;
             if let Err(e) = built {
                 // Remove what was built, unless DEST existed before (then nothing was).
                 if !e.chain().any(|c| {

@@ -116,8 +116,27 @@ fn probe(tmp: BorrowedFd) -> Result<(bool, bool)> {
     Ok((can_clone, can_flag))
 }
 
+/// Runs `link`, which links pool objects into a tree. In immutable mode objects are briefly
+/// unprotected while they are linked, so that is recorded around it: a crash before the record
+/// is cleared makes `boot` re-protect the pool.
+pub fn while_linking<R>(
+    root: &crate::root::Root,
+    pool: &crate::pool::Pool,
+    link: impl FnOnce() -> R,
+) -> Result<R> {
+    let immutable = pool.mode() == Mode::Immutable;
+    if immutable {
+        mark_unprotected(root, true)?;
+    }
+    let r = link();
+    if immutable {
+        mark_unprotected(root, false)?;
+    }
+    Ok(r)
+}
+
 /// Records (or clears the record) that pool objects may be unprotected right now.
-pub fn mark_unprotected(root: &crate::root::Root, on: bool) -> Result<()> {
+fn mark_unprotected(root: &crate::root::Root, on: bool) -> Result<()> {
     let mut st = crate::state::load(root.fd())?;
     if st.unprotected != on {
         st.unprotected = on;
