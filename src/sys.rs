@@ -47,16 +47,17 @@ pub fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
 }
 
 /// [openat2(2)] a regular file below `dir` for reading, refusing any symlink on the way.
+/// With `O_NOATIME` where allowed (the owner, or root): objects have atime 0, so under
+/// `relatime` each first read would write the inode, and in a snapshot or a hardlinked pool
+/// that costs a copied metadata block per object read.
 ///
 /// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
 pub fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
-    rustix::fs::openat2(
-        dir,
-        rel,
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY,
-        Mode::empty(),
-        BENEATH,
-    )
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
+    match rustix::fs::openat2(dir, rel, flags | OFlags::NOATIME, Mode::empty(), BENEATH) {
+        Err(Errno::PERM) => rustix::fs::openat2(dir, rel, flags, Mode::empty(), BENEATH),
+        r => r,
+    }
     .with_context(|| format!("cannot open `{}`", display(rel)))
 }
 

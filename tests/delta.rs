@@ -1206,6 +1206,32 @@ fn delta_lists_only_what_changed_and_ships_each_content_once() {
 // Commands
 
 #[test]
+fn reading_objects_leaves_their_times_alone() {
+    if skip_unless_root() {
+        return;
+    }
+    // Objects have atime 0, so under `relatime` every read would write a new atime into the
+    // object's inode: metadata written for nothing, a dirty inode in every tree that shares
+    // it. treeswap reads with O_NOATIME: patch bases on apply, every object on verify --full.
+    let f = fixture();
+    let root = f.root("root");
+    apply(&root, &f.delta).success();
+    verify_full(&root);
+    ts(&root, ["verify", "1", "--full"]).success();
+    let files = pool_files(&root);
+    assert!(!files.is_empty());
+    for rel in files {
+        let md = fs::symlink_metadata(root.join("pool").join(&rel)).unwrap();
+        assert_eq!(
+            (md.atime(), md.mtime()),
+            (0, 0),
+            "pool/{}: a read changed its times",
+            rel.display()
+        );
+    }
+}
+
+#[test]
 fn apply_reads_the_delta_from_stdin() {
     if skip_unless_root() {
         return;
