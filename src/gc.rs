@@ -67,9 +67,8 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
         used.extend(m.entries.iter().filter_map(|e| e.object()));
     }
     let pool = root.pool()?;
-    for shard in sys::read_dir(pool.fd())? {
-        let sfd = sys::open_dir_beneath(pool.fd(), &shard)?;
-        let mut names = sys::read_dir(sfd.as_fd())?;
+    pool.for_each_dir(|dir, prefix| {
+        let mut names = sys::read_dir(dir)?;
         // Copies (`<id>.<n>`) sort after their object; remove them first.
         names.sort_by(|a, b| b.cmp(a));
         for name in names {
@@ -77,24 +76,24 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
             let mut id = [0u8; 32];
             if hex::decode_to_slice(hexpart, &mut id).is_err() {
                 bail!(
-                    "unexpected file `pool/{}/{}`",
-                    crate::path::display(&shard),
+                    "unexpected file `pool/{prefix}{}`",
                     crate::path::display(&name)
                 );
             }
             if used.contains(&id) {
                 continue;
             }
-            if let Some(st) = sys::lstatat(sfd.as_fd(), &name)? {
+            if let Some(st) = sys::lstatat(dir, &name)? {
                 report.bytes_freed += st.st_size as u64;
             }
             crate::failpoint::hit("gc-before-object");
-            crate::protect::unlink_protected(sfd.as_fd(), &name)?;
+            crate::protect::unlink_protected(dir, &name)?;
             if !name.contains(&b'.') {
                 report.objects_removed += 1;
             }
         }
-    }
+        Ok(())
+    })?;
     root.syncfs()?;
     Ok(report)
 }

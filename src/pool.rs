@@ -1,5 +1,10 @@
-//! The pool: one immutable file per object, named by its id, sharded by the first two hex
-//! digits (`pool/ab/abcdef…`). A tree is a farm of hardlinks to these files.
+//! The pool: one immutable file per object, named by its id (`pool/abcdef…`). A tree is a
+//! farm of hardlinks to these files (or of reflinked copies of them).
+//!
+//! One flat directory, not 256 shards: adding an object then changes the directory's inode
+//! and its index where they already are, not those of one of 256 directories, which on btrfs
+//! costs a copied metadata block each. Roots made before keep their shards
+//! (`pool/ab/abcdef…`, [`Layout::Sharded`]); treeswap reads and writes them as they are.
 //!
 //! Objects are published atomically: written to a temporary file in `tmp/`, given their owner,
 //! mode, extended attributes and a zero mtime, then renamed into place with
@@ -28,9 +33,20 @@ use crate::sys;
 /// per inode, so 64 copies cover four million identical files).
 const MAX_COPIES: u32 = 64;
 
+/// How a pool names its objects (FORMAT.md, "Layout").
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Layout {
+    /// `pool/<id>`: every root made by this treeswap.
+    Flat,
+    /// `pool/ab/<id>`, in 256 shard directories named by the first two hex digits: roots
+    /// made before. Told by its shard `pool/00`.
+    Sharded,
+}
+
 pub struct Pool {
     dir: OwnedFd,
     tmp: OwnedFd,
+    layout: Layout,
     /// How objects are protected (see protect.rs).
     mode: Mode,
     /// For objects that hit the link limit: the copy to try first.
@@ -48,13 +64,26 @@ const LINK_LOCKS: usize = 64;
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
-pub fn object_rel(id: &ObjectId, copy: u32) -> String {
+fn object_rel(layout: Layout, id: &ObjectId, copy: u32) -> String {
     let h = hex::encode(id);
+    let shard = match layout {
+        Layout::Flat => "",
+        Layout::Sharded => &h[..2],
+    };
+    let slash = if shard.is_empty() { "" } else { "/" };
     if copy == 0 {
-        format!("{}/{}", &h[..2], h)
+        format!("{shard}{slash}{h}")
     } else {
-        format!("{}/{}.{}", &h[..2], h, copy)
+        format!("{shard}{slash}{h}.{copy}")
     }
+}
+
+/// The layout of the pool open as `dir`: sharded if it has the shard `00`.
+fn layout_of(dir: BorrowedFd) -> Result<Layout> {
+    Ok(match sys::lstatat(dir, b"00")? {
+        Some(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => Layout::Sharded,
+        _ => Layout::Flat,
+    })
 }
 
 /// A temporary file that is removed unless it was published.
@@ -111,9 +140,12 @@ fn write_all(fd: BorrowedFd, mut buf: &[u8]) -> Result<()> {
 
 impl Pool {
     pub fn open(root: BorrowedFd) -> Result<Pool> {
+        let dir = sys::open_dir_beneath(root, b"pool")?;
+        let layout = layout_of(dir.as_fd())?;
         Ok(Pool {
-            dir: sys::open_dir_beneath(root, b"pool")?,
+            dir,
             tmp: sys::open_dir_beneath(root, b"tmp")?,
+            layout,
             mode: Mode::Hardlink,
             copy_hint: Mutex::new(HashMap::new()),
             created: Mutex::new(Vec::new()),
@@ -129,6 +161,30 @@ impl Pool {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
+    pub fn rel(&self, id: &ObjectId, copy: u32) -> String {
+        object_rel(self.layout, id, copy)
+    }
+
+    /// Calls `f` with each directory that holds objects and its path relative to `pool/`
+    /// (`""`, or `"ab/"` for a shard); the names in it are objects and their copies.
+    pub fn for_each_dir(&self, mut f: impl FnMut(BorrowedFd, &str) -> Result<()>) -> Result<()> {
+        match self.layout {
+            Layout::Flat => f(self.dir.as_fd(), ""),
+            Layout::Sharded => {
+                for shard in sys::read_dir(self.dir.as_fd())? {
+                    let sfd = sys::open_dir_beneath(self.dir.as_fd(), &shard)?;
+                    f(sfd.as_fd(), &format!("{}/", crate::path::display(&shard)))?;
+                }
+                Ok(())
+            }
+        }
     }
 
     pub fn tmp_fd(&self) -> BorrowedFd<'_> {
@@ -149,8 +205,9 @@ impl Pool {
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode0::empty(),
         )?;
-        // Objects of a stripe share a lock: the object's name (`ab/abcd…`) picks it.
-        let stripe = rel.bytes().skip(3).take(4).fold(0usize, |h, b| {
+        // Objects of a stripe share a lock: the start of the object's name picks it.
+        let name_start = rel.rsplit('/').next().unwrap_or(rel);
+        let stripe = name_start.bytes().take(4).fold(0usize, |h, b| {
             h.wrapping_mul(31).wrapping_add(usize::from(b))
         });
         let _held = self.link_locks[stripe % LINK_LOCKS]
@@ -214,7 +271,7 @@ impl Pool {
     }
 
     pub fn has(&self, id: &ObjectId) -> Result<bool> {
-        Ok(sys::lstatat(self.dir.as_fd(), object_rel(id, 0).as_bytes())?.is_some())
+        Ok(sys::lstatat(self.dir.as_fd(), self.rel(id, 0).as_bytes())?.is_some())
     }
 
     /// Stores an object from `src`, which must yield exactly `size` bytes hashing to
@@ -263,7 +320,7 @@ impl Pool {
     fn publish(&self, mut tmp: TmpFile, meta: &Meta, id: &ObjectId, copy: u32) -> Result<bool> {
         sys::apply_meta_fd(tmp.fd(), meta)?;
         sys::zero_times(tmp.fd())?;
-        let rel = object_rel(id, copy);
+        let rel = self.rel(id, copy);
         match rustix::fs::renameat_with(
             self.tmp.as_fd(),
             tmp.name.as_str(),
@@ -300,7 +357,7 @@ impl Pool {
 
     /// Opens an object for reading, after checking it is a regular file.
     pub fn open_object(&self, id: &ObjectId) -> Result<OwnedFd> {
-        let rel = object_rel(id, 0);
+        let rel = self.rel(id, 0);
         sys::open_file_beneath(self.dir.as_fd(), rel.as_bytes())
             .with_context(|| format!("object `pool/{rel}` is missing or unreadable"))
     }
@@ -316,7 +373,7 @@ impl Pool {
             .copied()
             .unwrap_or(0);
         for copy in start..=MAX_COPIES {
-            let rel = object_rel(id, copy);
+            let rel = self.rel(id, copy);
             match self.link_object(&rel, dir, name) {
                 Ok(()) => return Ok(()),
                 Err(Errno::MLINK) => {
@@ -379,9 +436,9 @@ impl Pool {
     }
 
     /// The pool's device, and the inode number of each object in `wanted` (sorted by id)
-    /// that the pool has, without its extra copies. Reads each shard directory that holds one
-    /// of them once (the inode numbers come with the names), which costs far less than a
-    /// lookup per object. A file system whose directory entries carry other numbers than
+    /// that the pool has, without its extra copies. Reads the pool directory (each shard that
+    /// holds one of them, if sharded) once: the inode numbers come with the names, which costs
+    /// far less than a lookup per object. A file system whose directory entries carry other numbers than
     /// `stat` only makes callers fall back to [`Pool::inodes`].
     pub fn primary_inodes<T: Sync>(
         &self,
@@ -392,22 +449,26 @@ impl Pool {
             .context("cannot stat the pool")?
             .st_dev;
         let mut inodes: Vec<Option<u64>> = vec![None; wanted.len()];
-        // Split both by shard (the first byte of the id).
-        type Part<'a, T> = (u8, &'a [(ObjectId, T)], &'a mut [Option<u64>]);
+        // Split both by directory: one, or one per shard (the first byte of the id).
+        type Part<'a, T> = (String, &'a [(ObjectId, T)], &'a mut [Option<u64>]);
         let mut parts: Vec<Part<T>> = Vec::new();
-        let (mut rest_w, mut rest_i) = (wanted, &mut inodes[..]);
-        while let Some(first) = rest_w.first() {
-            let shard = first.0[0];
-            let n = rest_w.partition_point(|(id, _)| id[0] == shard);
-            let (w, w2) = rest_w.split_at(n);
-            let (i, i2) = std::mem::take(&mut rest_i).split_at_mut(n);
-            parts.push((shard, w, i));
-            (rest_w, rest_i) = (w2, i2);
+        match self.layout {
+            Layout::Flat => parts.push((".".to_owned(), wanted, &mut inodes[..])),
+            Layout::Sharded => {
+                let (mut rest_w, mut rest_i) = (wanted, &mut inodes[..]);
+                while let Some(first) = rest_w.first() {
+                    let shard = first.0[0];
+                    let n = rest_w.partition_point(|(id, _)| id[0] == shard);
+                    let (w, w2) = rest_w.split_at(n);
+                    let (i, i2) = std::mem::take(&mut rest_i).split_at_mut(n);
+                    parts.push((hex::encode([shard]), w, i));
+                    (rest_w, rest_i) = (w2, i2);
+                }
+            }
         }
         parts
             .par_iter_mut()
-            .try_for_each(|(shard, w, out)| -> Result<()> {
-                let name = hex::encode([*shard]);
+            .try_for_each(|(name, w, out)| -> Result<()> {
                 let fd = match rustix::fs::openat2(
                     self.dir.as_fd(),
                     name.as_str(),
@@ -441,7 +502,7 @@ impl Pool {
     pub fn inodes(&self, id: &ObjectId) -> Result<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         for copy in 0..=MAX_COPIES {
-            match sys::lstatat(self.dir.as_fd(), object_rel(id, copy).as_bytes())? {
+            match sys::lstatat(self.dir.as_fd(), self.rel(id, copy).as_bytes())? {
                 Some(st) => out.push((st.st_dev, st.st_ino)),
                 None if copy == 0 => continue,
                 None => break,
@@ -455,7 +516,7 @@ impl Pool {
     pub fn check_object(&self, id: &ObjectId) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         for copy in 0..=MAX_COPIES {
-            let rel = object_rel(id, copy);
+            let rel = self.rel(id, copy);
             let fd = match sys::open_file_beneath(self.dir.as_fd(), rel.as_bytes()) {
                 Ok(fd) => fd,
                 Err(_) if copy > 0 => break,
@@ -491,10 +552,9 @@ impl Pool {
     /// status and gc.
     pub fn list(&self) -> Result<Vec<(ObjectId, u64)>> {
         let mut out = Vec::new();
-        for shard in sys::read_dir(self.dir.as_fd())? {
-            let sfd = sys::open_dir_beneath(self.dir.as_fd(), &shard)?;
-            for name in sys::read_dir(sfd.as_fd())? {
-                let st = sys::lstatat(sfd.as_fd(), &name)?;
+        self.for_each_dir(|dir, _| {
+            for name in sys::read_dir(dir)? {
+                let st = sys::lstatat(dir, &name)?;
                 let Some(st) = st else { continue };
                 let mut id = [0u8; 32];
                 // `<id>.<n>` is an extra copy of `<id>`, not another object.
@@ -505,7 +565,8 @@ impl Pool {
                     out.push((id, st.st_size as u64));
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 }

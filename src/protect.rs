@@ -148,16 +148,16 @@ fn mark_unprotected(root: &crate::root::Root, on: bool) -> Result<()> {
 /// Sets the immutable flag on every object of the pool (after a crash in immutable mode).
 pub fn reprotect_pool(pool: &crate::pool::Pool) -> Result<u64> {
     let mut n = 0;
-    for shard in crate::sys::read_dir(pool.fd())? {
-        let sfd = crate::sys::open_dir_beneath(pool.fd(), &shard)?;
-        for name in crate::sys::read_dir(sfd.as_fd())? {
-            let fd = crate::sys::open_file_beneath(sfd.as_fd(), &name)?;
+    pool.for_each_dir(|dir, _| {
+        for name in crate::sys::read_dir(dir)? {
+            let fd = crate::sys::open_file_beneath(dir, &name)?;
             if !is_immutable(fd.as_fd()) {
                 set_immutable(fd.as_fd(), true)?;
                 n += 1;
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(n)
 }
 

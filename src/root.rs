@@ -2,7 +2,7 @@
 //! and `previous` symlinks.
 //!
 //! ```text
-//! pool/ab/abcdef…     objects (see pool.rs), 256 shard directories
+//! pool/abcdef…        objects (see pool.rs; roots made before have pool/ab/abcdef…)
 //! tmp/                temporary files of objects being written
 //! staging/<V>/        a tree being built; renamed to trees/<V> once complete
 //! trees/<V>/          installed trees, farms of hardlinks into pool/
@@ -52,9 +52,7 @@ impl Root {
             .with_context(|| format!("cannot create the state root `{}`", path.display()))?;
         let fd = sys::open_dir(path)?;
         // The common case: a complete root (the last thing made below is `manifests/`).
-        if sys::lstatat(fd.as_fd(), b"manifests")?.is_some()
-            && sys::lstatat(fd.as_fd(), b"pool/ff")?.is_some()
-        {
+        if sys::lstatat(fd.as_fd(), b"manifests")?.is_some() {
             return Ok(Root {
                 path: path.to_owned(),
                 fd,
@@ -65,10 +63,13 @@ impl Root {
             sys::mkdirat(fd.as_fd(), d.as_bytes(), 0o755, true)
                 .with_context(|| format!("in the state root `{}`", path.display()))?;
         }
+        // A root that an older treeswap began making: finish its shards (pool.rs, Layout).
         let pool = sys::open_dir_beneath(fd.as_fd(), b"pool")?;
-        for i in 0..=255u8 {
-            sys::mkdirat(pool.as_fd(), format!("{i:02x}").as_bytes(), 0o755, true)
-                .with_context(|| format!("in `{}/pool`", path.display()))?;
+        if sys::lstatat(pool.as_fd(), b"00")?.is_some() {
+            for i in 0..=255u8 {
+                sys::mkdirat(pool.as_fd(), format!("{i:02x}").as_bytes(), 0o755, true)
+                    .with_context(|| format!("in `{}/pool`", path.display()))?;
+            }
         }
         sys::mkdirat(fd.as_fd(), b"manifests", 0o755, true)
             .with_context(|| format!("in the state root `{}`", path.display()))?;

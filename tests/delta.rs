@@ -1232,6 +1232,66 @@ fn reading_objects_leaves_their_times_alone() {
 }
 
 #[test]
+fn a_pool_made_with_shards_keeps_them() {
+    if skip_unless_root() {
+        return;
+    }
+    // A root made by this treeswap has a flat pool (`pool/<id>`). Roots made before have 256
+    // shard directories (`pool/ab/<id>`): every command goes on using them as they are.
+    let f = fixture();
+    let flat = f.root("flat");
+    let old = f.env.path("old");
+    for i in 0..=255u8 {
+        fs::create_dir_all(old.join("pool").join(format!("{i:02x}"))).unwrap();
+    }
+    import_active(&old, &f.a, "1");
+    let junk_id = "ab".repeat(32);
+    for (root, junk) in [(&flat, junk_id.clone()), (&old, format!("ab/{junk_id}"))] {
+        apply(root, &f.delta).success();
+        assert_links(root, "2", Some("1"));
+        assert_current_is(root, &f.sb);
+        verify_full(root);
+        ts(root, ["verify", "1", "--full"]).success();
+        // An object no tree uses, where this layout keeps objects: gc finds and removes it.
+        let objects = pool_files(root).len() as u64;
+        assert_eq!(status_json(root)["pool_objects"].as_u64(), Some(objects));
+        fs::write(root.join("pool").join(&junk), "no tree uses this").unwrap();
+        assert_eq!(
+            status_json(root)["pool_objects"].as_u64(),
+            Some(objects + 1)
+        );
+        let r = ts(root, ["gc"]);
+        r.success();
+        assert!(!root.join("pool").join(&junk).exists(), "{}", r.stderr());
+        assert_eq!(status_json(root)["pool_objects"].as_u64(), Some(objects));
+        verify_full(root);
+    }
+    let flat_files = pool_files(&flat);
+    for rel in &flat_files {
+        assert_eq!(rel.components().count(), 1, "{}", rel.display());
+    }
+    let old_files = pool_files(&old);
+    for rel in &old_files {
+        let name = rel.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            rel.parent().unwrap(),
+            Path::new(&name[..2]),
+            "{}",
+            rel.display()
+        );
+    }
+    assert_eq!(names(&old.join("pool")).len(), 256);
+    // The same objects, either way.
+    let ids = |files: &[PathBuf]| -> BTreeSet<String> {
+        files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(ids(&flat_files), ids(&old_files));
+}
+
+#[test]
 fn apply_reads_the_delta_from_stdin() {
     if skip_unless_root() {
         return;

@@ -815,12 +815,18 @@ pub fn assert_clean(root: &Path, version: &str) {
     }
 }
 
-/// Every file in `pool/` (relative paths like `ab/abcd…` and `ab/abcd….1`).
+/// Every file in `pool/` (relative paths like `abcd…` and `abcd….1`, or `ab/abcd…` in a
+/// sharded pool).
 pub fn pool_files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for shard in names(&root.join("pool")) {
-        for n in names(&root.join("pool").join(bpath(&shard))) {
-            out.push(bpath(&shard).join(bpath(&n)));
+    for name in names(&root.join("pool")) {
+        let p = root.join("pool").join(bpath(&name));
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            for n in names(&p) {
+                out.push(bpath(&name).join(bpath(&n)));
+            }
+        } else {
+            out.push(bpath(&name).to_owned());
         }
     }
     out.sort();
