@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
@@ -302,7 +302,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     // composed from them is, which covers every entry the new tree keeps.
     let base = root.load_manifest_unverified(&base_version)?;
     log::debug!("loaded the manifest of `{base_version}`");
-    let base_content = base_contents(&base, &d);
+    let (base_content, base_paths) = base_contents(&base, &d);
     // The base's entries move into the new manifest (at a million entries a manifest is
     // ~150 MB; there is never a second one).
     let new = compose(base, &d).map_err(|e| {
@@ -318,7 +318,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let in_pool = in_pool
         .join()
         .unwrap_or_else(|_| Err(anyhow!("a pool lookup thread panicked")))?;
-    let plan = plan(base_content, &d, in_pool)?;
+    let plan = plan(base_content, base_paths, &d, in_pool)?;
     log::debug!("planned {} new objects, {} bytes", plan.objects, plan.bytes);
     if let Err(e) = check_space(root, &plan, &new) {
         if !cfg.gc_before_apply {
@@ -335,6 +335,15 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         check_space(root, &plan, &new)?;
     }
 
+    // Staging from the base's read-only snapshot (btrfs) reads and changes the metadata of
+    // the files the delta changes: patch references and contents the base has are read from
+    // those same files there (the blocks are shared), not from their pool objects, whose
+    // metadata would be one more cold read each.
+    let base_tree = if crate::snapshot::enabled(root.fd(), &pool) {
+        crate::snapshot::open(root, &base_version)?
+    } else {
+        None
+    };
     let mut write_and_stage = || -> Result<()> {
         // The objects are written while everything that does not need them is staged.
         let late: HashSet<&[u8]> = d
@@ -344,7 +353,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
             .map(|e| &*e.path)
             .collect();
         let mut work = || -> Result<()> {
-            materialize(&d, &plan, &pool, &mut entries)?;
+            materialize(&d, &plan, &pool, base_tree.as_ref(), &mut entries)?;
             log::debug!("wrote the new objects");
             crate::failpoint::hit("apply-after-objects");
             // Nothing may follow the last blob.
@@ -387,6 +396,9 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     })
 }
 
+/// For contents of the base tree: the path of a file of the base tree that has it.
+type BasePaths = HashMap<Hash, Box<[u8]>>;
+
 /// What applying needs to write.
 struct Plan {
     /// For each content of the delta that some new object needs: the metadata of each object
@@ -394,6 +406,8 @@ struct Plan {
     metas: HashMap<Hash, Vec<(Meta, ObjectId)>>,
     /// Objects of the base tree by content, the references a delta may use.
     base_content: HashMap<Hash, ObjectId>,
+    /// The path of a file of the base tree with each of those contents.
+    base_paths: BasePaths,
     /// For contents whose objects the pool already has: one of those objects, a reference
     /// for later patches.
     existing: HashMap<Hash, ObjectId>,
@@ -403,9 +417,9 @@ struct Plan {
 }
 
 /// The objects of the base tree that hold the contents the delta refers to (as contents it
-/// already has, or as patch references). Only those: a map of the whole base would cost
-/// ~100 MB at a million entries.
-fn base_contents(base: &Manifest, d: &Delta) -> HashMap<Hash, ObjectId> {
+/// already has, or as patch references), and a path in the base tree of each. Only those: a
+/// map of the whole base would cost ~100 MB at a million entries.
+fn base_contents(base: &Manifest, d: &Delta) -> (HashMap<Hash, ObjectId>, BasePaths) {
     let wanted: HashSet<Hash> = d
         .contents
         .iter()
@@ -413,6 +427,7 @@ fn base_contents(base: &Manifest, d: &Delta) -> HashMap<Hash, ObjectId> {
         .flatten()
         .collect();
     let mut base_content: HashMap<Hash, ObjectId> = HashMap::new();
+    let mut base_paths = BasePaths::new();
     for e in &base.entries {
         if !matches!(&e.kind, Kind::File { sha256, .. } if wanted.contains(sha256)) {
             continue;
@@ -421,9 +436,10 @@ fn base_contents(base: &Manifest, d: &Delta) -> HashMap<Hash, ObjectId> {
             base_content
                 .entry(*sha256)
                 .or_insert_with(|| e.object().expect("file"));
+            base_paths.entry(*sha256).or_insert_with(|| e.path.clone());
         }
     }
-    base_content
+    (base_content, base_paths)
 }
 
 /// Which of `ids` the pool has, looked up in parallel, as each lookup may wait on the disk.
@@ -444,6 +460,7 @@ fn lookup(pool: &Pool, ids: Vec<ObjectId>) -> Result<HashSet<ObjectId>> {
 /// has (`in_pool`).
 fn plan(
     base_content: HashMap<Hash, ObjectId>,
+    base_paths: BasePaths,
     d: &Delta,
     in_pool: HashSet<ObjectId>,
 ) -> Result<Plan> {
@@ -475,6 +492,7 @@ fn plan(
     let mut plan = Plan {
         metas: HashMap::new(),
         base_content,
+        base_paths,
         existing: HashMap::new(),
         bytes: 0,
         objects: 0,
@@ -560,13 +578,7 @@ fn check_space(root: &Root, plan: &Plan, new: &Manifest) -> Result<()> {
 /// Reads a whole object's bytes and checks them against the content hash they must have.
 fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
     let fd = pool.open_object(id)?;
-    let mut data = Vec::new();
-    FdReader {
-        fd: fd.as_fd(),
-        off: 0,
-    }
-    .read_to_end(&mut data)
-    .context("cannot read a patch base")?;
+    let data = read_all(fd.as_fd()).context("cannot read a patch base")?;
     let got: Hash = Sha256::digest(&data).into();
     if &got != sha {
         return Err(Fail::Integrity(format!(
@@ -576,6 +588,50 @@ fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
         .into());
     }
     Ok(data)
+}
+
+fn read_all(fd: BorrowedFd) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    FdReader { fd, off: 0 }.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// Where contents of the base tree are read from besides the pool: the base tree's read-only
+/// snapshot, when staging from it (see `apply`).
+struct BaseFiles<'a> {
+    tree: Option<&'a OwnedFd>,
+    paths: &'a BasePaths,
+    /// How many contents were read from the tree.
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl BaseFiles<'_> {
+    /// The base tree's file with content `sha`, open for reading, if there is one.
+    fn open(&self, sha: &Hash) -> Option<OwnedFd> {
+        let tree = self.tree?;
+        let path = self.paths.get(sha)?;
+        crate::sys::open_file_beneath(tree.as_fd(), path).ok()
+    }
+
+    /// The bytes of content `sha` from the base tree's file, if it has them: anything else
+    /// (no such file, another content there) is `None`, and the caller reads the pool.
+    fn read(&self, sha: &Hash) -> Option<Vec<u8>> {
+        let data = read_all(self.open(sha)?.as_fd()).ok()?;
+        let got: Hash = Sha256::digest(&data).into();
+        if &got != sha {
+            log::debug!(
+                "the base tree's file of content {} differs; reading the pool",
+                hex::encode(sha)
+            );
+            return None;
+        }
+        self.used_one();
+        Some(data)
+    }
+
+    fn used_one(&self) {
+        self.used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Reads the blob member of `c` from the stream and checks its hash.
@@ -625,26 +681,36 @@ fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<
 const IN_FLIGHT_BYTES: u64 = 64 << 20;
 
 /// Writes every new object. Blobs are read from the stream in delta order, and each content
-/// is decoded and written by a worker thread as soon as its blob is in, after its reference
-/// has been announced to the kernel (`POSIX_FADV_WILLNEED`) so that cold reads overlap. A
-/// patch against a content still being made waits until the contents in flight are done.
+/// is decoded and written by one of many worker threads as soon as its blob is in, so that
+/// the cold reads of references overlap. References and contents of the base are read from
+/// `base_tree` (the base's read-only snapshot) where it has them, else from the pool. A patch
+/// against a content still being made waits until the contents in flight are done.
 fn materialize<R: Read>(
     d: &Delta,
     plan: &Plan,
     pool: &Pool,
+    base_tree: Option<&OwnedFd>,
     entries: &mut tar::Entries<R>,
 ) -> Result<()> {
+    let files = BaseFiles {
+        tree: base_tree,
+        paths: &plan.base_paths,
+        used: 0.into(),
+    };
     use std::sync::Mutex;
     // Where each content can be read from once it exists: an object of the base or one this
     // apply wrote.
     let have: Mutex<HashMap<Hash, ObjectId>> = Mutex::new(plan.base_content.clone());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let progress = crate::progress::Progress::items(d.contents.len() as u64, "writing");
+    // Workers wait on cold reads (references, the pool's directory): many keep several in
+    // flight.
+    let threads = crate::stage::io_threads()?;
     let mut next = 0;
     while next < d.contents.len() {
         // One round: contents are handed to workers until one needs a content still in
         // flight, or the bytes in flight reach the limit; the round ends when all are done.
-        rayon::in_place_scope(|s| -> Result<()> {
+        threads.in_place_scope(|s| -> Result<()> {
             let mut in_flight: HashSet<Hash> = HashSet::new();
             let mut bytes = 0u64;
             while let Some(c) = d.contents.get(next) {
@@ -672,23 +738,13 @@ fn materialize<R: Read>(
                     }
                     continue;
                 };
-                let source = match c.source {
-                    Source::Base => Some(c.sha256),
-                    _ => c.source.base().copied(),
-                };
-                if let Some(id) =
-                    source.and_then(|h| have.lock().expect("poisoned").get(&h).copied())
-                    && let Ok(fd) = pool.open_object(&id)
-                {
-                    let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
-                }
                 bytes = bytes
                     .saturating_add(blob.as_ref().map_or(0, |b| b.len() as u64))
                     .saturating_add(c.size);
                 in_flight.insert(c.sha256);
-                let (have, failed, progress) = (&have, &failed, &progress);
+                let (have, failed, progress, files) = (&have, &failed, &progress, &files);
                 s.spawn(move |_| {
-                    match write_content(c, blob.as_deref(), metas, have, pool) {
+                    match write_content(c, blob.as_deref(), metas, have, pool, files) {
                         Ok(id) => {
                             have.lock().expect("poisoned").insert(c.sha256, id);
                         }
@@ -706,6 +762,12 @@ fn materialize<R: Read>(
         }
     }
     progress.finish();
+    if base_tree.is_some() {
+        log::debug!(
+            "read {} of the base's contents from its snapshot",
+            files.used.into_inner()
+        );
+    }
     Ok(())
 }
 
@@ -717,6 +779,7 @@ fn write_content(
     metas: &[(Meta, ObjectId)],
     have: &std::sync::Mutex<HashMap<Hash, ObjectId>>,
     pool: &Pool,
+    files: &BaseFiles,
 ) -> Result<ObjectId> {
     let have = |sha: &Hash| have.lock().expect("poisoned").get(sha).copied();
     let ((meta0, id0), rest) = metas.split_first().expect("an object to make");
@@ -724,7 +787,10 @@ fn write_content(
     let reference = |sha: &Hash| -> Result<Vec<u8>> {
         let id =
             have(sha).ok_or_else(|| anyhow!("reference {} is not available", hex::encode(sha)))?;
-        read_checked(pool, &id, sha)
+        match files.read(sha) {
+            Some(data) => Ok(data),
+            None => read_checked(pool, &id, sha),
+        }
     };
     let copy_of = |id: &ObjectId, meta: &Meta| -> Result<()> {
         let src = pool.open_object(id)?;
@@ -744,7 +810,23 @@ fn write_content(
         Source::Base => {
             let id = have(&c.sha256)
                 .ok_or_else(|| anyhow!("content {} is not available", hex::encode(c.sha256)))?;
-            copy_of(&id, meta0)?;
+            // From the base tree's file if it has the content (`store` checks it), else
+            // from the pool.
+            let from_tree = files.open(&c.sha256).map(|fd| {
+                let mut src = FdReader {
+                    fd: fd.as_fd(),
+                    off: 0,
+                };
+                pool.store(&mut src, meta0, c.size, &c.sha256)
+            });
+            match from_tree {
+                Some(Ok(_)) => files.used_one(),
+                Some(Err(e)) => {
+                    log::debug!("{e:#}; reading the pool");
+                    copy_of(&id, meta0)?;
+                }
+                None => copy_of(&id, meta0)?,
+            }
         }
         Source::Zstd | Source::ZstdPatch { .. } => {
             let reference = c.source.base().map(reference).transpose()?;

@@ -8,7 +8,7 @@
 //! The ioctls are those of `btrfs subvolume create|snapshot|delete`
 //! ([btrfs-ioctl(2)](https://btrfs.readthedocs.io/en/latest/btrfs-ioctl.html)).
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
 use rustix::fs::{FileType, Mode};
@@ -121,6 +121,14 @@ pub fn keep_pristine(root: &crate::root::Root, tree: BorrowedFd, version: &str) 
     snapshot(tree, dir.as_fd(), version.as_bytes(), true)
 }
 
+/// The read-only snapshot `snapshots/<version>`, open, if the version has one.
+pub fn open(root: &crate::root::Root, version: &str) -> Result<Option<OwnedFd>> {
+    let dir = root.snapshots_dir()?;
+    Ok(sys::open_dir_beneath(dir.as_fd(), version.as_bytes())
+        .ok()
+        .filter(|fd| is_subvolume(fd.as_fd())))
+}
+
 /// Starts `staging/<new>` as a writable snapshot of `snapshots/<base>`, if the base has one.
 /// Returns whether it did.
 pub fn start_from(
@@ -129,13 +137,9 @@ pub fn start_from(
     base: &str,
     new: &str,
 ) -> Result<bool> {
-    let dir = root.snapshots_dir()?;
-    let Ok(src) = sys::open_dir_beneath(dir.as_fd(), base.as_bytes()) else {
+    let Some(src) = open(root, base)? else {
         return Ok(false);
     };
-    if !is_subvolume(src.as_fd()) {
-        return Ok(false);
-    }
     snapshot(src.as_fd(), staging, new.as_bytes(), false)?;
     Ok(true)
 }

@@ -354,3 +354,82 @@ fn a_delta_cut_short_while_staging_by_snapshot_leaves_the_root_as_it_was() {
     tsr(root, &[], ["apply", p(&l.delta), "--no-restart"]).success();
     assert_current_is(root, &l.v2);
 }
+
+/// `n` bytes that no compressor shrinks much, the same for the same seed.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn patch_references_come_from_the_base_snapshot_and_from_the_pool_if_it_differs() {
+    if skip_unless_root() {
+        return;
+    }
+    // A patch against a base file, and a file whose mode alone changes: both need a content
+    // of the base, which staging from the snapshot reads from the snapshot's own file.
+    let env = Env::new();
+    let mnt = Mount::btrfs_loop(&env.path("btrfs.img"), 320, &env.path("mnt"));
+    let big = noise(1, 300_000);
+    let mut edited = big.clone();
+    edited[1000..1010].copy_from_slice(b"0123456789");
+    let v1 = env.tree(
+        "v1",
+        &TreeSpec::new()
+            .file("lib/big", big)
+            .file("etc/mode", "same bytes\n")
+            .mode(0o644),
+    );
+    let v2 = env.tree(
+        "v2",
+        &TreeSpec::new()
+            .file("lib/big", edited)
+            .file("etc/mode", "same bytes\n")
+            .mode(0o600),
+    );
+    let delta = env.path("d.delta");
+    diff(&v1, &v2, &delta, &[]);
+    assert!(
+        fs::metadata(&delta).unwrap().len() < 100_000,
+        "the delta should carry a patch, not the whole file"
+    );
+    for tamper in [false, true] {
+        let root = mnt.path.join(format!("root-{tamper}"));
+        tsr(
+            &root,
+            &[],
+            ["import", p(&v1), "--version", "1", "--activate"],
+        )
+        .success();
+        if tamper {
+            // The snapshot's files no longer have the contents their pool objects have.
+            let snap = root.join("snapshots/1");
+            let prop = |ro: &str| {
+                let st = std::process::Command::new("btrfs")
+                    .args(["property", "set", "-ts", p(&snap), "ro", ro])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            };
+            prop("false");
+            overwrite_in_place(&snap.join("lib/big"), &noise(2, 300_000));
+            fs::write(snap.join("etc/mode"), "other bytes\n").unwrap();
+            prop("true");
+        }
+        let r = tsr(&root, &[], ["-vv", "apply", p(&delta), "--no-restart"]);
+        r.success().stderr_has("from the snapshot of `1`");
+        let used = if tamper { 0 } else { 2 };
+        r.stderr_has(&format!(
+            "read {used} of the base's contents from its snapshot"
+        ));
+        assert_current_is(&root, &v2);
+        tsr(&root, &[], ["verify", "2", "--full"]).success();
+    }
+}
