@@ -681,10 +681,10 @@ fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<
 const IN_FLIGHT_BYTES: u64 = 64 << 20;
 
 /// Writes every new object. Blobs are read from the stream in delta order, and each content
-/// is decoded and written by one of many worker threads as soon as its blob is in, so that
-/// the cold reads of references overlap. References and contents of the base are read from
-/// `base_tree` (the base's read-only snapshot) where it has them, else from the pool. A patch
-/// against a content still being made waits until the contents in flight are done.
+/// is decoded and written by a worker thread as soon as its blob is in, so that the cold reads
+/// of references overlap. References and contents of the base are read from `base_tree` (the
+/// base's read-only snapshot) where it has them, else from the pool. A patch against a
+/// content still being made waits until the contents in flight are done.
 fn materialize<R: Read>(
     d: &Delta,
     plan: &Plan,
@@ -703,9 +703,16 @@ fn materialize<R: Read>(
     let have: Mutex<HashMap<Hash, ObjectId>> = Mutex::new(plan.base_content.clone());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let progress = crate::progress::Progress::items(d.contents.len() as u64, "writing");
-    // Workers wait on cold reads (references, the pool's directory): many keep several in
-    // flight.
-    let threads = crate::stage::io_threads()?;
+    // From a snapshot, workers wait on cold reads of the snapshot's metadata: many keep
+    // several in flight. Otherwise one per core, and the main thread announces each
+    // reference to the kernel (`POSIX_FADV_WILLNEED`) before handing its content out.
+    let threads = match base_tree {
+        Some(_) => crate::stage::io_threads()?,
+        None => rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .build()
+            .context("cannot start threads")?,
+    };
     let mut next = 0;
     while next < d.contents.len() {
         // One round: contents are handed to workers until one needs a content still in
@@ -738,6 +745,17 @@ fn materialize<R: Read>(
                     }
                     continue;
                 };
+                let source = match c.source {
+                    Source::Base => Some(c.sha256),
+                    _ => c.source.base().copied(),
+                };
+                if base_tree.is_none()
+                    && let Some(id) =
+                        source.and_then(|h| have.lock().expect("poisoned").get(&h).copied())
+                    && let Ok(fd) = pool.open_object(&id)
+                {
+                    let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+                }
                 bytes = bytes
                     .saturating_add(blob.as_ref().map_or(0, |b| b.len() as u64))
                     .saturating_add(c.size);
