@@ -6,10 +6,11 @@
 //! costs a copied metadata block each. Roots made before keep their shards
 //! (`pool/ab/abcdef…`, [`Layout::Sharded`]); treeswap reads and writes them as they are.
 //!
-//! Objects are published atomically: written to a temporary file in `tmp/`, given their owner,
-//! mode, extended attributes and a zero mtime, then renamed into place with
-//! `RENAME_NOREPLACE`; "already exists" means another writer published the same object, which
-//! is the same bytes by construction. Durability comes from one `syncfs` by the caller before
+//! Objects are published atomically: written to an unnamed file in `tmp/` (`O_TMPFILE`; a
+//! named one where the file system has none), given their owner, mode, extended attributes
+//! and a zero mtime, then linked into place (a named one renamed with `RENAME_NOREPLACE`);
+//! "already exists" means another writer published the same object, which is the same bytes
+//! by construction. Durability comes from one `syncfs` by the caller before
 //! its commit point, not from per-object fsync.
 
 use std::collections::HashMap;
@@ -86,16 +87,54 @@ fn layout_of(dir: BorrowedFd) -> Result<Layout> {
     })
 }
 
-/// A temporary file that is removed unless it was published.
+/// Gives the unnamed file `fd` the name `rel` in `dir` (`EEXIST` if taken): through the
+/// descriptor itself where allowed (`CAP_DAC_READ_SEARCH`), else through `/proc/self/fd`.
+fn link_unnamed(fd: BorrowedFd, dir: BorrowedFd, rel: &str) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(fd, "", dir, rel, AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT | Errno::PERM) => {}
+        r => return r,
+    }
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc.as_str(),
+        dir,
+        rel,
+        AtFlags::SYMLINK_FOLLOW,
+    )
+}
+
+/// A temporary file that is removed unless it was published: an unnamed one (`O_TMPFILE`)
+/// where the file system has them, which a crash cannot leave behind, else one named in
+/// `tmp/`.
 struct TmpFile<'a> {
     dir: BorrowedFd<'a>,
-    name: String,
+    /// `None` for an unnamed file.
+    name: Option<String>,
     fd: Option<OwnedFd>,
     published: bool,
 }
 
 impl<'a> TmpFile<'a> {
     fn create(dir: BorrowedFd<'a>) -> Result<Self> {
+        match rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode0::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => {
+                return Ok(TmpFile {
+                    dir,
+                    name: None,
+                    fd: Some(fd),
+                    published: false,
+                });
+            }
+            // No O_TMPFILE on this file system (or kernel): a named file.
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOENT) => {}
+            Err(e) => return Err(e).context("cannot create an unnamed file in `tmp/`"),
+        }
         let name = format!(
             "obj-{}-{}",
             std::process::id(),
@@ -110,7 +149,7 @@ impl<'a> TmpFile<'a> {
         .with_context(|| format!("cannot create temporary file `tmp/{name}`"))?;
         Ok(TmpFile {
             dir,
-            name,
+            name: Some(name),
             fd: Some(fd),
             published: false,
         })
@@ -126,7 +165,9 @@ impl Drop for TmpFile<'_> {
         if self.published {
             return;
         }
-        let _ = rustix::fs::unlinkat(self.dir, self.name.as_str(), AtFlags::empty());
+        if let Some(name) = &self.name {
+            let _ = rustix::fs::unlinkat(self.dir, name.as_str(), AtFlags::empty());
+        }
     }
 }
 
@@ -321,13 +362,17 @@ impl Pool {
         sys::apply_meta_fd(tmp.fd(), meta)?;
         sys::zero_times(tmp.fd())?;
         let rel = self.rel(id, copy);
-        match rustix::fs::renameat_with(
-            self.tmp.as_fd(),
-            tmp.name.as_str(),
-            self.dir.as_fd(),
-            rel.as_str(),
-            RenameFlags::NOREPLACE,
-        ) {
+        let placed = match &tmp.name {
+            Some(name) => rustix::fs::renameat_with(
+                self.tmp.as_fd(),
+                name.as_str(),
+                self.dir.as_fd(),
+                rel.as_str(),
+                RenameFlags::NOREPLACE,
+            ),
+            None => link_unnamed(tmp.fd(), self.dir.as_fd(), &rel),
+        };
+        match placed {
             Ok(()) => {
                 // The temporary name is gone: nothing to clean up.
                 tmp.published = true;
