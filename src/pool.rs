@@ -34,7 +34,7 @@ use crate::sys;
 /// per inode, so 64 copies cover four million identical files).
 const MAX_COPIES: u32 = 64;
 
-/// How a pool names its objects (FORMAT.md, "Layout").
+/// How a pool names its objects (FORMAT.md, "State root").
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Layout {
     /// `pool/<id>`: every root made by this treeswap.
@@ -202,10 +202,6 @@ impl Pool {
 
     pub fn mode(&self) -> Mode {
         self.mode
-    }
-
-    pub fn layout(&self) -> Layout {
-        self.layout
     }
 
     /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
@@ -483,8 +479,8 @@ impl Pool {
     /// The pool's device, and the inode number of each object in `wanted` (sorted by id)
     /// that the pool has, without its extra copies. Reads the pool directory (each shard that
     /// holds one of them, if sharded) once: the inode numbers come with the names, which costs
-    /// far less than a lookup per object. A file system whose directory entries carry other numbers than
-    /// `stat` only makes callers fall back to [`Pool::inodes`].
+    /// far less than a lookup per object. A file system whose directory entries carry other
+    /// numbers than `stat` only makes callers fall back to [`Pool::inodes`].
     pub fn primary_inodes<T: Sync>(
         &self,
         wanted: &[(ObjectId, T)],
