@@ -31,19 +31,6 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 test path")
 }
 
-/// Deterministic bytes that do not compress (a xorshift stream).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Text with numbered lines, so that a small edit makes a good patch.
 fn lines(n: usize, tag: &str) -> String {
     (0..n).map(|i| format!("line {i} of {tag}\n")).collect()

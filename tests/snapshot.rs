@@ -355,19 +355,6 @@ fn a_delta_cut_short_while_staging_by_snapshot_leaves_the_root_as_it_was() {
     assert_current_is(root, &l.v2);
 }
 
-/// `n` bytes that no compressor shrinks much, the same for the same seed.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as u8
-        })
-        .collect()
-}
-
 #[test]
 fn patch_references_come_from_the_base_snapshot_and_from_the_pool_if_it_differs() {
     if skip_unless_root() {
@@ -377,7 +364,7 @@ fn patch_references_come_from_the_base_snapshot_and_from_the_pool_if_it_differs(
     // of the base, which staging from the snapshot reads from the snapshot's own file.
     let env = Env::new();
     let mnt = Mount::btrfs_loop(&env.path("btrfs.img"), 320, &env.path("mnt"));
-    let big = noise(1, 300_000);
+    let big = noise(300_000, 1);
     let mut edited = big.clone();
     edited[1000..1010].copy_from_slice(b"0123456789");
     let v1 = env.tree(
@@ -419,7 +406,7 @@ fn patch_references_come_from_the_base_snapshot_and_from_the_pool_if_it_differs(
                 assert!(st.success());
             };
             prop("false");
-            overwrite_in_place(&snap.join("lib/big"), &noise(2, 300_000));
+            overwrite_in_place(&snap.join("lib/big"), &noise(300_000, 2));
             fs::write(snap.join("etc/mode"), "other bytes\n").unwrap();
             prop("true");
         }

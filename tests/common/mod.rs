@@ -298,6 +298,19 @@ fn apply_meta(dest: &Path, it: &Item) {
     }
 }
 
+/// Deterministic bytes that do not compress (a xorshift stream).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Creates `count` empty files named `f<i>` spread over `dirs` directories `d<j>` of `top`:
 /// the quick way to make a very large tree.
 pub fn many_empty_files(top: &Path, dirs: usize, count: usize) {
