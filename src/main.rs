@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use treeswap::config::Config;
-use treeswap::error::{self, EXIT_CODES_HELP, Fail};
-use treeswap::root::{DEFAULT_ROOT, Lock, Root};
-use treeswap::{apply, diff, flip, import, manifest, scan, stage, status, verify};
+use treeswap::core::config::Config;
+use treeswap::core::error::{self, EXIT_CODES_HELP, Fail};
+use treeswap::core::manifest;
+use treeswap::ops::{apply, diff, flip, import, status};
+use treeswap::store::root::{DEFAULT_ROOT, Lock, Root};
+use treeswap::tree::{scan, stage, verify};
 
 #[derive(Parser)]
 #[command(
@@ -117,7 +119,7 @@ enum Command {
         #[arg(long)]
         uncompressed: bool,
         /// zstd level of the blobs (1-22): higher is smaller and slower to make.
-        #[arg(long, default_value_t = treeswap::codec::LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+        #[arg(long, default_value_t = treeswap::core::codec::LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
     },
     /// Apply a delta (`-` reads standard input): stage, verify, flip.
@@ -156,15 +158,18 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    treeswap::logging::init(cli.verbose, cli.quiet);
-    treeswap::progress::set_quiet(cli.quiet);
+    treeswap::core::logging::init(cli.verbose, cli.quiet);
+    treeswap::core::progress::set_quiet(cli.quiet);
     let code = match run(cli) {
         Ok(()) => error::EXIT_OK,
         Err(e) => {
             let code = error::exit_code(&e);
             // One line: the causes joined, innermost last.
             let msg = format!("{e:#}").replace('\n', " ");
-            match (code == error::EXIT_NOTHING, treeswap::logging::to_journal()) {
+            match (
+                code == error::EXIT_NOTHING,
+                treeswap::core::logging::to_journal(),
+            ) {
                 (true, false) => eprintln!("treeswap: {msg}"),
                 (false, false) => eprintln!("treeswap: error: {msg}"),
                 // Under systemd the journal takes the priority from the prefix.
@@ -187,7 +192,7 @@ fn root_path(cli: &Cli) -> Result<PathBuf> {
 }
 
 fn config(cli: &Cli) -> Result<Config> {
-    treeswap::config::load(cli.config.as_deref())
+    treeswap::core::config::load(cli.config.as_deref())
 }
 
 fn flip_opts(cli: &Cli) -> flip::Options {
@@ -230,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             version,
             activate,
         } => {
-            treeswap::version::validate(version)?;
+            treeswap::core::version::validate(version)?;
             if !dir.is_dir() {
                 bail!("cannot import `{}`: not a directory", dir.display());
             }
@@ -240,10 +245,10 @@ fn run(cli: Cli) -> Result<()> {
             if *activate {
                 let cfg = config(&cli)?;
                 // The first install: nothing to fall back to, so it is good at once.
-                let st = treeswap::state::load(root.fd())?;
+                let st = treeswap::store::state::load(root.fd())?;
                 flip::switch(&root, &cfg, version, flip_opts(&cli))?;
                 if st.pending.is_none() && root.link("previous")?.is_none() {
-                    treeswap::boot::mark_good(&root)?;
+                    treeswap::ops::boot::mark_good(&root)?;
                 }
             }
         }
@@ -275,10 +280,10 @@ fn run(cli: Cli) -> Result<()> {
                     .link("current")?
                     .context("no version given and no current version")?,
             };
-            treeswap::version::validate(&version)?;
+            treeswap::core::version::validate(&version)?;
             let m = root.load_manifest(&version)?;
             let trees = root.subdir("trees")?;
-            let tree = treeswap::sys::open_dir_beneath(trees.as_fd(), version.as_bytes())
+            let tree = treeswap::fs::sys::open_dir_beneath(trees.as_fd(), version.as_bytes())
                 .with_context(|| format!("version `{version}` is not installed"))?;
             let layout = root.load_layout(&version)?;
             let problems = verify::verify_tree(tree.as_fd(), &m, &root.pool()?, &layout, *full)?;
@@ -315,7 +320,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checkout { version, dest } => {
             // A writer: in immutable mode, it records that objects are briefly unprotected.
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            treeswap::version::validate(version)?;
+            treeswap::core::version::validate(version)?;
             let m = root.load_manifest(version)?;
             let parent = match dest.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -324,12 +329,12 @@ fn run(cli: Cli) -> Result<()> {
             let name = dest
                 .file_name()
                 .with_context(|| format!("`{}` has no file name", dest.display()))?;
-            let pfd = treeswap::sys::open_dir(&parent)?;
+            let pfd = treeswap::fs::sys::open_dir(&parent)?;
             use std::os::unix::ffi::OsStrExt;
             let cfg = config(&cli)?;
             let pool = root.pool_for(&cfg)?;
-            let layout = treeswap::protect::Layout::new(pool.mode(), &cfg.private)?;
-            let built = treeswap::protect::while_linking(&root, &pool, || {
+            let layout = treeswap::store::protect::Layout::new(pool.mode(), &cfg.private)?;
+            let built = treeswap::store::protect::while_linking(&root, &pool, || {
                 stage::build(
                     &m,
                     &pool,
@@ -345,7 +350,7 @@ fn run(cli: Cli) -> Result<()> {
                 if !e.chain().any(|c| {
                     c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::EXIST)
                 }) {
-                    let _ = treeswap::sys::remove_tree_at(pfd.as_fd(), name.as_bytes());
+                    let _ = treeswap::fs::sys::remove_tree_at(pfd.as_fd(), name.as_bytes());
                 }
                 return Err(e.context(format!(
                     "cannot check out `{version}` to `{}`",
@@ -427,9 +432,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Boot => {
             let cfg = config(&cli)?;
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            match treeswap::boot::boot(&root, &cfg, flip_opts(&cli))? {
-                treeswap::boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
-                treeswap::boot::BootOutcome::Reverted(v) => {
+            match treeswap::ops::boot::boot(&root, &cfg, flip_opts(&cli))? {
+                treeswap::ops::boot::BootOutcome::Ok => {
+                    log::info!("boot: state root is consistent")
+                }
+                treeswap::ops::boot::BootOutcome::Reverted(v) => {
                     return Err(Fail::GuestsReverted(format!(
                         "the pending tree did not prove healthy (boot tries used up, or its guests failed); reverted to `{v}`"
                     ))
@@ -439,7 +446,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Gc { keep } => {
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            let r = treeswap::gc::gc(&root, *keep, &[])?;
+            let r = treeswap::ops::gc::gc(&root, *keep, &[])?;
             println!(
                 "removed {} tree(s){}, {} object(s), {} bytes",
                 r.trees_removed.len(),
@@ -454,15 +461,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Pin { version } => {
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            treeswap::gc::pin(&root, version, true)?;
+            treeswap::ops::gc::pin(&root, version, true)?;
         }
         Command::Unpin { version } => {
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            treeswap::gc::pin(&root, version, false)?;
+            treeswap::ops::gc::pin(&root, version, false)?;
         }
         Command::MarkGood => {
             let root = open_root(&cli, Lock::Exclusive, false)?;
-            match treeswap::boot::mark_good(&root)? {
+            match treeswap::ops::boot::mark_good(&root)? {
                 Some(v) => log::info!("`{v}` is marked good"),
                 None => log::info!("nothing pending: the current tree is already good"),
             }
@@ -491,16 +498,19 @@ fn diff_command(
                 to_version.ok_or_else(|| Fail::Usage("--to-dir needs --to-version".into()))?;
             let mut m1 = scan::scan(d1, true, None)?.manifest;
             if let Some(v) = from_version {
-                treeswap::version::validate(v)?;
+                treeswap::core::version::validate(v)?;
                 m1.version = Some(v.to_owned());
             }
             let m2 = scan::scan(d2, true, None)?.manifest;
-            let (t1, t2) = (treeswap::sys::open_dir(d1)?, treeswap::sys::open_dir(d2)?);
-            let r1 = |e: &treeswap::manifest::Entry| {
-                treeswap::sys::open_file_beneath(t1.as_fd(), &e.path)
+            let (t1, t2) = (
+                treeswap::fs::sys::open_dir(d1)?,
+                treeswap::fs::sys::open_dir(d2)?,
+            );
+            let r1 = |e: &treeswap::core::manifest::Entry| {
+                treeswap::fs::sys::open_file_beneath(t1.as_fd(), &e.path)
             };
-            let r2 = |e: &treeswap::manifest::Entry| {
-                treeswap::sys::open_file_beneath(t2.as_fd(), &e.path)
+            let r2 = |e: &treeswap::core::manifest::Entry| {
+                treeswap::fs::sys::open_file_beneath(t2.as_fd(), &e.path)
             };
             let changes = diff::compare(&m1, m2);
             let mut base = diff::Base::new(m1.version.clone(), m1.digest(), &changes);
@@ -521,7 +531,7 @@ fn diff_command(
             // Neither manifest is held whole.
             let (base, changes) = diff::installed(&root, v1, v2)?;
             let pool = root.pool()?;
-            let read = |e: &treeswap::manifest::Entry| {
+            let read = |e: &treeswap::core::manifest::Entry| {
                 pool.open_object(&e.object().context("not a file")?)
             };
             diff::diff(&base, &read, changes, &read, v2, level)?

@@ -1,7 +1,7 @@
 //! Crash safety (issue "Crash safety"): an interrupted treeswap leaves the old tree or the new
 //! one, never a mix, and `treeswap boot` puts the root back in order.
 //!
-//! 1. The failpoint matrix: every failpoint of `treeswap::failpoint::ALL`, armed in each
+//! 1. The failpoint matrix: every failpoint of `treeswap::core::failpoint::ALL`, armed in each
 //!    operation that reaches it, SIGKILLs the process; `boot` then leaves `current` exactly
 //!    the old tree or the new one, every installed tree verifies in full, `tmp/` and `staging/`
 //!    are empty, and the operation run again ends in the new tree.
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use treeswap::failpoint::ALL;
+use treeswap::core::failpoint::ALL;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 

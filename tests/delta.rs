@@ -493,9 +493,10 @@ fn content<'a>(t: &'a toml::Table, sha: &str) -> Option<&'a toml::Table> {
 /// can get past the digest check and reach the check a test aims at. Uses treeswap's own
 /// parser and digest: the point is to build the input, not to check them.
 fn result_digest(base_manifest: &Path, delta_text: &str) -> String {
-    let base = treeswap::manifest::parse(&fs::read_to_string(base_manifest).unwrap()).unwrap();
-    let d = treeswap::delta::parse(delta_text).unwrap();
-    let mut by_path: BTreeMap<Vec<u8>, treeswap::manifest::Entry> = base
+    let base =
+        treeswap::core::manifest::parse(&fs::read_to_string(base_manifest).unwrap()).unwrap();
+    let d = treeswap::core::delta::parse(delta_text).unwrap();
+    let mut by_path: BTreeMap<Vec<u8>, treeswap::core::manifest::Entry> = base
         .entries
         .into_iter()
         .map(|e| (e.path.to_vec(), e))
@@ -507,7 +508,7 @@ fn result_digest(base_manifest: &Path, delta_text: &str) -> String {
         by_path.insert(e.path.to_vec(), e);
     }
     let entries: Vec<_> = by_path.into_values().collect();
-    hex::encode(treeswap::manifest::tree_digest(&entries))
+    hex::encode(treeswap::core::manifest::tree_digest(&entries))
 }
 
 /// Replaces the value of the top-level key `key` (a quoted string) in a delta manifest.

@@ -187,7 +187,7 @@ fn apply(setup: &Setup, root: &Path, delta: &Path, config: Option<&Path>) -> (Ru
 fn object_id_of(path: &Path) -> String {
     let md = fs::symlink_metadata(path).unwrap();
     let data = fs::read(path).unwrap();
-    let meta = treeswap::object::Meta {
+    let meta = treeswap::core::object::Meta {
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
@@ -197,7 +197,11 @@ fn object_id_of(path: &Path) -> String {
             .collect(),
     };
     let sha: [u8; 32] = Sha256::digest(&data).into();
-    hex::encode(treeswap::object::object_id(&meta, data.len() as u64, &sha))
+    hex::encode(treeswap::core::object::object_id(
+        &meta,
+        data.len() as u64,
+        &sha,
+    ))
 }
 
 /// Checks a failed (or accepted) hostile apply; returns the problems found, and the new pool
@@ -511,7 +515,7 @@ const FUZZ_OOM_INPUTS: &[&str] = &[
 #[test]
 #[ignore = "run by fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window under ulimit -v"]
 fn decode_fuzz_oom_inputs() {
-    use treeswap::delta::Source;
+    use treeswap::core::delta::Source;
     for hexed in FUZZ_OOM_INPUTS {
         let data = hex::decode(hexed.trim()).unwrap();
         let source = match data[0] % 4 {
@@ -525,7 +529,7 @@ fn decode_fuzz_oom_inputs() {
         let rest = &data[6..];
         let (reference, blob) = rest.split_at(ref_len.min(rest.len()));
         let reference = (data[0] & 4 == 0).then_some(reference);
-        if let Err(e) = treeswap::codec::decode(&source, blob, reference, size) {
+        if let Err(e) = treeswap::core::codec::decode(&source, blob, reference, size) {
             let msg = format!("{e:#}");
             // "Frame requires too much memory for decoding" is zstd refusing the window:
             // the wanted outcome. An allocation failure says "Allocation error".

@@ -6,11 +6,11 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = treeswap::apply::read_delta_head(data);
+    let _ = treeswap::ops::apply::read_delta_head(data);
     if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(d) = treeswap::delta::parse(text)
+        && let Ok(d) = treeswap::core::delta::parse(text)
     {
-        let again = treeswap::delta::parse(&d.to_toml()).expect("canonical text parses");
+        let again = treeswap::core::delta::parse(&d.to_toml()).expect("canonical text parses");
         assert_eq!(again, d, "delta manifest does not round-trip");
     }
 });

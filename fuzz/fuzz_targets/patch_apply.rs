@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use treeswap::delta::Source;
+use treeswap::core::delta::Source;
 
 const MAX_SIZE: u64 = 1 << 20;
 
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let (reference, blob) = rest.split_at(ref_len.min(rest.len()));
     // With no reference as well, so that the "needs a reference" paths run too.
     let reference = (data[0] & 4 == 0).then_some(reference);
-    if let Ok(out) = treeswap::codec::decode(&source, blob, reference, size) {
+    if let Ok(out) = treeswap::core::codec::decode(&source, blob, reference, size) {
         assert_eq!(out.len() as u64, size, "decode returned the wrong length");
     }
 });

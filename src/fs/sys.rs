@@ -10,15 +10,15 @@ use anyhow::{Context, Result, bail};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use crate::object::Meta;
-use crate::path::display;
+use crate::core::object::Meta;
+use crate::core::path::display;
 
 /// Resolution that stays under the directory handle and follows no symlink at all.
 pub(crate) const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
-pub use crate::object::Xattrs;
+pub use crate::core::object::Xattrs;
 
 /// [open(2)] a directory named by the user (the argument itself may be a symlink).
 ///
@@ -335,9 +335,9 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
             Mode::empty(),
         )
         .with_context(|| format!("cannot open `{}` to remove it", display(name)))?;
-        if crate::snapshot::is_subvolume(sub.as_fd()) {
+        if crate::tree::snapshot::is_subvolume(sub.as_fd()) {
             // A tree on btrfs: deleting the subvolume removes it whole.
-            return crate::snapshot::destroy(dir, name);
+            return crate::tree::snapshot::destroy(dir, name);
         }
         for child in read_dir(sub.as_fd())? {
             remove_tree_at(sub.as_fd(), &child)
@@ -345,7 +345,7 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
         }
         unlinkat_ok(dir, name, true)
     } else {
-        crate::protect::unlink_protected(dir, name)
+        crate::store::protect::unlink_protected(dir, name)
     }
 }
 

@@ -10,11 +10,11 @@
 
 use anyhow::{Result, bail};
 
-use crate::config::Config;
-use crate::error::Fail;
-use crate::failpoint;
-use crate::root::Root;
-use crate::state::{self, Pending, Restart, State};
+use crate::core::config::Config;
+use crate::core::error::Fail;
+use crate::core::failpoint;
+use crate::store::root::Root;
+use crate::store::state::{self, Pending, Restart, State};
 
 #[derive(Clone, Copy)]
 pub struct Options {
@@ -50,7 +50,7 @@ pub fn revert(root: &Root, cfg: &Config, opts: Options) -> Result<String> {
 }
 
 fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) -> Result<()> {
-    crate::version::validate(version)?;
+    crate::core::version::validate(version)?;
     if !root.is_installed(version)? {
         bail!(
             "version `{version}` is not installed in `{}`",
@@ -148,7 +148,7 @@ pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> 
         match cfg.guests.iter().find(|g| g.name == name) {
             Some(g) => {
                 failpoint::hit("guest-before-restart");
-                crate::guests::restart(g)?;
+                crate::ops::guests::restart(g)?;
             }
             None => log::warn!("guest `{name}` is no longer configured; not restarting it"),
         }

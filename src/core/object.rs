@@ -6,7 +6,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::manifest::Hash;
+use crate::core::manifest::Hash;
 
 /// An object id: sha256 over the object header and the content's sha256.
 pub type ObjectId = [u8; 32];

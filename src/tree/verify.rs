@@ -5,11 +5,11 @@ use std::os::fd::BorrowedFd;
 use anyhow::Result;
 use rayon::prelude::*;
 
-use crate::manifest::{Entry, Kind, Manifest};
-use crate::object::ObjectId;
-use crate::pool::Pool;
-use crate::protect::Layout;
-use crate::scan;
+use crate::core::manifest::{Entry, Kind, Manifest};
+use crate::core::object::ObjectId;
+use crate::store::pool::Pool;
+use crate::store::protect::Layout;
+use crate::tree::scan;
 
 /// Compares the tree under `tree` with `m` and returns every difference, each naming its
 /// path. The fast check compares metadata and that each regular file is (a copy of) its
@@ -110,12 +110,12 @@ fn check_copy(tree: BorrowedFd, e: &Entry) -> Result<Option<String>> {
     let Kind::File { sha256, .. } = &e.kind else {
         return Ok(None);
     };
-    let fd = crate::sys::open_file_beneath(tree, &e.path)?;
+    let fd = crate::fs::sys::open_file_beneath(tree, &e.path)?;
     let (_, got) = scan::hash_fd(std::os::fd::AsFd::as_fd(&fd))?;
     if &got != sha256 {
         return Ok(Some(format!("modified: {} (content)", e.display())));
     }
-    if crate::sys::fd_xattrs(std::os::fd::AsFd::as_fd(&fd))? != e.meta.xattrs {
+    if crate::fs::sys::fd_xattrs(std::os::fd::AsFd::as_fd(&fd))? != e.meta.xattrs {
         return Ok(Some(format!("wrong xattrs: {}", e.display())));
     }
     Ok(None)
@@ -156,8 +156,8 @@ pub(crate) fn compare(want: &Entry, have: &Entry, problems: &mut Vec<String>) {
         (Kind::Symlink { target: t1 }, Kind::Symlink { target: t2 }) if t1 != t2 => {
             problems.push(format!(
                 "modified: {p} (symlink to `{}`, expected `{}`)",
-                crate::path::display(t2),
-                crate::path::display(t1)
+                crate::core::path::display(t2),
+                crate::core::path::display(t1)
             ));
         }
         (w, h) if w != h => problems.push(format!("modified: {p} (device numbers)")),

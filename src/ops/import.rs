@@ -11,13 +11,15 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::config::Config;
-use crate::manifest::Manifest;
-use crate::object::object_id;
-use crate::pool::FdReader;
-use crate::protect::Layout;
-use crate::root::Root;
-use crate::{scan, stage, sys, version};
+use crate::core::config::Config;
+use crate::core::manifest::Manifest;
+use crate::core::object::object_id;
+use crate::core::version;
+use crate::fs::sys;
+use crate::store::pool::FdReader;
+use crate::store::protect::Layout;
+use crate::store::root::Root;
+use crate::tree::{scan, stage};
 
 pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Manifest> {
     version::validate(version)?;
@@ -29,9 +31,9 @@ pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Ma
     }
     let pool = root.pool_for(cfg)?;
     let hook = |fd: std::os::fd::BorrowedFd,
-                meta: &crate::object::Meta,
+                meta: &crate::core::object::Meta,
                 size: u64,
-                sha: &crate::manifest::Hash|
+                sha: &crate::core::manifest::Hash|
      -> Result<()> {
         if pool.has(&object_id(meta, size, sha))? {
             return Ok(());
@@ -41,7 +43,7 @@ pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Ma
         Ok(())
     };
     let scanned = scan::scan(dir, true, Some(&hook))?;
-    crate::failpoint::hit("import-after-objects");
+    crate::core::failpoint::hit("import-after-objects");
     let mut m = scanned.manifest;
     m.version = Some(version.to_owned());
     log::info!(
@@ -60,7 +62,7 @@ pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Ma
 pub fn install(
     root: &Root,
     cfg: &Config,
-    pool: &crate::pool::Pool,
+    pool: &crate::store::pool::Pool,
     m: &Manifest,
     verify: bool,
     during: Option<stage::During>,
@@ -69,8 +71,8 @@ pub fn install(
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
     let layout = Layout::new(pool.mode(), &cfg.private)?;
-    let snapshots = crate::snapshot::enabled(root.fd(), pool);
-    let built = crate::protect::while_linking(root, pool, || {
+    let snapshots = crate::tree::snapshot::enabled(root.fd(), pool);
+    let built = crate::store::protect::while_linking(root, pool, || {
         stage::build(
             m,
             pool,
@@ -86,13 +88,14 @@ pub fn install(
         return Err(e.context(format!("cannot build `staging/{version}`")));
     }
     log::debug!("staged `staging/{version}`");
-    crate::failpoint::hit("stage-after-build");
+    crate::core::failpoint::hit("stage-after-build");
     let res = (|| -> Result<()> {
         if verify {
             let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
-            let problems = crate::verify::verify_tree(staged.as_fd(), m, pool, &layout, false)?;
+            let problems =
+                crate::tree::verify::verify_tree(staged.as_fd(), m, pool, &layout, false)?;
             if !problems.is_empty() {
-                return Err(crate::error::Fail::Verify(format!(
+                return Err(crate::core::error::Fail::Verify(format!(
                     "the staged tree `staging/{version}` does not match its manifest: {}",
                     problems.join("; ")
                 ))
@@ -118,7 +121,7 @@ pub fn install(
 fn with_manifest_written(
     root: &Root,
     m: &Manifest,
-    digest: Option<&crate::manifest::Hash>,
+    digest: Option<&crate::core::manifest::Hash>,
     version: &str,
     stage: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
@@ -151,16 +154,16 @@ fn commit(
     let committed = (|| -> Result<()> {
         fs_err::write(root.layout_path(version), layout.to_toml())?;
         log::debug!("wrote the manifest");
-        crate::failpoint::check("stage-before-syncfs")?;
+        crate::core::failpoint::check("stage-before-syncfs")?;
         root.syncfs()?;
         log::debug!("wrote the manifest and synced the file system");
-        crate::failpoint::check("stage-after-syncfs")?;
+        crate::core::failpoint::check("stage-after-syncfs")?;
         if snapshots {
             let staged = sys::open_dir_beneath(staging, version.as_bytes())?;
-            crate::snapshot::keep_pristine(root, staged.as_fd(), version)?;
+            crate::tree::snapshot::keep_pristine(root, staged.as_fd(), version)?;
             log::debug!("kept the read-only snapshot `snapshots/{version}`");
         }
-        crate::failpoint::check("stage-before-commit")?;
+        crate::core::failpoint::check("stage-before-commit")?;
         rustix::fs::renameat(staging, version, trees.as_fd(), version)
             .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))
     })();
@@ -172,7 +175,7 @@ fn commit(
         return Err(e);
     }
     sys::fsync(trees.as_fd())?;
-    crate::failpoint::hit("stage-after-commit");
+    crate::core::failpoint::hit("stage-after-commit");
     log::info!("installed version `{version}`");
     Ok(())
 }
@@ -185,36 +188,43 @@ fn commit(
 pub fn install_by_snapshot(
     root: &Root,
     cfg: &Config,
-    pool: &crate::pool::Pool,
+    pool: &crate::store::pool::Pool,
     m: &Manifest,
     base: &str,
-    d: &crate::delta::Delta,
+    d: &crate::core::delta::Delta,
     write: &mut dyn FnMut() -> Result<()>,
 ) -> Result<bool> {
-    if !crate::snapshot::enabled(root.fd(), pool) {
+    if !crate::tree::snapshot::enabled(root.fd(), pool) {
         return Ok(false);
     }
     let version = m.version.as_deref().context("manifest has no version")?;
     let layout = Layout::new(pool.mode(), &cfg.private)?;
     let staging = root.subdir("staging")?;
     sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
-    if !crate::snapshot::start_from(root, staging.as_fd(), base, version)? {
+    if !crate::tree::snapshot::start_from(root, staging.as_fd(), base, version)? {
         return Ok(false);
     }
     log::debug!("snapshot of `{base}` taken");
     let stage = || -> Result<()> {
         let top = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
-        let problems =
-            crate::snapshot::change(top.as_fd(), m, &d.changed, &d.removed, pool, &layout, write)?;
+        let problems = crate::tree::snapshot::change(
+            top.as_fd(),
+            m,
+            &d.changed,
+            &d.removed,
+            pool,
+            &layout,
+            write,
+        )?;
         log::debug!("changed and checked the entries");
         log::info!(
             "staged `staging/{version}` from the snapshot of `{base}` ({} entries changed, {} removed)",
             d.changed.len(),
             d.removed.len()
         );
-        crate::failpoint::hit("stage-after-build");
+        crate::core::failpoint::hit("stage-after-build");
         if !problems.is_empty() {
-            return Err(crate::error::Fail::Verify(format!(
+            return Err(crate::core::error::Fail::Verify(format!(
                 "the staged tree `staging/{version}` does not match its manifest: {}",
                 problems.join("; ")
             ))

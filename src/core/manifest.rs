@@ -12,8 +12,8 @@ use std::io::BufRead;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::object::{Meta, ObjectId, object_id};
-use crate::path::{decode_path, validate_path};
+use crate::core::object::{Meta, ObjectId, object_id};
+use crate::core::path::{decode_path, validate_path};
 
 /// The manifest format version; see FORMAT.md for what changes it.
 pub const FORMAT: u32 = 1;
@@ -75,7 +75,7 @@ impl Entry {
         matches!(self.kind, Kind::Dir)
     }
     pub fn display(&self) -> String {
-        crate::path::display(&self.path)
+        crate::core::path::display(&self.path)
     }
 }
 
@@ -178,7 +178,7 @@ pub fn check_tree(entries: &[Entry]) -> Result<()> {
             bail!(
                 "`{}` is listed but its parent `{}` is not a directory of the tree",
                 e.display(),
-                crate::path::display(parent)
+                crate::core::path::display(parent)
             );
         }
         if e.is_dir() {
@@ -245,7 +245,7 @@ pub fn push_hex(out: &mut String, bytes: &[u8]) {
 /// Writes one entry as a one-line TOML inline table, keys in canonical order.
 pub fn write_entry(out: &mut String, e: &Entry) {
     out.push_str("{ path = \"");
-    crate::path::push_path(out, &e.path);
+    crate::core::path::push_path(out, &e.path);
     out.push_str("\", type = \"");
     out.push_str(e.kind.name());
     out.push('"');
@@ -262,7 +262,7 @@ pub fn write_entry(out: &mut String, e: &Entry) {
         }
         Kind::Symlink { target } => {
             out.push_str(", target = \"");
-            crate::path::push_path(out, target);
+            crate::core::path::push_path(out, target);
             out.push('"');
         }
         Kind::Char { major, minor } | Kind::Block { major, minor } => {
@@ -276,7 +276,7 @@ pub fn write_entry(out: &mut String, e: &Entry) {
                 out.push_str(", ");
             }
             out.push('"');
-            crate::path::push_path(out, k);
+            crate::core::path::push_path(out, k);
             out.push_str("\" = \"");
             push_hex(out, v);
             out.push('"');
@@ -963,7 +963,7 @@ fn read_blocks(
                     "format" => format = Some(c.int()?),
                     "version" => {
                         let v = c.string()?.into_owned();
-                        crate::version::validate(&v)?;
+                        crate::core::version::validate(&v)?;
                         version = Some(v);
                     }
                     "digest" => digest = Some(parse_hash(&c.string()?)?),

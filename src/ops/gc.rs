@@ -12,9 +12,10 @@ use std::os::fd::AsFd;
 
 use anyhow::{Context, Result, bail};
 
-use crate::object::ObjectId;
-use crate::root::Root;
-use crate::{state, sys};
+use crate::core::object::ObjectId;
+use crate::fs::sys;
+use crate::store::root::Root;
+use crate::store::state;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -43,7 +44,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
         .into_iter()
         .filter(|v| !protected.contains(v))
         .collect();
-    others.sort_by(|a, b| crate::version::compare(b, a));
+    others.sort_by(|a, b| crate::core::version::compare(b, a));
     let trees = root.subdir("trees")?;
     let staging = root.subdir("staging")?;
     for v in others.into_iter().skip(keep) {
@@ -51,7 +52,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
         rustix::fs::renameat(trees.as_fd(), v.as_str(), staging.as_fd(), doomed.as_str())
             .with_context(|| format!("cannot remove `trees/{v}`"))?;
         sys::fsync(trees.as_fd())?;
-        crate::failpoint::hit("gc-after-uninstall");
+        crate::core::failpoint::hit("gc-after-uninstall");
         root.forget(&v)?;
         sys::remove_tree_at(staging.as_fd(), doomed.as_bytes())?;
         log::info!("removed version `{v}`");
@@ -77,7 +78,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
             if hex::decode_to_slice(hexpart, &mut id).is_err() {
                 bail!(
                     "unexpected file `pool/{prefix}{}`",
-                    crate::path::display(&name)
+                    crate::core::path::display(&name)
                 );
             }
             if used.contains(&id) {
@@ -86,8 +87,8 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
             if let Some(st) = sys::lstatat(dir, &name)? {
                 report.bytes_freed += st.st_size as u64;
             }
-            crate::failpoint::hit("gc-before-object");
-            crate::protect::unlink_protected(dir, &name)?;
+            crate::core::failpoint::hit("gc-before-object");
+            crate::store::protect::unlink_protected(dir, &name)?;
             if !name.contains(&b'.') {
                 report.objects_removed += 1;
             }
@@ -100,7 +101,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
 
 /// Pins or unpins an installed version.
 pub fn pin(root: &Root, version: &str, on: bool) -> Result<()> {
-    crate::version::validate(version)?;
+    crate::core::version::validate(version)?;
     if on && !root.is_installed(version)? {
         bail!("version `{version}` is not installed");
     }
@@ -108,7 +109,7 @@ pub fn pin(root: &Root, version: &str, on: bool) -> Result<()> {
     st.pins.retain(|p| p != version);
     if on {
         st.pins.push(version.to_owned());
-        st.pins.sort_by(|a, b| crate::version::compare(a, b));
+        st.pins.sort_by(|a, b| crate::core::version::compare(a, b));
     }
-    crate::flip::save(root, &st)
+    crate::ops::flip::save(root, &st)
 }

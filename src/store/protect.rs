@@ -111,8 +111,8 @@ fn probe(tmp: BorrowedFd) -> Result<(bool, bool)> {
         Err(_) => false,
     };
     drop((a, b));
-    crate::sys::unlinkat_ok(tmp, name_a.as_bytes(), false)?;
-    crate::sys::unlinkat_ok(tmp, name_b.as_bytes(), false)?;
+    crate::fs::sys::unlinkat_ok(tmp, name_a.as_bytes(), false)?;
+    crate::fs::sys::unlinkat_ok(tmp, name_b.as_bytes(), false)?;
     Ok((can_clone, can_flag))
 }
 
@@ -120,8 +120,8 @@ fn probe(tmp: BorrowedFd) -> Result<(bool, bool)> {
 /// unprotected while they are linked, so that is recorded around it: a crash before the record
 /// is cleared makes `boot` re-protect the pool.
 pub fn while_linking<R>(
-    root: &crate::root::Root,
-    pool: &crate::pool::Pool,
+    root: &crate::store::root::Root,
+    pool: &crate::store::pool::Pool,
     link: impl FnOnce() -> R,
 ) -> Result<R> {
     let immutable = pool.mode() == Mode::Immutable;
@@ -136,21 +136,21 @@ pub fn while_linking<R>(
 }
 
 /// Records (or clears the record) that pool objects may be unprotected right now.
-fn mark_unprotected(root: &crate::root::Root, on: bool) -> Result<()> {
-    let mut st = crate::state::load(root.fd())?;
+fn mark_unprotected(root: &crate::store::root::Root, on: bool) -> Result<()> {
+    let mut st = crate::store::state::load(root.fd())?;
     if st.unprotected != on {
         st.unprotected = on;
-        crate::flip::save(root, &st)?;
+        crate::ops::flip::save(root, &st)?;
     }
     Ok(())
 }
 
 /// Sets the immutable flag on every object of the pool (after a crash in immutable mode).
-pub fn reprotect_pool(pool: &crate::pool::Pool) -> Result<u64> {
+pub fn reprotect_pool(pool: &crate::store::pool::Pool) -> Result<u64> {
     let mut n = 0;
     pool.for_each_dir(|dir, _| {
-        for name in crate::sys::read_dir(dir)? {
-            let fd = crate::sys::open_file_beneath(dir, &name)?;
+        for name in crate::fs::sys::read_dir(dir)? {
+            let fd = crate::fs::sys::open_file_beneath(dir, &name)?;
             if !is_immutable(fd.as_fd()) {
                 set_immutable(fd.as_fd(), true)?;
                 n += 1;
@@ -169,17 +169,17 @@ pub fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
         Err(Errno::PERM) => {}
         Err(e) => {
             return Err(e)
-                .with_context(|| format!("cannot remove `{}`", crate::path::display(name)));
+                .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
         }
     }
-    let fd = crate::sys::open_file_beneath(dir, name)?;
+    let fd = crate::fs::sys::open_file_beneath(dir, name)?;
     set_immutable(fd.as_fd(), false)?;
     let r = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
     let st = rustix::fs::fstat(&fd)?;
     if st.st_nlink > 0 {
         set_immutable(fd.as_fd(), true)?;
     }
-    r.with_context(|| format!("cannot remove `{}`", crate::path::display(name)))
+    r.with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)))
 }
 
 /// Which files of a tree are copies rather than links: all of them in reflink mode, and those

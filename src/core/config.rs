@@ -26,7 +26,7 @@ pub struct Config {
     pub gc_before_apply: bool,
     /// Copy-on-write protection of the pool: auto, immutable, reflink or hardlink.
     #[serde(default)]
-    pub protect: crate::protect::Setting,
+    pub protect: crate::store::protect::Setting,
     /// Globs of paths that get private, writable copies instead of links.
     #[serde(default)]
     pub private: Vec<String>,

@@ -10,8 +10,8 @@ use std::io::BufRead;
 
 use anyhow::{Context, Result, bail};
 
-use crate::manifest::{self, Cursor, Entry, Fields, Hash, parse_hash};
-use crate::path::{decode_path, encode_path, validate_path};
+use crate::core::manifest::{self, Cursor, Entry, Fields, Hash, parse_hash};
+use crate::core::path::{decode_path, encode_path, validate_path};
 
 /// The delta format version; see FORMAT.md for what changes it.
 pub const FORMAT: u32 = 1;
@@ -224,12 +224,12 @@ pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
                 "format" => format = Some(c.int()?),
                 "from_version" => {
                     let v = c.string()?.into_owned();
-                    crate::version::validate(&v)?;
+                    crate::core::version::validate(&v)?;
                     d.from_version = Some(v);
                 }
                 "to_version" => {
                     let v = c.string()?.into_owned();
-                    crate::version::validate(&v)?;
+                    crate::core::version::validate(&v)?;
                     to_version = Some(v);
                 }
                 "from_digest" => from_digest = Some(parse_hash(&c.string()?)?),
@@ -265,7 +265,7 @@ fn check(d: &Delta) -> Result<()> {
         if w[0] >= w[1] {
             bail!(
                 "`removed` is not sorted or lists `{}` twice",
-                crate::path::display(&w[1])
+                crate::core::path::display(&w[1])
             );
         }
     }
@@ -303,8 +303,8 @@ fn check(d: &Delta) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Kind;
-    use crate::object::Meta;
+    use crate::core::manifest::Kind;
+    use crate::core::object::Meta;
 
     fn sample() -> Delta {
         Delta {

@@ -9,11 +9,11 @@ use rayon::prelude::*;
 use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::{Entry, Hash, Kind, Manifest};
-use crate::object::Meta;
-use crate::path::display;
-use crate::progress::Progress;
-use crate::sys;
+use crate::core::manifest::{Entry, Hash, Kind, Manifest};
+use crate::core::object::Meta;
+use crate::core::path::display;
+use crate::core::progress::Progress;
+use crate::fs::sys;
 
 /// What the hashing pass hands to a caller for each distinct regular file: the open file
 /// (positioned anywhere), its metadata, size and content hash.

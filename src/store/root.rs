@@ -23,10 +23,10 @@ use anyhow::{Context, Result, bail};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::error::Fail;
-use crate::manifest::{self, Manifest};
-use crate::pool::Pool;
-use crate::sys;
+use crate::core::error::Fail;
+use crate::core::manifest::{self, Manifest};
+use crate::fs::sys;
+use crate::store::pool::Pool;
 
 pub const DEFAULT_ROOT: &str = "/versions";
 
@@ -178,13 +178,13 @@ impl Root {
                 sys::unlinkat_ok(manifests.as_fd(), &name, false)?;
             }
         }
-        crate::snapshot::clear_orphans(self)?;
+        crate::tree::snapshot::clear_orphans(self)?;
         for d in ["tmp", "staging"] {
             let dfd = sys::open_dir_beneath(self.fd.as_fd(), d.as_bytes())?;
             for name in sys::read_dir(dfd.as_fd())? {
                 log::info!(
                     "removing `{d}/{}` left by an interrupted run",
-                    crate::path::display(&name)
+                    crate::core::path::display(&name)
                 );
                 sys::remove_tree_at(dfd.as_fd(), &name)?;
             }
@@ -202,9 +202,9 @@ impl Root {
     }
 
     /// The pool, for writing in the protection mode the config asks for.
-    pub fn pool_for(&self, cfg: &crate::config::Config) -> Result<Pool> {
+    pub fn pool_for(&self, cfg: &crate::core::config::Config) -> Result<Pool> {
         let pool = Pool::open(self.fd.as_fd())?;
-        let mode = crate::protect::resolve(cfg.protect, pool.tmp_fd())?;
+        let mode = crate::store::protect::resolve(cfg.protect, pool.tmp_fd())?;
         Ok(pool.with_mode(mode))
     }
 
@@ -215,12 +215,11 @@ impl Root {
     }
 
     /// Which files of a tree are copies (see protect.rs); links only if no layout was recorded.
-    pub fn load_layout(&self, version: &str) -> Result<crate::protect::Layout> {
+    pub fn load_layout(&self, version: &str) -> Result<crate::store::protect::Layout> {
         let p = self.layout_path(version);
         match std::fs::read_to_string(&p) {
-            Ok(t) => {
-                crate::protect::Layout::parse(&t).with_context(|| format!("in `{}`", p.display()))
-            }
+            Ok(t) => crate::store::protect::Layout::parse(&t)
+                .with_context(|| format!("in `{}`", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
             Err(e) => Err(e).with_context(|| format!("cannot read `{}`", p.display())),
         }
@@ -238,7 +237,7 @@ impl Root {
         };
         let t = String::from_utf8_lossy(&target);
         match t.strip_prefix("trees/") {
-            Some(v) if crate::version::validate(v).is_ok() => Ok(Some(v.to_owned())),
+            Some(v) if crate::core::version::validate(v).is_ok() => Ok(Some(v.to_owned())),
             _ => bail!(
                 "`{}/{name}` points to `{t}`, not to a tree under trees/",
                 self.path.display()
@@ -270,7 +269,7 @@ impl Root {
         let mut out: Vec<String> = sys::read_dir(trees.as_fd())?
             .into_iter()
             .filter_map(|n| String::from_utf8(n).ok())
-            .filter(|n| crate::version::validate(n).is_ok())
+            .filter(|n| crate::core::version::validate(n).is_ok())
             .collect();
         out.sort();
         Ok(out)

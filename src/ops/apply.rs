@@ -14,14 +14,14 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::config::Config;
-use crate::delta::{self, Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
-use crate::error::Fail;
-use crate::manifest::{Entry, Hash, Kind, Manifest, check_tree, tree_digest};
-use crate::object::{Meta, ObjectId};
-use crate::pool::{FdReader, Pool};
-use crate::root::Root;
-use crate::{flip, import};
+use crate::core::config::Config;
+use crate::core::delta::{self, Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
+use crate::core::error::Fail;
+use crate::core::manifest::{Entry, Hash, Kind, Manifest, check_tree, tree_digest};
+use crate::core::object::{Meta, ObjectId};
+use crate::ops::{flip, import};
+use crate::store::pool::{FdReader, Pool};
+use crate::store::root::Root;
 
 /// The largest delta manifest accepted (a million changed entries take about 200 MB).
 const MAX_MANIFEST: u64 = 1 << 30;
@@ -65,7 +65,7 @@ fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) ->
     if name != want.as_bytes() {
         return Err(bad(format!(
             "expected member `{want}`, found `{}`",
-            crate::path::display(&name)
+            crate::core::path::display(&name)
         )));
     }
     if m.header().size().unwrap_or(u64::MAX) > limit {
@@ -82,13 +82,13 @@ fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) ->
 /// Reads the first two members of a delta, checks the signature, and parses the manifest.
 fn read_manifest<R: Read>(
     entries: &mut tar::Entries<R>,
-    policy: crate::trust::Policy,
+    policy: crate::ops::trust::Policy,
 ) -> Result<Delta> {
     let text = read_small(entries, MANIFEST_MEMBER, MAX_MANIFEST)?;
     let sig = read_small(entries, SIGNATURE_MEMBER, 64 << 10)?;
     let sig = String::from_utf8(sig).map_err(|_| bad("its signature is not text"))?;
     // The signature is checked on the exact bytes, before they are parsed.
-    crate::trust::check(&text, &sig, policy)?;
+    crate::ops::trust::check(&text, &sig, policy)?;
     let text = String::from_utf8(text).map_err(|_| bad("its manifest is not UTF-8"))?;
     delta::parse(&text).map_err(|e| bad(format!("{e:#}")))
 }
@@ -98,7 +98,7 @@ fn read_manifest<R: Read>(
 pub fn read_delta_head(input: impl Read) -> Result<Delta> {
     let mut archive = tar::Archive::new(tar_stream(input)?);
     let mut entries = archive.entries().map_err(bad)?;
-    read_manifest(&mut entries, crate::trust::Policy::Keys(&[]))
+    read_manifest(&mut entries, crate::ops::trust::Policy::Keys(&[]))
 }
 
 /// Applies the delta manifest to the base manifest: the result's manifest, checked to be a
@@ -111,7 +111,7 @@ pub fn compose(base: Manifest, d: &Delta) -> Result<Manifest> {
         if entries.binary_search_by(|e| (*e.path).cmp(p)).is_err() {
             return Err(bad(format!(
                 "it removes `{}`, which the base tree does not have",
-                crate::path::display(p)
+                crate::core::path::display(p)
             )));
         }
     }
@@ -211,11 +211,11 @@ fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
 }
 
 pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Result<Outcome> {
-    let keys = crate::trust::load_keys(&cfg.trust.public_keys)?;
+    let keys = crate::ops::trust::load_keys(&cfg.trust.public_keys)?;
     let policy = if opts.insecure {
-        crate::trust::Policy::Insecure
+        crate::ops::trust::Policy::Insecure
     } else {
-        crate::trust::Policy::Keys(&keys)
+        crate::ops::trust::Policy::Keys(&keys)
     };
     let mut archive = tar::Archive::new(tar_stream(input)?);
     let mut entries = archive.entries().map_err(bad)?;
@@ -229,7 +229,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let to = d.to_version.clone();
     let current = root.link("current")?;
     if let Some(cur) = &current
-        && crate::version::compare(&to, cur) == std::cmp::Ordering::Less
+        && crate::core::version::compare(&to, cur) == std::cmp::Ordering::Less
         && !opts.allow_downgrade
     {
         return Err(Fail::Downgrade(format!(
@@ -325,7 +325,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
             return Err(e);
         }
         log::warn!("{e:#}; running gc first (gc_before_apply = true)");
-        let r = crate::gc::gc(root, 0, &[base_version.as_str()])?;
+        let r = crate::ops::gc::gc(root, 0, &[base_version.as_str()])?;
         log::warn!(
             "gc removed {} tree(s) and {} object(s), freeing {} bytes",
             r.trees_removed.len(),
@@ -339,8 +339,8 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     // the files the delta changes: patch references and contents the base has are read from
     // those same files there (the blocks are shared), not from their pool objects, whose
     // metadata would be one more cold read each.
-    let base_tree = if crate::snapshot::enabled(root.fd(), &pool) {
-        crate::snapshot::open(root, &base_version)?
+    let base_tree = if crate::tree::snapshot::enabled(root.fd(), &pool) {
+        crate::tree::snapshot::open(root, &base_version)?
     } else {
         None
     };
@@ -355,11 +355,11 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         let mut work = || -> Result<()> {
             materialize(&d, &plan, &pool, base_tree.as_ref(), &mut entries)?;
             log::debug!("wrote the new objects");
-            crate::failpoint::hit("apply-after-objects");
+            crate::core::failpoint::hit("apply-after-objects");
             // Nothing may follow the last blob.
             if let Some(extra) = entries.next() {
                 let name = extra
-                    .map(|e| crate::path::display(&e.path_bytes()))
+                    .map(|e| crate::core::path::display(&e.path_bytes()))
                     .unwrap_or_else(|e| e.to_string());
                 return Err(bad(format!(
                     "unexpected member `{name}` after the last blob"
@@ -371,7 +371,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         if import::install_by_snapshot(root, cfg, &pool, &new, &base_version, &d, &mut work)? {
             return Ok(());
         }
-        let during = crate::stage::During {
+        let during = crate::tree::stage::During {
             late,
             work: &mut work,
         };
@@ -445,8 +445,8 @@ fn base_contents(base: &Manifest, d: &Delta) -> (HashMap<Hash, ObjectId>, BasePa
 /// Which of `ids` the pool has, looked up in parallel, as each lookup may wait on the disk.
 fn lookup(pool: &Pool, ids: Vec<ObjectId>) -> Result<HashSet<ObjectId>> {
     use rayon::prelude::*;
-    let has: Vec<Result<bool>> =
-        crate::stage::io_threads()?.install(|| ids.par_iter().map(|id| pool.has(id)).collect());
+    let has: Vec<Result<bool>> = crate::tree::stage::io_threads()?
+        .install(|| ids.par_iter().map(|id| pool.has(id)).collect());
     let mut in_pool = HashSet::new();
     for (id, h) in ids.iter().zip(has) {
         if h? {
@@ -610,7 +610,7 @@ impl BaseFiles<'_> {
     fn open(&self, sha: &Hash) -> Option<OwnedFd> {
         let tree = self.tree?;
         let path = self.paths.get(sha)?;
-        crate::sys::open_file_beneath(tree.as_fd(), path).ok()
+        crate::fs::sys::open_file_beneath(tree.as_fd(), path).ok()
     }
 
     /// The bytes of content `sha` from the base tree's file, if it has them: anything else
@@ -649,7 +649,7 @@ fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<
     if got_name != name.as_bytes() {
         return Err(bad(format!(
             "expected member `{name}`, found `{}`",
-            crate::path::display(&got_name)
+            crate::core::path::display(&got_name)
         )));
     }
     if member.header().size().ok() != Some(want_size) {
@@ -702,12 +702,12 @@ fn materialize<R: Read>(
     // apply wrote.
     let have: Mutex<HashMap<Hash, ObjectId>> = Mutex::new(plan.base_content.clone());
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let progress = crate::progress::Progress::items(d.contents.len() as u64, "writing");
+    let progress = crate::core::progress::Progress::items(d.contents.len() as u64, "writing");
     // From a snapshot, workers wait on cold reads of the snapshot's metadata: many keep
     // several in flight. Otherwise one per core, and the main thread announces each
     // reference to the kernel (`POSIX_FADV_WILLNEED`) before handing its content out.
     let threads = match base_tree {
-        Some(_) => crate::stage::io_threads()?,
+        Some(_) => crate::tree::stage::io_threads()?,
         None => rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
             .build()
@@ -849,18 +849,19 @@ fn write_content(
         Source::Zstd | Source::ZstdPatch { .. } => {
             let reference = c.source.base().map(reference).transpose()?;
             let blob = blob.expect("blob");
-            let mut dec = crate::codec::stream(&c.source, blob, reference.as_deref(), c.size)?;
+            let mut dec =
+                crate::core::codec::stream(&c.source, blob, reference.as_deref(), c.size)?;
             pool.store(&mut dec, meta0, c.size, &c.sha256)
                 .with_context(what)?;
         }
         Source::Bsdiff { base } => {
             let reference = reference(base)?;
-            let out = crate::codec::bsdiff_apply(&reference, blob.expect("blob"), c.size)?;
+            let out = crate::core::codec::bsdiff_apply(&reference, blob.expect("blob"), c.size)?;
             pool.store(&mut &out[..], meta0, c.size, &c.sha256)
                 .with_context(what)?;
         }
     }
-    crate::failpoint::hit("apply-after-object");
+    crate::core::failpoint::hit("apply-after-object");
     for (meta, _) in rest {
         copy_of(id0, meta)?;
     }

@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 
-use crate::codec::{SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
-use crate::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
-use crate::manifest::{Entry, Hash, Kind, Manifest};
-use crate::progress::Progress;
+use crate::core::codec::{SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
+use crate::core::delta::{Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
+use crate::core::manifest::{Entry, Hash, Kind, Manifest};
+use crate::core::progress::Progress;
 
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
 /// size, where it can win.
@@ -74,7 +74,7 @@ pub struct Stats {
 /// The name of a path without its directories, and the same with digits removed (so that
 /// `libfoo.so.1.2` finds `libfoo.so.1.3`).
 fn names(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let base = crate::path::split_parent(path).1.to_vec();
+    let base = crate::core::path::split_parent(path).1.to_vec();
     let stem: Vec<u8> = base
         .iter()
         .copied()
@@ -148,7 +148,7 @@ pub fn compare(from: &Manifest, to: Manifest) -> Changes {
 /// their stored manifests as streams: the base's is read on a second thread, block by block,
 /// while the new one's is merged with it; then the base's once more, keeping only what the
 /// changed files need. Memory depends on the change, not on the trees.
-pub fn installed(root: &crate::root::Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
+pub fn installed(root: &crate::store::root::Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(2);
     let (changes, base_head) = std::thread::scope(|s| -> Result<_> {
         let reader = s.spawn(move || {
@@ -281,7 +281,7 @@ pub fn diff<'a>(
     to_version: &str,
     level: i32,
 ) -> Result<(Delta, Vec<Vec<u8>>, Stats)> {
-    crate::version::validate(to_version)?;
+    crate::core::version::validate(to_version)?;
     let mut d = Delta {
         from_version: base.version.clone(),
         from_digest: base.digest,
@@ -556,7 +556,7 @@ pub fn write_delta(
 ) -> Result<()> {
     let text = d.to_toml();
     let sig = match sign {
-        Some(key) => crate::trust::sign(
+        Some(key) => crate::ops::trust::sign(
             text.as_bytes(),
             key,
             &format!(

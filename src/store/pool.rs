@@ -24,11 +24,11 @@ use rustix::fs::{AtFlags, Mode as Mode0, OFlags, RenameFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
-use crate::error::Fail;
-use crate::manifest::Hash;
-use crate::object::{Meta, ObjectId, object_id};
-use crate::protect::Mode;
-use crate::sys;
+use crate::core::error::Fail;
+use crate::core::manifest::Hash;
+use crate::core::object::{Meta, ObjectId, object_id};
+use crate::fs::sys;
+use crate::store::protect::Mode;
 
 /// The most extra copies of one object made when its links run out (ext4 allows 65 000 links
 /// per inode, so 64 copies cover four million identical files).
@@ -217,7 +217,10 @@ impl Pool {
             Layout::Sharded => {
                 for shard in sys::read_dir(self.dir.as_fd())? {
                     let sfd = sys::open_dir_beneath(self.dir.as_fd(), &shard)?;
-                    f(sfd.as_fd(), &format!("{}/", crate::path::display(&shard)))?;
+                    f(
+                        sfd.as_fd(),
+                        &format!("{}/", crate::core::path::display(&shard)),
+                    )?;
                 }
                 Ok(())
             }
@@ -252,7 +255,7 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner());
         let flags = rustix::fs::ioctl_getflags(&fd)?;
         rustix::fs::ioctl_setflags(&fd, flags - rustix::fs::IFlags::IMMUTABLE)?;
-        crate::failpoint::hit("pool-link-unprotected");
+        crate::core::failpoint::hit("pool-link-unprotected");
         let r = rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
         rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::IMMUTABLE)?;
         r
@@ -268,7 +271,7 @@ impl Pool {
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode0::from_raw_mode(0o600),
         )
-        .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
+        .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
         if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
             let size = rustix::fs::fstat(&src)?.st_size as u64;
             sys::copy_range(src.as_fd(), dst.as_fd(), size)
@@ -374,7 +377,7 @@ impl Pool {
                 tmp.published = true;
                 self.created.lock().expect("poisoned").push(rel.clone());
                 if self.mode == Mode::Immutable {
-                    crate::protect::set_immutable(tmp.fd(), true)
+                    crate::store::protect::set_immutable(tmp.fd(), true)
                         .with_context(|| format!("cannot protect `pool/{rel}`"))?;
                 }
                 Ok(true)
@@ -390,7 +393,9 @@ impl Pool {
     pub fn discard_created(&self) {
         let created = std::mem::take(&mut *self.created.lock().expect("poisoned"));
         for rel in created.iter().rev() {
-            if let Err(e) = crate::protect::unlink_protected(self.dir.as_fd(), rel.as_bytes()) {
+            if let Err(e) =
+                crate::store::protect::unlink_protected(self.dir.as_fd(), rel.as_bytes())
+            {
                 log::warn!("cannot remove `pool/{rel}` after a failure: {e:#}");
             }
         }
@@ -433,7 +438,7 @@ impl Pool {
                             return Err(e).with_context(|| {
                                 format!(
                                     "cannot link `pool/{rel}` to `{}`",
-                                    crate::path::display(name)
+                                    crate::core::path::display(name)
                                 )
                             });
                         }
@@ -443,7 +448,7 @@ impl Pool {
                     return Err(e).with_context(|| {
                         format!(
                             "cannot link `pool/{rel}` to `{}`",
-                            crate::path::display(name)
+                            crate::core::path::display(name)
                         )
                     });
                 }
@@ -578,7 +583,7 @@ impl Pool {
                 gid: st.st_gid,
                 xattrs: sys::fd_xattrs(fd.as_fd())?,
             };
-            let (size, sha) = crate::scan::hash_fd(fd.as_fd())
+            let (size, sha) = crate::tree::scan::hash_fd(fd.as_fd())
                 .with_context(|| format!("cannot read `pool/{rel}`"))?;
             if object_id(&meta, size, &sha) != *id {
                 problems.push(format!(

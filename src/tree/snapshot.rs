@@ -13,11 +13,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use anyhow::{Context, Result, bail};
 use rustix::fs::{FileType, Mode};
 
-use crate::manifest::{Entry, Kind, Manifest};
-use crate::path::split_parent;
-use crate::pool::Pool;
-use crate::protect::Layout;
-use crate::sys;
+use crate::core::manifest::{Entry, Kind, Manifest};
+use crate::core::path::split_parent;
+use crate::fs::sys;
+use crate::store::pool::Pool;
+use crate::store::protect::Layout;
 
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 /// The inode number of every subvolume's top directory.
@@ -45,7 +45,10 @@ nix::ioctl_write_ptr!(ioc_snap_create_v2, 0x94, 23, VolArgsV2);
 
 fn name_field<const N: usize>(name: &[u8]) -> Result<[u8; N]> {
     if name.is_empty() || name.len() >= N || name.contains(&0) || name.contains(&b'/') {
-        bail!("invalid subvolume name `{}`", crate::path::display(name));
+        bail!(
+            "invalid subvolume name `{}`",
+            crate::core::path::display(name)
+        );
     }
     let mut out = [0u8; N];
     out[..name.len()].copy_from_slice(name);
@@ -66,8 +69,12 @@ pub fn is_subvolume(fd: BorrowedFd) -> bool {
 
 /// Creates the empty subvolume `name` in `parent`.
 pub fn create(parent: BorrowedFd, name: &[u8]) -> Result<()> {
-    vol_ioctl(parent, name, ioc_subvol_create)
-        .with_context(|| format!("cannot create subvolume `{}`", crate::path::display(name)))
+    vol_ioctl(parent, name, ioc_subvol_create).with_context(|| {
+        format!(
+            "cannot create subvolume `{}`",
+            crate::core::path::display(name)
+        )
+    })
 }
 
 /// One of the ioctls that take a `btrfs_ioctl_vol_args` naming `name` in `parent`.
@@ -96,33 +103,41 @@ pub fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: boo
     };
     // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args_v2` for the call's duration.
     unsafe { ioc_snap_create_v2(parent.as_raw_fd(), &args) }
-        .with_context(|| format!("cannot snapshot to `{}`", crate::path::display(name)))?;
+        .with_context(|| format!("cannot snapshot to `{}`", crate::core::path::display(name)))?;
     Ok(())
 }
 
 /// Deletes the subvolume `name` in `parent`, with everything in it.
 pub fn destroy(parent: BorrowedFd, name: &[u8]) -> Result<()> {
-    vol_ioctl(parent, name, ioc_snap_destroy)
-        .with_context(|| format!("cannot delete subvolume `{}`", crate::path::display(name)))
+    vol_ioctl(parent, name, ioc_snap_destroy).with_context(|| {
+        format!(
+            "cannot delete subvolume `{}`",
+            crate::core::path::display(name)
+        )
+    })
 }
 
 /// Whether trees of this root are subvolumes with read-only snapshots: on btrfs, in reflink
 /// mode, unless `TREESWAP_SNAPSHOTS=0`.
 pub fn enabled(root: BorrowedFd, pool: &Pool) -> bool {
-    pool.mode() == crate::protect::Mode::Reflink
+    pool.mode() == crate::store::protect::Mode::Reflink
         && std::env::var("TREESWAP_SNAPSHOTS").map_or(true, |v| v != "0")
         && is_btrfs(root)
 }
 
 /// Takes the read-only snapshot `snapshots/<version>` of the verified tree open as `tree`.
-pub fn keep_pristine(root: &crate::root::Root, tree: BorrowedFd, version: &str) -> Result<()> {
+pub fn keep_pristine(
+    root: &crate::store::root::Root,
+    tree: BorrowedFd,
+    version: &str,
+) -> Result<()> {
     let dir = root.snapshots_dir()?;
     sys::remove_tree_at(dir.as_fd(), version.as_bytes())?;
     snapshot(tree, dir.as_fd(), version.as_bytes(), true)
 }
 
 /// The read-only snapshot `snapshots/<version>`, open, if the version has one.
-pub fn open(root: &crate::root::Root, version: &str) -> Result<Option<OwnedFd>> {
+pub fn open(root: &crate::store::root::Root, version: &str) -> Result<Option<OwnedFd>> {
     let dir = root.snapshots_dir()?;
     Ok(sys::open_dir_beneath(dir.as_fd(), version.as_bytes())
         .ok()
@@ -132,7 +147,7 @@ pub fn open(root: &crate::root::Root, version: &str) -> Result<Option<OwnedFd>> 
 /// Starts `staging/<new>` as a writable snapshot of `snapshots/<base>`, if the base has one.
 /// Returns whether it did.
 pub fn start_from(
-    root: &crate::root::Root,
+    root: &crate::store::root::Root,
     staging: BorrowedFd,
     base: &str,
     new: &str,
@@ -163,7 +178,7 @@ pub fn change(
 ) -> Result<Vec<String>> {
     use rayon::prelude::*;
     // Lookups in a big cold tree wait on the disk: many threads keep several in flight.
-    let threads = crate::stage::io_threads()?;
+    let threads = crate::tree::stage::io_threads()?;
     // Regular files need the new objects, which `write` makes on this thread meanwhile;
     // everything else is made first, on the others.
     let (files, others): (Vec<&Entry>, Vec<&Entry>) = changed
@@ -199,7 +214,7 @@ pub fn change(
         if let Ok(pfd) = sys::open_dir_beneath(top, parent)
             && sys::lstatat(pfd.as_fd(), base)?.is_some()
         {
-            problems.push(format!("extra: {}", crate::path::display(p)));
+            problems.push(format!("extra: {}", crate::core::path::display(p)));
         }
     }
     Ok(problems)
@@ -228,7 +243,7 @@ fn remove_and_make(
         let (parent, base) = split_parent(p);
         let pfd = sys::open_dir_beneath(top, parent)?;
         sys::remove_tree_at(pfd.as_fd(), base)
-            .with_context(|| format!("cannot remove `{}`", crate::path::display(p)))
+            .with_context(|| format!("cannot remove `{}`", crate::core::path::display(p)))
     })?;
     // Changed entries, depth by depth (parents before their children), each depth in
     // parallel.
@@ -252,13 +267,16 @@ fn remove_and_make(
 fn make_changed(top: BorrowedFd, e: &Entry, pool: &Pool, layout: &Layout) -> Result<Vec<String>> {
     if &*e.path == b"." {
         sys::set_meta_exact_fd(top, &e.meta).context("on the top directory")?;
-        return Ok(check(e, crate::scan::entry_at(top, b".", b".")?));
+        return Ok(check(e, crate::tree::scan::entry_at(top, b".", b".")?));
     }
     let (parent, base) = split_parent(&e.path);
     let res = (|| -> Result<Vec<String>> {
         let pfd = sys::open_dir_beneath(top, parent)?;
         make_in(pfd.as_fd(), base, e, pool, layout)?;
-        Ok(check(e, crate::scan::entry_at(pfd.as_fd(), base, &e.path)?))
+        Ok(check(
+            e,
+            crate::tree::scan::entry_at(pfd.as_fd(), base, &e.path)?,
+        ))
     })();
     res.with_context(|| format!("cannot make `{}`", e.display()))
 }
@@ -267,7 +285,7 @@ fn make_changed(top: BorrowedFd, e: &Entry, pool: &Pool, layout: &Layout) -> Res
 fn check(e: &Entry, found: Option<Entry>) -> Vec<String> {
     let mut problems = Vec::new();
     match found {
-        Some(y) => crate::verify::compare(e, &y, &mut problems),
+        Some(y) => crate::tree::verify::compare(e, &y, &mut problems),
         None => problems.push(format!("missing: {}", e.display())),
     }
     problems
@@ -306,7 +324,7 @@ fn make_in(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool, layout: &Layout
             if old.is_some() {
                 sys::remove_tree_at(pfd, base)?;
             }
-            crate::stage::make(e, pool, layout, pfd, base)
+            crate::tree::stage::make(e, pool, layout, pfd, base)
         }
     }
 }
@@ -341,7 +359,7 @@ fn replace_file(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool) -> Result<
 
 /// Removes `snapshots/<V>` for every version that is not installed (left by a crash between
 /// taking the snapshot and the commit, or by gc).
-pub fn clear_orphans(root: &crate::root::Root) -> Result<()> {
+pub fn clear_orphans(root: &crate::store::root::Root) -> Result<()> {
     let Some(dir) = root.snapshots_dir_opt()? else {
         return Ok(());
     };

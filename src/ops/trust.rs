@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use minisign::{PublicKey, SecretKey, SignatureBox};
 
-use crate::error::Fail;
+use crate::core::error::Fail;
 
 /// Loads minisign public key files.
 pub fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> {

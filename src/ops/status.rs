@@ -3,8 +3,8 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::root::Root;
+use crate::core::config::Config;
+use crate::store::root::Root;
 
 #[derive(Serialize)]
 pub struct Status {
@@ -35,7 +35,7 @@ pub struct BootStatus {
 
 pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
     let objects = root.pool()?.list()?;
-    let st = crate::state::load(root.fd())?;
+    let st = crate::store::state::load(root.fd())?;
     let boot = match &st.pending {
         Some(p) => BootStatus {
             state: "pending",

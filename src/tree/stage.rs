@@ -8,12 +8,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use anyhow::{Context, Result, bail};
 use rustix::fs::{FileType, Mode};
 
-use crate::manifest::{Entry, Kind, Manifest};
-use crate::path::split_parent;
-use crate::pool::Pool;
-use crate::progress::Progress;
-use crate::protect::Layout;
-use crate::sys;
+use crate::core::manifest::{Entry, Kind, Manifest};
+use crate::core::path::split_parent;
+use crate::core::progress::Progress;
+use crate::fs::sys;
+use crate::store::pool::Pool;
+use crate::store::protect::Layout;
 use rayon::prelude::*;
 
 /// Directory handles kept open while building; beyond this the cache starts over.
@@ -63,10 +63,10 @@ pub fn build(
         bail!("manifest does not start with the top directory");
     }
     if subvolume {
-        crate::snapshot::create(parent, name)?;
+        crate::tree::snapshot::create(parent, name)?;
     } else {
         rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
-            .with_context(|| format!("cannot create `{}`", crate::path::display(name)))?;
+            .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
     }
     let top = sys::open_dir_beneath(parent, name)?;
     sys::apply_meta_fd(top.as_fd(), &top_entry.meta).context("on the top directory")?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::config::Guest;
+use crate::core::config::Guest;
 
 /// Runs a guest's restart command and waits for it, at most its timeout.
 pub fn restart(g: &Guest) -> Result<()> {

@@ -3,12 +3,12 @@
 
 use anyhow::Result;
 
-use crate::config::Config;
-use crate::failpoint;
-use crate::flip::{self, Options};
-use crate::root::Root;
-use crate::state;
-use crate::sys;
+use crate::core::config::Config;
+use crate::core::failpoint;
+use crate::fs::sys;
+use crate::ops::flip::{self, Options};
+use crate::store::root::Root;
+use crate::store::state;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum BootOutcome {
@@ -23,7 +23,7 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
     if st.unprotected {
-        let n = crate::protect::reprotect_pool(&root.pool()?)?;
+        let n = crate::store::protect::reprotect_pool(&root.pool()?)?;
         log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
         st.unprotected = false;
     }

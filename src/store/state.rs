@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::sys;
+use crate::fs::sys;
 
 pub const FORMAT: u32 = 1;
 const NAME: &str = "state.toml";

@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 
 use anyhow::{Result, bail};
 
-use crate::delta::Source;
-use crate::error::Fail;
+use crate::core::delta::Source;
+use crate::core::error::Fail;
 
 /// zstd level of the blobs a delta ships. Measured on a Debian point release: level 12 makes
 /// a delta 2% larger than level 19 in a third of the time; both decode equally fast.
@@ -39,7 +39,7 @@ pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
 
 pub fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
     let mut patch = Vec::new();
-    crate::bsdiff::diff(base, data, &mut patch);
+    crate::core::bsdiff::diff(base, data, &mut patch);
     Ok(zstd::bulk::compress(&patch, LEVEL)?)
 }
 

@@ -1,0 +1,9 @@
+pub mod apply;
+pub mod boot;
+pub mod diff;
+pub mod flip;
+pub mod gc;
+pub mod guests;
+pub mod import;
+pub mod status;
+pub mod trust;

@@ -1,0 +1,4 @@
+pub mod pool;
+pub mod protect;
+pub mod root;
+pub mod state;

@@ -1,0 +1,4 @@
+pub mod scan;
+pub mod snapshot;
+pub mod stage;
+pub mod verify;
