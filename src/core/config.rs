@@ -182,7 +182,7 @@ mod readme_tests {
     /// The example in the README's Configuration section is a valid config.
     #[test]
     fn readme_example_parses() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let section = readme
             .split("## Configuration")
             .nth(1)
