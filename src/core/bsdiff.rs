@@ -200,7 +200,7 @@ mod tests {
             .collect();
         let n = round_trip(&old, &new);
         assert!(
-            crate::core::codec::zstd_whole(
+            zstd::bulk::compress(
                 &{
                     let mut p = Vec::new();
                     diff(&old, &new, &mut p);

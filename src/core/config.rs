@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
 
@@ -26,7 +26,7 @@ pub struct Config {
     pub gc_before_apply: bool,
     /// Copy-on-write protection of the pool: auto, immutable, reflink or hardlink.
     #[serde(default)]
-    pub protect: crate::store::protect::Setting,
+    pub protect: Protect,
     /// Globs of paths that get private, writable copies instead of links.
     #[serde(default)]
     pub private: Vec<String>,
@@ -149,6 +149,18 @@ pub fn load(explicit: Option<&Path>) -> Result<Config> {
         })?;
     }
     Ok(cfg)
+}
+
+/// The `protect` key: how the pool is protected from writes through a tree (see
+/// `store::protect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protect {
+    #[default]
+    Auto,
+    Immutable,
+    Reflink,
+    Hardlink,
 }
 
 #[cfg(test)]

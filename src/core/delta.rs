@@ -10,7 +10,8 @@ use std::io::BufRead;
 
 use anyhow::{Context, Result, bail};
 
-use crate::core::manifest::{self, Cursor, Entry, Fields, Hash, parse_hash};
+use crate::core::manifest::{self, Cursor, Entry, Fields, parse_hash};
+use crate::core::object::Hash;
 use crate::core::path::{decode_path, encode_path, validate_path};
 
 /// The delta format version; see FORMAT.md for what changes it.

@@ -12,14 +12,11 @@ use std::io::BufRead;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::core::object::{Meta, ObjectId, object_id};
+use crate::core::object::{Hash, Meta, ObjectId, object_id};
 use crate::core::path::{decode_path, validate_path};
 
 /// The manifest format version; see FORMAT.md for what changes it.
 pub const FORMAT: u32 = 1;
-
-/// A sha256 value.
-pub type Hash = [u8; 32];
 
 /// What an entry is, with the data that belongs to its kind.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,8 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::core::manifest::Hash;
+/// A sha256 digest: of a file's content, of a tree (its manifest digest), of a delta.
+pub type Hash = [u8; 32];
 
 /// An object id: sha256 over the object header and the content's sha256.
 pub type ObjectId = [u8; 32];

@@ -1,1 +1,4 @@
+pub mod btrfs;
+pub mod hash;
+pub mod iflags;
 pub mod sys;

@@ -89,28 +89,6 @@ pub fn lstatat(dir: BorrowedFd, name: &[u8]) -> Result<Option<rustix::fs::Stat>>
     }
 }
 
-/// The size of [`with_io_buffer`]'s buffer.
-pub const IO_BUFFER: usize = 256 * 1024;
-
-/// Runs `f` with this thread's I/O buffer of [`IO_BUFFER`] bytes, made once per thread:
-/// reading a small file through a buffer allocated (and zeroed) for it cost more than the
-/// read. A nested call gets a buffer of its own.
-pub fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    use std::cell::RefCell;
-    thread_local! {
-        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    }
-    BUF.with(|b| match b.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.is_empty() {
-                buf.resize(IO_BUFFER, 0);
-            }
-            f(&mut buf)
-        }
-        Err(_) => f(&mut vec![0u8; IO_BUFFER]),
-    })
-}
-
 /// The names in a directory, without `.` and `..`, in no particular order
 /// ([getdents64(2)]).
 ///
@@ -335,9 +313,9 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
             Mode::empty(),
         )
         .with_context(|| format!("cannot open `{}` to remove it", display(name)))?;
-        if crate::tree::snapshot::is_subvolume(sub.as_fd()) {
+        if crate::fs::btrfs::is_subvolume(sub.as_fd()) {
             // A tree on btrfs: deleting the subvolume removes it whole.
-            return crate::tree::snapshot::destroy(dir, name);
+            return crate::fs::btrfs::destroy(dir, name);
         }
         for child in read_dir(sub.as_fd())? {
             remove_tree_at(sub.as_fd(), &child)
@@ -345,7 +323,7 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
         }
         unlinkat_ok(dir, name, true)
     } else {
-        crate::store::protect::unlink_protected(dir, name)
+        crate::fs::iflags::unlink_protected(dir, name)
     }
 }
 

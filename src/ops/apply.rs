@@ -17,10 +17,12 @@ use sha2::{Digest, Sha256};
 use crate::core::config::Config;
 use crate::core::delta::{self, Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
 use crate::core::error::Fail;
-use crate::core::manifest::{Entry, Hash, Kind, Manifest, check_tree, tree_digest};
+use crate::core::manifest::{Entry, Kind, Manifest, check_tree, tree_digest};
+use crate::core::object::Hash;
 use crate::core::object::{Meta, ObjectId};
-use crate::ops::{flip, import};
-use crate::store::pool::{FdReader, Pool};
+use crate::fs::hash::FdReader;
+use crate::ops::{flip, install};
+use crate::store::pool::Pool;
 use crate::store::root::Root;
 
 /// The largest delta manifest accepted (a million changed entries take about 200 MB).
@@ -339,8 +341,8 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     // the files the delta changes: patch references and contents the base has are read from
     // those same files there (the blocks are shared), not from their pool objects, whose
     // metadata would be one more cold read each.
-    let base_tree = if crate::tree::snapshot::enabled(root.fd(), &pool) {
-        crate::tree::snapshot::open(root, &base_version)?
+    let base_tree = if root.snapshots_enabled(&pool) {
+        root.open_snapshot(&base_version)?
     } else {
         None
     };
@@ -368,14 +370,14 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
             Ok(())
         };
         // On btrfs, from the base's read-only snapshot: only the changes are staged.
-        if import::install_by_snapshot(root, cfg, &pool, &new, &base_version, &d, &mut work)? {
+        if install::install_by_snapshot(root, cfg, &pool, &new, &base_version, &d, &mut work)? {
             return Ok(());
         }
         let during = crate::tree::stage::During {
             late,
             work: &mut work,
         };
-        import::install(root, cfg, &pool, &new, true, Some(during))
+        install::install(root, cfg, &pool, &new, true, Some(during))
     };
     let written = write_and_stage();
     if let Err(e) = written {

@@ -23,7 +23,7 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
     if st.unprotected {
-        let n = crate::store::protect::reprotect_pool(&root.pool()?)?;
+        let n = root.pool()?.reprotect()?;
         log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
         st.unprotected = false;
     }
@@ -57,7 +57,7 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
         log::info!("dropping the guest restarts of a flip that did not happen");
         st.restart = None;
     }
-    flip::save(root, &st)?;
+    state::save(root.fd(), &st)?;
     if opts.restart && st.restart.is_some() {
         log::info!("finishing guest restarts cut short by an interruption");
         if let Err(e) = flip::finish_restarts(root, cfg, &mut st) {
@@ -82,7 +82,7 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
             p.boots,
             cfg.boot.tries
         );
-        flip::save(root, &st)?;
+        state::save(root.fd(), &st)?;
         failpoint::hit("boot-after-count");
         return Ok(BootOutcome::Ok);
     }
@@ -152,6 +152,6 @@ pub fn mark_good(root: &Root) -> Result<Option<String>> {
     let Some(p) = st.pending.take() else {
         return Ok(None);
     };
-    flip::save(root, &st)?;
+    state::save(root.fd(), &st)?;
     Ok(Some(p.version))
 }

@@ -80,7 +80,7 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         target: version.to_owned(),
         guests: cfg.guests.iter().map(|g| g.name.clone()).collect(),
     });
-    save(root, &st)?;
+    state::save(root.fd(), &st)?;
     failpoint::hit("flip-after-state");
     failpoint::hit("flip-before-rename");
     root.set_link("current", version)?;
@@ -93,7 +93,7 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
     if !pending {
         st.pending = None;
     }
-    save(root, &st)?;
+    state::save(root.fd(), &st)?;
     log::info!("current is now `{version}`");
     if !opts.restart {
         return Ok(());
@@ -122,18 +122,10 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         if pending_before.as_ref().is_some_and(|p| p.version == old) {
             let mut st = state::load(root.fd())?;
             st.pending = pending_before;
-            save(root, &st)?;
+            state::save(root.fd(), &st)?;
         }
         return Err(Fail::GuestsReverted(format!("{e:#}; flipped back to `{old}`{also}")).into());
     }
-    Ok(())
-}
-
-/// Writes the state file, between the state failpoints.
-pub fn save(root: &Root, st: &State) -> Result<()> {
-    failpoint::hit("state-before-write");
-    state::save(root.fd(), st)?;
-    failpoint::hit("state-after-write");
     Ok(())
 }
 
@@ -142,7 +134,7 @@ pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> 
     while let Some(r) = &st.restart {
         let Some(name) = r.guests.first().cloned() else {
             st.restart = None;
-            save(root, st)?;
+            state::save(root.fd(), st)?;
             break;
         };
         match cfg.guests.iter().find(|g| g.name == name) {
@@ -155,7 +147,7 @@ pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> 
         if let Some(r) = &mut st.restart {
             r.guests.remove(0);
         }
-        save(root, st)?;
+        state::save(root.fd(), st)?;
         failpoint::hit("guest-after-restart");
     }
     Ok(())

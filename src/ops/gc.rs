@@ -34,6 +34,23 @@ fn protected(root: &Root) -> Result<HashSet<String>> {
     Ok(keep)
 }
 
+impl Report {
+    /// One line for the user: what was removed and how much it freed.
+    pub fn summary(&self) -> String {
+        let names = if self.trees_removed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.trees_removed.join(" "))
+        };
+        format!(
+            "removed {} tree(s){names}, {} object(s), {} bytes",
+            self.trees_removed.len(),
+            self.objects_removed,
+            self.bytes_freed
+        )
+    }
+}
+
 /// Runs gc; `also_keep` names versions an ongoing operation needs (the base of an apply).
 pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
     let mut report = Report::default();
@@ -88,7 +105,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
                 report.bytes_freed += st.st_size as u64;
             }
             crate::core::failpoint::hit("gc-before-object");
-            crate::store::protect::unlink_protected(dir, &name)?;
+            crate::fs::iflags::unlink_protected(dir, &name)?;
             if !name.contains(&b'.') {
                 report.objects_removed += 1;
             }
@@ -111,5 +128,5 @@ pub fn pin(root: &Root, version: &str, on: bool) -> Result<()> {
         st.pins.push(version.to_owned());
         st.pins.sort_by(|a, b| crate::core::version::compare(a, b));
     }
-    crate::ops::flip::save(root, &st)
+    crate::store::state::save(root.fd(), &st)
 }

@@ -1,9 +1,12 @@
 pub mod apply;
 pub mod boot;
+pub mod checkout;
 pub mod diff;
 pub mod flip;
 pub mod gc;
 pub mod guests;
 pub mod import;
+pub mod install;
 pub mod status;
 pub mod trust;
+pub mod verify;

@@ -1,3 +1,4 @@
+pub mod layout;
 pub mod pool;
 pub mod protect;
 pub mod root;

@@ -25,10 +25,11 @@ use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::core::error::Fail;
-use crate::core::manifest::Hash;
+use crate::core::object::Hash;
 use crate::core::object::{Meta, ObjectId, object_id};
-use crate::fs::sys;
-use crate::store::protect::Mode;
+use crate::fs::hash;
+use crate::fs::{iflags, sys};
+use crate::store::protect::Protection;
 
 /// The most extra copies of one object made when its links run out (ext4 allows 65 000 links
 /// per inode, so 64 copies cover four million identical files).
@@ -49,7 +50,7 @@ pub struct Pool {
     tmp: OwnedFd,
     layout: Layout,
     /// How objects are protected (see protect.rs).
-    mode: Mode,
+    mode: Protection,
     /// For objects that hit the link limit: the copy to try first.
     copy_hint: Mutex<HashMap<ObjectId, u32>>,
     /// Objects (and copies) this handle published, so that a failed apply can remove them.
@@ -187,7 +188,7 @@ impl Pool {
             dir,
             tmp: sys::open_dir_beneath(root, b"tmp")?,
             layout,
-            mode: Mode::Hardlink,
+            mode: Protection::Hardlink,
             copy_hint: Mutex::new(HashMap::new()),
             created: Mutex::new(Vec::new()),
             link_locks: std::array::from_fn(|_| Mutex::new(())),
@@ -195,18 +196,34 @@ impl Pool {
     }
 
     /// The same pool, writing and linking objects in protection mode `mode`.
-    pub fn with_mode(mut self, mode: Mode) -> Pool {
+    pub fn with_mode(mut self, mode: Protection) -> Pool {
         self.mode = mode;
         self
     }
 
-    pub fn mode(&self) -> Mode {
+    pub fn mode(&self) -> Protection {
         self.mode
     }
 
     /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
     pub fn rel(&self, id: &ObjectId, copy: u32) -> String {
         object_rel(self.layout, id, copy)
+    }
+
+    /// Sets the immutable flag on every object of the pool (after a crash in immutable mode).
+    pub fn reprotect(&self) -> Result<u64> {
+        let mut n = 0;
+        self.for_each_dir(|dir, _| {
+            for name in sys::read_dir(dir)? {
+                let fd = sys::open_file_beneath(dir, &name)?;
+                if !iflags::is_immutable(fd.as_fd()) {
+                    iflags::set_immutable(fd.as_fd(), true)?;
+                    n += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(n)
     }
 
     /// Calls `f` with each directory that holds objects and its path relative to `pool/`
@@ -236,7 +253,7 @@ impl Pool {
     ///
     /// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
     fn link_object(&self, rel: &str, dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<()> {
-        if self.mode != Mode::Immutable {
+        if self.mode != Protection::Immutable {
             return rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
         }
         let fd = rustix::fs::openat(
@@ -325,7 +342,7 @@ impl Pool {
         let tmp = TmpFile::create(self.tmp.as_fd())?;
         let mut h = Sha256::new();
         let mut written = 0u64;
-        sys::with_io_buffer(|buf| -> Result<()> {
+        hash::with_io_buffer(|buf| -> Result<()> {
             loop {
                 let n = src.read(buf).context("cannot read object data")?;
                 if n == 0 {
@@ -376,8 +393,8 @@ impl Pool {
                 // The temporary name is gone: nothing to clean up.
                 tmp.published = true;
                 self.created.lock().expect("poisoned").push(rel.clone());
-                if self.mode == Mode::Immutable {
-                    crate::store::protect::set_immutable(tmp.fd(), true)
+                if self.mode == Protection::Immutable {
+                    iflags::set_immutable(tmp.fd(), true)
                         .with_context(|| format!("cannot protect `pool/{rel}`"))?;
                 }
                 Ok(true)
@@ -393,9 +410,7 @@ impl Pool {
     pub fn discard_created(&self) {
         let created = std::mem::take(&mut *self.created.lock().expect("poisoned"));
         for rel in created.iter().rev() {
-            if let Err(e) =
-                crate::store::protect::unlink_protected(self.dir.as_fd(), rel.as_bytes())
-            {
+            if let Err(e) = iflags::unlink_protected(self.dir.as_fd(), rel.as_bytes()) {
                 log::warn!("cannot remove `pool/{rel}` after a failure: {e:#}");
             }
         }
@@ -583,8 +598,8 @@ impl Pool {
                 gid: st.st_gid,
                 xattrs: sys::fd_xattrs(fd.as_fd())?,
             };
-            let (size, sha) = crate::tree::scan::hash_fd(fd.as_fd())
-                .with_context(|| format!("cannot read `pool/{rel}`"))?;
+            let (size, sha) =
+                hash::hash_fd(fd.as_fd()).with_context(|| format!("cannot read `pool/{rel}`"))?;
             if object_id(&meta, size, &sha) != *id {
                 problems.push(format!(
                     "object `pool/{rel}` is corrupt: its content or metadata no longer match its id"
@@ -614,19 +629,5 @@ impl Pool {
             Ok(())
         })?;
         Ok(out)
-    }
-}
-
-/// Reads an open file from offset 0 with `pread`, leaving the descriptor's offset alone.
-pub struct FdReader<'a> {
-    pub fd: BorrowedFd<'a>,
-    pub off: u64,
-}
-
-impl Read for FdReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = rustix::io::pread(self.fd, buf, self.off)?;
-        self.off += n as u64;
-        Ok(n)
     }
 }

@@ -7,7 +7,7 @@
 //! staging/<V>/        a tree being built; renamed to trees/<V> once complete
 //! trees/<V>/          installed trees, farms of hardlinks into pool/
 //! manifests/<V>.toml  the manifest of each installed tree
-//! snapshots/<V>/      on btrfs: read-only snapshots of installed trees (snapshot.rs)
+//! snapshots/<V>/      on btrfs: read-only snapshots of installed trees (snapshots_enabled)
 //! current, previous   relative symlinks to trees/<V>
 //! lock                flock(2) target: one writer at a time
 //! ```
@@ -25,8 +25,10 @@ use rustix::io::Errno;
 
 use crate::core::error::Fail;
 use crate::core::manifest::{self, Manifest};
-use crate::fs::sys;
+use crate::fs::{btrfs, sys};
+use crate::store::layout::Layout;
 use crate::store::pool::Pool;
+use crate::store::protect::Protection;
 
 pub const DEFAULT_ROOT: &str = "/versions";
 
@@ -142,7 +144,7 @@ impl Root {
         Ok(())
     }
 
-    /// `snapshots/`, the read-only snapshots of installed trees on btrfs (see snapshot.rs),
+    /// `snapshots/`, the read-only snapshots of installed trees on btrfs (see `snapshots_enabled`),
     /// made if missing.
     pub fn snapshots_dir(&self) -> Result<OwnedFd> {
         sys::mkdirat(self.fd.as_fd(), b"snapshots", 0o700, true)?;
@@ -155,6 +157,55 @@ impl Root {
             return Ok(None);
         }
         sys::open_dir_beneath(self.fd.as_fd(), b"snapshots").map(Some)
+    }
+
+    /// Whether trees of this root are subvolumes with read-only snapshots: on btrfs, in
+    /// reflink mode, unless `TREESWAP_SNAPSHOTS=0`.
+    pub fn snapshots_enabled(&self, pool: &Pool) -> bool {
+        pool.mode() == Protection::Reflink
+            && std::env::var("TREESWAP_SNAPSHOTS").map_or(true, |v| v != "0")
+            && btrfs::is_btrfs(self.fd())
+    }
+
+    /// Takes the read-only snapshot `snapshots/<version>` of the verified tree open as `tree`.
+    pub fn keep_pristine(&self, tree: BorrowedFd, version: &str) -> Result<()> {
+        let dir = self.snapshots_dir()?;
+        sys::remove_tree_at(dir.as_fd(), version.as_bytes())?;
+        btrfs::snapshot(tree, dir.as_fd(), version.as_bytes(), true)
+    }
+
+    /// The read-only snapshot `snapshots/<version>`, open, if the version has one.
+    pub fn open_snapshot(&self, version: &str) -> Result<Option<OwnedFd>> {
+        let dir = self.snapshots_dir()?;
+        Ok(sys::open_dir_beneath(dir.as_fd(), version.as_bytes())
+            .ok()
+            .filter(|fd| btrfs::is_subvolume(fd.as_fd())))
+    }
+
+    /// Starts `staging/<new>` as a writable snapshot of `snapshots/<base>`, if the base has
+    /// one. Returns whether it did.
+    pub fn stage_from_snapshot(&self, staging: BorrowedFd, base: &str, new: &str) -> Result<bool> {
+        let Some(src) = self.open_snapshot(base)? else {
+            return Ok(false);
+        };
+        btrfs::snapshot(src.as_fd(), staging, new.as_bytes(), false)?;
+        Ok(true)
+    }
+
+    /// Removes `snapshots/<V>` for every version that is not installed (left by a crash
+    /// between taking the snapshot and the commit, or by gc).
+    fn clear_orphan_snapshots(&self) -> Result<()> {
+        let Some(dir) = self.snapshots_dir_opt()? else {
+            return Ok(());
+        };
+        for name in sys::read_dir(dir.as_fd())? {
+            let v = String::from_utf8_lossy(&name).into_owned();
+            if !self.is_installed(&v)? {
+                log::info!("removing `snapshots/{v}`, which belongs to no installed tree");
+                sys::remove_tree_at(dir.as_fd(), &name)?;
+            }
+        }
+        Ok(())
     }
 
     fn clear_leftovers(&self) -> Result<()> {
@@ -178,7 +229,7 @@ impl Root {
                 sys::unlinkat_ok(manifests.as_fd(), &name, false)?;
             }
         }
-        crate::tree::snapshot::clear_orphans(self)?;
+        self.clear_orphan_snapshots()?;
         for d in ["tmp", "staging"] {
             let dfd = sys::open_dir_beneath(self.fd.as_fd(), d.as_bytes())?;
             for name in sys::read_dir(dfd.as_fd())? {
@@ -215,11 +266,10 @@ impl Root {
     }
 
     /// Which files of a tree are copies (see protect.rs); links only if no layout was recorded.
-    pub fn load_layout(&self, version: &str) -> Result<crate::store::protect::Layout> {
+    pub fn load_layout(&self, version: &str) -> Result<Layout> {
         let p = self.layout_path(version);
         match std::fs::read_to_string(&p) {
-            Ok(t) => crate::store::protect::Layout::parse(&t)
-                .with_context(|| format!("in `{}`", p.display())),
+            Ok(t) => Layout::parse(&t).with_context(|| format!("in `{}`", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
             Err(e) => Err(e).with_context(|| format!("cannot read `{}`", p.display())),
         }
@@ -312,7 +362,7 @@ impl Root {
         &self,
         version: &str,
         sink: &mut dyn FnMut(Vec<manifest::Entry>) -> Result<()>,
-    ) -> Result<(manifest::Hash, u64)> {
+    ) -> Result<(crate::core::object::Hash, u64)> {
         let p = self.manifest_path(version);
         let f = fs_err::File::open(&p)?;
         let h = manifest::stream_reader(std::io::BufReader::with_capacity(1 << 20, f), sink)
@@ -328,7 +378,7 @@ impl Root {
 
     /// The digest a stored manifest declares, read from its header only (a full load checks
     /// it against the entries). `None` if the version has no manifest.
-    pub fn manifest_digest(&self, version: &str) -> Result<Option<manifest::Hash>> {
+    pub fn manifest_digest(&self, version: &str) -> Result<Option<crate::core::object::Hash>> {
         use std::io::BufRead;
         let p = self.manifest_path(version);
         let f = match std::fs::File::open(&p) {
@@ -355,7 +405,7 @@ impl Root {
         &self,
         version: &str,
         m: &Manifest,
-        digest: Option<&manifest::Hash>,
+        digest: Option<&crate::core::object::Hash>,
     ) -> Result<()> {
         let tmp = self.manifest_tmp_path(version);
         let f = fs_err::File::create(&tmp)?;

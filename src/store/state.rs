@@ -6,6 +6,7 @@ use std::os::fd::BorrowedFd;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::core::failpoint;
 use crate::fs::sys;
 
 pub const FORMAT: u32 = 1;
@@ -88,9 +89,17 @@ pub fn load(root: BorrowedFd) -> Result<State> {
     parse(&text).context("in state.toml")
 }
 
-/// Replaces the state file atomically: write a temporary file, fsync it, rename it over
-/// `state.toml`, fsync the directory.
+/// Replaces the state file atomically, between the failpoints `state-before-write` and
+/// `state-after-write`: write a temporary file, fsync it, rename it over `state.toml`, fsync
+/// the directory.
 pub fn save(root: BorrowedFd, s: &State) -> Result<()> {
+    failpoint::hit("state-before-write");
+    write(root, s)?;
+    failpoint::hit("state-after-write");
+    Ok(())
+}
+
+fn write(root: BorrowedFd, s: &State) -> Result<()> {
     let mut s = s.clone();
     s.format = FORMAT;
     let text = format!(

@@ -1,4 +1,4 @@
+pub mod restage;
 pub mod scan;
-pub mod snapshot;
 pub mod stage;
 pub mod verify;

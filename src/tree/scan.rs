@@ -7,23 +7,17 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use rustix::fs::FileType;
-use sha2::{Digest, Sha256};
 
-use crate::core::manifest::{Entry, Hash, Kind, Manifest};
+use crate::core::manifest::{Entry, Kind, Manifest};
+use crate::core::object::Hash;
 use crate::core::object::Meta;
 use crate::core::path::display;
 use crate::core::progress::Progress;
-use crate::fs::sys;
+use crate::fs::{hash, sys};
 
 /// What the hashing pass hands to a caller for each distinct regular file: the open file
 /// (positioned anywhere), its metadata, size and content hash.
 pub type FileHook<'a> = &'a (dyn Fn(BorrowedFd, &Meta, u64, &Hash) -> Result<()> + Sync);
-
-/// A scanned tree: the manifest, and for each entry its device and inode number.
-pub struct Scan {
-    pub manifest: Manifest,
-    pub inodes: Vec<(u64, u64)>,
-}
 
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     if parent == b"." {
@@ -46,15 +40,14 @@ fn meta_of(st: &rustix::fs::Stat, xattrs: sys::Xattrs) -> Meta {
     }
 }
 
-/// Walks `dir`. With `hash`, every regular file is read and hashed (and its extended
-/// attributes read), and `hook` sees each distinct inode; without it files get a zero hash and
-/// no extended attributes (verification then checks them through the pool object).
-pub fn scan(dir: &Path, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
+/// Reads `dir` into a manifest: every regular file is read and hashed (and its extended
+/// attributes read), and `hook` sees each distinct inode.
+pub fn scan(dir: &Path, hook: Option<FileHook>) -> Result<Manifest> {
     let top = sys::open_dir(dir)?;
-    scan_fd(top.as_fd(), hash, hook).with_context(|| format!("while reading `{}`", dir.display()))
+    scan_fd(top.as_fd(), hook).with_context(|| format!("while reading `{}`", dir.display()))
 }
 
-pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Scan> {
+fn scan_fd(top: BorrowedFd, hook: Option<FileHook>) -> Result<Manifest> {
     let mut entries: Vec<Entry> = Vec::new();
     let mut inodes: Vec<(u64, u64)> = Vec::new();
     walk(top, &mut |e, ino| {
@@ -66,15 +59,13 @@ pub fn scan_fd(top: BorrowedFd, hash: bool, hook: Option<FileHook>) -> Result<Sc
     let mut order: Vec<u32> = (0..entries.len() as u32).collect();
     order.par_sort_unstable_by(|&x, &y| entries[x as usize].path.cmp(&entries[y as usize].path));
     permute(&mut entries, &mut inodes, order);
-    if hash {
-        hash_files(top, &mut entries, &inodes, hook)?;
-    }
+    hash_files(top, &mut entries, &inodes, hook)?;
     let mut manifest = Manifest {
         version: None,
         entries,
     };
     manifest.normalize()?;
-    Ok(Scan { manifest, inodes })
+    Ok(manifest)
 }
 
 /// Reorders both vectors so that position `i` holds what was at `order[i]`.
@@ -291,7 +282,7 @@ fn hash_one(
         bail!("it changed while it was being read");
     }
     let meta = meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
-    let (size, h) = hash_fd(fd.as_fd())?;
+    let (size, h) = hash::hash_fd(fd.as_fd())?;
     if size != st.st_size as u64 {
         bail!("it changed size while it was being read");
     }
@@ -299,21 +290,4 @@ fn hash_one(
         hook(fd.as_fd(), &meta, size, &h)?;
     }
     Ok((meta, size, h))
-}
-
-/// Reads an open file from its start to its end and returns its size and sha256.
-pub fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
-    let mut h = Sha256::new();
-    let mut size = 0u64;
-    sys::with_io_buffer(|buf| -> Result<()> {
-        loop {
-            let n = rustix::io::pread(fd, &mut buf[..], size)?;
-            if n == 0 {
-                return Ok(());
-            }
-            h.update(&buf[..n]);
-            size += n as u64;
-        }
-    })?;
-    Ok((size, h.finalize().into()))
 }

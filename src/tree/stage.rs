@@ -12,8 +12,8 @@ use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::path::split_parent;
 use crate::core::progress::Progress;
 use crate::fs::sys;
+use crate::store::layout::Layout;
 use crate::store::pool::Pool;
-use crate::store::protect::Layout;
 use rayon::prelude::*;
 
 /// Directory handles kept open while building; beyond this the cache starts over.
@@ -63,7 +63,7 @@ pub fn build(
         bail!("manifest does not start with the top directory");
     }
     if subvolume {
-        crate::tree::snapshot::create(parent, name)?;
+        crate::fs::btrfs::create(parent, name)?;
     } else {
         rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
             .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;

@@ -7,8 +7,8 @@ use rayon::prelude::*;
 
 use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::object::ObjectId;
+use crate::store::layout::Layout;
 use crate::store::pool::Pool;
-use crate::store::protect::Layout;
 use crate::tree::scan;
 
 /// Compares the tree under `tree` with `m` and returns every difference, each naming its
@@ -111,7 +111,7 @@ fn check_copy(tree: BorrowedFd, e: &Entry) -> Result<Option<String>> {
         return Ok(None);
     };
     let fd = crate::fs::sys::open_file_beneath(tree, &e.path)?;
-    let (_, got) = scan::hash_fd(std::os::fd::AsFd::as_fd(&fd))?;
+    let (_, got) = crate::fs::hash::hash_fd(std::os::fd::AsFd::as_fd(&fd))?;
     if &got != sha256 {
         return Ok(Some(format!("modified: {} (content)", e.display())));
     }

@@ -1,0 +1,63 @@
+//! Reading whole files through descriptors: hashing, a `Read` over `pread`, and the per-thread
+//! I/O buffer both use.
+
+use std::io::Read;
+use std::os::fd::BorrowedFd;
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+
+use crate::core::object::Hash;
+
+/// The size of [`with_io_buffer`]'s buffer.
+pub const IO_BUFFER: usize = 256 * 1024;
+
+/// Runs `f` with this thread's I/O buffer of [`IO_BUFFER`] bytes, made once per thread:
+/// reading a small file through a buffer allocated (and zeroed) for it cost more than the
+/// read. A nested call gets a buffer of its own.
+pub fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    use std::cell::RefCell;
+    thread_local! {
+        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.is_empty() {
+                buf.resize(IO_BUFFER, 0);
+            }
+            f(&mut buf)
+        }
+        Err(_) => f(&mut vec![0u8; IO_BUFFER]),
+    })
+}
+
+/// Reads an open file from its start to its end and returns its size and sha256.
+pub fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
+    let mut h = Sha256::new();
+    let mut size = 0u64;
+    with_io_buffer(|buf| -> Result<()> {
+        loop {
+            let n = rustix::io::pread(fd, &mut buf[..], size)?;
+            if n == 0 {
+                return Ok(());
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
+        }
+    })?;
+    Ok((size, h.finalize().into()))
+}
+
+/// Reads an open file from offset 0 with `pread`, leaving the descriptor's offset alone.
+pub struct FdReader<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub off: u64,
+}
+
+impl Read for FdReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = rustix::io::pread(self.fd, buf, self.off)?;
+        self.off += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,81 @@
+//! Inode flags ([ioctl_iflags(2)]): the immutable flag that protects pool objects, removing
+//! a file that carries it, and probing what a file system can do.
+//!
+//! [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use anyhow::{Context, Result};
+use rustix::fs::IFlags;
+use rustix::io::Errno;
+
+/// Sets or clears the immutable flag of an open file ([ioctl_iflags(2)]).
+///
+/// [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
+pub fn set_immutable(fd: BorrowedFd, on: bool) -> Result<()> {
+    let flags = rustix::fs::ioctl_getflags(fd).context("cannot read inode flags")?;
+    let want = if on {
+        flags | IFlags::IMMUTABLE
+    } else {
+        flags - IFlags::IMMUTABLE
+    };
+    if want != flags {
+        rustix::fs::ioctl_setflags(fd, want).context("cannot change the immutable flag")?;
+    }
+    Ok(())
+}
+
+/// Whether an open file is immutable; false where the file system has no such flag.
+pub fn is_immutable(fd: BorrowedFd) -> bool {
+    rustix::fs::ioctl_getflags(fd).is_ok_and(|f| f.contains(IFlags::IMMUTABLE))
+}
+
+/// Unlinks `name` in `dir` even if its inode is immutable: the flag is cleared, the name
+/// removed, and the flag set again if the inode still has other names (other trees, the pool).
+pub fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
+    match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::PERM) => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
+        }
+    }
+    let fd = super::sys::open_file_beneath(dir, name)?;
+    set_immutable(fd.as_fd(), false)?;
+    let r = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
+    let st = rustix::fs::fstat(&fd)?;
+    if st.st_nlink > 0 {
+        set_immutable(fd.as_fd(), true)?;
+    }
+    r.with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)))
+}
+
+/// Whether the file system of the directory `tmp` can clone files (`FICLONE`) and set the
+/// immutable flag, found by trying both on two probe files made (and removed) in `tmp`.
+pub fn probe(tmp: BorrowedFd) -> Result<(bool, bool)> {
+    use rustix::fs::{Mode as M, OFlags};
+    let name_a = format!("probe-{}-a", std::process::id());
+    let name_b = format!("probe-{}-b", std::process::id());
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let a = rustix::fs::openat(tmp, name_a.as_str(), flags, M::from_raw_mode(0o600))
+        .context("cannot create a probe file in tmp/")?;
+    rustix::io::write(&a, b"probe").context("cannot write a probe file")?;
+    let b = rustix::fs::openat(tmp, name_b.as_str(), flags, M::from_raw_mode(0o600))
+        .context("cannot create a probe file in tmp/")?;
+    let can_clone = rustix::fs::ioctl_ficlone(&b, &a).is_ok();
+    let can_flag = match rustix::fs::ioctl_getflags(&a) {
+        Ok(f) => {
+            let ok = rustix::fs::ioctl_setflags(&a, f | IFlags::IMMUTABLE).is_ok();
+            if ok {
+                rustix::fs::ioctl_setflags(&a, f).context("cannot clear a probe's flag")?;
+            }
+            ok
+        }
+        Err(_) => false,
+    };
+    drop((a, b));
+    super::sys::unlinkat_ok(tmp, name_a.as_bytes(), false)?;
+    super::sys::unlinkat_ok(tmp, name_b.as_bytes(), false)?;
+    Ok((can_clone, can_flag))
+}

@@ -1,0 +1,212 @@
+//! Comparing two trees: a merge-join of their sorted manifests, and what of the base the
+//! changed files may use as references.
+
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Result;
+
+use crate::core::manifest::{Entry, Kind, Manifest};
+use crate::core::object::Hash;
+use crate::store::root::Root;
+
+/// The name of a path without its directories, and the same with digits removed (so that
+/// `libfoo.so.1.2` finds `libfoo.so.1.3`).
+pub(super) fn names(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let base = crate::core::path::split_parent(path).1.to_vec();
+    let stem: Vec<u8> = base
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_digit())
+        .collect();
+    (base, stem)
+}
+
+/// How the new tree differs from the base: its changed entries (new paths included), the
+/// removed paths, and the new tree's digest and entry count.
+pub struct Changes {
+    pub changed: Vec<Entry>,
+    pub removed: Vec<Box<[u8]>>,
+    pub to_digest: Hash,
+    pub to_count: u64,
+}
+
+/// A merge-join of the base's sorted entries (an iterator, which may be reading them as it
+/// goes, of owned or borrowed entries) with the new tree's, fed block by block: neither tree
+/// need be in memory as a whole.
+pub struct Compare<I: Iterator<Item = T>, T: Borrow<Entry>> {
+    base: std::iter::Peekable<I>,
+    changed: Vec<Entry>,
+    removed: Vec<Box<[u8]>>,
+}
+
+impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
+    pub fn new(base: I) -> Self {
+        Compare {
+            base: base.peekable(),
+            changed: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    /// The next entries of the new tree, in order.
+    pub fn feed(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for y in entries {
+            while let Some(x) = self.base.next_if(|x| x.borrow().path < y.path) {
+                self.removed.push(x.borrow().path.clone());
+            }
+            match self.base.next_if(|x| x.borrow().path == y.path) {
+                Some(x) if *x.borrow() == y => {}
+                _ => self.changed.push(y),
+            }
+        }
+    }
+
+    pub fn finish(mut self, to_digest: Hash, to_count: u64) -> Changes {
+        for x in self.base.by_ref() {
+            self.removed.push(x.borrow().path.clone());
+        }
+        Changes {
+            changed: self.changed,
+            removed: self.removed,
+            to_digest,
+            to_count,
+        }
+    }
+}
+
+/// The changes from `from` to `to`, both in memory.
+pub fn compare(from: &Manifest, to: Manifest) -> Changes {
+    let (digest, count) = (to.digest(), to.entries.len() as u64);
+    let mut c = Compare::new(from.entries.iter());
+    c.feed(to.entries);
+    c.finish(digest, count)
+}
+
+/// The changes between two installed versions and what the diff needs of the base, read from
+/// their stored manifests as streams: the base's is read on a second thread, block by block,
+/// while the new one's is merged with it; then the base's once more, keeping only what the
+/// changed files need. Memory depends on the change, not on the trees.
+pub fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(2);
+    let (changes, base_head) = std::thread::scope(|s| -> Result<_> {
+        let reader = s.spawn(move || {
+            root.stream_manifest(v1, &mut |block| {
+                tx.send(block)
+                    .map_err(|_| anyhow::anyhow!("the comparison stopped"))
+            })
+        });
+        let mut cmp = Compare::new(rx.iter().flatten());
+        let to = root.stream_manifest(v2, &mut |block| {
+            cmp.feed(block);
+            Ok(())
+        });
+        // Draining the base (for its removed paths), or dropping the receiver after an
+        // error, lets the reader finish.
+        let changes = match to {
+            Ok((digest, count)) => Ok(cmp.finish(digest, count)),
+            Err(e) => {
+                drop(cmp);
+                Err(e)
+            }
+        };
+        let base_head = reader
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the manifest reader panicked")));
+        Ok((changes?, base_head?))
+    })?;
+    let mut base = Base::new(Some(v1.to_owned()), base_head.0, &changes);
+    root.stream_manifest(v1, &mut |block| {
+        for e in &block {
+            base.keep(e);
+        }
+        Ok(())
+    })?;
+    Ok((base, changes))
+}
+
+/// What a diff needs of the base tree, kept from its entries as they go by: its entries at
+/// the changed paths, and those that may serve the changed files (the same content, or the
+/// same name or name without digits). Nothing else: a map of a whole base would take
+/// hundreds of MB at a million entries.
+pub struct Base {
+    pub version: Option<String>,
+    pub digest: Hash,
+    want_path: HashSet<Box<[u8]>>,
+    want_sha: HashSet<Hash>,
+    want_name: HashSet<Vec<u8>>,
+    kept: Vec<Entry>,
+    at_path: HashMap<Box<[u8]>, usize>,
+    by_sha: HashMap<Hash, Vec<usize>>,
+    by_name: HashMap<Vec<u8>, Vec<usize>>,
+}
+
+impl Base {
+    pub fn new(version: Option<String>, digest: Hash, changes: &Changes) -> Base {
+        let mut b = Base {
+            version,
+            digest,
+            want_path: HashSet::new(),
+            want_sha: HashSet::new(),
+            want_name: HashSet::new(),
+            kept: Vec::new(),
+            at_path: HashMap::new(),
+            by_sha: HashMap::new(),
+            by_name: HashMap::new(),
+        };
+        for e in &changes.changed {
+            if let Kind::File { sha256, .. } = &e.kind {
+                b.want_path.insert(e.path.clone());
+                b.want_sha.insert(*sha256);
+                let (n, s) = names(&e.path);
+                b.want_name.insert(n);
+                b.want_name.insert(s);
+            }
+        }
+        b
+    }
+
+    /// Looks at the base's next entry (in order).
+    pub fn keep(&mut self, e: &Entry) {
+        let Kind::File { sha256, .. } = &e.kind else {
+            return;
+        };
+        let (n, s) = names(&e.path);
+        let by_path = self.want_path.contains(&e.path);
+        let by_sha = self.want_sha.contains(sha256);
+        let names: Vec<Vec<u8>> = [n, s]
+            .into_iter()
+            .filter(|k| self.want_name.contains(k))
+            .collect();
+        if !by_path && !by_sha && names.is_empty() {
+            return;
+        }
+        let i = self.kept.len();
+        self.kept.push(e.clone());
+        if by_path {
+            self.at_path.insert(e.path.clone(), i);
+        }
+        if by_sha {
+            self.by_sha.entry(*sha256).or_default().push(i);
+        }
+        for k in names {
+            self.by_name.entry(k).or_default().push(i);
+        }
+    }
+
+    pub(super) fn at_path(&self, path: &[u8]) -> Option<&Entry> {
+        self.at_path.get(path).map(|&i| &self.kept[i])
+    }
+    pub(super) fn with_sha(&self, sha: &Hash) -> impl Iterator<Item = &Entry> {
+        self.by_sha
+            .get(sha)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.kept[i])
+    }
+    pub(super) fn named(&self, key: &[u8]) -> Option<Vec<&Entry>> {
+        self.by_name
+            .get(key)
+            .map(|v| v.iter().map(|&i| &self.kept[i]).collect())
+    }
+}

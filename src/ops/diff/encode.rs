@@ -1,0 +1,306 @@
+//! Encoding the contents a delta ships: which contents, which references each may use, and
+//! the smallest blob for each, on every core.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use super::compare::{Base, names};
+use crate::core::codec::{SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
+use crate::core::delta::{Content, Source};
+use crate::core::manifest::{Entry, Kind};
+use crate::core::object::Hash;
+use crate::core::progress::Progress;
+
+/// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
+/// size, where it can win.
+const BSDIFF_MAX: u64 = 2 << 20;
+/// bsdiff is tried only where the best zstd blob is over 1/this of the content's size.
+const BSDIFF_MIN_GAIN: u64 = 64;
+/// Reference candidates tried per content.
+const MAX_CANDIDATES: usize = 3;
+
+/// Opens a file entry of one side for reading.
+pub type Opener<'a> = &'a (dyn Fn(&Entry) -> Result<OwnedFd> + Sync);
+
+/// Which tree a file entry is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Side {
+    /// The base tree, which the device has.
+    Base,
+    /// The new tree: a content shipped earlier in this delta.
+    New,
+}
+
+/// A reference a content may be encoded against, with the side to read it from.
+#[derive(Clone, Copy)]
+pub(super) struct Candidate<'a> {
+    pub entry: &'a Entry,
+    pub side: Side,
+}
+
+/// How each side's files are opened.
+pub(super) struct Sides<'a> {
+    pub from: Opener<'a>,
+    pub to: Opener<'a>,
+}
+
+impl<'a> Sides<'a> {
+    fn of(&self, side: Side) -> Opener<'a> {
+        match side {
+            Side::Base => self.from,
+            Side::New => self.to,
+        }
+    }
+}
+
+/// One content to encode: the entry that first needs it, and its reference candidates.
+pub(super) type Job<'a> = (&'a Entry, Vec<Candidate<'a>>);
+/// A content's description and its blob.
+pub(super) type Encoded = (Content, Vec<u8>);
+
+/// Splits the contents the changed files need into those the base has (listed in the delta
+/// with no bytes) and those to ship, once each, with the entry that first needs them.
+pub(super) fn contents<'a>(base: &Base, changed: &'a [Entry]) -> (Vec<Content>, Vec<&'a Entry>) {
+    let in_base = |e: &Entry| {
+        let (Kind::File { sha256, .. }, Some(id)) = (&e.kind, e.object()) else {
+            return false;
+        };
+        base.with_sha(sha256).any(|b| b.object() == Some(id))
+    };
+    let (mut from_base, mut needed) = (Vec::new(), Vec::new());
+    let mut listed: HashSet<Hash> = HashSet::new();
+    for e in changed {
+        let Kind::File { sha256, size } = &e.kind else {
+            continue;
+        };
+        if in_base(e) || !listed.insert(*sha256) {
+            continue;
+        }
+        if base.with_sha(sha256).next().is_some() {
+            from_base.push(Content {
+                sha256: *sha256,
+                size: *size,
+                source: Source::Base,
+                blob: None,
+            });
+        } else {
+            needed.push(e);
+        }
+    }
+    (from_base, needed)
+}
+
+/// The reference candidates of each needed content: contents the device will have when it
+/// applies this one. The base's file at the same path first, then files of the same name or
+/// the same name without digits, in the base and among contents shipped earlier.
+pub(super) fn candidates<'a>(base: &'a Base, needed: &[&'a Entry]) -> Vec<Job<'a>> {
+    let mut shipped_by_name: HashMap<Vec<u8>, Vec<&Entry>> = HashMap::new();
+    let mut jobs = Vec::with_capacity(needed.len());
+    for &e in needed {
+        let mut cands: Vec<Candidate> = Vec::new();
+        if let Some(old) = base.at_path(&e.path)
+            && matches!(old.kind, Kind::File { .. })
+        {
+            cands.push(Candidate {
+                entry: old,
+                side: Side::Base,
+            });
+        }
+        let (n, s) = names(&e.path);
+        for key in [&n, &s] {
+            let sources = [
+                (base.named(key), Side::Base),
+                (shipped_by_name.get(key).cloned(), Side::New),
+            ];
+            for (src, side) in sources {
+                for &c in src.iter().flatten().rev() {
+                    if cands.len() < MAX_CANDIDATES
+                        && !cands.iter().any(|x| content_of(x.entry) == content_of(c))
+                        && similar_size(c, e)
+                    {
+                        cands.push(Candidate { entry: c, side });
+                    }
+                }
+            }
+        }
+        shipped_by_name.entry(n).or_default().push(e);
+        shipped_by_name.entry(s).or_default().push(e);
+        jobs.push((e, cands));
+    }
+    jobs
+}
+
+/// Encodes every job, the biggest contents first, each worker taking the next one, so that
+/// one big file does not start last; meanwhile a reader thread walks the same order ahead of
+/// them and asks the kernel to read the files (`POSIX_FADV_WILLNEED`), so cold reads overlap.
+/// The results are in the order of `jobs`.
+pub(super) fn encode_all(jobs: &[Job], sides: &Sides, level: i32) -> Result<Vec<Encoded>> {
+    let total: u64 = jobs.iter().map(|(e, _)| size_of(e)).sum();
+    let progress = Progress::bytes(total, "diffing");
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(size_of(jobs[k].0)));
+    let taken = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Encoded>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        s.spawn(|| prefetch(jobs, &order, &taken, sides));
+        for _ in 0..rayon::current_num_threads() {
+            s.spawn(|| {
+                loop {
+                    let n = taken.fetch_add(1, Ordering::Relaxed);
+                    let Some(&k) = order.get(n) else { break };
+                    let (e, cands) = &jobs[k];
+                    let r = encode(e, cands, sides, level)
+                        .with_context(|| format!("cannot encode `{}`", e.display()));
+                    progress.inc(size_of(e));
+                    let failed = r.is_err();
+                    results.lock().expect("poisoned")[k] = Some(r);
+                    if failed {
+                        // Stop the others: the diff fails anyway.
+                        taken.store(order.len(), Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    progress.finish();
+    let mut encoded = Vec::with_capacity(jobs.len());
+    for r in results.into_inner().expect("poisoned") {
+        // Contents left undone after a failure have no result; the failure is reported.
+        match r {
+            Some(r) => encoded.push(r?),
+            None => bail!("a content was not encoded"),
+        }
+    }
+    Ok(encoded)
+}
+
+/// Asks the kernel to read ahead the files of the jobs in `order`, until the workers have
+/// taken every job. Only a hint: a file that cannot be opened here is reported by its worker.
+fn prefetch(jobs: &[Job], order: &[usize], taken: &AtomicUsize, sides: &Sides) {
+    for &k in order {
+        if taken.load(Ordering::Relaxed) >= jobs.len() {
+            break;
+        }
+        let (e, cands) = &jobs[k];
+        let files = std::iter::once((*e, sides.to))
+            .chain(cands.iter().map(|c| (c.entry, sides.of(c.side))));
+        for (c, open) in files {
+            if let Ok(fd) = open(c) {
+                let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+            }
+        }
+    }
+}
+
+/// The whole content of a file entry.
+fn read(open: Opener, e: &Entry) -> Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(size_of(e) as usize);
+    std::fs::File::from(open(e)?)
+        .read_to_end(&mut v)
+        .with_context(|| format!("cannot read `{}`", e.display()))?;
+    Ok(v)
+}
+
+fn content_of(e: &Entry) -> Option<Hash> {
+    match &e.kind {
+        Kind::File { sha256, .. } => Some(*sha256),
+        _ => None,
+    }
+}
+
+pub(super) fn size_of(e: &Entry) -> u64 {
+    match &e.kind {
+        Kind::File { size, .. } => *size,
+        _ => 0,
+    }
+}
+
+fn similar_size(a: &Entry, b: &Entry) -> bool {
+    let (x, y) = (size_of(a).max(1), size_of(b).max(1));
+    x <= y.saturating_mul(8) && y <= x.saturating_mul(8)
+}
+
+/// Encodes one content as the smallest of its possible blobs.
+fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<Encoded> {
+    let (size, sha256) = match &e.kind {
+        Kind::File { size, sha256 } => (*size, *sha256),
+        _ => bail!("not a file"),
+    };
+    let data = read(sides.to, e)?;
+    if data.len() as u64 != size {
+        bail!("it changed while the delta was being made");
+    }
+    let mut bases: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(cands.len());
+    for c in cands {
+        let base = read(sides.of(c.side), c.entry)?;
+        bases.push((content_of(c.entry).expect("file"), base));
+    }
+    let (source, blob) = choose(&data, &bases, level)?;
+    let blob_sha: Hash = Sha256::digest(&blob).into();
+    let content = Content {
+        sha256,
+        size,
+        source,
+        blob: Some((blob_sha, blob.len() as u64)),
+    };
+    Ok((content, blob))
+}
+
+/// The smallest blob for `data`, given reference contents `bases` (sha256, bytes), in
+/// candidate order. The references are ranked with a fast level when there is a choice, and
+/// only the winner is encoded at `level`; the whole content is tried too when the patch
+/// saves less than half. bsdiff is tried against the winner for small executables, whose
+/// code moves by a few bytes everywhere, unless the zstd blob is already tiny.
+pub(super) fn choose(
+    data: &[u8],
+    bases: &[(Hash, Vec<u8>)],
+    level: i32,
+) -> Result<(Source, Vec<u8>)> {
+    let size = data.len() as u64;
+    let pick = match bases.len() {
+        0 => None,
+        1 => Some(0),
+        _ => {
+            let mut best = (0, usize::MAX);
+            for (k, (_, base)) in bases.iter().enumerate() {
+                let n = zstd_patch(base, data, SCOUT_LEVEL)?.len();
+                if n < best.1 {
+                    best = (k, n);
+                }
+            }
+            Some(best.0)
+        }
+    };
+    let Some(k) = pick else {
+        return Ok((Source::Zstd, zstd_whole(data, level)?));
+    };
+    let (sha, base) = &bases[k];
+    let mut best = (
+        Source::ZstdPatch { base: *sha },
+        zstd_patch(base, data, level)?,
+    );
+    if best.1.len() as u64 * 2 > size {
+        let whole = zstd_whole(data, level)?;
+        if whole.len() < best.1.len() {
+            best = (Source::Zstd, whole);
+        }
+    }
+    if size <= BSDIFF_MAX
+        && best.1.len() as u64 > size / BSDIFF_MIN_GAIN
+        && data.starts_with(b"\x7fELF")
+        && base.len() as u64 <= BSDIFF_MAX
+    {
+        let p = bsdiff_patch(base, data)?;
+        if p.len() < best.1.len() {
+            best = (Source::Bsdiff { base: *sha }, p);
+        }
+    }
+    Ok(best)
+}
