@@ -8,7 +8,7 @@ use crate::core::failpoint;
 use crate::fs::sys;
 use crate::ops::flip::{self, Options};
 use crate::store::root::Root;
-use crate::store::state;
+use crate::store::state::{self, State};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum BootOutcome {
@@ -18,7 +18,9 @@ pub enum BootOutcome {
     Reverted(String),
 }
 
-/// Repairs the root (see [`repair`]), finishes recorded guest restarts, then counts the boot.
+/// Repairs the root (see [`repair`]), re-protects the pool if immutable work was cut short,
+/// settles the records of an interrupted flip, finishes recorded guest restarts, then counts
+/// the boot.
 pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
@@ -27,36 +29,7 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
         log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
         st.unprotected = false;
     }
-    let current = root.link("current")?;
-    // A flip cut short: finish it (point `previous` at the tree it left) if `current` changed,
-    // forget it if not.
-    if let Some(f) = st.flip.take()
-        && current.as_deref() == Some(f.to.as_str())
-        && f.from != f.to
-        && root.is_installed(&f.from)?
-    {
-        log::info!("finishing an interrupted flip: `previous` is `{}`", f.from);
-        root.set_link("previous", &f.from)?;
-    }
-    // A record for a flip that never happened (the crash came before the rename).
-    if st
-        .pending
-        .as_ref()
-        .map(|p| Some(&p.version) != current.as_ref())
-        == Some(true)
-    {
-        log::info!("dropping the pending mark of a flip that did not happen");
-        st.pending = None;
-    }
-    if st
-        .restart
-        .as_ref()
-        .map(|r| Some(&r.target) != current.as_ref())
-        == Some(true)
-    {
-        log::info!("dropping the guest restarts of a flip that did not happen");
-        st.restart = None;
-    }
+    settle_flip(root, &mut st)?;
     state::save(root.fd(), &st)?;
     if opts.restart && st.restart.is_some() {
         log::info!("finishing guest restarts cut short by an interruption");
@@ -71,6 +44,45 @@ pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
         }
     }
     failpoint::hit("boot-before-count");
+    count(root, cfg, opts, st)
+}
+
+/// Settles what the state file says of a flip against where `current` points: a flip cut
+/// short is finished (`previous` pointed at the tree it left) if `current` changed and
+/// forgotten if not; a pending mark or guest restarts recorded for a flip that never happened
+/// (the crash came before the rename) are dropped.
+fn settle_flip(root: &Root, st: &mut State) -> Result<()> {
+    let current = root.link("current")?;
+    if let Some(f) = st.flip.take()
+        && current.as_deref() == Some(f.to.as_str())
+        && f.from != f.to
+        && root.is_installed(&f.from)?
+    {
+        log::info!("finishing an interrupted flip: `previous` is `{}`", f.from);
+        root.set_link("previous", &f.from)?;
+    }
+    if st
+        .pending
+        .as_ref()
+        .is_some_and(|p| Some(&p.version) != current.as_ref())
+    {
+        log::info!("dropping the pending mark of a flip that did not happen");
+        st.pending = None;
+    }
+    if st
+        .restart
+        .as_ref()
+        .is_some_and(|r| Some(&r.target) != current.as_ref())
+    {
+        log::info!("dropping the guest restarts of a flip that did not happen");
+        st.restart = None;
+    }
+    Ok(())
+}
+
+/// Counts this boot of the pending tree, if there is one, and reverts it once it has used up
+/// its tries without being marked good.
+fn count(root: &Root, cfg: &Config, opts: Options, mut st: State) -> Result<BootOutcome> {
     let Some(p) = st.pending.as_mut() else {
         return Ok(BootOutcome::Ok);
     };
@@ -109,41 +121,57 @@ fn no_auto_revert(opts: Options) -> Options {
 /// the current one is removed. Leftovers in `tmp/` and `staging/` were removed when the lock
 /// was taken.
 pub fn repair(root: &Root) -> Result<()> {
-    let named = |name: &str| -> Result<Option<String>> {
-        match root.link(name) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                log::warn!("{e:#}");
-                Ok(Some(String::new()))
-            }
-        }
-    };
-    let installed = |v: &Option<String>| -> Result<bool> {
-        match v {
-            Some(v) if !v.is_empty() => root.is_installed(v),
-            _ => Ok(false),
-        }
-    };
-    let mut cur = named("current")?;
-    let prev = named("previous")?;
-    if cur.is_some() && !installed(&cur)? {
-        if installed(&prev)? {
-            let p = prev.clone().unwrap_or_default();
+    let mut cur = Link::read(root, "current");
+    let prev = Link::read(root, "previous");
+    if cur != Link::Absent && !cur.is_installed(root)? {
+        if let Link::Version(p) = &prev
+            && root.is_installed(p)?
+        {
             log::warn!("`current` names a missing tree; pointing it at previous `{p}`");
-            root.set_link("current", &p)?;
-            cur = Some(p);
+            root.set_link("current", p)?;
+            cur = prev.clone();
         } else {
             log::warn!("`current` names a missing tree and there is no previous; removing it");
             sys::unlinkat_ok(root.fd(), b"current", false)?;
-            cur = None;
+            cur = Link::Absent;
         }
     }
-    if prev.is_some() && (!installed(&prev)? || prev == cur) {
+    if prev != Link::Absent && (!prev.is_installed(root)? || prev == cur) {
         log::warn!("removing `previous`, which names a missing tree or the current one");
         sys::unlinkat_ok(root.fd(), b"previous", false)?;
         sys::fsync(root.fd())?;
     }
     Ok(())
+}
+
+/// What `current` or `previous` is, as `repair` sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Link {
+    /// There is no such link.
+    Absent,
+    /// The link exists but names no version (a wrong target, not a symlink): logged.
+    Broken,
+    Version(String),
+}
+
+impl Link {
+    fn read(root: &Root, name: &str) -> Link {
+        match root.link(name) {
+            Ok(Some(v)) => Link::Version(v),
+            Ok(None) => Link::Absent,
+            Err(e) => {
+                log::warn!("{e:#}");
+                Link::Broken
+            }
+        }
+    }
+
+    fn is_installed(&self, root: &Root) -> Result<bool> {
+        match self {
+            Link::Version(v) => root.is_installed(v),
+            Link::Absent | Link::Broken => Ok(false),
+        }
+    }
 }
 
 /// Marks the pending tree good: boot counting stops for it.
