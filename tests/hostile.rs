@@ -487,12 +487,7 @@ fn fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window() {
             "ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
         ))
         .arg(exe)
-        .args([
-            "--exact",
-            "decode_fuzz_oom_inputs",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", OOM_CHILD_TEST, "--ignored", "--nocapture"])
         .output()
         .unwrap();
     assert!(
@@ -501,7 +496,20 @@ fn fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // A filter that matches nothing runs nothing and still exits 0: check that the child ran
+    // exactly the one test, and passed it.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("test {OOM_CHILD_TEST} ... ok"))
+            && stdout.contains("test result: ok. 1 passed; 0 failed;"),
+        "the child should have run exactly `{OOM_CHILD_TEST}` and passed it\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
+
+/// The test that [`fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window`] runs in
+/// a child process: the name of the function below.
+const OOM_CHILD_TEST: &str = "decode_fuzz_oom_inputs";
 
 /// The fuzzer's inputs (fuzz/fuzz_targets/patch_apply.rs layout: source, size, reference
 /// length, reference, blob), and a hand-made frame: magic, no content size, window 2^31, one

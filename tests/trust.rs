@@ -152,6 +152,7 @@ fn only_deltas_signed_by_a_trusted_key_are_applied() {
     let cfg = config(&env, &[&pub2, &pub1]);
     apply(&env, &cfg, &by_old, &[]).success();
     assert_eq!(current(&env), "trees/2");
+    assert_same_dirs(&v2, &env.tree_dir("2"));
 }
 
 #[test]
@@ -183,6 +184,8 @@ fn insecure_and_keyless_modes() {
         .arg(&unsigned)
         .args(["--no-restart", "--insecure"]);
     run(&mut c).success().stderr_has("--insecure");
+    assert_eq!(current(&env), "trees/2");
+    assert_same_dirs(&v2, &env.tree_dir("2"));
     env.ts(["revert", "--no-restart"]).success();
     env.ts(["gc"]).success();
     // No keys configured: accepted with a warning.
@@ -196,6 +199,8 @@ fn insecure_and_keyless_modes() {
         .arg(&unsigned)
         .arg("--no-restart");
     run(&mut c).success().stderr_has("unsigned");
+    assert_eq!(current(&env), "trees/2");
+    assert_same_dirs(&v2, &env.tree_dir("2"));
 }
 
 #[test]
@@ -221,6 +226,7 @@ fn downgrades_and_replays_are_refused_but_revert_is_not_a_downgrade() {
     // 9 -> 10 is an upgrade (10 > 9 as versions, not as strings).
     apply(&env, &cfg, &up, &[]).success();
     assert_eq!(current(&env), "trees/10");
+    assert_same_dirs(&v10, &env.tree_dir("10"));
     // A validly signed delta back to 9 is refused, and so is a replay that would switch to the
     // still-installed 9.
     apply(&env, &cfg, &down, &[])
@@ -234,9 +240,11 @@ fn downgrades_and_replays_are_refused_but_revert_is_not_a_downgrade() {
     // Replaying the old upgrade delta when 10 is installed just switches.
     apply(&env, &cfg, &up, &[]).success();
     assert_eq!(current(&env), "trees/10");
+    assert_same_dirs(&v10, &env.tree_dir("10"));
     // Forced.
     apply(&env, &cfg, &down, &["--allow-downgrade"]).success();
     assert_eq!(current(&env), "trees/9");
+    assert_same_dirs(&v9, &env.tree_dir("9"));
 }
 
 #[test]

@@ -46,14 +46,65 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// For tests that need root: says so (never passes silently) and tells the caller to return.
+/// Set to `1` to let tests that cannot run here (not root, say) skip instead of failing.
+pub const ALLOW_SKIP_VAR: &str = "TREESWAP_TEST_ALLOW_SKIP";
+/// The file a skip is recorded in (one line each), so that the skip is counted and shown
+/// (`scripts/test.sh` sets it, reads it and subtracts the skips from "passed").
+pub const SKIP_LOG_VAR: &str = "TREESWAP_TEST_SKIP_LOG";
+
+/// For tests that need root: `false` as root. Otherwise see [`skip`]: the test fails, or,
+/// with `TREESWAP_TEST_ALLOW_SKIP=1`, the skip is recorded and the caller is told to return.
+#[track_caller]
 pub fn skip_unless_root() -> bool {
-    if is_root() {
-        false
-    } else {
-        eprintln!("skipping: needs root");
-        true
+    !is_root() && skip("needs root")
+}
+
+/// A test that cannot run here, for `reason`. libtest would count a test that returns early
+/// as passed, so this panics unless `TREESWAP_TEST_ALLOW_SKIP=1`; then it appends the test's
+/// name and the reason to the file `TREESWAP_TEST_SKIP_LOG` names (which must be set, or the
+/// skip would go unrecorded) and returns `true`: the caller returns at once.
+#[track_caller]
+pub fn skip(reason: &str) -> bool {
+    let here = std::panic::Location::caller();
+    let test = test_name();
+    if std::env::var_os(ALLOW_SKIP_VAR).as_deref() != Some(OsStr::new("1")) {
+        panic!(
+            "{test} cannot run here ({reason}; {here}). Run it where it can (e.g. as root), \
+             or set {ALLOW_SKIP_VAR}=1 (scripts/test.sh records and counts the skips) to let \
+             it skip"
+        );
     }
+    let Some(log) = std::env::var_os(SKIP_LOG_VAR) else {
+        panic!(
+            "{test} would skip ({reason}; {here}), but {SKIP_LOG_VAR} is not set: a skip \
+             must be recorded; set it to a file, as scripts/test.sh does"
+        );
+    };
+    // One short line per write, appended: lines of tests running in parallel do not mix.
+    let line = format!("{test}\t{reason}\n");
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .unwrap_or_else(|e| panic!("recording the skip of {test} in {log:?}: {e}"));
+    eprintln!("skipping {test}: {reason}");
+    true
+}
+
+/// `SUITE::TEST`: the test binary's name without cargo's hash, and the running test's name
+/// (libtest names each test's thread after it).
+pub fn test_name() -> String {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "?".into());
+    let suite = match exe.rsplit_once('-') {
+        Some((s, hash)) if hash.bytes().all(|b| b.is_ascii_hexdigit()) => s.to_owned(),
+        _ => exe,
+    };
+    let thread = std::thread::current();
+    format!("{suite}::{}", thread.name().unwrap_or("?"))
 }
 
 // ---------------------------------------------------------------------------------------------
