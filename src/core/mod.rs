@@ -1,12 +1,12 @@
-pub mod bsdiff;
+pub(crate) mod bsdiff;
 pub mod codec;
-pub mod config;
+pub(crate) mod config;
 pub mod delta;
 pub mod error;
 pub mod failpoint;
 pub mod logging;
 pub mod manifest;
 pub mod object;
-pub mod path;
+pub(crate) mod path;
 pub mod progress;
-pub mod version;
+pub(crate) mod version;

@@ -1,4 +1,4 @@
-pub mod btrfs;
-pub mod hash;
-pub mod iflags;
-pub mod sys;
+pub(crate) mod btrfs;
+pub(crate) mod hash;
+pub(crate) mod iflags;
+pub(crate) mod sys;

@@ -286,6 +286,7 @@ pub fn syncfs(fd: BorrowedFd) -> Result<()> {
 /// to do. Only a hint: errors are ignored, and `syncfs` stays the durability point.
 ///
 /// [sync_file_range(2)]: https://man7.org/linux/man-pages/man2/sync_file_range.2.html
+#[allow(unsafe_code)]
 pub fn start_writeback(fd: BorrowedFd) {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a valid descriptor; no memory is passed.
@@ -373,6 +374,7 @@ pub fn readlinkat(dir: BorrowedFd, name: &[u8]) -> Result<Option<Vec<u8>>> {
 /// Free bytes for an unprivileged writer on the file system of `fd` ([fstatvfs(3)]).
 ///
 /// [fstatvfs(3)]: https://man7.org/linux/man-pages/man3/fstatvfs.3.html
+#[allow(dead_code)]
 pub fn free_bytes(fd: BorrowedFd) -> Result<u64> {
     let st = rustix::fs::fstatvfs(fd).context("cannot read free space")?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))

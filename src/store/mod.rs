@@ -1,5 +1,5 @@
-pub mod layout;
-pub mod pool;
-pub mod protect;
-pub mod root;
-pub mod state;
+pub(crate) mod layout;
+pub(crate) mod pool;
+pub(crate) mod protect;
+pub(crate) mod root;
+pub(crate) mod state;

@@ -1,4 +1,4 @@
-pub mod restage;
-pub mod scan;
-pub mod stage;
-pub mod verify;
+pub(crate) mod restage;
+pub(crate) mod scan;
+pub(crate) mod stage;
+pub(crate) mod verify;

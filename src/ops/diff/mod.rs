@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-pub use compare::{Base, Changes, Compare, compare, installed};
+use compare::{Base, Changes, compare, installed};
 pub use encode::Opener;
 use encode::Sides;
 
