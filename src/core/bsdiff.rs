@@ -9,7 +9,7 @@
 
 /// Writes the patch that turns `old` into `new`. Inputs must be below 2 GiB (the suffix array
 /// holds `i32`s); callers only encode small files.
-pub fn diff(old: &[u8], new: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn diff(old: &[u8], new: &[u8], out: &mut Vec<u8>) {
     assert!(old.len() < i32::MAX as usize && new.len() < i32::MAX as usize);
     let mut sa = vec![0i32; old.len()];
     divsufsort::sort_in_place(old, &mut sa);

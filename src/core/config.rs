@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-pub const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -102,7 +102,7 @@ impl Guest {
 }
 
 /// Parses configuration text; `origin` names it in errors.
-pub fn parse(text: &str, origin: &str) -> Result<Config> {
+pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
     let cfg: Config = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
@@ -130,7 +130,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config> {
 
 /// Loads the configuration: `explicit` (from `--config` or the environment) must exist; the
 /// default file may be missing, which means built-in defaults.
-pub fn load(explicit: Option<&Path>) -> Result<Config> {
+pub(crate) fn load(explicit: Option<&Path>) -> Result<Config> {
     let (path, required) = match explicit {
         Some(p) => (p.to_path_buf(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),

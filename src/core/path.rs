@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 /// Checks a relative path from a manifest or a delta: components separated by single `/`,
 /// none empty, `.` or `..`, no NUL, no leading `/`. The top of a tree is `.` and is handled by
 /// callers.
-pub fn validate_path(p: &[u8]) -> Result<()> {
+pub(crate) fn validate_path(p: &[u8]) -> Result<()> {
     if p.is_empty() {
         bail!("empty path");
     }
@@ -33,7 +33,7 @@ pub fn validate_path(p: &[u8]) -> Result<()> {
 }
 
 /// The parent of a valid path (`.` for a top-level name) and its last component.
-pub fn split_parent(p: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_parent(p: &[u8]) -> (&[u8], &[u8]) {
     match p.iter().rposition(|&b| b == b'/') {
         Some(i) => (&p[..i], &p[i + 1..]),
         None => (b".", p),
@@ -45,14 +45,14 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// Encodes bytes for a manifest string (see the module doc).
-pub fn encode_path(p: &[u8]) -> String {
+pub(crate) fn encode_path(p: &[u8]) -> String {
     let mut out = String::with_capacity(p.len());
     push_path(&mut out, p);
     out
 }
 
 /// Appends the encoding of `p` (see [`encode_path`]) to `out`.
-pub fn push_path(out: &mut String, p: &[u8]) {
+pub(crate) fn push_path(out: &mut String, p: &[u8]) {
     // Most names are printable ASCII with nothing to escape.
     if p.iter().all(|&b| b.is_ascii() && !needs_escape(b)) {
         out.push_str(std::str::from_utf8(p).expect("ASCII"));
@@ -96,7 +96,7 @@ fn push_escaped(out: &mut String, s: &str) {
 }
 
 /// Decodes a manifest string into bytes.
-pub fn decode_path(s: &str) -> Result<Vec<u8>> {
+pub(crate) fn decode_path(s: &str) -> Result<Vec<u8>> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -119,7 +119,7 @@ pub fn decode_path(s: &str) -> Result<Vec<u8>> {
 }
 
 /// A path for messages: lossless for UTF-8, `%XX` for the rest.
-pub fn display(p: &[u8]) -> String {
+pub(crate) fn display(p: &[u8]) -> String {
     encode_path(p)
 }
 

@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 
 /// A version names a directory under `trees/`, so it is a safe file name: 1 to 128 characters
 /// from `A-Z a-z 0-9 . _ + ~ -`, not starting with `.` or `-`.
-pub fn validate(v: &str) -> Result<()> {
+pub(crate) fn validate(v: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "._+~-".contains(c);
     if v.is_empty() || v.len() > 128 || !v.chars().all(ok_char) || v.starts_with(['.', '-']) {
         bail!(
@@ -33,7 +33,7 @@ mod tests {
 /// non-digits and digits; digit runs compare as numbers; non-digit runs compare character by
 /// character with `~` before everything (even the end), then the end, then letters, then other
 /// characters.
-pub fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn compare(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     fn order(c: Option<u8>) -> i32 {
         match c {

@@ -45,17 +45,17 @@ fn name_field<const N: usize>(name: &[u8]) -> Result<[u8; N]> {
 /// Whether `fd` is on btrfs.
 // `f_type`'s integer type differs between architectures.
 #[allow(clippy::unnecessary_cast)]
-pub fn is_btrfs(fd: BorrowedFd) -> bool {
+pub(crate) fn is_btrfs(fd: BorrowedFd) -> bool {
     rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type as i64 == BTRFS_SUPER_MAGIC)
 }
 
 /// Whether the open directory `fd` is the top of a btrfs subvolume.
-pub fn is_subvolume(fd: BorrowedFd) -> bool {
+pub(crate) fn is_subvolume(fd: BorrowedFd) -> bool {
     is_btrfs(fd) && rustix::fs::fstat(fd).is_ok_and(|st| st.st_ino == SUBVOLUME_ROOT_INO)
 }
 
 /// Creates the empty subvolume `name` in `parent`.
-pub fn create(parent: BorrowedFd, name: &[u8]) -> Result<()> {
+pub(crate) fn create(parent: BorrowedFd, name: &[u8]) -> Result<()> {
     vol_ioctl(parent, name, ioc_subvol_create).with_context(|| {
         format!(
             "cannot create subvolume `{}`",
@@ -80,7 +80,7 @@ fn vol_ioctl(
 }
 
 /// Makes `name` in `parent` a snapshot of the subvolume open as `src`.
-pub fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: bool) -> Result<()> {
+pub(crate) fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: bool) -> Result<()> {
     let args = VolArgsV2 {
         fd: i64::from(src.as_raw_fd()),
         transid: 0,
@@ -95,7 +95,7 @@ pub fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: boo
 }
 
 /// Deletes the subvolume `name` in `parent`, with everything in it.
-pub fn destroy(parent: BorrowedFd, name: &[u8]) -> Result<()> {
+pub(crate) fn destroy(parent: BorrowedFd, name: &[u8]) -> Result<()> {
     vol_ioctl(parent, name, ioc_snap_destroy).with_context(|| {
         format!(
             "cannot delete subvolume `{}`",

@@ -10,12 +10,12 @@ use sha2::{Digest, Sha256};
 use crate::core::object::Hash;
 
 /// The size of [`with_io_buffer`]'s buffer.
-pub const IO_BUFFER: usize = 256 * 1024;
+pub(crate) const IO_BUFFER: usize = 256 * 1024;
 
 /// Runs `f` with this thread's I/O buffer of [`IO_BUFFER`] bytes, made once per thread:
 /// reading a small file through a buffer allocated (and zeroed) for it cost more than the
 /// read. A nested call gets a buffer of its own.
-pub fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+pub(crate) fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     use std::cell::RefCell;
     thread_local! {
         static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -32,7 +32,7 @@ pub fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 }
 
 /// Reads an open file from its start to its end and returns its size and sha256.
-pub fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
+pub(crate) fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
     let mut h = Sha256::new();
     let mut size = 0u64;
     with_io_buffer(|buf| -> Result<()> {
@@ -49,7 +49,7 @@ pub fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
 }
 
 /// Reads an open file from offset 0 with `pread`, leaving the descriptor's offset alone.
-pub struct FdReader<'a> {
+pub(crate) struct FdReader<'a> {
     pub fd: BorrowedFd<'a>,
     pub off: u64,
 }

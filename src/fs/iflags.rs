@@ -12,7 +12,7 @@ use rustix::io::Errno;
 /// Sets or clears the immutable flag of an open file ([ioctl_iflags(2)]).
 ///
 /// [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
-pub fn set_immutable(fd: BorrowedFd, on: bool) -> Result<()> {
+pub(crate) fn set_immutable(fd: BorrowedFd, on: bool) -> Result<()> {
     let flags = rustix::fs::ioctl_getflags(fd).context("cannot read inode flags")?;
     let want = if on {
         flags | IFlags::IMMUTABLE
@@ -26,13 +26,13 @@ pub fn set_immutable(fd: BorrowedFd, on: bool) -> Result<()> {
 }
 
 /// Whether an open file is immutable; false where the file system has no such flag.
-pub fn is_immutable(fd: BorrowedFd) -> bool {
+pub(crate) fn is_immutable(fd: BorrowedFd) -> bool {
     rustix::fs::ioctl_getflags(fd).is_ok_and(|f| f.contains(IFlags::IMMUTABLE))
 }
 
 /// Unlinks `name` in `dir` even if its inode is immutable: the flag is cleared, the name
 /// removed, and the flag set again if the inode still has other names (other trees, the pool).
-pub fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
+pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
     match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => return Ok(()),
         Err(Errno::PERM) => {}
@@ -53,7 +53,7 @@ pub fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
 
 /// Whether the file system of the directory `tmp` can clone files (`FICLONE`) and set the
 /// immutable flag, found by trying both on two probe files made (and removed) in `tmp`.
-pub fn probe(tmp: BorrowedFd) -> Result<(bool, bool)> {
+pub(crate) fn probe(tmp: BorrowedFd) -> Result<(bool, bool)> {
     use rustix::fs::{Mode as M, OFlags};
     let name_a = format!("probe-{}-a", std::process::id());
     let name_b = format!("probe-{}-b", std::process::id());

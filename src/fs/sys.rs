@@ -18,12 +18,12 @@ pub(crate) const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
-pub use crate::core::object::Xattrs;
+pub(crate) use crate::core::object::Xattrs;
 
 /// [open(2)] a directory named by the user (the argument itself may be a symlink).
 ///
 /// [open(2)]: https://man7.org/linux/man-pages/man2/open.2.html
-pub fn open_dir(p: &Path) -> Result<OwnedFd> {
+pub(crate) fn open_dir(p: &Path) -> Result<OwnedFd> {
     rustix::fs::open(
         p,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -35,7 +35,7 @@ pub fn open_dir(p: &Path) -> Result<OwnedFd> {
 /// [openat2(2)] a directory below `dir`, refusing any symlink on the way.
 ///
 /// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
-pub fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
+pub(crate) fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
     rustix::fs::openat2(
         dir,
         rel,
@@ -52,7 +52,7 @@ pub fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
 /// that costs a copied metadata block per object read.
 ///
 /// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
-pub fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
+pub(crate) fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
     match rustix::fs::openat2(dir, rel, flags | OFlags::NOATIME, Mode::empty(), BENEATH) {
         Err(Errno::PERM) => rustix::fs::openat2(dir, rel, flags, Mode::empty(), BENEATH),
@@ -64,7 +64,7 @@ pub fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
 /// [mkdirat(2)], treating "already exists as a directory" as success when `exist_ok`.
 ///
 /// [mkdirat(2)]: https://man7.org/linux/man-pages/man2/mkdirat.2.html
-pub fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32, exist_ok: bool) -> Result<()> {
+pub(crate) fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32, exist_ok: bool) -> Result<()> {
     match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode)) {
         Ok(()) => Ok(()),
         Err(Errno::EXIST) if exist_ok => {
@@ -81,7 +81,7 @@ pub fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32, exist_ok: bool) -> Resul
 /// [fstatat(2)] without following a final symlink; `None` if the name does not exist.
 ///
 /// [fstatat(2)]: https://man7.org/linux/man-pages/man2/fstatat.2.html
-pub fn lstatat(dir: BorrowedFd, name: &[u8]) -> Result<Option<rustix::fs::Stat>> {
+pub(crate) fn lstatat(dir: BorrowedFd, name: &[u8]) -> Result<Option<rustix::fs::Stat>> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => Ok(Some(st)),
         Err(Errno::NOENT) => Ok(None),
@@ -93,7 +93,7 @@ pub fn lstatat(dir: BorrowedFd, name: &[u8]) -> Result<Option<rustix::fs::Stat>>
 /// ([getdents64(2)]).
 ///
 /// [getdents64(2)]: https://man7.org/linux/man-pages/man2/getdents64.2.html
-pub fn read_dir(dir: BorrowedFd) -> Result<Vec<Vec<u8>>> {
+pub(crate) fn read_dir(dir: BorrowedFd) -> Result<Vec<Vec<u8>>> {
     let mut d = rustix::fs::Dir::read_from(dir).context("cannot read directory")?;
     let mut out = Vec::new();
     while let Some(ent) = d.read() {
@@ -126,7 +126,7 @@ fn parse_xattr_names(list: &[u8]) -> Vec<Vec<u8>> {
 ///
 /// [flistxattr(2)]: https://man7.org/linux/man-pages/man2/flistxattr.2.html
 /// [fgetxattr(2)]: https://man7.org/linux/man-pages/man2/fgetxattr.2.html
-pub fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
+pub(crate) fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
     let mut buf = vec![0u8; 1024];
     let n = loop {
         match rustix::fs::flistxattr(fd, &mut buf[..]) {
@@ -162,7 +162,7 @@ pub fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
 ///
 /// [llistxattr(2)]: https://man7.org/linux/man-pages/man2/llistxattr.2.html
 /// [lgetxattr(2)]: https://man7.org/linux/man-pages/man2/lgetxattr.2.html
-pub fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
+pub(crate) fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
     let p = proc_path(dir, name);
     let mut buf = vec![0u8; 1024];
     let n = loop {
@@ -204,7 +204,7 @@ pub fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
 /// not).
 ///
 /// [fchown(2)]: https://man7.org/linux/man-pages/man2/fchown.2.html
-pub fn apply_meta_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
+pub(crate) fn apply_meta_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
     let st = rustix::fs::fstat(fd).context("cannot read metadata")?;
     let chown = st.st_uid != meta.uid || st.st_gid != meta.gid;
     if chown {
@@ -227,7 +227,7 @@ pub fn apply_meta_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
 
 /// Like [`apply_meta_fd`], and also removes extended attributes that `meta` does not have:
 /// for an existing directory whose metadata changed.
-pub fn set_meta_exact_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
+pub(crate) fn set_meta_exact_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
     apply_meta_fd(fd, meta)?;
     for (k, _) in fd_xattrs(fd)? {
         if !meta.xattrs.iter().any(|(n, _)| *n == k) {
@@ -245,7 +245,7 @@ pub fn set_meta_exact_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
 /// [fchownat(2)]: https://man7.org/linux/man-pages/man2/fchownat.2.html
 /// [fchmodat(2)]: https://man7.org/linux/man-pages/man2/fchmodat.2.html
 /// [lsetxattr(2)]: https://man7.org/linux/man-pages/man2/lsetxattr.2.html
-pub fn apply_meta_at(dir: BorrowedFd, name: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
+pub(crate) fn apply_meta_at(dir: BorrowedFd, name: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
     rustix::fs::chownat(
         dir,
         name,
@@ -277,7 +277,7 @@ pub fn apply_meta_at(dir: BorrowedFd, name: &[u8], meta: &Meta, symlink: bool) -
 /// [syncfs(2)]: one flush of the whole file system, instead of an fsync per file.
 ///
 /// [syncfs(2)]: https://man7.org/linux/man-pages/man2/syncfs.2.html
-pub fn syncfs(fd: BorrowedFd) -> Result<()> {
+pub(crate) fn syncfs(fd: BorrowedFd) -> Result<()> {
     rustix::fs::syncfs(fd).context("syncfs failed")
 }
 
@@ -287,7 +287,7 @@ pub fn syncfs(fd: BorrowedFd) -> Result<()> {
 ///
 /// [sync_file_range(2)]: https://man7.org/linux/man-pages/man2/sync_file_range.2.html
 #[allow(unsafe_code)]
-pub fn start_writeback(fd: BorrowedFd) {
+pub(crate) fn start_writeback(fd: BorrowedFd) {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a valid descriptor; no memory is passed.
     unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
@@ -296,13 +296,13 @@ pub fn start_writeback(fd: BorrowedFd) {
 /// [fsync(2)] of a directory, so that the renames in it are durable.
 ///
 /// [fsync(2)]: https://man7.org/linux/man-pages/man2/fsync.2.html
-pub fn fsync(fd: BorrowedFd) -> Result<()> {
+pub(crate) fn fsync(fd: BorrowedFd) -> Result<()> {
     rustix::fs::fsync(fd).context("fsync failed")
 }
 
 /// Removes `name` in `dir` and everything below it, without following symlinks; a missing
 /// name is fine.
-pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
+pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
     let Some(st) = lstatat(dir, name)? else {
         return Ok(());
     };
@@ -331,7 +331,7 @@ pub fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
 /// [unlinkat(2)]; a missing name is fine.
 ///
 /// [unlinkat(2)]: https://man7.org/linux/man-pages/man2/unlinkat.2.html
-pub fn unlinkat_ok(dir: BorrowedFd, name: &[u8], is_dir: bool) -> Result<()> {
+pub(crate) fn unlinkat_ok(dir: BorrowedFd, name: &[u8], is_dir: bool) -> Result<()> {
     let flags = if is_dir {
         AtFlags::REMOVEDIR
     } else {
@@ -350,7 +350,7 @@ pub fn unlinkat_ok(dir: BorrowedFd, name: &[u8], is_dir: bool) -> Result<()> {
 /// [symlinkat(2)]: https://man7.org/linux/man-pages/man2/symlinkat.2.html
 /// [renameat(2)]: https://man7.org/linux/man-pages/man2/renameat.2.html
 /// [fsync(2)]: https://man7.org/linux/man-pages/man2/fsync.2.html
-pub fn replace_symlink(dir: BorrowedFd, name: &str, target: &str) -> Result<()> {
+pub(crate) fn replace_symlink(dir: BorrowedFd, name: &str, target: &str) -> Result<()> {
     let tmp = format!(".{name}.new");
     unlinkat_ok(dir, tmp.as_bytes(), false)?;
     rustix::fs::symlinkat(target, dir, tmp.as_str())
@@ -363,7 +363,7 @@ pub fn replace_symlink(dir: BorrowedFd, name: &str, target: &str) -> Result<()> 
 /// [readlinkat(2)]; `None` if the name does not exist.
 ///
 /// [readlinkat(2)]: https://man7.org/linux/man-pages/man2/readlinkat.2.html
-pub fn readlinkat(dir: BorrowedFd, name: &[u8]) -> Result<Option<Vec<u8>>> {
+pub(crate) fn readlinkat(dir: BorrowedFd, name: &[u8]) -> Result<Option<Vec<u8>>> {
     match rustix::fs::readlinkat(dir, name, Vec::new()) {
         Ok(t) => Ok(Some(CString::into_bytes(t))),
         Err(Errno::NOENT) => Ok(None),
@@ -375,7 +375,7 @@ pub fn readlinkat(dir: BorrowedFd, name: &[u8]) -> Result<Option<Vec<u8>>> {
 ///
 /// [fstatvfs(3)]: https://man7.org/linux/man-pages/man3/fstatvfs.3.html
 #[allow(dead_code)]
-pub fn free_bytes(fd: BorrowedFd) -> Result<u64> {
+pub(crate) fn free_bytes(fd: BorrowedFd) -> Result<u64> {
     let st = rustix::fs::fstatvfs(fd).context("cannot read free space")?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
@@ -384,7 +384,7 @@ pub fn free_bytes(fd: BorrowedFd) -> Result<u64> {
 /// ([copy_file_range(2)]).
 ///
 /// [copy_file_range(2)]: https://man7.org/linux/man-pages/man2/copy_file_range.2.html
-pub fn copy_range(src: BorrowedFd, dst: BorrowedFd, size: u64) -> Result<()> {
+pub(crate) fn copy_range(src: BorrowedFd, dst: BorrowedFd, size: u64) -> Result<()> {
     let mut off_in = 0u64;
     while off_in < size {
         let len = (size - off_in).min(1 << 30) as usize;
@@ -398,7 +398,7 @@ pub fn copy_range(src: BorrowedFd, dst: BorrowedFd, size: u64) -> Result<()> {
 }
 
 /// Sets atime and mtime of an open file to the epoch (FORMAT.md, "Timestamps").
-pub fn zero_times(fd: BorrowedFd) -> Result<()> {
+pub(crate) fn zero_times(fd: BorrowedFd) -> Result<()> {
     let zero = rustix::fs::Timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -11,7 +11,7 @@ use crate::store::root::Root;
 use crate::store::state::{self, State};
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum BootOutcome {
+pub(crate) enum BootOutcome {
     /// Nothing pending, or the pending tree has boots left.
     Ok,
     /// The pending tree used up its tries; treeswap flipped back to this version.
@@ -21,7 +21,7 @@ pub enum BootOutcome {
 /// Repairs the root (see [`repair`]), re-protects the pool if immutable work was cut short,
 /// settles the records of an interrupted flip, finishes recorded guest restarts, then counts
 /// the boot.
-pub fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
+pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
     if st.unprotected {
@@ -120,7 +120,7 @@ fn no_auto_revert(opts: Options) -> Options {
 /// pointed at `previous` (or removed if there is none), a `previous` naming a missing tree or
 /// the current one is removed. Leftovers in `tmp/` and `staging/` were removed when the lock
 /// was taken.
-pub fn repair(root: &Root) -> Result<()> {
+pub(crate) fn repair(root: &Root) -> Result<()> {
     let mut cur = Link::read(root, "current");
     let prev = Link::read(root, "previous");
     if cur != Link::Absent && !cur.is_installed(root)? {
@@ -175,7 +175,7 @@ impl Link {
 }
 
 /// Marks the pending tree good: boot counting stops for it.
-pub fn mark_good(root: &Root) -> Result<Option<String>> {
+pub(crate) fn mark_good(root: &Root) -> Result<Option<String>> {
     let mut st = state::load(root.fd())?;
     let Some(p) = st.pending.take() else {
         return Ok(None);

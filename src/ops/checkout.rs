@@ -18,7 +18,7 @@ use crate::tree::stage;
 /// Builds installed `version` at `dest`, which must not exist. The caller holds the lock
 /// exclusively: in immutable mode the objects are briefly unprotected while they are linked,
 /// which is recorded. On an error, what was built is removed (nothing, if `dest` existed).
-pub fn checkout(root: &Root, cfg: &Config, version: &str, dest: &Path) -> Result<()> {
+pub(crate) fn checkout(root: &Root, cfg: &Config, version: &str, dest: &Path) -> Result<()> {
     version::validate(version)?;
     let m = root.load_manifest(version)?;
     let parent = match dest.parent() {

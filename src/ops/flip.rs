@@ -35,13 +35,13 @@ impl Default for Options {
 
 /// Points `current` at `version` (pending until marked good) and `previous` at what was
 /// current, then restarts the guests.
-pub fn switch(root: &Root, cfg: &Config, version: &str, opts: Options) -> Result<()> {
+pub(crate) fn switch(root: &Root, cfg: &Config, version: &str, opts: Options) -> Result<()> {
     flip(root, cfg, version, opts, true)
 }
 
 /// Flips `current` back to `previous`, and `previous` to what was current. The tree flipped
 /// to is good.
-pub fn revert(root: &Root, cfg: &Config, opts: Options) -> Result<String> {
+pub(crate) fn revert(root: &Root, cfg: &Config, opts: Options) -> Result<String> {
     let Some(prev) = root.link("previous")? else {
         return Err(Fail::Nothing("there is no previous version to revert to".into()).into());
     };
@@ -130,7 +130,7 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
 }
 
 /// Restarts the guests the state file still lists, striking each off as it succeeds.
-pub fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
+pub(crate) fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
     while let Some(r) = &st.restart {
         let Some(name) = r.guests.first().cloned() else {
             st.restart = None;

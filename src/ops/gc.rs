@@ -18,7 +18,7 @@ use crate::store::root::Root;
 use crate::store::state;
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Report {
+pub(crate) struct Report {
     pub trees_removed: Vec<String>,
     pub objects_removed: u64,
     pub bytes_freed: u64,
@@ -36,7 +36,7 @@ fn protected(root: &Root) -> Result<HashSet<String>> {
 
 impl Report {
     /// One line for the user: what was removed and how much it freed.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let names = if self.trees_removed.is_empty() {
             String::new()
         } else {
@@ -52,7 +52,7 @@ impl Report {
 }
 
 /// Runs gc; `also_keep` names versions an ongoing operation needs (the base of an apply).
-pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
+pub(crate) fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
     let mut report = Report::default();
     let mut protected = protected(root)?;
     protected.extend(also_keep.iter().map(|v| v.to_string()));
@@ -117,7 +117,7 @@ pub fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
 }
 
 /// Pins or unpins an installed version.
-pub fn pin(root: &Root, version: &str, on: bool) -> Result<()> {
+pub(crate) fn pin(root: &Root, version: &str, on: bool) -> Result<()> {
     crate::core::version::validate(version)?;
     if on && !root.is_installed(version)? {
         bail!("version `{version}` is not installed");

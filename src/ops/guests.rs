@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use crate::core::config::Guest;
 
 /// Runs a guest's restart command and waits for it, at most its timeout.
-pub fn restart(g: &Guest) -> Result<()> {
+pub(crate) fn restart(g: &Guest) -> Result<()> {
     let argv = g.argv();
     let shown = argv.join(" ");
     log::info!("restarting guest `{}`: {shown}", g.name);

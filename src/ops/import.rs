@@ -15,13 +15,13 @@ use crate::core::manifest::Manifest;
 use crate::core::object::object_id;
 use crate::core::version;
 use crate::fs::hash::FdReader;
-use crate::ops::install::install;
+use crate::ops::install::{install, while_linking};
 use crate::ops::{boot, flip};
 use crate::store::root::Root;
 use crate::store::state;
 use crate::tree::scan;
 
-pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Manifest> {
+pub(crate) fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Manifest> {
     version::validate(version)?;
     if root.is_installed(version)? {
         bail!(
@@ -42,7 +42,9 @@ pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Ma
             .context("the file changed while it was being imported")?;
         Ok(())
     };
-    let mut m = scan::scan(dir, Some(&hook))?;
+    // In immutable mode a new object is in the pool before its flag is set: that is recorded
+    // (as while staging), so that a crash in between makes `boot` re-protect the pool.
+    let mut m = while_linking(root, &pool, || scan::scan(dir, Some(&hook)))??;
     crate::core::failpoint::hit("import-after-objects");
     m.version = Some(version.to_owned());
     log::info!(
@@ -58,7 +60,7 @@ pub fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Result<Ma
 /// `import --activate`: points `current` at the freshly imported `version` (restarting the
 /// guests unless `opts` says not to). The first install of a root has nothing to fall back
 /// to, so it is marked good at once; any later one is pending until a health check marks it.
-pub fn activate(root: &Root, cfg: &Config, version: &str, opts: flip::Options) -> Result<()> {
+pub(crate) fn activate(root: &Root, cfg: &Config, version: &str, opts: flip::Options) -> Result<()> {
     let st = state::load(root.fd())?;
     flip::switch(root, cfg, version, opts)?;
     if st.pending.is_none() && root.link("previous")?.is_none() {

@@ -26,7 +26,7 @@ use crate::tree::{restage, stage, verify};
 /// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc);
 /// with `verify`, the staged tree is checked entry by entry against `m` before the commit.
 /// `during` is work to do while the tree is built (see [`stage::During`]).
-pub fn install(
+pub(crate) fn install(
     root: &Root,
     cfg: &Config,
     pool: &Pool,
@@ -151,7 +151,7 @@ fn commit(
 /// made and checked, while `write` makes the new objects on the calling thread. Returns `false`, having done
 /// nothing, where that is not possible (not btrfs in reflink mode, or no snapshot of
 /// `base`); the caller then builds the whole tree.
-pub fn install_by_snapshot(
+pub(crate) fn install_by_snapshot(
     root: &Root,
     cfg: &Config,
     pool: &Pool,
@@ -211,7 +211,7 @@ fn discard_staging(staging: BorrowedFd, version: &str) {
 /// Runs `link`, which links pool objects into a tree. In immutable mode objects are briefly
 /// unprotected while they are linked, so that is recorded around it: a crash before the record
 /// is cleared makes `boot` re-protect the pool.
-pub fn while_linking<R>(root: &Root, pool: &Pool, link: impl FnOnce() -> R) -> Result<R> {
+pub(crate) fn while_linking<R>(root: &Root, pool: &Pool, link: impl FnOnce() -> R) -> Result<R> {
     let immutable = pool.mode() == Protection::Immutable;
     if immutable {
         mark_unprotected(root, true)?;

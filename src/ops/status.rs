@@ -7,7 +7,7 @@ use crate::core::config::Config;
 use crate::store::root::Root;
 
 #[derive(Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub root: String,
     pub current: Option<String>,
     pub previous: Option<String>,
@@ -24,7 +24,7 @@ pub struct Status {
 }
 
 #[derive(Serialize)]
-pub struct BootStatus {
+pub(crate) struct BootStatus {
     /// `good` or `pending`.
     pub state: &'static str,
     /// The pending version, if any.
@@ -33,7 +33,7 @@ pub struct BootStatus {
     pub tries_left: Option<u32>,
 }
 
-pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
+pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
     let objects = root.pool()?.list()?;
     let st = crate::store::state::load(root.fd())?;
     let boot = match &st.pending {
@@ -69,7 +69,7 @@ pub fn status(root: &Root, cfg: &Config) -> Result<Status> {
 }
 
 impl Status {
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
         format!(
             "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\nprotect:  {}\n",
@@ -95,7 +95,7 @@ impl Status {
     }
 
     /// One line per installed version, marked `*` for current and `-` for previous.
-    pub fn to_list(&self) -> String {
+    pub(crate) fn to_list(&self) -> String {
         let mut out = String::new();
         for v in &self.versions {
             let mark = if Some(v) == self.current.as_ref() {

@@ -11,7 +11,7 @@ use minisign::{PublicKey, SecretKey, SignatureBox};
 use crate::core::error::Fail;
 
 /// Loads minisign public key files.
-pub fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> {
+pub(crate) fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> {
     paths
         .iter()
         .map(|p| {
@@ -27,7 +27,7 @@ pub fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> {
 
 /// Signs `data` with an unencrypted minisign secret key file (`minisign -G -W`); returns the
 /// signature file text.
-pub fn sign(data: &[u8], secret_key: &Path, comment: &str) -> Result<String> {
+pub(crate) fn sign(data: &[u8], secret_key: &Path, comment: &str) -> Result<String> {
     let text = std::fs::read_to_string(secret_key)
         .with_context(|| format!("cannot read secret key `{}`", secret_key.display()))?;
     let sk = parse_secret_key(&text).with_context(|| {
@@ -70,7 +70,7 @@ fn parse_secret_key(text: &str) -> Result<SecretKey> {
 }
 
 /// How strictly to check.
-pub enum Policy<'a> {
+pub(crate) enum Policy<'a> {
     /// `--insecure`: no check at all.
     Insecure,
     /// The trusted keys; with none, unsigned deltas pass with a warning.
@@ -79,7 +79,7 @@ pub enum Policy<'a> {
 
 /// Checks the signature `sig` (the text of the `delta.toml.minisig` member, empty when the delta
 /// is unsigned) over the manifest bytes `data`.
-pub fn check(data: &[u8], sig: &str, policy: Policy) -> Result<()> {
+pub(crate) fn check(data: &[u8], sig: &str, policy: Policy) -> Result<()> {
     let keys = match policy {
         Policy::Insecure => {
             log::warn!("--insecure: NOT checking the delta's signature (development only)");

@@ -10,7 +10,7 @@ use crate::store::root::Root;
 use crate::tree::verify::verify_tree;
 
 /// What `verify` found.
-pub struct Report {
+pub(crate) struct Report {
     pub version: String,
     pub entries: usize,
     /// One line per difference; empty when the tree matches.
@@ -19,7 +19,7 @@ pub struct Report {
 
 /// Checks installed `version` (default: `current`) against its manifest; with `full`, every
 /// pool object it uses is re-hashed too.
-pub fn verify(root: &Root, version: Option<&str>, full: bool) -> Result<Report> {
+pub(crate) fn verify(root: &Root, version: Option<&str>, full: bool) -> Result<Report> {
     let version = match version {
         Some(v) => v.to_owned(),
         None => root

@@ -4,7 +4,7 @@
 //! One flat directory, not 256 shards: adding an object then changes the directory's inode
 //! and its index where they already are, not those of one of 256 directories, which on btrfs
 //! costs a copied metadata block each. Roots made before keep their shards
-//! (`pool/ab/abcdef…`, [`Layout::Sharded`]); treeswap reads and writes them as they are.
+//! (`pool/ab/abcdef…`, [`Shape::Sharded`]); treeswap reads and writes them as they are.
 //!
 //! Objects are published atomically: written to an unnamed file in `tmp/` (`O_TMPFILE`; a
 //! named one where the file system has none), given their owner, mode, extended attributes
@@ -37,7 +37,7 @@ const MAX_COPIES: u32 = 64;
 
 /// How a pool names its objects (FORMAT.md, "State root").
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Layout {
+pub(crate) enum Shape {
     /// `pool/<id>`: every root made by this treeswap.
     Flat,
     /// `pool/ab/<id>`, in 256 shard directories named by the first two hex digits: roots
@@ -48,7 +48,7 @@ pub enum Layout {
 pub struct Pool {
     dir: OwnedFd,
     tmp: OwnedFd,
-    layout: Layout,
+    shape: Shape,
     /// How objects are protected (see protect.rs).
     mode: Protection,
     /// For objects that hit the link limit: the copy to try first.
@@ -66,11 +66,11 @@ const LINK_LOCKS: usize = 64;
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
-fn object_rel(layout: Layout, id: &ObjectId, copy: u32) -> String {
+fn object_rel(shape: Shape, id: &ObjectId, copy: u32) -> String {
     let h = hex::encode(id);
-    let shard = match layout {
-        Layout::Flat => "",
-        Layout::Sharded => &h[..2],
+    let shard = match shape {
+        Shape::Flat => "",
+        Shape::Sharded => &h[..2],
     };
     let slash = if shard.is_empty() { "" } else { "/" };
     if copy == 0 {
@@ -80,11 +80,11 @@ fn object_rel(layout: Layout, id: &ObjectId, copy: u32) -> String {
     }
 }
 
-/// The layout of the pool open as `dir`: sharded if it has the shard `00`.
-fn layout_of(dir: BorrowedFd) -> Result<Layout> {
+/// The shape of the pool open as `dir`: sharded if it has the shard `00`.
+fn shape_of(dir: BorrowedFd) -> Result<Shape> {
     Ok(match sys::lstatat(dir, b"00")? {
-        Some(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => Layout::Sharded,
-        _ => Layout::Flat,
+        Some(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => Shape::Sharded,
+        _ => Shape::Flat,
     })
 }
 
@@ -183,11 +183,11 @@ fn write_all(fd: BorrowedFd, mut buf: &[u8]) -> Result<()> {
 impl Pool {
     pub fn open(root: BorrowedFd) -> Result<Pool> {
         let dir = sys::open_dir_beneath(root, b"pool")?;
-        let layout = layout_of(dir.as_fd())?;
+        let shape = shape_of(dir.as_fd())?;
         Ok(Pool {
             dir,
             tmp: sys::open_dir_beneath(root, b"tmp")?,
-            layout,
+            shape,
             mode: Protection::Hardlink,
             copy_hint: Mutex::new(HashMap::new()),
             created: Mutex::new(Vec::new()),
@@ -207,7 +207,7 @@ impl Pool {
 
     /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
     pub fn rel(&self, id: &ObjectId, copy: u32) -> String {
-        object_rel(self.layout, id, copy)
+        object_rel(self.shape, id, copy)
     }
 
     /// Sets the immutable flag on every object of the pool (after a crash in immutable mode).
@@ -229,9 +229,9 @@ impl Pool {
     /// Calls `f` with each directory that holds objects and its path relative to `pool/`
     /// (`""`, or `"ab/"` for a shard); the names in it are objects and their copies.
     pub fn for_each_dir(&self, mut f: impl FnMut(BorrowedFd, &str) -> Result<()>) -> Result<()> {
-        match self.layout {
-            Layout::Flat => f(self.dir.as_fd(), ""),
-            Layout::Sharded => {
+        match self.shape {
+            Shape::Flat => f(self.dir.as_fd(), ""),
+            Shape::Sharded => {
                 for shard in sys::read_dir(self.dir.as_fd())? {
                     let sfd = sys::open_dir_beneath(self.dir.as_fd(), &shard)?;
                     f(
@@ -513,9 +513,9 @@ impl Pool {
         // Split both by directory: one, or one per shard (the first byte of the id).
         type Part<'a, T> = (String, &'a [(ObjectId, T)], &'a mut [Option<u64>]);
         let mut parts: Vec<Part<T>> = Vec::new();
-        match self.layout {
-            Layout::Flat => parts.push((".".to_owned(), wanted, &mut inodes[..])),
-            Layout::Sharded => {
+        match self.shape {
+            Shape::Flat => parts.push((".".to_owned(), wanted, &mut inodes[..])),
+            Shape::Sharded => {
                 let (mut rest_w, mut rest_i) = (wanted, &mut inodes[..]);
                 while let Some(first) = rest_w.first() {
                     let shard = first.0[0];

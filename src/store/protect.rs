@@ -41,7 +41,7 @@ impl Protection {
 }
 
 /// Resolves a setting to a mode by probing the file system of `tmp` (a directory of the root).
-pub fn resolve(setting: Protect, tmp: BorrowedFd) -> Result<Protection> {
+pub(crate) fn resolve(setting: Protect, tmp: BorrowedFd) -> Result<Protection> {
     let (can_clone, can_flag) = iflags::probe(tmp)?;
     let mode = match setting {
         Protect::Auto if can_clone => Protection::Reflink,

@@ -30,7 +30,7 @@ use crate::store::layout::Layout;
 use crate::store::pool::Pool;
 use crate::store::protect::Protection;
 
-pub const DEFAULT_ROOT: &str = "/versions";
+pub(crate) const DEFAULT_ROOT: &str = "/versions";
 
 pub struct Root {
     pub path: PathBuf,

@@ -9,12 +9,12 @@ use serde::{Deserialize, Serialize};
 use crate::core::failpoint;
 use crate::fs::sys;
 
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 const NAME: &str = "state.toml";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct State {
+pub(crate) struct State {
     pub format: u32,
     /// The tree flipped to that has not been marked good yet, and the boots it has had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -36,26 +36,26 @@ pub struct State {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Pending {
+pub(crate) struct Pending {
     pub version: String,
     pub boots: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Flip {
+pub(crate) struct Flip {
     pub from: String,
     pub to: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Restart {
+pub(crate) struct Restart {
     pub target: String,
     pub guests: Vec<String>,
 }
 
-pub fn parse(text: &str) -> Result<State> {
+pub(crate) fn parse(text: &str) -> Result<State> {
     let s: State = toml::from_str(text).context("invalid state file")?;
     if s.format != FORMAT {
         bail!(
@@ -67,7 +67,7 @@ pub fn parse(text: &str) -> Result<State> {
 }
 
 /// Reads the state file; a missing one is the empty state.
-pub fn load(root: BorrowedFd) -> Result<State> {
+pub(crate) fn load(root: BorrowedFd) -> Result<State> {
     let fd = match rustix::fs::openat(
         root,
         NAME,
@@ -92,7 +92,7 @@ pub fn load(root: BorrowedFd) -> Result<State> {
 /// Replaces the state file atomically, between the failpoints `state-before-write` and
 /// `state-after-write`: write a temporary file, fsync it, rename it over `state.toml`, fsync
 /// the directory.
-pub fn save(root: BorrowedFd, s: &State) -> Result<()> {
+pub(crate) fn save(root: BorrowedFd, s: &State) -> Result<()> {
     failpoint::hit("state-before-write");
     write(root, s)?;
     failpoint::hit("state-after-write");

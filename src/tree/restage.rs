@@ -26,7 +26,7 @@ use crate::store::pool::Pool;
 /// files that need them are made once it is done.
 /// Returns the problems found.
 #[allow(clippy::too_many_arguments)]
-pub fn change(
+pub(crate) fn change(
     top: BorrowedFd,
     m: &Manifest,
     changed: &[Entry],

@@ -17,7 +17,7 @@ use crate::fs::{hash, sys};
 
 /// What the hashing pass hands to a caller for each distinct regular file: the open file
 /// (positioned anywhere), its metadata, size and content hash.
-pub type FileHook<'a> = &'a (dyn Fn(BorrowedFd, &Meta, u64, &Hash) -> Result<()> + Sync);
+pub(crate) type FileHook<'a> = &'a (dyn Fn(BorrowedFd, &Meta, u64, &Hash) -> Result<()> + Sync);
 
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     if parent == b"." {
@@ -42,7 +42,7 @@ fn meta_of(st: &rustix::fs::Stat, xattrs: sys::Xattrs) -> Meta {
 
 /// Reads `dir` into a manifest: every regular file is read and hashed (and its extended
 /// attributes read), and `hook` sees each distinct inode.
-pub fn scan(dir: &Path, hook: Option<FileHook>) -> Result<Manifest> {
+pub(crate) fn scan(dir: &Path, hook: Option<FileHook>) -> Result<Manifest> {
     let top = sys::open_dir(dir)?;
     scan_fd(top.as_fd(), hook).with_context(|| format!("while reading `{}`", dir.display()))
 }
@@ -88,12 +88,12 @@ fn permute(entries: &mut [Entry], inodes: &mut [(u64, u64)], mut order: Vec<u32>
 
 /// What [`walk`] calls for each entry, with its device and inode; for a directory, whether to
 /// descend into it.
-pub type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>;
+pub(crate) type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>;
 
 /// Walks the tree under `top` without following any symlink: the top (`.`) first, then every
 /// entry, a directory before its children but in no other order. Regular files get a zero
 /// hash and no extended attributes; sockets are skipped with a warning.
-pub fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
+pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
     let st = rustix::fs::fstat(top).context("cannot stat the top directory")?;
     visit(top_entry(top, &st)?, (st.st_dev, st.st_ino))?;
     let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
@@ -202,7 +202,7 @@ fn entry_of(
 
 /// The entry [`walk`] would make of `name` in `dfd`, or `None` if there is none; `path` is
 /// its path in the tree, `.` for the directory `dfd` itself.
-pub fn entry_at(dfd: BorrowedFd, name: &[u8], path: &[u8]) -> Result<Option<Entry>> {
+pub(crate) fn entry_at(dfd: BorrowedFd, name: &[u8], path: &[u8]) -> Result<Option<Entry>> {
     if path == b"." {
         let st = rustix::fs::fstat(dfd).context("cannot stat the top directory")?;
         return top_entry(dfd, &st).map(Some);

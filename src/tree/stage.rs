@@ -35,7 +35,7 @@ pub(crate) fn io_threads() -> Result<rayon::ThreadPool> {
 /// Work to do while a tree is built: [`build`] runs `work` on the calling thread while it
 /// makes everything but the entries at the paths in `late`, which need what `work` makes;
 /// those are made once `work` has succeeded.
-pub struct During<'a> {
+pub(crate) struct During<'a> {
     pub late: HashSet<&'a [u8]>,
     pub work: &'a mut dyn FnMut() -> Result<()>,
 }
@@ -49,7 +49,7 @@ pub struct During<'a> {
 /// other entry is made in parallel, in chunks that each keep their own directory handles.
 /// With `subvolume`, the top is a new btrfs subvolume. With `during`, its work runs at the
 /// same time (see [`During`]).
-pub fn build(
+pub(crate) fn build(
     m: &Manifest,
     pool: &Pool,
     layout: &Layout,

@@ -14,7 +14,7 @@ use crate::tree::scan;
 /// Compares the tree under `tree` with `m` and returns every difference, each naming its
 /// path. The fast check compares metadata and that each regular file is (a copy of) its
 /// pool object; `full` also re-hashes every object the tree uses.
-pub fn verify_tree(
+pub(crate) fn verify_tree(
     tree: BorrowedFd,
     m: &Manifest,
     pool: &Pool,

@@ -24,7 +24,7 @@ pub(super) fn names(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
 
 /// How the new tree differs from the base: its changed entries (new paths included), the
 /// removed paths, and the new tree's digest and entry count.
-pub struct Changes {
+pub(crate) struct Changes {
     pub changed: Vec<Entry>,
     pub removed: Vec<Box<[u8]>>,
     pub to_digest: Hash,
@@ -34,14 +34,14 @@ pub struct Changes {
 /// A merge-join of the base's sorted entries (an iterator, which may be reading them as it
 /// goes, of owned or borrowed entries) with the new tree's, fed block by block: neither tree
 /// need be in memory as a whole.
-pub struct Compare<I: Iterator<Item = T>, T: Borrow<Entry>> {
+pub(super) struct Compare<I: Iterator<Item = T>, T: Borrow<Entry>> {
     base: std::iter::Peekable<I>,
     changed: Vec<Entry>,
     removed: Vec<Box<[u8]>>,
 }
 
 impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
-    pub fn new(base: I) -> Self {
+    pub(super) fn new(base: I) -> Self {
         Compare {
             base: base.peekable(),
             changed: Vec::new(),
@@ -50,7 +50,7 @@ impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
     }
 
     /// The next entries of the new tree, in order.
-    pub fn feed(&mut self, entries: impl IntoIterator<Item = Entry>) {
+    pub(super) fn feed(&mut self, entries: impl IntoIterator<Item = Entry>) {
         for y in entries {
             while let Some(x) = self.base.next_if(|x| x.borrow().path < y.path) {
                 self.removed.push(x.borrow().path.clone());
@@ -62,7 +62,7 @@ impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
         }
     }
 
-    pub fn finish(mut self, to_digest: Hash, to_count: u64) -> Changes {
+    pub(super) fn finish(mut self, to_digest: Hash, to_count: u64) -> Changes {
         for x in self.base.by_ref() {
             self.removed.push(x.borrow().path.clone());
         }
@@ -76,7 +76,7 @@ impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
 }
 
 /// The changes from `from` to `to`, both in memory.
-pub fn compare(from: &Manifest, to: Manifest) -> Changes {
+pub(super) fn compare(from: &Manifest, to: Manifest) -> Changes {
     let (digest, count) = (to.digest(), to.entries.len() as u64);
     let mut c = Compare::new(from.entries.iter());
     c.feed(to.entries);
@@ -87,7 +87,7 @@ pub fn compare(from: &Manifest, to: Manifest) -> Changes {
 /// their stored manifests as streams: the base's is read on a second thread, block by block,
 /// while the new one's is merged with it; then the base's once more, keeping only what the
 /// changed files need. Memory depends on the change, not on the trees.
-pub fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
+pub(super) fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(2);
     let (changes, base_head) = std::thread::scope(|s| -> Result<_> {
         let reader = s.spawn(move || {
@@ -129,7 +129,7 @@ pub fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
 /// the changed paths, and those that may serve the changed files (the same content, or the
 /// same name or name without digits). Nothing else: a map of a whole base would take
 /// hundreds of MB at a million entries.
-pub struct Base {
+pub(crate) struct Base {
     pub version: Option<String>,
     pub digest: Hash,
     want_path: HashSet<Box<[u8]>>,
@@ -142,7 +142,7 @@ pub struct Base {
 }
 
 impl Base {
-    pub fn new(version: Option<String>, digest: Hash, changes: &Changes) -> Base {
+    pub(crate) fn new(version: Option<String>, digest: Hash, changes: &Changes) -> Base {
         let mut b = Base {
             version,
             digest,
@@ -167,7 +167,7 @@ impl Base {
     }
 
     /// Looks at the base's next entry (in order).
-    pub fn keep(&mut self, e: &Entry) {
+    pub(crate) fn keep(&mut self, e: &Entry) {
         let Kind::File { sha256, .. } = &e.kind else {
             return;
         };

@@ -26,7 +26,7 @@ const BSDIFF_MIN_GAIN: u64 = 64;
 const MAX_CANDIDATES: usize = 3;
 
 /// Opens a file entry of one side for reading.
-pub type Opener<'a> = &'a (dyn Fn(&Entry) -> Result<OwnedFd> + Sync);
+pub(crate) type Opener<'a> = &'a (dyn Fn(&Entry) -> Result<OwnedFd> + Sync);
 
 /// Which tree a file entry is read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

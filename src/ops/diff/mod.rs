@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use compare::{Base, Changes, compare, installed};
-pub use encode::Opener;
+pub(crate) use encode::Opener;
 use encode::Sides;
 
 use crate::core::delta::{Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER, Source};
@@ -29,7 +29,7 @@ use crate::tree::scan;
 
 /// What a diff shipped, for the log and the benchmarks.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub changed: usize,
     pub removed: usize,
     pub contents: usize,
@@ -42,7 +42,7 @@ pub struct Stats {
 
 impl Stats {
     /// One line for the log.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         format!(
             "{} changed, {} removed, {} contents ({} from the base, {} whole, {} zstd patches, {} bsdiff), {} bytes of blobs",
             self.changed,
@@ -58,7 +58,7 @@ impl Stats {
 }
 
 /// Where the two trees of a diff come from.
-pub enum Trees<'a> {
+pub(crate) enum Trees<'a> {
     /// Two directories, read as they are (no state root).
     Dirs {
         from: &'a Path,
@@ -71,7 +71,7 @@ pub enum Trees<'a> {
 }
 
 /// What `treeswap diff` is asked to make.
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     pub trees: Trees<'a>,
     pub to_version: &'a str,
     /// Where to write the delta; `-` is standard output.
@@ -85,7 +85,7 @@ pub struct Request<'a> {
 }
 
 /// `treeswap diff`: computes the delta `req` describes and writes it.
-pub fn make(req: &Request) -> Result<Stats> {
+pub(crate) fn make(req: &Request) -> Result<Stats> {
     let (delta, blobs, stats) = match req.trees {
         Trees::Dirs {
             from,
@@ -164,7 +164,7 @@ fn write_output(delta: &Delta, blobs: &[Vec<u8>], req: &Request) -> Result<()> {
 
 /// Computes the delta manifest and its blobs from the base (what of it the changed files
 /// need), the changes, and how to open each side's files.
-pub fn diff<'a>(
+pub(crate) fn diff<'a>(
     base: &Base,
     read_from: Opener<'a>,
     changes: Changes,
@@ -225,7 +225,7 @@ pub fn diff<'a>(
 /// shipped content, in manifest order. With `compress`, the tar is zstd-compressed as two
 /// frames (a zstd stream may hold several): the manifest and signature at a high level, the
 /// already compressed blobs at a fast one. Stock tools read it: `tar --zstd -tf D`.
-pub fn write_delta(
+pub(crate) fn write_delta(
     d: &Delta,
     blobs: &[Vec<u8>],
     sign: Option<&Path>,
