@@ -103,7 +103,7 @@ fn write(root: BorrowedFd, s: &State) -> Result<()> {
     let mut s = s.clone();
     s.format = FORMAT;
     let text = format!(
-        "# treeswap state; see ARCHITECTURE.md\n{}",
+        "# treeswap state; see FORMAT.md\n{}",
         toml::to_string(&s).context("cannot encode the state")?
     );
     let tmp = ".state.toml.tmp";
