@@ -80,7 +80,12 @@ fn vol_ioctl(
 }
 
 /// Makes `name` in `parent` a snapshot of the subvolume open as `src`.
-pub(crate) fn snapshot(src: BorrowedFd, parent: BorrowedFd, name: &[u8], read_only: bool) -> Result<()> {
+pub(crate) fn snapshot(
+    src: BorrowedFd,
+    parent: BorrowedFd,
+    name: &[u8],
+    read_only: bool,
+) -> Result<()> {
     let args = VolArgsV2 {
         fd: i64::from(src.as_raw_fd()),
         transid: 0,

@@ -245,7 +245,12 @@ pub(crate) fn set_meta_exact_fd(fd: BorrowedFd, meta: &Meta) -> Result<()> {
 /// [fchownat(2)]: https://man7.org/linux/man-pages/man2/fchownat.2.html
 /// [fchmodat(2)]: https://man7.org/linux/man-pages/man2/fchmodat.2.html
 /// [lsetxattr(2)]: https://man7.org/linux/man-pages/man2/lsetxattr.2.html
-pub(crate) fn apply_meta_at(dir: BorrowedFd, name: &[u8], meta: &Meta, symlink: bool) -> Result<()> {
+pub(crate) fn apply_meta_at(
+    dir: BorrowedFd,
+    name: &[u8],
+    meta: &Meta,
+    symlink: bool,
+) -> Result<()> {
     rustix::fs::chownat(
         dir,
         name,

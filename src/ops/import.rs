@@ -60,7 +60,12 @@ pub(crate) fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Re
 /// `import --activate`: points `current` at the freshly imported `version` (restarting the
 /// guests unless `opts` says not to). The first install of a root has nothing to fall back
 /// to, so it is marked good at once; any later one is pending until a health check marks it.
-pub(crate) fn activate(root: &Root, cfg: &Config, version: &str, opts: flip::Options) -> Result<()> {
+pub(crate) fn activate(
+    root: &Root,
+    cfg: &Config,
+    version: &str,
+    opts: flip::Options,
+) -> Result<()> {
     let st = state::load(root.fd())?;
     flip::switch(root, cfg, version, opts)?;
     if st.pending.is_none() && root.link("previous")?.is_none() {

@@ -5,7 +5,6 @@
 //! Every test makes its own temporary directory, so tests run in parallel.
 // The helpers are shared by every suite: `pub` for them, not for a public API.
 #![allow(unreachable_pub)]
-
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
