@@ -223,10 +223,9 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Verify { version, full } => verify_command(&cx, version.as_deref(), *full)?,
         Command::Status { json } => {
             let s = status::status(&cx.root(Lock::Shared, false)?, &cx.cfg)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", s.to_text());
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&s)?),
+                false => print!("{}", s.to_text()),
             }
         }
         Command::List => {
@@ -251,7 +250,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                 insecure: *insecure,
                 allow_downgrade: *allow_downgrade,
             };
-            apply_command(&cx, file, opts)?;
+            apply_command(&cx, file, opts)?
         }
         Command::Switch { version } => {
             let root = cx.root(Lock::Exclusive, false)?;
@@ -262,18 +261,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             let v = flip::revert(&root, &cx.cfg, cx.flip())?;
             log::info!("reverted to `{v}`");
         }
-        Command::Boot => {
-            let root = cx.root(Lock::Exclusive, false)?;
-            match boot::boot(&root, &cx.cfg, cx.flip())? {
-                boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
-                boot::BootOutcome::Reverted(v) => {
-                    return Err(Fail::GuestsReverted(format!(
-                        "the pending tree did not prove healthy (boot tries used up, or its guests failed); reverted to `{v}`"
-                    ))
-                    .into());
-                }
-            }
-        }
+        Command::Boot => boot_command(&cx)?,
         Command::Gc { keep } => {
             let r = gc::gc(&cx.root(Lock::Exclusive, false)?, *keep, &[])?;
             println!("{}", r.summary());
@@ -284,6 +272,20 @@ pub fn run(cli: &Cli) -> Result<()> {
             Some(v) => log::info!("`{v}` is marked good"),
             None => log::info!("nothing pending: the current tree is already good"),
         },
+    }
+    Ok(())
+}
+
+fn boot_command(cx: &Env) -> Result<()> {
+    let root = cx.root(Lock::Exclusive, false)?;
+    match boot::boot(&root, &cx.cfg, cx.flip())? {
+        boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
+        boot::BootOutcome::Reverted(v) => {
+            return Err(Fail::GuestsReverted(format!(
+                "the pending tree did not prove healthy (boot tries used up, or its guests failed); reverted to `{v}`"
+            ))
+            .into());
+        }
     }
     Ok(())
 }

@@ -127,9 +127,35 @@ fn parse_xattr_names(list: &[u8]) -> Vec<Vec<u8>> {
 /// [flistxattr(2)]: https://man7.org/linux/man-pages/man2/flistxattr.2.html
 /// [fgetxattr(2)]: https://man7.org/linux/man-pages/man2/fgetxattr.2.html
 pub(crate) fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
+    read_xattrs(
+        |buf| rustix::fs::flistxattr(fd, buf),
+        |name, buf| rustix::fs::fgetxattr(fd, name, buf),
+    )
+}
+
+/// All extended attributes of `name` in `dir`, not following it if it is a symlink
+/// ([llistxattr(2)], [lgetxattr(2)]).
+///
+/// [llistxattr(2)]: https://man7.org/linux/man-pages/man2/llistxattr.2.html
+/// [lgetxattr(2)]: https://man7.org/linux/man-pages/man2/lgetxattr.2.html
+pub(crate) fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
+    let p = proc_path(dir, name);
+    read_xattrs(
+        |buf| rustix::fs::llistxattr(&p[..], buf),
+        |xname, buf| rustix::fs::lgetxattr(&p[..], xname, buf),
+    )
+    .with_context(|| format!("in `{}`", display(name)))
+}
+
+/// Lists the names with `list`, then reads each value with `get`, growing a buffer on
+/// `ERANGE`; no attributes where the file system has none (`ENOTSUP`). Sorted by name.
+fn read_xattrs(
+    list: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+    get: impl Fn(&[u8], &mut [u8]) -> rustix::io::Result<usize>,
+) -> Result<Xattrs> {
     let mut buf = vec![0u8; 1024];
     let n = loop {
-        match rustix::fs::flistxattr(fd, &mut buf[..]) {
+        match list(&mut buf[..]) {
             Ok(n) => break n,
             Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
             Err(Errno::NOTSUP) => return Ok(Vec::new()),
@@ -140,7 +166,7 @@ pub(crate) fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
     for name in parse_xattr_names(&buf[..n]) {
         let mut v = vec![0u8; 256];
         let len = loop {
-            match rustix::fs::fgetxattr(fd, &name[..], &mut v[..]) {
+            match get(&name[..], &mut v[..]) {
                 Ok(len) => break len,
                 Err(Errno::RANGE) => v.resize(v.len() * 4, 0),
                 Err(e) => {
@@ -157,45 +183,14 @@ pub(crate) fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
     Ok(out)
 }
 
-/// All extended attributes of `name` in `dir`, not following it if it is a symlink
-/// ([llistxattr(2)], [lgetxattr(2)]).
-///
-/// [llistxattr(2)]: https://man7.org/linux/man-pages/man2/llistxattr.2.html
-/// [lgetxattr(2)]: https://man7.org/linux/man-pages/man2/lgetxattr.2.html
-pub(crate) fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
-    let p = proc_path(dir, name);
-    let mut buf = vec![0u8; 1024];
-    let n = loop {
-        match rustix::fs::llistxattr(&p[..], &mut buf[..]) {
-            Ok(n) => break n,
-            Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
-            Err(Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot list extended attributes of `{}`", display(name))
-                });
-            }
-        }
-    };
-    let mut out = Vec::new();
-    for xname in parse_xattr_names(&buf[..n]) {
-        let mut v = vec![0u8; 256];
-        let len = loop {
-            match rustix::fs::lgetxattr(&p[..], &xname[..], &mut v[..]) {
-                Ok(len) => break len,
-                Err(Errno::RANGE) => v.resize(v.len() * 4, 0),
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("cannot read extended attribute of `{}`", display(name))
-                    });
-                }
-            }
-        };
-        v.truncate(len);
-        out.push((xname.into_boxed_slice(), v.into_boxed_slice()));
+/// The [`Meta`] of an inode from its `stat` and its extended attributes.
+pub(crate) fn meta_of(st: &rustix::fs::Stat, xattrs: Xattrs) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        xattrs,
     }
-    out.sort();
-    Ok(out)
 }
 
 /// Sets owner, then mode, then extended attributes on an open file or directory: in this

@@ -483,12 +483,7 @@ impl Pool {
         );
         let src = self.open_object(id)?;
         let st = rustix::fs::fstat(&src)?;
-        let meta = Meta {
-            mode: st.st_mode & 0o7777,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            xattrs: sys::fd_xattrs(src.as_fd())?,
-        };
+        let meta = sys::meta_of(&st, sys::fd_xattrs(src.as_fd())?);
         let tmp = TmpFile::create(self.tmp.as_fd())?;
         sys::copy_range(src.as_fd(), tmp.fd(), st.st_size as u64)
             .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
@@ -592,12 +587,7 @@ impl Pool {
                 problems.push(format!("object `pool/{rel}` is not a regular file"));
                 continue;
             }
-            let meta = Meta {
-                mode: st.st_mode & 0o7777,
-                uid: st.st_uid,
-                gid: st.st_gid,
-                xattrs: sys::fd_xattrs(fd.as_fd())?,
-            };
+            let meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
             let (size, sha) =
                 hash::hash_fd(fd.as_fd()).with_context(|| format!("cannot read `pool/{rel}`"))?;
             if object_id(&meta, size, &sha) != *id {

@@ -31,15 +31,6 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     }
 }
 
-fn meta_of(st: &rustix::fs::Stat, xattrs: sys::Xattrs) -> Meta {
-    Meta {
-        mode: st.st_mode & 0o7777,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        xattrs,
-    }
-}
-
 /// Reads `dir` into a manifest: every regular file is read and hashed (and its extended
 /// attributes read), and `hook` sees each distinct inode.
 pub(crate) fn scan(dir: &Path, hook: Option<FileHook>) -> Result<Manifest> {
@@ -134,7 +125,7 @@ pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
 fn top_entry(top: BorrowedFd, st: &rustix::fs::Stat) -> Result<Entry> {
     Ok(Entry {
         path: (*b".").into(),
-        meta: meta_of(st, sys::fd_xattrs(top)?),
+        meta: sys::meta_of(st, sys::fd_xattrs(top)?),
         kind: Kind::Dir,
     })
 }
@@ -152,14 +143,14 @@ fn entry_of(
             let sub = sys::open_dir_beneath(dfd, name)?;
             return Ok(Some(Entry {
                 path: path.into(),
-                meta: meta_of(st, sys::fd_xattrs(sub.as_fd())?),
+                meta: sys::meta_of(st, sys::fd_xattrs(sub.as_fd())?),
                 kind: Kind::Dir,
             }));
         }
         FileType::RegularFile => {
             return Ok(Some(Entry {
                 path: path.into(),
-                meta: meta_of(st, Vec::new()),
+                meta: sys::meta_of(st, Vec::new()),
                 kind: Kind::File {
                     size: st.st_size as u64,
                     sha256: [0; 32],
@@ -189,7 +180,7 @@ fn entry_of(
         }
         other => bail!("`{}` has an unknown file type {other:?}", display(&path)),
     };
-    let mut meta = meta_of(st, sys::xattrs_at(dfd, name)?);
+    let mut meta = sys::meta_of(st, sys::xattrs_at(dfd, name)?);
     if matches!(kind, Kind::Symlink { .. }) {
         meta.mode = 0o777;
     }
@@ -281,7 +272,7 @@ fn hash_one(
     {
         bail!("it changed while it was being read");
     }
-    let meta = meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
+    let meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
     let (size, h) = hash::hash_fd(fd.as_fd())?;
     if size != st.st_size as u64 {
         bail!("it changed size while it was being read");

@@ -58,54 +58,14 @@ pub(crate) fn build(
     subvolume: bool,
     during: Option<During>,
 ) -> Result<()> {
-    let top_entry = m.entries.first().context("empty manifest")?;
-    if m.entries.len() > 1 && m.entries[0].path.as_ref() != b"." {
-        bail!("manifest does not start with the top directory");
-    }
-    if subvolume {
-        crate::fs::btrfs::create(parent, name)?;
-    } else {
-        rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
-            .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
-    }
-    let top = sys::open_dir_beneath(parent, name)?;
-    sys::apply_meta_fd(top.as_fd(), &top_entry.meta).context("on the top directory")?;
+    let top = make_top(m, parent, name, subvolume)?;
     let progress = Progress::items(m.entries.len() as u64, "staging");
     let (dirs, others): (Vec<&Entry>, Vec<&Entry>) =
         m.entries[1..].iter().partition(|e| e.is_dir());
-    let make_dirs = || -> Result<()> {
-        let mut cache = DirCache::new(top.as_fd());
-        for e in dirs {
-            progress.inc(1);
-            let (ppath, base) = split_parent(&e.path);
-            let res: Result<OwnedFd> = (|| {
-                let pfd = cache.get(ppath)?;
-                rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
-                let fd = sys::open_dir_beneath(pfd, base)?;
-                sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
-                Ok(fd)
-            })();
-            let fd = res.with_context(|| format!("cannot create `{}`", e.display()))?;
-            cache.put(&e.path, fd);
-        }
-        Ok(())
-    };
+    let make_dirs = || make_dirs(top.as_fd(), &dirs, &progress);
     let pool_threads = io_threads()?;
     let make_all = |entries: &[&Entry]| -> Result<()> {
-        pool_threads.install(|| {
-            entries
-                .par_chunks(CHUNK)
-                .try_for_each(|chunk| -> Result<()> {
-                    let mut cache = DirCache::new(top.as_fd());
-                    for e in chunk {
-                        let (ppath, base) = split_parent(&e.path);
-                        make(e, pool, layout, cache.get(ppath)?, base)
-                            .with_context(|| format!("cannot create `{}`", e.display()))?;
-                    }
-                    progress.inc(chunk.len() as u64);
-                    Ok(())
-                })
-        })
+        pool_threads.install(|| make_entries(top.as_fd(), entries, pool, layout, &progress))
     };
     match during {
         None => {
@@ -132,6 +92,67 @@ pub(crate) fn build(
     }
     progress.finish();
     Ok(())
+}
+
+/// Makes the top directory `name` in `parent` (a btrfs subvolume with `subvolume`) with the
+/// metadata of `m`'s first entry, which must be the top (`.`).
+fn make_top(m: &Manifest, parent: BorrowedFd, name: &[u8], subvolume: bool) -> Result<OwnedFd> {
+    let top_entry = m.entries.first().context("empty manifest")?;
+    if m.entries.len() > 1 && m.entries[0].path.as_ref() != b"." {
+        bail!("manifest does not start with the top directory");
+    }
+    if subvolume {
+        crate::fs::btrfs::create(parent, name)?;
+    } else {
+        rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
+            .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
+    }
+    let top = sys::open_dir_beneath(parent, name)?;
+    sys::apply_meta_fd(top.as_fd(), &top_entry.meta).context("on the top directory")?;
+    Ok(top)
+}
+
+/// Makes the directories `dirs` (in manifest order: parents first) under `top`, on this
+/// thread.
+fn make_dirs(top: BorrowedFd, dirs: &[&Entry], progress: &Progress) -> Result<()> {
+    let mut cache = DirCache::new(top);
+    for e in dirs {
+        progress.inc(1);
+        let (ppath, base) = split_parent(&e.path);
+        let res: Result<OwnedFd> = (|| {
+            let pfd = cache.get(ppath)?;
+            rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
+            let fd = sys::open_dir_beneath(pfd, base)?;
+            sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
+            Ok(fd)
+        })();
+        let fd = res.with_context(|| format!("cannot create `{}`", e.display()))?;
+        cache.put(&e.path, fd);
+    }
+    Ok(())
+}
+
+/// Makes the entries (no directories; their parents exist) under `top`, in chunks on the
+/// current thread pool.
+fn make_entries(
+    top: BorrowedFd,
+    entries: &[&Entry],
+    pool: &Pool,
+    layout: &Layout,
+    progress: &Progress,
+) -> Result<()> {
+    entries
+        .par_chunks(CHUNK)
+        .try_for_each(|chunk| -> Result<()> {
+            let mut cache = DirCache::new(top);
+            for e in chunk {
+                let (ppath, base) = split_parent(&e.path);
+                make(e, pool, layout, cache.get(ppath)?, base)
+                    .with_context(|| format!("cannot create `{}`", e.display()))?;
+            }
+            progress.inc(chunk.len() as u64);
+            Ok(())
+        })
 }
 
 /// Directory handles by path, opened beneath the top without following symlinks; starts

@@ -21,15 +21,44 @@ pub(crate) fn verify_tree(
     layout: &Layout,
     full: bool,
 ) -> Result<Vec<String>> {
-    // Walk the tree and look each entry up in the manifest: no second manifest in memory.
+    let walked = walk_tree(tree, m, layout)?;
+    let mut problems = walked.problems;
+    let ids = check_links(m, pool, &walked.linked, &mut problems)?;
+    if full {
+        let results: Vec<Result<Vec<String>>> =
+            ids.par_iter().map(|id| pool.check_object(id)).collect();
+        for r in results {
+            problems.extend(r?);
+        }
+        let results: Vec<Result<Option<String>>> = walked
+            .copies
+            .par_iter()
+            .map(|&i| check_copy(tree, &m.entries[i]))
+            .collect();
+        for r in results {
+            problems.extend(r?);
+        }
+    }
+    Ok(problems)
+}
+
+/// What walking a tree against its manifest found.
+struct Walked {
+    /// Extra, missing and differing entries, sorted by path.
+    problems: Vec<String>,
+    /// Files that should be links to their objects, with the inode found (entry index,
+    /// device, inode: compact, as a million of them may be kept).
+    linked: Vec<(u32, u64, u64)>,
+    /// Files that are private copies, not links: compared by content in a full check.
+    copies: Vec<usize>,
+}
+
+/// Walks the tree and looks each entry up in the manifest: no second manifest in memory.
+fn walk_tree(tree: BorrowedFd, m: &Manifest, layout: &Layout) -> Result<Walked> {
     let a = &m.entries;
     let mut seen = vec![false; a.len()];
     let mut found: Vec<(Vec<u8>, String)> = Vec::new();
-    // Files that should be links to their objects, with the inode found (entry index,
-    // device, inode: compact, as a million of them may be kept).
-    let mut linked: Vec<(u32, u64, u64)> = Vec::new();
-    // Files that are private copies, not links: compared by content in a full check.
-    let mut copies: Vec<usize> = Vec::new();
+    let (mut linked, mut copies) = (Vec::new(), Vec::new());
     scan::walk(tree, &mut |y, ino| {
         let Some(i) = m.index(&y.path) else {
             found.push((y.path.to_vec(), format!("extra: {}", y.display())));
@@ -56,9 +85,23 @@ pub(crate) fn verify_tree(
         }
     }
     found.sort();
-    let mut problems: Vec<String> = found.into_iter().map(|(_, s)| s).collect();
-    // Each file must be its pool object (or one of the object's extra copies). The ids,
-    // sorted, with the index in `linked` of the file that wants each.
+    Ok(Walked {
+        problems: found.into_iter().map(|(_, s)| s).collect(),
+        linked,
+        copies,
+    })
+}
+
+/// Checks that each linked file is its pool object (or one of the object's extra copies),
+/// adding a problem for each that is not. Returns the objects' ids, sorted, once each.
+fn check_links(
+    m: &Manifest,
+    pool: &Pool,
+    linked: &[(u32, u64, u64)],
+    problems: &mut Vec<String>,
+) -> Result<Vec<ObjectId>> {
+    let a = &m.entries;
+    // The ids, sorted, with the index in `linked` of the file that wants each.
     let mut wanted: Vec<(ObjectId, u32)> = linked
         .par_iter()
         .enumerate()
@@ -87,21 +130,7 @@ pub(crate) fn verify_tree(
     drop(inodes);
     let mut ids: Vec<ObjectId> = wanted.into_iter().map(|(id, _)| id).collect();
     ids.dedup();
-    if full {
-        let results: Vec<Result<Vec<String>>> =
-            ids.par_iter().map(|id| pool.check_object(id)).collect();
-        for r in results {
-            problems.extend(r?);
-        }
-        let results: Vec<Result<Option<String>>> = copies
-            .par_iter()
-            .map(|&i| check_copy(tree, &a[i]))
-            .collect();
-        for r in results {
-            problems.extend(r?);
-        }
-    }
-    Ok(problems)
+    Ok(ids)
 }
 
 /// Re-reads a file that is a copy of its object and compares content and extended

@@ -210,3 +210,187 @@ impl Base {
             .map(|v| v.iter().map(|&i| &self.kept[i]).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::object::Meta;
+
+    fn file(path: &str, content: u8) -> Entry {
+        Entry {
+            path: path.as_bytes().into(),
+            meta: Meta {
+                mode: 0o644,
+                ..Default::default()
+            },
+            kind: Kind::File {
+                size: 1,
+                sha256: [content; 32],
+            },
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            path: path.as_bytes().into(),
+            meta: Meta {
+                mode: 0o755,
+                ..Default::default()
+            },
+            kind: Kind::Dir,
+        }
+    }
+
+    fn manifest(entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            version: None,
+            entries,
+        }
+    }
+
+    fn paths(v: &[Entry]) -> Vec<&str> {
+        v.iter()
+            .map(|e| std::str::from_utf8(&e.path).unwrap())
+            .collect()
+    }
+
+    fn removed(v: &[Box<[u8]>]) -> Vec<&str> {
+        v.iter().map(|p| std::str::from_utf8(p).unwrap()).collect()
+    }
+
+    /// The merge-join, case by case: (base, new, changed paths, removed paths).
+    #[test]
+    fn merge_join_finds_changed_added_and_removed_entries() {
+        type Case = (Vec<Entry>, Vec<Entry>, Vec<&'static str>, Vec<&'static str>);
+        let cases: Vec<(&str, Case)> = vec![
+            (
+                "same",
+                (
+                    vec![dir("."), file("a", 1)],
+                    vec![dir("."), file("a", 1)],
+                    vec![],
+                    vec![],
+                ),
+            ),
+            (
+                "content",
+                (
+                    vec![dir("."), file("a", 1)],
+                    vec![dir("."), file("a", 2)],
+                    vec!["a"],
+                    vec![],
+                ),
+            ),
+            (
+                "added first",
+                (
+                    vec![dir("."), file("b", 1)],
+                    vec![dir("."), file("a", 1), file("b", 1)],
+                    vec!["a"],
+                    vec![],
+                ),
+            ),
+            (
+                "added last",
+                (
+                    vec![dir("."), file("a", 1)],
+                    vec![dir("."), file("a", 1), file("z", 1)],
+                    vec!["z"],
+                    vec![],
+                ),
+            ),
+            (
+                "removed middle",
+                (
+                    vec![dir("."), file("a", 1), file("m", 1), file("z", 1)],
+                    vec![dir("."), file("a", 1), file("z", 1)],
+                    vec![],
+                    vec!["m"],
+                ),
+            ),
+            (
+                "removed tail",
+                (
+                    vec![dir("."), file("a", 1), file("y", 1), file("z", 1)],
+                    vec![dir("."), file("a", 1)],
+                    vec![],
+                    vec!["y", "z"],
+                ),
+            ),
+            (
+                "kind",
+                (
+                    vec![dir("."), file("d", 1)],
+                    vec![dir("."), dir("d")],
+                    vec!["d"],
+                    vec![],
+                ),
+            ),
+            (
+                "everything new",
+                (vec![], vec![dir("."), file("a", 1)], vec![".", "a"], vec![]),
+            ),
+            (
+                "everything gone",
+                (vec![dir("."), file("a", 1)], vec![], vec![], vec![".", "a"]),
+            ),
+            (
+                "interleaved",
+                (
+                    vec![dir("."), file("b", 1), file("d", 1)],
+                    vec![dir("."), file("a", 1), file("c", 1), file("d", 2)],
+                    vec!["a", "c", "d"],
+                    vec!["b"],
+                ),
+            ),
+        ];
+        for (name, (base, new, want_changed, want_removed)) in cases {
+            let base = manifest(base);
+            let c = compare(&base, manifest(new.clone()));
+            assert_eq!(paths(&c.changed), want_changed, "{name}: changed");
+            assert_eq!(removed(&c.removed), want_removed, "{name}: removed");
+            assert_eq!(c.to_count, new.len() as u64, "{name}: count");
+            assert_eq!(
+                c.to_digest,
+                manifest(new.clone()).digest(),
+                "{name}: digest"
+            );
+            // Fed in blocks of one entry, as the stream readers do: the same result.
+            let mut cmp = Compare::new(base.entries.iter());
+            for e in new {
+                cmp.feed([e]);
+            }
+            let streamed = cmp.finish(c.to_digest, c.to_count);
+            assert_eq!(streamed.changed, c.changed, "{name}: streamed changed");
+            assert_eq!(streamed.removed, c.removed, "{name}: streamed removed");
+        }
+    }
+
+    #[test]
+    fn base_keeps_only_what_the_changed_files_can_use() {
+        let new = vec![dir("."), file("lib/libx.so.2", 9), file("etc/conf", 8)];
+        let base = vec![
+            dir("."),
+            file("etc/conf", 1),
+            file("lib/libx.so.1", 2),
+            file("other", 8),
+            file("unrelated", 3),
+        ];
+        let changes = compare(&manifest(base.clone()), manifest(new));
+        let mut b = Base::new(None, [0; 32], &changes);
+        for e in &base {
+            b.keep(e);
+        }
+        assert_eq!(b.at_path(b"etc/conf"), Some(&base[1]), "same path");
+        assert!(b.at_path(b"other").is_none());
+        let named = b.named(b"libx.so.").expect("same name without digits");
+        assert_eq!(named, vec![&base[2]]);
+        assert_eq!(
+            b.with_sha(&[8; 32]).collect::<Vec<_>>(),
+            vec![&base[3]],
+            "same content"
+        );
+        assert_eq!(b.with_sha(&[3; 32]).count(), 0, "nothing wants `unrelated`");
+        assert_eq!(b.kept.len(), 3);
+    }
+}

@@ -304,3 +304,143 @@ pub(super) fn choose(
     }
     Ok(best)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    /// Decodes a blob the way a device would, with the zstd and bsdiff crates directly.
+    fn decode(source: &Source, blob: &[u8], bases: &[(Hash, Vec<u8>)], size: usize) -> Vec<u8> {
+        let base_of = |sha: &Hash| &bases.iter().find(|(s, _)| s == sha).expect("a base").1;
+        match source {
+            Source::Zstd => zstd::bulk::decompress(blob, size).unwrap(),
+            Source::ZstdPatch { base } => {
+                let mut d =
+                    zstd::stream::read::Decoder::with_ref_prefix(blob, base_of(base)).unwrap();
+                d.window_log_max(31).unwrap();
+                let mut out = Vec::new();
+                d.read_to_end(&mut out).unwrap();
+                out
+            }
+            Source::Bsdiff { base } => {
+                let patch = zstd::stream::decode_all(blob).unwrap();
+                let mut out = Vec::new();
+                bsdiff::patch(base_of(base), &mut &patch[..], &mut out).unwrap();
+                out
+            }
+            Source::Base => panic!("choose never ships a base content"),
+        }
+    }
+
+    /// Pseudo-random bytes that zstd cannot compress.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A small "executable" whose words all move by `shift`, as code does when a function
+    /// before them grows: zstd finds no match, bsdiff's difference bytes are all alike.
+    fn elf(shift: u32) -> Vec<u8> {
+        let mut v = b"\x7fELF".to_vec();
+        for i in 0..40_000u32 {
+            v.extend_from_slice(&((i.wrapping_mul(2_654_435_761) >> 12) + shift).to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn choose_takes_the_smallest_encoding() {
+        let text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut edited = text.clone();
+        edited.splice(5000..5000, b"an inserted line\n".iter().copied());
+        let random = noise(50_000, 1);
+        let mut random_edited = random.clone();
+        random_edited[25_000] ^= 0xff;
+        let other = noise(50_000, 2);
+        // (name, data, bases, the source it must choose: "zstd", "patch N" or "bsdiff N")
+        let cases: Vec<(&str, Vec<u8>, Vec<Vec<u8>>, &str)> = vec![
+            ("no reference", text.clone(), vec![], "zstd"),
+            (
+                "one close reference",
+                edited.clone(),
+                vec![text.clone()],
+                "patch 0",
+            ),
+            (
+                "random data, close reference",
+                random_edited.clone(),
+                vec![random.clone()],
+                "patch 0",
+            ),
+            (
+                "the closer of two",
+                random_edited.clone(),
+                vec![other.clone(), random.clone()],
+                "patch 1",
+            ),
+            (
+                "the closer of three",
+                random_edited,
+                vec![other.clone(), noise(50_000, 3), random],
+                "patch 2",
+            ),
+            // The whole content is only tried when the patch saves less than half.
+            (
+                "a patch that saves enough",
+                text.clone(),
+                vec![other.clone()],
+                "patch 0",
+            ),
+            (
+                "an executable whose code moved",
+                elf(3),
+                vec![elf(0)],
+                "bsdiff 0",
+            ),
+            (
+                "a tiny patch is not worth bsdiff",
+                elf(0),
+                vec![elf(0)],
+                "patch 0",
+            ),
+        ];
+        for (name, data, bases, want) in cases {
+            let bases: Vec<(Hash, Vec<u8>)> = bases
+                .into_iter()
+                .enumerate()
+                .map(|(k, b)| ([k as u8; 32], b))
+                .collect();
+            let (source, blob) = choose(&data, &bases, 3).unwrap();
+            let got = match source {
+                Source::Zstd => "zstd".to_owned(),
+                Source::ZstdPatch { base } => format!("patch {}", base[0]),
+                Source::Bsdiff { base } => format!("bsdiff {}", base[0]),
+                Source::Base => "base".to_owned(),
+            };
+            assert_eq!(got, want, "{name}: chose {got} ({} bytes)", blob.len());
+            assert_eq!(
+                decode(&source, &blob, &bases, data.len()),
+                data,
+                "{name}: round trip"
+            );
+        }
+        // An unrelated reference saves nothing: never bigger than the whole content.
+        let data = noise(50_000, 4);
+        let (source, blob) = choose(&data, &[([0; 32], other)], 3).unwrap();
+        assert!(
+            blob.len() <= zstd_whole(&data, 3).unwrap().len(),
+            "{source:?}"
+        );
+    }
+}
