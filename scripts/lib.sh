@@ -27,10 +27,10 @@
 #
 # Environment:
 #   TREESWAP_CACHE            cache dir (default /var/cache/treeswap-test)
-#   TREESWAP_MIRROR           Debian mirror (default: taken from /etc/apt/sources.list.d,
-#                             else http://deb.debian.org/debian)
-#   TREESWAP_SECURITY_MIRROR  security mirror (same rule, else
-#                             http://deb.debian.org/debian-security)
+#   TREESWAP_MIRROR           Debian mirror (default: the first URI ending in /debian in
+#                             the machine's apt sources; an error if there is none)
+#   TREESWAP_SECURITY_MIRROR  security mirror (default: the first URI ending in
+#                             /debian-security there; an error if there is none)
 #   TREESWAP                  path of a treeswap binary to use instead of building one
 
 # Make `x=$(f)` fail when f fails part-way, as the callers run with set -e.
@@ -112,27 +112,33 @@ ensure_pkgs() {
         "${missing[@]}" >&2
 }
 
-# The first URI in the deb822 sources whose path ends in $1 ("/debian" or
-# "/debian-security"), so the scripts use the mirror this machine is known to reach.
+# The first URI in the machine's apt sources (deb822 *.sources, then one-line
+# sources.list and *.list) whose path ends in $1 ("/debian" or "/debian-security"),
+# so the scripts use the mirror this machine is known to reach.
 _ts_mirror_from_sources() {
     local suffix=$1 f uri
-    for f in /etc/apt/sources.list.d/*.sources; do
+    for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [ -e "$f" ] || continue
         while read -r uri; do
             case "$uri" in
                 *"$suffix" | *"$suffix/") printf '%s\n' "${uri%/}"; return 0 ;;
             esac
-        done < <(sed -n 's/^URIs:[[:space:]]*//p' "$f" | tr ' ' '\n')
+        done < <(case "$f" in
+                     *.sources) sed -n 's/^URIs:[[:space:]]*//p' "$f" | tr ' ' '\n' ;;
+                     *) sed -n 's/^[[:space:]]*deb\(-src\)\?[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]\+\).*/\3/p' "$f" ;;
+                 esac)
     done
     return 1
 }
 ts_mirror() {
     if [ -n "${TREESWAP_MIRROR:-}" ]; then echo "$TREESWAP_MIRROR"; return; fi
-    _ts_mirror_from_sources /debian || echo http://deb.debian.org/debian
+    _ts_mirror_from_sources /debian \
+        || die "no Debian mirror (a URI ending in /debian) in the apt sources; set TREESWAP_MIRROR"
 }
 ts_security_mirror() {
     if [ -n "${TREESWAP_SECURITY_MIRROR:-}" ]; then echo "$TREESWAP_SECURITY_MIRROR"; return; fi
-    _ts_mirror_from_sources /debian-security || echo http://deb.debian.org/debian-security
+    _ts_mirror_from_sources /debian-security \
+        || die "no Debian security mirror (a URI ending in /debian-security) in the apt sources; set TREESWAP_SECURITY_MIRROR"
 }
 
 # Remove leftovers of an interrupted build (NAME.tmp.*), refusing if anything is

@@ -369,7 +369,8 @@ mod tests {
         random_edited[25_000] ^= 0xff;
         let other = noise(50_000, 2);
         // (name, data, bases, the source it must choose: "zstd", "patch N" or "bsdiff N")
-        let cases: Vec<(&str, Vec<u8>, Vec<Vec<u8>>, &str)> = vec![
+        type Case = (&'static str, Vec<u8>, Vec<Vec<u8>>, &'static str);
+        let cases: Vec<Case> = vec![
             ("no reference", text.clone(), vec![], "zstd"),
             (
                 "one close reference",
