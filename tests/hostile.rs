@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use sha2::{Digest, Sha256};
 
-/// The exit codes a hostile delta may give (src/error.rs): verification, wrong base, malformed,
+/// The exit codes a hostile delta may give (src/core/error.rs): verification, wrong base, malformed,
 /// no space, untrusted, downgrade.
 const HOSTILE_CODES: [i32; 6] = [3, 7, 8, 9, 10, 11];
 /// Address space for each hostile apply: far above what the fixture deltas need, far below

@@ -1,4 +1,4 @@
-//! Staging by btrfs snapshot (snapshot.rs): on a loop-mounted btrfs in reflink mode, trees are
+//! Staging by btrfs snapshot (src/store/root.rs, src/tree/restage.rs): on a loop-mounted btrfs in reflink mode, trees are
 //! subvolumes with read-only snapshots, and an apply starts from the base's snapshot and makes
 //! only what the delta changes. The result must be exactly the new tree, whatever was written
 //! into the running tree, and crashes, reverts and gc must leave no subvolume behind.

@@ -49,7 +49,7 @@ pub struct Pool {
     dir: OwnedFd,
     tmp: OwnedFd,
     shape: Shape,
-    /// How objects are protected (see protect.rs).
+    /// How objects are protected (see store/protect.rs).
     mode: Protection,
     /// For objects that hit the link limit: the copy to try first.
     copy_hint: Mutex<HashMap<ObjectId, u32>>,

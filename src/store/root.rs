@@ -2,7 +2,7 @@
 //! and `previous` symlinks.
 //!
 //! ```text
-//! pool/abcdef…        objects (see pool.rs; roots made before have pool/ab/abcdef…)
+//! pool/abcdef…        objects (see store/pool.rs; roots made before have pool/ab/abcdef…)
 //! tmp/                temporary files of objects being written
 //! staging/<V>/        a tree being built; renamed to trees/<V> once complete
 //! trees/<V>/          installed trees, farms of hardlinks into pool/
@@ -65,7 +65,7 @@ impl Root {
             sys::mkdirat(fd.as_fd(), d.as_bytes(), 0o755, true)
                 .with_context(|| format!("in the state root `{}`", path.display()))?;
         }
-        // A root that an older treeswap began making: finish its shards (pool.rs, Layout).
+        // A root that an older treeswap began making: finish its shards (store/pool.rs, `Shape`).
         let pool = sys::open_dir_beneath(fd.as_fd(), b"pool")?;
         if sys::lstatat(pool.as_fd(), b"00")?.is_some() {
             for i in 0..=255u8 {
@@ -265,7 +265,7 @@ impl Root {
             .join(format!("{version}.layout.toml"))
     }
 
-    /// Which files of a tree are copies (see protect.rs); links only if no layout was recorded.
+    /// Which files of a tree are copies (see store/layout.rs); links only if no layout was recorded.
     pub fn load_layout(&self, version: &str) -> Result<Layout> {
         let p = self.layout_path(version);
         match std::fs::read_to_string(&p) {

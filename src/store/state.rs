@@ -26,7 +26,7 @@ pub(crate) struct State {
     /// so that `boot` can finish one cut short between the two.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flip: Option<Flip>,
-    /// Set while pool objects may be without their immutable flag (see protect.rs).
+    /// Set while pool objects may be without their immutable flag (see `ops::install::while_linking`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unprotected: bool,
     /// Versions `gc` never removes (`treeswap pin`).
