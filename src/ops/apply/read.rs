@@ -15,9 +15,14 @@ use crate::store::root::Root;
 /// The largest delta manifest accepted (a million changed entries take about 200 MB).
 const MAX_MANIFEST: u64 = 1 << 30;
 
-/// Reads a small member that must come next, by name.
-fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) -> Result<Vec<u8>> {
-    let mut m = entries
+/// The next member, which must be the regular file `want`: a delta's members come in a fixed
+/// order (manifest, signature, then the blobs in the order of its contents), so a member out
+/// of place makes the delta invalid rather than one to skip.
+fn next_member<'a, R: Read>(
+    entries: &mut tar::Entries<'a, R>,
+    want: &str,
+) -> Result<tar::Entry<'a, R>> {
+    let m = entries
         .next()
         .ok_or_else(|| bad(format!("it is truncated: member `{want}` is missing")))?
         .map_err(|e| bad(format!("cannot read member `{want}`: {e}")))?;
@@ -31,6 +36,12 @@ fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) ->
             crate::core::path::display(&name)
         )));
     }
+    Ok(m)
+}
+
+/// Reads a small member that must come next, by name.
+fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) -> Result<Vec<u8>> {
+    let mut m = next_member(entries, want)?;
     if m.header().size().unwrap_or(u64::MAX) > limit {
         return Err(bad(format!("member `{want}` is too large")));
     }
@@ -65,7 +76,7 @@ pub fn read_delta_head(input: impl Read) -> Result<Delta> {
 }
 
 /// The version whose stored manifest has `digest`, preferring `current`.
-pub(super) fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
+fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
     let current = root.link("current")?;
     let mut versions = root.versions()?;
     if let Some(c) = &current {
@@ -78,6 +89,40 @@ pub(super) fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
         }
     }
     Ok(None)
+}
+
+/// The installed version the delta applies to; warns when it is not the current one.
+pub(super) fn base_version(root: &Root, d: &Delta, current: Option<&str>) -> Result<String> {
+    let Some(base) = find_base(root, &d.from_digest)? else {
+        return Err(wrong_base(root, d, current)?);
+    };
+    if current != Some(base.as_str()) {
+        log::warn!("this delta applies to installed version `{base}`, which is not current");
+    }
+    Ok(base)
+}
+
+/// The failure for a delta whose base is not installed: it names the base the delta wants
+/// and what is current instead, so that the right delta can be fetched.
+fn wrong_base(root: &Root, d: &Delta, current: Option<&str>) -> Result<anyhow::Error> {
+    let cur = match current {
+        Some(c) => format!(
+            "current `{c}` has digest {}",
+            root.manifest_digest(c)?
+                .map(hex::encode)
+                .unwrap_or_default()
+        ),
+        None => "no version is current".to_string(),
+    };
+    Ok(Fail::WrongBase(format!(
+        "this delta is for a base tree{} with digest {}, which is not installed; {cur}",
+        d.from_version
+            .as_ref()
+            .map(|v| format!(" `{v}`"))
+            .unwrap_or_default(),
+        hex::encode(d.from_digest)
+    ))
+    .into())
 }
 
 /// zstd frames start with these bytes; a delta is a plain tar or a zstd-compressed one.
@@ -104,20 +149,7 @@ pub(super) fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>
 pub(super) fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<u8>> {
     let (want_sha, want_size) = c.blob.expect("blob");
     let name = Delta::blob_member(c);
-    let mut member = entries
-        .next()
-        .ok_or_else(|| bad(format!("it is truncated: member `{name}` is missing")))?
-        .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
-    let got_name = member.path_bytes().into_owned();
-    if member.header().entry_type() != tar::EntryType::Regular {
-        return Err(bad(format!("member `{name}` is not a regular file")));
-    }
-    if got_name != name.as_bytes() {
-        return Err(bad(format!(
-            "expected member `{name}`, found `{}`",
-            crate::core::path::display(&got_name)
-        )));
-    }
+    let mut member = next_member(entries, &name)?;
     if member.header().size().ok() != Some(want_size) {
         return Err(bad(format!(
             "member `{name}` does not have its declared size {want_size}"
@@ -140,4 +172,18 @@ pub(super) fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> 
         .into());
     }
     Ok(blob)
+}
+
+/// Checks that nothing follows the last blob: the signed manifest names every member a delta
+/// may have.
+pub(super) fn expect_end<R: Read>(entries: &mut tar::Entries<R>) -> Result<()> {
+    if let Some(extra) = entries.next() {
+        let name = extra
+            .map(|e| crate::core::path::display(&e.path_bytes()))
+            .unwrap_or_else(|e| e.to_string());
+        return Err(bad(format!(
+            "unexpected member `{name}` after the last blob"
+        )));
+    }
+    Ok(())
 }
