@@ -441,3 +441,535 @@ fn check_fits(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::delta::Content;
+
+    fn sha(n: u8) -> Hash {
+        [n; 32]
+    }
+
+    fn hex(n: u8) -> String {
+        hex::encode(sha(n))
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            path: path.as_bytes().into(),
+            meta: Meta {
+                mode: 0o755,
+                ..Meta::default()
+            },
+            kind: Kind::Dir,
+        }
+    }
+
+    /// A regular file of content `n` (size 10·n) with mode `mode`.
+    fn file_mode(path: &str, n: u8, mode: u32) -> Entry {
+        Entry {
+            path: path.as_bytes().into(),
+            meta: Meta {
+                mode,
+                ..Meta::default()
+            },
+            kind: Kind::File {
+                size: 10 * u64::from(n),
+                sha256: sha(n),
+            },
+        }
+    }
+
+    fn file(path: &str, n: u8) -> Entry {
+        file_mode(path, n, 0o644)
+    }
+
+    /// Content `n` (size 10·n) shipped as `source`.
+    fn content(n: u8, source: Source) -> Content {
+        let blob = (source != Source::Base).then_some((sha(200), 1));
+        Content {
+            sha256: sha(n),
+            size: 10 * u64::from(n),
+            source,
+            blob,
+        }
+    }
+
+    fn patch(n: u8, base: u8) -> Content {
+        content(n, Source::ZstdPatch { base: sha(base) })
+    }
+
+    fn bsdiff(n: u8, base: u8) -> Content {
+        content(n, Source::Bsdiff { base: sha(base) })
+    }
+
+    /// A delta that declares `declared` as its result (its count and digest).
+    fn delta(removed: &[&str], changed: &[Entry], declared: &[Entry]) -> Delta {
+        Delta {
+            to_version: "2".into(),
+            to_digest: tree_digest(declared),
+            to_count: declared.len() as u64,
+            removed: removed.iter().map(|p| p.as_bytes().into()).collect(),
+            changed: changed.to_vec(),
+            ..Delta::default()
+        }
+    }
+
+    fn manifest(entries: &[Entry]) -> Manifest {
+        Manifest {
+            version: Some("1".into()),
+            entries: entries.to_vec(),
+        }
+    }
+
+    fn not_a_tree(path: &str, parent: &str) -> String {
+        format!(
+            "invalid delta: its result is not a valid tree: `{path}` is listed but its parent \
+             `{parent}` is not a directory of the tree"
+        )
+    }
+
+    /// Composing: each case's delta declares its expected result (or, for the error cases,
+    /// the base: so a result that differs in count or digest is an error).
+    #[test]
+    fn compose_cases() {
+        let base = vec![
+            dir("."),
+            file("a", 1),
+            dir("d"),
+            file("d/x", 2),
+            file("d/y", 3),
+            file("e", 4),
+        ];
+        let with_a7 = |rest: &[Entry]| [&[dir("."), file("a", 7)], rest].concat();
+        /// A name, the removed paths, the changed entries, and the result or the error.
+        type Case = (
+            &'static str,
+            &'static [&'static str],
+            Vec<Entry>,
+            Result<Vec<Entry>, String>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "a new file",
+                &[],
+                vec![file("b", 5)],
+                Ok(vec![
+                    dir("."),
+                    file("a", 1),
+                    file("b", 5),
+                    dir("d"),
+                    file("d/x", 2),
+                    file("d/y", 3),
+                    file("e", 4),
+                ]),
+            ),
+            (
+                "a new directory and a file in it, between old entries",
+                &[],
+                vec![dir("c"), file("c/z", 6), file("d/w", 8)],
+                Ok(vec![
+                    dir("."),
+                    file("a", 1),
+                    dir("c"),
+                    file("c/z", 6),
+                    dir("d"),
+                    file("d/w", 8),
+                    file("d/x", 2),
+                    file("d/y", 3),
+                    file("e", 4),
+                ]),
+            ),
+            (
+                "a changed content and a changed mode",
+                &[],
+                vec![file("a", 7), file_mode("e", 4, 0o755)],
+                Ok(with_a7(&[
+                    dir("d"),
+                    file("d/x", 2),
+                    file("d/y", 3),
+                    file_mode("e", 4, 0o755),
+                ])),
+            ),
+            (
+                "a removed file",
+                &["a"],
+                vec![],
+                Ok(vec![
+                    dir("."),
+                    dir("d"),
+                    file("d/x", 2),
+                    file("d/y", 3),
+                    file("e", 4),
+                ]),
+            ),
+            (
+                "a removed directory with its children",
+                &["d", "d/x", "d/y"],
+                vec![],
+                Ok(vec![dir("."), file("a", 1), file("e", 4)]),
+            ),
+            (
+                "a directory replaced by a file",
+                &["d/x", "d/y"],
+                vec![file("d", 9)],
+                Ok(vec![dir("."), file("a", 1), file("d", 9), file("e", 4)]),
+            ),
+            (
+                "added, changed and removed at once",
+                &["d/y"],
+                vec![file("a", 7), file("b", 5), file("d/w", 8), file("f", 6)],
+                Ok(with_a7(&[
+                    file("b", 5),
+                    dir("d"),
+                    file("d/w", 8),
+                    file("d/x", 2),
+                    file("e", 4),
+                    file("f", 6),
+                ])),
+            ),
+            (
+                "a removed directory whose children stay",
+                &["d"],
+                vec![],
+                Err(not_a_tree("d/x", "d")),
+            ),
+            (
+                "a change under a removed directory",
+                &["d", "d/x", "d/y"],
+                vec![file("d/z", 5)],
+                Err(not_a_tree("d/z", "d")),
+            ),
+            (
+                "a new file under a file",
+                &[],
+                vec![file("a/z", 5)],
+                Err(not_a_tree("a/z", "a")),
+            ),
+            (
+                "a removed path the base lacks",
+                &["b"],
+                vec![],
+                Err("invalid delta: it removes `b`, which the base tree does not have".into()),
+            ),
+            (
+                "a result with another count than declared",
+                &[],
+                vec![file("b", 5)],
+                Err("the delta's result has 7 entries, but it declares 6".into()),
+            ),
+            (
+                "a result with another digest than declared",
+                &[],
+                vec![file("a", 7)],
+                Err(format!(
+                    "the delta's result has digest {}, but it declares {}",
+                    hex::encode(tree_digest(&with_a7(&base[2..]))),
+                    hex::encode(tree_digest(&base))
+                )),
+            ),
+        ];
+        for (name, removed, changed, want) in cases {
+            let declared = want.as_ref().unwrap_or(&base);
+            let d = delta(removed, &changed, declared);
+            let got = compose(manifest(&base), &d).map_err(|e| format!("{e:#}"));
+            let want = want.map(|entries| Manifest {
+                version: Some("2".into()),
+                entries,
+            });
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    /// What a plan says, by content number and changed path, for comparing with a case.
+    #[derive(Debug, PartialEq)]
+    struct Summary {
+        /// Contents with new objects, and the paths of the changed files they are made for.
+        new: Vec<(u8, Vec<&'static str>)>,
+        /// Contents whose object the pool has, and the path of the changed file it is for.
+        existing: Vec<(u8, &'static str)>,
+        /// Contents of the base the delta refers to, and a path of the base with each.
+        base: Vec<(u8, &'static str)>,
+        bytes: u64,
+        objects: u64,
+    }
+
+    /// Checks that `plan` is what `want` says, the objects and metadata included.
+    fn check_plan(plan: &Plan, want: &Summary, base: &[Entry], changed: &[Entry], name: &str) {
+        let entry = |set: &[Entry], p: &str| -> Entry {
+            set.iter()
+                .find(|e| *e.path == *p.as_bytes())
+                .unwrap()
+                .clone()
+        };
+        let metas: HashMap<Hash, Vec<(Meta, ObjectId)>> = want
+            .new
+            .iter()
+            .map(|(n, paths)| {
+                let objects = paths.iter().map(|p| entry(changed, p)).map(|e| {
+                    let id = e.object().unwrap();
+                    (e.meta, id)
+                });
+                (sha(*n), objects.collect())
+            })
+            .collect();
+        let existing: HashMap<Hash, ObjectId> = want
+            .existing
+            .iter()
+            .map(|(n, p)| (sha(*n), entry(changed, p).object().unwrap()))
+            .collect();
+        let base_content: BaseContent = want
+            .base
+            .iter()
+            .map(|(n, p)| (sha(*n), entry(base, p).object().unwrap()))
+            .collect();
+        let base_paths: BasePaths = want
+            .base
+            .iter()
+            .map(|(n, p)| (sha(*n), p.as_bytes().into()))
+            .collect();
+        assert_eq!(plan.metas, metas, "{name}: new objects");
+        assert_eq!(plan.existing, existing, "{name}: objects in the pool");
+        assert_eq!(plan.base_content, base_content, "{name}: base objects");
+        assert_eq!(plan.base_paths, base_paths, "{name}: base paths");
+        assert_eq!(
+            (plan.bytes, plan.objects),
+            (want.bytes, want.objects),
+            "{name}: bytes and objects"
+        );
+    }
+
+    fn summary(
+        new: &[(u8, &[&'static str])],
+        existing: &[(u8, &'static str)],
+        base: &[(u8, &'static str)],
+        bytes: u64,
+        objects: u64,
+    ) -> Summary {
+        Summary {
+            new: new.iter().map(|(n, p)| (*n, p.to_vec())).collect(),
+            existing: existing.to_vec(),
+            base: base.to_vec(),
+            bytes,
+            objects,
+        }
+    }
+
+    /// Planning, on the base `.`, `a` (content 1), `b` (2), `c` (3) and `c2` (3 again); each
+    /// case has the delta's contents, its changed entries, the changed paths whose objects
+    /// the pool has, and the plan or the error.
+    #[test]
+    fn plan_cases() {
+        let base = vec![
+            dir("."),
+            file("a", 1),
+            file("b", 2),
+            file("c", 3),
+            file("c2", 3),
+        ];
+        let missing = |n: u8| {
+            format!(
+                "`e` needs content {} which neither the delta nor the pool has",
+                hex(n)
+            )
+        };
+        let neither = |n: u8, r: u8| {
+            format!(
+                "invalid delta: content {} is a patch against {}, which is neither in the base \
+                 tree nor earlier in the delta",
+                hex(n),
+                hex(r)
+            )
+        };
+        type Case = (
+            &'static str,
+            Vec<Content>,
+            Vec<Entry>,
+            &'static [&'static str],
+            Result<Summary, String>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "a new content",
+                vec![content(5, Source::Zstd)],
+                vec![file("e", 5)],
+                &[],
+                Ok(summary(&[(5, &["e"])], &[], &[], 50, 1)),
+            ),
+            (
+                "one content with two modes makes two objects",
+                vec![content(5, Source::Zstd)],
+                vec![file("e", 5), file_mode("f", 5, 0o600)],
+                &[],
+                Ok(summary(&[(5, &["e", "f"])], &[], &[], 100, 2)),
+            ),
+            (
+                "the same object at two paths is made once",
+                vec![content(5, Source::Zstd)],
+                vec![file("e", 5), file("f", 5)],
+                &[],
+                Ok(summary(&[(5, &["e"])], &[], &[], 50, 1)),
+            ),
+            (
+                "an object the pool has is not made",
+                vec![content(5, Source::Zstd)],
+                vec![file("e", 5), file_mode("f", 5, 0o600)],
+                &["e"],
+                Ok(summary(&[(5, &["f"])], &[(5, "e")], &[], 50, 1)),
+            ),
+            (
+                "an object the pool has needs no content",
+                vec![],
+                vec![file("e", 5)],
+                &["e"],
+                Ok(summary(&[], &[(5, "e")], &[], 0, 0)),
+            ),
+            (
+                "a base content with new metadata (the first base path kept)",
+                vec![content(3, Source::Base)],
+                vec![file_mode("a", 3, 0o600)],
+                &[],
+                Ok(summary(&[(3, &["a"])], &[], &[(3, "c")], 30, 1)),
+            ),
+            (
+                "a patch against the base",
+                vec![patch(5, 2)],
+                vec![file("b", 5)],
+                &[],
+                Ok(summary(&[(5, &["b"])], &[], &[(2, "b")], 50, 1)),
+            ),
+            (
+                "a patch against an earlier content only used as a reference",
+                vec![content(5, Source::Zstd), bsdiff(6, 5)],
+                vec![file("f", 6)],
+                &[],
+                Ok(summary(&[(6, &["f"])], &[], &[], 60, 1)),
+            ),
+            (
+                "a base content the base lacks",
+                vec![content(5, Source::Base)],
+                vec![file("e", 5)],
+                &[],
+                Err(format!(
+                    "invalid delta: content {} is said to be in the base tree, which does not \
+                     have it",
+                    hex(5)
+                )),
+            ),
+            (
+                "a patch against a later content",
+                vec![bsdiff(6, 5), content(5, Source::Zstd)],
+                vec![file("e", 5), file("f", 6)],
+                &[],
+                Err(neither(6, 5)),
+            ),
+            (
+                "a patch against a content nobody has",
+                vec![patch(6, 9)],
+                vec![file("f", 6)],
+                &[],
+                Err(neither(6, 9)),
+            ),
+            (
+                "a content neither in the delta nor in the pool",
+                vec![],
+                vec![file("e", 5)],
+                &[],
+                Err(missing(5)),
+            ),
+            (
+                "a base content not in the delta is missing too",
+                vec![],
+                vec![file_mode("e", 1, 0o600)],
+                &[],
+                Err(missing(1)),
+            ),
+            (
+                "a file whose size is not its content's",
+                vec![content(5, Source::Zstd)],
+                vec![Entry {
+                    kind: Kind::File {
+                        size: 7,
+                        sha256: sha(5),
+                    },
+                    ..file("e", 5)
+                }],
+                &[],
+                Err(format!(
+                    "invalid delta: `e` has size 7, but its content {} has size 50",
+                    hex(5)
+                )),
+            ),
+        ];
+        for (name, contents, changed, in_pool, want) in cases {
+            let d = Delta {
+                contents,
+                ..delta(&[], &changed, &[])
+            };
+            let in_pool: HashSet<ObjectId> = in_pool
+                .iter()
+                .map(|p| {
+                    let e = changed.iter().find(|e| *e.path == *p.as_bytes()).unwrap();
+                    e.object().unwrap()
+                })
+                .collect();
+            let (base_content, base_paths) = base_contents(&manifest(&base), &d);
+            let got = plan(base_content, base_paths, &d, in_pool);
+            match (got, want) {
+                (Ok(p), Ok(want)) => check_plan(&p, &want, &base, &changed, name),
+                (Err(e), Err(want)) => assert_eq!(format!("{e:#}"), want, "{name}"),
+                (Ok(_), Err(want)) => panic!("{name}: planned, but wanted: {want}"),
+                (Err(e), Ok(_)) => panic!("{name}: {e:#}"),
+            }
+        }
+    }
+
+    /// The free-space check: a plan of 1000 bytes in one new object, for a tree of one
+    /// directory. Each case: the fragment size, the free bytes and inodes, and the error.
+    #[test]
+    fn check_fits_cases() {
+        let plan = Plan {
+            metas: HashMap::new(),
+            base_content: BaseContent::new(),
+            base_paths: BasePaths::new(),
+            existing: HashMap::new(),
+            bytes: 1000,
+            objects: 1,
+        };
+        let new = manifest(&[dir(".")]);
+        // 4096-byte blocks: 3 blocks (content, object, directory), 200 bytes of manifest, 5%
+        // and 16 MiB; 512-byte blocks (and a file system that says 0): 2 + 1 + 1 blocks.
+        let (need_4k, need_512) = (16790328, 16779576);
+        let short = |need: u64, free: u64| {
+            format!(
+                "not enough space in `/r`: the update needs {} MiB, {} MiB are free ({} MiB \
+                 missing)",
+                need.div_ceil(1 << 20),
+                free >> 20,
+                (need - free).div_ceil(1 << 20)
+            )
+        };
+        let inodes = "not enough inodes in `/r`: the update needs about 17, 16 are free";
+        type Case = (u64, u64, Option<u64>, Result<(), String>);
+        let cases: Vec<Case> = vec![
+            (4096, need_4k, None, Ok(())),
+            (4096, need_4k - 1, None, Err(short(need_4k, need_4k - 1))),
+            (512, need_512, None, Ok(())),
+            (512, need_512 - 1, None, Err(short(need_512, need_512 - 1))),
+            (0, need_512, None, Ok(())),
+            (0, need_512 - 1, None, Err(short(need_512, need_512 - 1))),
+            (4096, 0, None, Err(short(need_4k, 0))),
+            (4096, need_4k, Some(17), Ok(())),
+            (4096, need_4k, Some(16), Err(inodes.into())),
+        ];
+        for (frsize, free, free_inodes, want) in cases {
+            let got = check_fits(Path::new("/r"), (free, frsize, free_inodes), &plan, &new)
+                .map_err(|e| format!("{e:#}"));
+            assert_eq!(
+                got, want,
+                "block {frsize}, {free} bytes, {free_inodes:?} inodes"
+            );
+        }
+    }
+}
