@@ -371,13 +371,15 @@ pub(crate) fn readlinkat(dir: BorrowedFd, name: &[u8]) -> Result<Option<Vec<u8>>
     }
 }
 
-/// Free bytes for an unprivileged writer on the file system of `fd` ([fstatvfs(3)]).
+/// Free space for an unprivileged writer on the file system of `fd` ([fstatvfs(3)]): the free
+/// bytes, the fragment size (the unit of allocation), and the free inodes, `None` when the
+/// file system reports no inode count (btrfs) or no free inode.
 ///
 /// [fstatvfs(3)]: https://man7.org/linux/man-pages/man3/fstatvfs.3.html
-#[allow(dead_code)]
-pub(crate) fn free_bytes(fd: BorrowedFd) -> Result<u64> {
+pub(crate) fn free_bytes(fd: BorrowedFd) -> Result<(u64, u64, Option<u64>)> {
     let st = rustix::fs::fstatvfs(fd).context("cannot read free space")?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    let inodes = (st.f_favail != 0 && st.f_files != 0).then_some(st.f_favail);
+    Ok((st.f_bavail.saturating_mul(st.f_frsize), st.f_frsize, inodes))
 }
 
 /// Copies the first `size` bytes of `src` to the end of `dst` in the kernel
