@@ -288,10 +288,7 @@ fn check(d: &Delta) -> Result<()> {
         if !seen.insert(c.sha256) {
             bail!("content {} is listed twice", hex::encode(c.sha256));
         }
-        if let Some(b) = c.source.base()
-            && !seen.contains(b)
-            && b == &c.sha256
-        {
+        if c.source.base() == Some(&c.sha256) {
             bail!(
                 "content {} is a patch against itself",
                 hex::encode(c.sha256)
@@ -364,6 +361,19 @@ mod tests {
             text[..text.len() / 2].to_string(),
         ] {
             assert!(parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_patch_against_its_own_content_is_refused() {
+        for source in [
+            Source::ZstdPatch { base: [3; 32] },
+            Source::Bsdiff { base: [3; 32] },
+        ] {
+            let mut d = sample();
+            d.contents[0].source = source;
+            let err = format!("{:#}", parse(&d.to_toml()).unwrap_err());
+            assert!(err.contains("is a patch against itself"), "{err}");
         }
     }
 }
