@@ -10,7 +10,8 @@ use std::io::BufRead;
 
 use anyhow::{Context, Result, bail};
 
-use crate::core::manifest::{self, Cursor, Entry, Fields, parse_hash};
+use crate::core::manifest::text::{Cursor, Fields, entry_from_fields, parse_hash};
+use crate::core::manifest::{self, Entry};
 use crate::core::object::Hash;
 use crate::core::path::{decode_path, encode_path, validate_path};
 
@@ -195,7 +196,7 @@ pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
                         d.removed.push(p.into());
                     }
                     "changed" => {
-                        let e = manifest::entry_from_fields(Fields::new(c.inline_table()?))?;
+                        let e = entry_from_fields(Fields::new(c.inline_table()?))?;
                         d.changed.push(e);
                     }
                     _ => d
