@@ -10,7 +10,7 @@ use std::io::BufRead;
 
 use anyhow::{Context, Result, bail};
 
-use crate::core::manifest::text::{Cursor, Fields, entry_from_fields, parse_hash};
+use crate::core::manifest::text::{Cursor, Fields, HeaderReader, entry_from_fields};
 use crate::core::manifest::{self, Entry};
 use crate::core::object::Hash;
 use crate::core::path::{decode_path, encode_path, validate_path};
@@ -167,99 +167,108 @@ pub fn parse(text: &str) -> Result<Delta> {
 /// Parses a delta manifest and checks what can be checked without the base tree: valid,
 /// sorted, unique paths; no path both removed and changed; contents listed once.
 pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
-    let mut d = Delta::default();
-    let (mut from_digest, mut to_digest, mut to_version, mut to_count, mut format) =
-        (None, None, None, None, None);
-    let mut section: Option<String> = None;
-    let mut done: Vec<String> = Vec::new();
-    let mut seen: Vec<String> = Vec::new();
+    let mut reader = Reader {
+        top: HeaderReader::new(
+            "delta manifest",
+            FORMAT,
+            &["removed", "changed", "contents"],
+            false,
+        ),
+        header: Header::default(),
+        delta: Delta::default(),
+    };
     for (n, line) in r.lines().enumerate() {
         let line = line.with_context(|| format!("line {}", n + 1))?;
-        let res: Result<()> = (|| {
-            let mut c = Cursor::new(&line);
-            if c.at_end() {
-                return Ok(());
-            }
-            if let Some(sec) = &section {
-                if c.eat(b']') {
-                    if !c.at_end() {
-                        bail!("text after `]`");
-                    }
-                    done.push(sec.clone());
-                    section = None;
-                    return Ok(());
-                }
-                match sec.as_str() {
-                    "removed" => {
-                        let p = decode_path(&c.string()?)?;
-                        validate_path(&p)?;
-                        d.removed.push(p.into());
-                    }
-                    "changed" => {
-                        let e = entry_from_fields(Fields::new(c.inline_table()?))?;
-                        d.changed.push(e);
-                    }
-                    _ => d
-                        .contents
-                        .push(content_from_fields(Fields::new(c.inline_table()?))?),
-                }
-                c.expect(b',')?;
-                if !c.at_end() {
-                    bail!("text after the item");
-                }
-                return Ok(());
-            }
-            let key = c.key()?.into_owned();
-            c.expect(b'=')?;
-            if seen.contains(&key) {
-                bail!("`{key}` given twice");
-            }
-            seen.push(key.clone());
-            match key.as_str() {
-                "removed" | "changed" | "contents" => {
-                    if done.contains(&key) {
-                        bail!("`{key}` given twice");
-                    }
-                    c.expect(b'[')?;
-                    section = Some(key);
-                }
-                "format" => format = Some(c.int()?),
-                "from_version" => {
-                    let v = c.string()?.into_owned();
-                    crate::core::version::validate(&v)?;
-                    d.from_version = Some(v);
-                }
-                "to_version" => {
-                    let v = c.string()?.into_owned();
-                    crate::core::version::validate(&v)?;
-                    to_version = Some(v);
-                }
-                "from_digest" => from_digest = Some(parse_hash(&c.string()?)?),
-                "to_digest" => to_digest = Some(parse_hash(&c.string()?)?),
-                "to_count" => to_count = Some(c.int()?),
-                other => bail!("unknown key `{other}`"),
-            }
-            if !c.at_end() {
-                bail!("text after the value");
-            }
-            Ok(())
-        })();
-        res.with_context(|| format!("delta manifest line {}", n + 1))?;
+        reader
+            .line(&line)
+            .with_context(|| format!("delta manifest line {}", n + 1))?;
     }
-    if section.is_some() || done.len() != 3 {
-        bail!("delta manifest is truncated or lacks `removed`, `changed` or `contents`");
+    reader.finish()
+}
+
+/// [`parse_reader`]'s state from line to line.
+struct Reader {
+    top: HeaderReader,
+    header: Header,
+    /// The lists read so far.
+    delta: Delta,
+}
+
+/// The header values of a delta manifest, as far as they are read.
+#[derive(Default)]
+struct Header {
+    from_version: Option<String>,
+    from_digest: Option<Hash>,
+    to_version: Option<String>,
+    to_digest: Option<Hash>,
+    to_count: Option<u64>,
+}
+
+impl Reader {
+    fn line(&mut self, line: &str) -> Result<()> {
+        let header = &mut self.header;
+        let Some((list, mut c)) = self.top.line(line, &mut |key, c| header.value(key, c))? else {
+            return Ok(());
+        };
+        self.item(list, &mut c)?;
+        c.expect(b',')?;
+        if !c.at_end() {
+            bail!("text after the item");
+        }
+        Ok(())
     }
-    match format {
-        Some(f) if f == FORMAT as u64 => {}
-        Some(f) => bail!("delta format {f} is not supported (this treeswap reads {FORMAT})"),
-        None => bail!("delta manifest has no `format`"),
+
+    /// Reads one item of the list `list`.
+    fn item(&mut self, list: &str, c: &mut Cursor) -> Result<()> {
+        let d = &mut self.delta;
+        match list {
+            "removed" => {
+                let p = decode_path(&c.string()?)?;
+                validate_path(&p)?;
+                d.removed.push(p.into());
+            }
+            "changed" => d
+                .changed
+                .push(entry_from_fields(Fields::new(c.inline_table()?))?),
+            _ => d
+                .contents
+                .push(content_from_fields(Fields::new(c.inline_table()?))?),
+        }
+        Ok(())
     }
-    d.from_digest = from_digest.context("delta manifest has no `from_digest`")?;
-    d.to_digest = to_digest.context("delta manifest has no `to_digest`")?;
-    d.to_version = to_version.context("delta manifest has no `to_version`")?;
-    d.to_count = to_count.context("delta manifest has no `to_count`")?;
-    check(&d)?;
-    Ok(d)
+
+    /// Checks, after the last line, that the manifest is whole and consistent.
+    fn finish(self) -> Result<Delta> {
+        self.top.finish()?;
+        let h = self.header;
+        let d = Delta {
+            from_version: h.from_version,
+            from_digest: h
+                .from_digest
+                .context("delta manifest has no `from_digest`")?,
+            to_digest: h.to_digest.context("delta manifest has no `to_digest`")?,
+            to_version: h.to_version.context("delta manifest has no `to_version`")?,
+            to_count: h.to_count.context("delta manifest has no `to_count`")?,
+            ..self.delta
+        };
+        check(&d)?;
+        Ok(d)
+    }
+}
+
+impl Header {
+    /// Reads the value of a header key.
+    fn value(&mut self, key: &str, c: &mut Cursor) -> Result<()> {
+        match key {
+            "from_version" => self.from_version = Some(c.version()?),
+            "to_version" => self.to_version = Some(c.version()?),
+            "from_digest" => self.from_digest = Some(c.hash()?),
+            "to_digest" => self.to_digest = Some(c.hash()?),
+            "to_count" => self.to_count = Some(c.int()?),
+            other => bail!("unknown key `{other}`"),
+        }
+        Ok(())
+    }
 }
 
 fn check(d: &Delta) -> Result<()> {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use super::canonical::canonical_entry_line;
-use super::text::{Cursor, general_entry_line, parse_hash};
+use super::text::{Cursor, HeaderReader, general_entry_line};
 use super::{Entry, FORMAT, Manifest, check_tree, digest_start, encode_entry};
 use crate::core::object::Hash;
 
@@ -73,7 +73,7 @@ pub fn parse_reader_unverified(r: impl BufRead) -> Result<(Manifest, Hash)> {
 }
 
 /// What a manifest's header declares.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Header {
     pub version: Option<String>,
     pub digest: Option<Hash>,
@@ -123,128 +123,131 @@ fn read_blocks(
     mut r: impl BufRead,
     sink: &mut dyn FnMut(Option<u64>, Vec<Entry>) -> Result<()>,
 ) -> Result<Header> {
-    use rayon::prelude::*;
-    use std::io::Read;
-    const BLOCK: u64 = 4 << 20;
-    let mut version = None;
-    let mut digest = None;
-    let mut count = None;
-    let mut format = None;
-    let mut in_entries = false;
-    let mut seen: Vec<String> = Vec::new();
-    let mut closed = false;
-    let mut line_no = 0usize;
+    let mut lines = Lines {
+        top: HeaderReader::new("manifest", FORMAT, &["entries"], true),
+        header: Header::default(),
+        line_no: 0,
+    };
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let n = (&mut r)
-            .take(BLOCK)
-            .read_to_end(&mut buf)
-            .with_context(|| format!("after line {line_no}"))?;
-        let eof = n == 0;
-        let cut = if eof {
-            buf.len()
-        } else {
-            match buf.iter().rposition(|&b| b == b'\n') {
-                Some(p) => p + 1,
-                // A line longer than a block: read on.
-                None => continue,
-            }
+        let Some((cut, eof)) = next_block(&mut r, &mut buf, lines.line_no)? else {
+            continue;
         };
-        let mut batch: Vec<(usize, &[u8])> = Vec::new();
-        let flush = |batch: &mut Vec<(usize, &[u8])>,
-                     count: Option<u64>,
-                     sink: &mut dyn FnMut(Option<u64>, Vec<Entry>) -> Result<()>|
-         -> Result<()> {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let parsed: Result<Vec<Entry>> = batch
-                .par_iter()
-                .map(|(n, l)| entry_line(l).with_context(|| format!("manifest line {n}")))
-                .collect();
-            batch.clear();
-            sink(count, parsed?)
-        };
-        for raw in buf[..cut].split(|&b| b == b'\n') {
-            line_no += 1;
-            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-            if in_entries && raw.first() == Some(&b'{') {
-                batch.push((line_no, raw));
-                continue;
-            }
-            flush(&mut batch, count, sink)?;
-            let res: Result<()> = (|| {
-                let line = std::str::from_utf8(raw).context("not UTF-8")?;
-                let mut c = Cursor::new(line);
-                if c.at_end() {
-                    return Ok(());
-                }
-                if closed {
-                    bail!("text after the end of `entries`");
-                }
-                if in_entries {
-                    if c.eat(b']') {
-                        closed = true;
-                        in_entries = false;
-                        if !c.at_end() {
-                            bail!("text after `]`");
-                        }
-                        return Ok(());
-                    }
-                    bail!("expected an entry or `]`");
-                }
-                let key = c.key()?.into_owned();
-                c.expect(b'=')?;
-                if seen.contains(&key) {
-                    bail!("`{key}` given twice");
-                }
-                seen.push(key.clone());
-                match key.as_str() {
-                    "entries" => {
-                        c.expect(b'[')?;
-                        in_entries = true;
-                    }
-                    "format" => format = Some(c.int()?),
-                    "version" => {
-                        let v = c.string()?.into_owned();
-                        crate::core::version::validate(&v)?;
-                        version = Some(v);
-                    }
-                    "digest" => digest = Some(parse_hash(&c.string()?)?),
-                    "count" => count = Some(c.int()?),
-                    other => bail!("unknown key `{other}`"),
-                }
-                if !c.at_end() {
-                    bail!("text after the value");
-                }
-                Ok(())
-            })();
-            res.with_context(|| format!("manifest line {line_no}"))?;
-        }
-        flush(&mut batch, count, sink)?;
-        drop(batch);
-        // `split` yields one empty piece after the last newline; it is not a line.
-        if cut > 0 && buf[cut - 1] == b'\n' {
-            line_no -= 1;
-        }
+        lines.block(&buf[..cut], sink)?;
         buf.drain(..cut);
         if eof {
             break;
         }
     }
-    if !closed {
-        bail!("manifest is truncated: `entries` is not closed");
+    lines.top.finish()?;
+    Ok(lines.header)
+}
+
+/// How much text [`read_blocks`] reads at a time.
+const BLOCK: u64 = 4 << 20;
+
+/// Appends up to a block of `r` to `buf`. Returns how much of `buf` is whole lines (all of it
+/// once the input has ended) and whether it has; `None` when no line ends in `buf` yet (a
+/// line longer than a block) and more must be read.
+fn next_block(
+    r: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    line_no: usize,
+) -> Result<Option<(usize, bool)>> {
+    use std::io::Read;
+    let n = Read::by_ref(r)
+        .take(BLOCK)
+        .read_to_end(buf)
+        .with_context(|| format!("after line {line_no}"))?;
+    if n == 0 {
+        return Ok(Some((buf.len(), true)));
     }
-    match format {
-        Some(f) if f == FORMAT as u64 => {}
-        Some(f) => bail!("manifest format {f} is not supported (this treeswap reads {FORMAT})"),
-        None => bail!("manifest has no `format`"),
+    Ok(buf
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map(|p| (p + 1, false)))
+}
+
+/// [`read_blocks`]'s state from block to block.
+struct Lines {
+    top: HeaderReader,
+    header: Header,
+    /// The number of the last line read.
+    line_no: usize,
+}
+
+impl Lines {
+    /// Reads the lines of `text`, whole lines: runs of entry lines go to `sink` parsed in
+    /// parallel, other lines are read one by one.
+    fn block(
+        &mut self,
+        text: &[u8],
+        sink: &mut dyn FnMut(Option<u64>, Vec<Entry>) -> Result<()>,
+    ) -> Result<()> {
+        let mut batch: Vec<(usize, &[u8])> = Vec::new();
+        for raw in text.split(|&b| b == b'\n') {
+            self.line_no += 1;
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            if self.top.in_list() && raw.first() == Some(&b'{') {
+                batch.push((self.line_no, raw));
+                continue;
+            }
+            flush(&mut batch, self.header.count, sink)?;
+            self.header_line(raw)
+                .with_context(|| format!("manifest line {}", self.line_no))?;
+        }
+        flush(&mut batch, self.header.count, sink)?;
+        // `split` yields one empty piece after the last newline; it is not a line.
+        if text.last() == Some(&b'\n') {
+            self.line_no -= 1;
+        }
+        Ok(())
     }
-    Ok(Header {
-        version,
-        digest,
-        count,
-    })
+
+    /// Reads a line that is not an entry line: a header line, or the end of `entries`.
+    fn header_line(&mut self, raw: &[u8]) -> Result<()> {
+        let line = std::str::from_utf8(raw).context("not UTF-8")?;
+        let header = &mut self.header;
+        if self
+            .top
+            .line(line, &mut |key, c| header.value(key, c))?
+            .is_some()
+        {
+            bail!("expected an entry or `]`");
+        }
+        Ok(())
+    }
+}
+
+impl Header {
+    /// Reads the value of a header key.
+    fn value(&mut self, key: &str, c: &mut Cursor) -> Result<()> {
+        match key {
+            "version" => self.version = Some(c.version()?),
+            "digest" => self.digest = Some(c.hash()?),
+            "count" => self.count = Some(c.int()?),
+            other => bail!("unknown key `{other}`"),
+        }
+        Ok(())
+    }
+}
+
+/// Parses a run of entry lines in parallel and hands them to `sink`; empties `batch`.
+fn flush(
+    batch: &mut Vec<(usize, &[u8])>,
+    count: Option<u64>,
+    sink: &mut dyn FnMut(Option<u64>, Vec<Entry>) -> Result<()>,
+) -> Result<()> {
+    use rayon::prelude::*;
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let parsed: Result<Vec<Entry>> = batch
+        .par_iter()
+        .map(|(n, l)| entry_line(l).with_context(|| format!("manifest line {n}")))
+        .collect();
+    batch.clear();
+    sink(count, parsed?)
 }
 
 #[cfg(test)]

@@ -153,6 +153,16 @@ impl<'a> Cursor<'a> {
         self.i = end;
         Ok(n)
     }
+    /// A string holding a version (FORMAT.md, "Versions").
+    pub fn version(&mut self) -> Result<String> {
+        let v = self.string()?.into_owned();
+        crate::core::version::validate(&v)?;
+        Ok(v)
+    }
+    /// A string holding a sha256 in hex.
+    pub fn hash(&mut self) -> Result<Hash> {
+        parse_hash(&self.string()?)
+    }
     pub fn value(&mut self) -> Result<Value<'a>> {
         self.ws();
         match self.s.get(self.i) {
@@ -200,6 +210,119 @@ impl<'a> Cursor<'a> {
             self.expect(b',')?;
         }
         Ok(out)
+    }
+}
+
+/// The top level both manifests share: blank and comment lines; `key = value` lines, each
+/// key at most once; `format = N`, which must be the format this treeswap reads; and lists,
+/// opened by `key = [` and closed by a line `]`, each given once. The reader of one manifest
+/// reads the other keys' values and the lists' items.
+pub struct HeaderReader {
+    /// What is read, for messages: "manifest", "delta manifest".
+    what: &'static str,
+    /// The format version this treeswap reads.
+    supported: u32,
+    /// The keys that open a list.
+    lists: &'static [&'static str],
+    /// Whether nothing but blank lines may follow once every list is closed.
+    lists_end: bool,
+    seen: Vec<String>,
+    format: Option<u64>,
+    open: Option<&'static str>,
+    closed: Vec<&'static str>,
+}
+
+impl HeaderReader {
+    pub fn new(
+        what: &'static str,
+        supported: u32,
+        lists: &'static [&'static str],
+        lists_end: bool,
+    ) -> Self {
+        HeaderReader {
+            what,
+            supported,
+            lists,
+            lists_end,
+            seen: Vec::new(),
+            format: None,
+            open: None,
+            closed: Vec::new(),
+        }
+    }
+
+    /// Whether a list is open: the next line is one of its items or its `]`.
+    pub fn in_list(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Reads one line. A `key = value` line of a key other than `format` and the lists goes to
+    /// `value` with the cursor at the value, and must end after it. A line inside a list
+    /// (but its `]`) is returned, with the list's name, for the caller to read the item.
+    pub fn line<'a>(
+        &mut self,
+        line: &'a str,
+        value: &mut dyn FnMut(&str, &mut Cursor<'_>) -> Result<()>,
+    ) -> Result<Option<(&'static str, Cursor<'a>)>> {
+        let mut c = Cursor::new(line);
+        if c.at_end() {
+            return Ok(None);
+        }
+        if let Some(list) = self.open {
+            if !c.eat(b']') {
+                return Ok(Some((list, c)));
+            }
+            if !c.at_end() {
+                bail!("text after `]`");
+            }
+            self.open = None;
+            self.closed.push(list);
+            return Ok(None);
+        }
+        if self.lists_end && self.closed.len() == self.lists.len() {
+            bail!(
+                "text after the end of `{}`",
+                self.closed.last().expect("a list")
+            );
+        }
+        let key = c.key()?;
+        c.expect(b'=')?;
+        if self.seen.iter().any(|k| *k == key) {
+            bail!("`{key}` given twice");
+        }
+        self.seen.push(key.to_string());
+        if let Some(list) = self.lists.iter().find(|l| **l == key) {
+            c.expect(b'[')?;
+            self.open = Some(list);
+        } else if key == "format" {
+            self.format = Some(c.int()?);
+        } else {
+            value(&key, &mut c)?;
+        }
+        if !c.at_end() {
+            bail!("text after the value");
+        }
+        Ok(None)
+    }
+
+    /// Checks, after the last line, that every list was given and closed and that the format
+    /// was given and is the one this treeswap reads.
+    pub fn finish(self) -> Result<()> {
+        let what = self.what;
+        if let Some(list) = self.open {
+            bail!("{what} is truncated: `{list}` is not closed");
+        }
+        if let Some(list) = self.lists.iter().find(|l| !self.closed.contains(l)) {
+            bail!("{what} is truncated or lacks `{list}`");
+        }
+        match self.format {
+            Some(f) if f == u64::from(self.supported) => Ok(()),
+            Some(f) => bail!(
+                "{what} format {f} is not supported (this treeswap reads {})",
+                self.supported
+            ),
+            None => bail!("{what} has no `format`"),
+        }
     }
 }
 
@@ -354,4 +477,54 @@ pub(super) fn general_entry_line(line: &[u8]) -> Result<Entry> {
         bail!("text after the entry");
     }
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_reader_refuses_what_both_manifests_refuse() {
+        let read = |text: &str| -> Result<Vec<String>> {
+            let mut top = HeaderReader::new("test", 1, &["list"], true);
+            let mut items = Vec::new();
+            for line in text.lines() {
+                let mut value = |k: &str, c: &mut Cursor| -> Result<()> {
+                    if k != "k" {
+                        bail!("unknown key `{k}`");
+                    }
+                    c.int().map(drop)
+                };
+                if let Some((_, mut c)) = top.line(line, &mut value)? {
+                    items.push(c.string()?.into_owned());
+                }
+            }
+            top.finish()?;
+            Ok(items)
+        };
+        let good = "# a comment\nformat = 1\nk = 2\n\nlist = [\n\"a\"\n]\n";
+        assert_eq!(read(good).unwrap(), ["a"]);
+        for (text, want) in [
+            (
+                "format = 1\nformat = 1\nlist = [\n]",
+                "`format` given twice",
+            ),
+            (
+                "format = 1\nlist = [\n]\nlist = [\n]",
+                "text after the end of `list`",
+            ),
+            ("format = 1\nk = 1\nk = 1\nlist = [\n]", "`k` given twice"),
+            ("format = 1\nj = 1\nlist = [\n]", "unknown key `j`"),
+            ("format = 2\nlist = [\n]", "test format 2 is not supported"),
+            ("list = [\n]", "test has no `format`"),
+            ("format = 1\nlist = [\n\"a\"", "`list` is not closed"),
+            ("format = 1\n", "lacks `list`"),
+            ("format = 1\nk = 1 2\nlist = [\n]", "text after the value"),
+            ("format = 1\nlist = [ x\n]", "text after the value"),
+            ("format = 1\nlist = [\n] x", "text after `]`"),
+        ] {
+            let err = format!("{:#}", read(text).unwrap_err());
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
 }
