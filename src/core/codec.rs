@@ -14,19 +14,19 @@ use crate::core::error::Fail;
 pub const LEVEL: i32 = 12;
 /// zstd level used to compare candidate references before the final encoding: ~50x faster
 /// than [`LEVEL`] and ranks references the same way in practice.
-pub const SCOUT_LEVEL: i32 = 3;
+pub(crate) const SCOUT_LEVEL: i32 = 3;
 
 /// zstd window log that covers `n` bytes of reference plus `m` of content.
-pub fn window_log(n: u64, m: u64) -> u32 {
+pub(crate) fn window_log(n: u64, m: u64) -> u32 {
     let total = n.saturating_add(m).clamp(1 << 10, 1 << 31);
     (64 - (total - 1).leading_zeros()).clamp(10, 31)
 }
 
-pub fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
+pub(crate) fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(zstd::bulk::compress(data, level)?)
 }
 
-pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
+pub(crate) fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, base)?;
     enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
     // Long-distance matching finds the reference's long runs even at low levels, whose
@@ -37,7 +37,7 @@ pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(enc.finish()?)
 }
 
-pub fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
+pub(crate) fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
     let mut patch = Vec::new();
     crate::core::bsdiff::diff(base, data, &mut patch);
     Ok(zstd::bulk::compress(&patch, LEVEL)?)

@@ -16,12 +16,12 @@ use crate::core::object::Hash;
 use crate::core::path::{decode_path, encode_path, validate_path};
 
 /// The delta format version; see FORMAT.md for what changes it.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// The name of the first tar member.
-pub const MANIFEST_MEMBER: &str = "delta.toml";
+pub(crate) const MANIFEST_MEMBER: &str = "delta.toml";
 /// The name of the second tar member: the minisign signature of the first, empty if unsigned.
-pub const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
+pub(crate) const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
 
 /// How the bytes of a content are obtained.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Source::Base => "base",
             Source::Zstd => "zstd",
@@ -126,7 +126,7 @@ impl Delta {
     }
 
     /// The tar member name of a content's blob.
-    pub fn blob_member(c: &Content) -> String {
+    pub(crate) fn blob_member(c: &Content) -> String {
         format!("blobs/{}", hex::encode(c.sha256))
     }
 }
@@ -166,7 +166,7 @@ pub fn parse(text: &str) -> Result<Delta> {
 
 /// Parses a delta manifest and checks what can be checked without the base tree: valid,
 /// sorted, unique paths; no path both removed and changed; contents listed once.
-pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
+pub(crate) fn parse_reader(r: impl BufRead) -> Result<Delta> {
     let mut reader = Reader {
         top: HeaderReader::new(
             "delta manifest",

@@ -21,10 +21,11 @@ use sha2::{Digest, Sha256};
 
 use crate::core::object::{Hash, Meta, ObjectId, object_id};
 
-pub use stream::{Header, parse, parse_reader, parse_reader_unverified, stream_reader};
+pub use stream::{parse, parse_reader};
+pub(crate) use stream::{parse_reader_unverified, stream_reader};
 
 /// The manifest format version; see FORMAT.md for what changes it.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// What an entry is, with the data that belongs to its kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +39,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Kind::Dir => "dir",
             Kind::File { .. } => "file",
@@ -70,16 +71,16 @@ pub struct Entry {
 
 impl Entry {
     /// The pool object a regular file is a link to; `None` for other kinds.
-    pub fn object(&self) -> Option<ObjectId> {
+    pub(crate) fn object(&self) -> Option<ObjectId> {
         match &self.kind {
             Kind::File { size, sha256 } => Some(object_id(&self.meta, *size, sha256)),
             _ => None,
         }
     }
-    pub fn is_dir(&self) -> bool {
+    pub(crate) fn is_dir(&self) -> bool {
         matches!(self.kind, Kind::Dir)
     }
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         crate::core::path::display(&self.path)
     }
 }
@@ -94,7 +95,7 @@ pub struct Manifest {
 impl Manifest {
     /// Sorts the entries into canonical order and checks that they form a tree: unique paths,
     /// valid paths, a top directory, and every entry's parent a directory of the tree.
-    pub fn normalize(&mut self) -> Result<()> {
+    pub(crate) fn normalize(&mut self) -> Result<()> {
         self.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         check_tree(&self.entries)
     }
@@ -105,11 +106,11 @@ impl Manifest {
     }
 
     /// The index of the entry at `path`.
-    pub fn index(&self, path: &[u8]) -> Option<usize> {
+    pub(crate) fn index(&self, path: &[u8]) -> Option<usize> {
         self.entries.binary_search_by(|e| (*e.path).cmp(path)).ok()
     }
 
-    pub fn find(&self, path: &[u8]) -> Option<&Entry> {
+    pub(crate) fn find(&self, path: &[u8]) -> Option<&Entry> {
         self.entries
             .binary_search_by(|e| (*e.path).cmp(path))
             .ok()
@@ -130,7 +131,7 @@ impl Manifest {
     }
 
     /// [`Manifest::write_toml`], where the caller has the digest already.
-    pub fn write_toml_with_digest(
+    pub(crate) fn write_toml_with_digest(
         &self,
         out: &mut impl std::io::Write,
         digest: &Hash,
@@ -155,7 +156,7 @@ impl Manifest {
 }
 
 /// Checks that sorted entries form a tree.
-pub fn check_tree(entries: &[Entry]) -> Result<()> {
+pub(crate) fn check_tree(entries: &[Entry]) -> Result<()> {
     match entries.first() {
         Some(e) if &*e.path == b"." && e.is_dir() => {}
         Some(e) if &*e.path == b"." => bail!("the top of the tree (`.`) must be a directory"),
@@ -219,7 +220,7 @@ fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
 }
 
 /// The canonical binary encoding of one entry, used by the tree digest.
-pub fn encode_entry(buf: &mut Vec<u8>, e: &Entry) {
+pub(crate) fn encode_entry(buf: &mut Vec<u8>, e: &Entry) {
     put_bytes(buf, &e.path);
     buf.push(e.kind.code());
     e.meta.encode(buf);
@@ -238,7 +239,7 @@ pub fn encode_entry(buf: &mut Vec<u8>, e: &Entry) {
 }
 
 /// Appends the lowercase hex of `bytes` to `out`.
-pub fn push_hex(out: &mut String, bytes: &[u8]) {
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(bytes.len() * 2);
     for &b in bytes {
@@ -248,7 +249,7 @@ pub fn push_hex(out: &mut String, bytes: &[u8]) {
 }
 
 /// Writes one entry as a one-line TOML inline table, keys in canonical order.
-pub fn write_entry(out: &mut String, e: &Entry) {
+pub(crate) fn write_entry(out: &mut String, e: &Entry) {
     out.push_str("{ path = \"");
     crate::core::path::push_path(out, &e.path);
     out.push_str("\", type = \"");

@@ -51,7 +51,7 @@ fn check_digest(want: &Hash, got: &Hash) -> Result<()> {
 /// [`parse_reader`] without the tree check and the digest check, which cost a pass over every
 /// entry: for a manifest whose entries are checked otherwise (`apply` checks the digest of
 /// the tree it composes from it). Checks the declared count; returns the declared digest.
-pub fn parse_reader_unverified(r: impl BufRead) -> Result<(Manifest, Hash)> {
+pub(crate) fn parse_reader_unverified(r: impl BufRead) -> Result<(Manifest, Hash)> {
     let mut entries: Vec<Entry> = Vec::new();
     let h = read_blocks(r, &mut |_, block| {
         entries.extend(block);
@@ -74,7 +74,7 @@ pub fn parse_reader_unverified(r: impl BufRead) -> Result<(Manifest, Hash)> {
 
 /// What a manifest's header declares.
 #[derive(Debug, Default)]
-pub struct Header {
+pub(crate) struct Header {
     pub version: Option<String>,
     pub digest: Option<Hash>,
     pub count: Option<u64>,
@@ -84,7 +84,7 @@ pub struct Header {
 /// (a few thousand) at a time. Checks the format, that paths are sorted and unique, and the
 /// declared count and digest (which must come before the entries, as treeswap writes them);
 /// not that the entries form a tree, which needs them all ([`parse_reader`] does).
-pub fn stream_reader(
+pub(crate) fn stream_reader(
     r: impl BufRead,
     sink: &mut dyn FnMut(Vec<Entry>) -> Result<()>,
 ) -> Result<Header> {

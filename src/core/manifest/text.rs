@@ -13,21 +13,21 @@ use crate::core::path::{decode_path, validate_path};
 /// A value in the TOML subset: a string, an integer or an inline table of strings. Strings
 /// borrow from the line unless they hold escapes.
 #[derive(Debug)]
-pub enum Value<'a> {
+pub(crate) enum Value<'a> {
     Str(Cow<'a, str>),
     Int(u64),
     Table(Vec<(Cow<'a, str>, Cow<'a, str>)>),
 }
 
 /// A tiny cursor over one line of the TOML subset.
-pub struct Cursor<'a> {
+pub(crate) struct Cursor<'a> {
     text: &'a str,
     s: &'a [u8],
     i: usize,
 }
 
 impl<'a> Cursor<'a> {
-    pub fn new(s: &'a str) -> Self {
+    pub(crate) fn new(s: &'a str) -> Self {
         Cursor {
             text: s,
             s: s.as_bytes(),
@@ -39,7 +39,7 @@ impl<'a> Cursor<'a> {
             self.i += 1;
         }
     }
-    pub fn eat(&mut self, c: u8) -> bool {
+    pub(crate) fn eat(&mut self, c: u8) -> bool {
         self.ws();
         if self.s.get(self.i) == Some(&c) {
             self.i += 1;
@@ -48,17 +48,17 @@ impl<'a> Cursor<'a> {
             false
         }
     }
-    pub fn expect(&mut self, c: u8) -> Result<()> {
+    pub(crate) fn expect(&mut self, c: u8) -> Result<()> {
         if !self.eat(c) {
             bail!("expected `{}` at column {}", c as char, self.i + 1);
         }
         Ok(())
     }
-    pub fn at_end(&mut self) -> bool {
+    pub(crate) fn at_end(&mut self) -> bool {
         self.ws();
         self.i >= self.s.len() || self.s[self.i] == b'#'
     }
-    pub fn key(&mut self) -> Result<Cow<'a, str>> {
+    pub(crate) fn key(&mut self) -> Result<Cow<'a, str>> {
         self.ws();
         if self.s.get(self.i) == Some(&b'"') {
             return self.string();
@@ -75,7 +75,7 @@ impl<'a> Cursor<'a> {
         Ok(Cow::Borrowed(&self.text[start..self.i]))
     }
     /// A TOML basic string. Only the escapes treeswap writes plus the common ones are accepted.
-    pub fn string(&mut self) -> Result<Cow<'a, str>> {
+    pub(crate) fn string(&mut self) -> Result<Cow<'a, str>> {
         self.expect(b'"')?;
         let start = self.i;
         // The common case: no escapes, borrowed as it is.
@@ -130,7 +130,7 @@ impl<'a> Cursor<'a> {
             String::from_utf8(out).context("string is not UTF-8")?,
         ))
     }
-    pub fn int(&mut self) -> Result<u64> {
+    pub(crate) fn int(&mut self) -> Result<u64> {
         self.ws();
         let rest = &self.s[self.i..];
         let (radix, skip) = if rest.starts_with(b"0o") {
@@ -154,16 +154,16 @@ impl<'a> Cursor<'a> {
         Ok(n)
     }
     /// A string holding a version (FORMAT.md, "Versions").
-    pub fn version(&mut self) -> Result<String> {
+    pub(crate) fn version(&mut self) -> Result<String> {
         let v = self.string()?.into_owned();
         crate::core::version::validate(&v)?;
         Ok(v)
     }
     /// A string holding a sha256 in hex.
-    pub fn hash(&mut self) -> Result<Hash> {
+    pub(crate) fn hash(&mut self) -> Result<Hash> {
         parse_hash(&self.string()?)
     }
-    pub fn value(&mut self) -> Result<Value<'a>> {
+    pub(crate) fn value(&mut self) -> Result<Value<'a>> {
         self.ws();
         match self.s.get(self.i) {
             Some(b'"') => Ok(Value::Str(self.string()?)),
@@ -190,7 +190,7 @@ impl<'a> Cursor<'a> {
         }
     }
     /// `{ k = v, ... }` as a list of pairs.
-    pub fn inline_table(&mut self) -> Result<Vec<(Cow<'a, str>, Value<'a>)>> {
+    pub(crate) fn inline_table(&mut self) -> Result<Vec<(Cow<'a, str>, Value<'a>)>> {
         self.expect(b'{')?;
         let mut out: Vec<(Cow<'a, str>, Value<'a>)> = Vec::with_capacity(10);
         if self.eat(b'}') {
@@ -217,7 +217,7 @@ impl<'a> Cursor<'a> {
 /// key at most once; `format = N`, which must be the format this treeswap reads; and lists,
 /// opened by `key = [` and closed by a line `]`, each given once. The reader of one manifest
 /// reads the other keys' values and the lists' items.
-pub struct HeaderReader {
+pub(crate) struct HeaderReader {
     /// What is read, for messages: "manifest", "delta manifest".
     what: &'static str,
     /// The format version this treeswap reads.
@@ -233,7 +233,7 @@ pub struct HeaderReader {
 }
 
 impl HeaderReader {
-    pub fn new(
+    pub(crate) fn new(
         what: &'static str,
         supported: u32,
         lists: &'static [&'static str],
@@ -252,14 +252,14 @@ impl HeaderReader {
     }
 
     /// Whether a list is open: the next line is one of its items or its `]`.
-    pub fn in_list(&self) -> bool {
+    pub(crate) fn in_list(&self) -> bool {
         self.open.is_some()
     }
 
     /// Reads one line. A `key = value` line of a key other than `format` and the lists goes to
     /// `value` with the cursor at the value, and must end after it. A line inside a list
     /// (but its `]`) is returned, with the list's name, for the caller to read the item.
-    pub fn line<'a>(
+    pub(crate) fn line<'a>(
         &mut self,
         line: &'a str,
         value: &mut dyn FnMut(&str, &mut Cursor<'_>) -> Result<()>,
@@ -307,7 +307,7 @@ impl HeaderReader {
 
     /// Checks, after the last line, that every list was given and closed and that the format
     /// was given and is the one this treeswap reads.
-    pub fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         let what = self.what;
         if let Some(list) = self.open {
             bail!("{what} is truncated: `{list}` is not closed");
@@ -328,44 +328,44 @@ impl HeaderReader {
 
 /// The fields of one inline table, taken out by name so that unknown and missing keys are
 /// errors.
-pub struct Fields<'a>(Vec<(Cow<'a, str>, Value<'a>)>);
+pub(crate) struct Fields<'a>(Vec<(Cow<'a, str>, Value<'a>)>);
 
 impl<'a> Fields<'a> {
-    pub fn new(v: Vec<(Cow<'a, str>, Value<'a>)>) -> Self {
+    pub(crate) fn new(v: Vec<(Cow<'a, str>, Value<'a>)>) -> Self {
         Fields(v)
     }
     fn take(&mut self, k: &str) -> Option<Value<'a>> {
         let i = self.0.iter().position(|(key, _)| key == k)?;
         Some(self.0.swap_remove(i).1)
     }
-    pub fn str(&mut self, k: &str) -> Result<Cow<'a, str>> {
+    pub(crate) fn str(&mut self, k: &str) -> Result<Cow<'a, str>> {
         match self.take(k) {
             Some(Value::Str(s)) => Ok(s),
             Some(_) => bail!("`{k}` must be a string"),
             None => bail!("missing `{k}`"),
         }
     }
-    pub fn int(&mut self, k: &str) -> Result<u64> {
+    pub(crate) fn int(&mut self, k: &str) -> Result<u64> {
         match self.take(k) {
             Some(Value::Int(n)) => Ok(n),
             Some(_) => bail!("`{k}` must be an integer"),
             None => bail!("missing `{k}`"),
         }
     }
-    pub fn u32(&mut self, k: &str) -> Result<u32> {
+    pub(crate) fn u32(&mut self, k: &str) -> Result<u32> {
         u32::try_from(self.int(k)?).with_context(|| format!("`{k}` out of range"))
     }
-    pub fn hash(&mut self, k: &str) -> Result<Hash> {
+    pub(crate) fn hash(&mut self, k: &str) -> Result<Hash> {
         parse_hash(&self.str(k)?).with_context(|| format!("`{k}`"))
     }
-    pub fn table(&mut self, k: &str) -> Result<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
+    pub(crate) fn table(&mut self, k: &str) -> Result<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
         match self.take(k) {
             Some(Value::Table(t)) => Ok(t),
             Some(_) => bail!("`{k}` must be an inline table"),
             None => Ok(Vec::new()),
         }
     }
-    pub fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if let Some((k, _)) = self.0.first() {
             bail!("unknown key `{k}`");
         }
@@ -373,7 +373,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-pub fn parse_hash(s: &str) -> Result<Hash> {
+pub(crate) fn parse_hash(s: &str) -> Result<Hash> {
     // A table lookup per digit: hashes are a third of a manifest's text.
     fn nibble(c: u8) -> Option<u8> {
         match c {
@@ -398,7 +398,7 @@ pub fn parse_hash(s: &str) -> Result<Hash> {
 }
 
 /// Parses one entry from its fields.
-pub fn entry_from_fields(mut f: Fields) -> Result<Entry> {
+pub(crate) fn entry_from_fields(mut f: Fields) -> Result<Entry> {
     let path = decode_path(&f.str("path")?)?;
     let ty = f.str("type")?;
     let mode = if ty == "symlink" {
