@@ -523,6 +523,8 @@ const FUZZ_OOM_INPUTS: &[&str] = &[
 #[test]
 #[ignore = "run by fuzz_patch_apply_oom_inputs_do_not_allocate_the_declared_window under ulimit -v"]
 fn decode_fuzz_oom_inputs() {
+    use std::io::Read;
+    use treeswap::core::codec;
     use treeswap::core::delta::Source;
     for hexed in FUZZ_OOM_INPUTS {
         let data = hex::decode(hexed.trim()).unwrap();
@@ -536,8 +538,29 @@ fn decode_fuzz_oom_inputs() {
         let ref_len = usize::from(u16::from_le_bytes([data[4], data[5]]));
         let rest = &data[6..];
         let (reference, blob) = rest.split_at(ref_len.min(rest.len()));
-        let reference = (data[0] & 4 == 0).then_some(reference);
-        if let Err(e) = treeswap::core::codec::decode(&source, blob, reference, size) {
+        // As `apply` decodes: `codec::stream` (a reference only for a patch), read in pieces as
+        // `Pool::store` reads it, which stops once it has more than `size` bytes;
+        // `codec::bsdiff_apply` for a bsdiff blob.
+        let decoded = || -> anyhow::Result<()> {
+            match &source {
+                Source::Base => Ok(()),
+                Source::Bsdiff { .. } => codec::bsdiff_apply(reference, blob, size).map(drop),
+                Source::Zstd | Source::ZstdPatch { .. } => {
+                    let reference = source.base().map(|_| reference);
+                    let mut dec = codec::stream(&source, blob, reference, size)?;
+                    let mut buf = vec![0u8; 256 << 10];
+                    let mut total = 0u64;
+                    while total <= size {
+                        match dec.read(&mut buf)? {
+                            0 => break,
+                            n => total += n as u64,
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = decoded() {
             let msg = format!("{e:#}");
             // "Frame requires too much memory for decoding" is zstd refusing the window:
             // the wanted outcome. An allocation failure says "Allocation error".

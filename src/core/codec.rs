@@ -1,6 +1,6 @@
 //! The encodings of delta blobs: whole zstd, zstd with a reference prefix ("patch-from"), and
 //! zstd-compressed bsdiff. Pure functions over byte slices, shared by `diff` (encoding),
-//! `apply` (decoding) and the fuzz targets.
+//! `apply` (decoding: [`stream`] and [`bsdiff_apply`]) and the `patch_apply` fuzz target.
 
 use std::io::{Read, Write};
 
@@ -14,19 +14,19 @@ use crate::core::error::Fail;
 pub const LEVEL: i32 = 12;
 /// zstd level used to compare candidate references before the final encoding: ~50x faster
 /// than [`LEVEL`] and ranks references the same way in practice.
-pub const SCOUT_LEVEL: i32 = 3;
+pub(crate) const SCOUT_LEVEL: i32 = 3;
 
 /// zstd window log that covers `n` bytes of reference plus `m` of content.
-pub fn window_log(n: u64, m: u64) -> u32 {
+pub(crate) fn window_log(n: u64, m: u64) -> u32 {
     let total = n.saturating_add(m).clamp(1 << 10, 1 << 31);
     (64 - (total - 1).leading_zeros()).clamp(10, 31)
 }
 
-pub fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
+pub(crate) fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(zstd::bulk::compress(data, level)?)
 }
 
-pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
+pub(crate) fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, base)?;
     enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
     // Long-distance matching finds the reference's long runs even at low levels, whose
@@ -37,7 +37,7 @@ pub fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(enc.finish()?)
 }
 
-pub fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
+pub(crate) fn bsdiff_patch(base: &[u8], data: &[u8]) -> Result<Vec<u8>> {
     let mut patch = Vec::new();
     crate::core::bsdiff::diff(base, data, &mut patch);
     Ok(zstd::bulk::compress(&patch, LEVEL)?)
@@ -95,32 +95,6 @@ pub fn bsdiff_apply(reference: &[u8], blob: &[u8], size: u64) -> Result<Vec<u8>>
     Ok(out)
 }
 
-/// Decodes a blob whole, reading at most `size + 1` bytes of output so that a blob that
-/// decodes to more than its declared size is refused without being expanded.
-pub fn decode(
-    source: &Source,
-    blob: &[u8],
-    reference: Option<&[u8]>,
-    size: u64,
-) -> Result<Vec<u8>> {
-    if let Source::Bsdiff { .. } = source {
-        let r = reference.ok_or_else(|| bad("a bsdiff blob needs a reference"))?;
-        return bsdiff_apply(r, blob, size);
-    }
-    let mut out = Vec::new();
-    stream(source, blob, reference, size)?
-        .take(size.saturating_add(1))
-        .read_to_end(&mut out)?;
-    if out.len() as u64 != size {
-        return Err(bad(format!(
-            "it decodes to {}{} bytes, the manifest says {size}",
-            out.len(),
-            if out.len() as u64 > size { "+" } else { "" }
-        )));
-    }
-    Ok(out)
-}
-
 struct Tagged<R: Read>(R);
 
 impl<R: Read> Read for Tagged<R> {
@@ -137,6 +111,30 @@ impl<R: Read> Read for Tagged<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decodes a blob whole as `apply` does: [`stream`] read to at most `size + 1` bytes (the
+    /// pool refuses more than `size`), or [`bsdiff_apply`].
+    fn decode(
+        source: &Source,
+        blob: &[u8],
+        reference: Option<&[u8]>,
+        size: u64,
+    ) -> Result<Vec<u8>> {
+        if let Source::Bsdiff { .. } = source {
+            return bsdiff_apply(reference.expect("a reference"), blob, size);
+        }
+        let mut out = Vec::new();
+        stream(source, blob, reference, size)?
+            .take(size + 1)
+            .read_to_end(&mut out)?;
+        if out.len() as u64 != size {
+            bail!(
+                "it decodes to {}+ bytes, the manifest says {size}",
+                out.len()
+            );
+        }
+        Ok(out)
+    }
 
     #[test]
     fn encodings_round_trip_and_bombs_stop() {

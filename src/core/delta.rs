@@ -10,17 +10,18 @@ use std::io::BufRead;
 
 use anyhow::{Context, Result, bail};
 
-use crate::core::manifest::{self, Cursor, Entry, Fields, parse_hash};
+use crate::core::manifest::text::{Cursor, Fields, HeaderReader, entry_from_fields};
+use crate::core::manifest::{self, Entry};
 use crate::core::object::Hash;
 use crate::core::path::{decode_path, encode_path, validate_path};
 
 /// The delta format version; see FORMAT.md for what changes it.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// The name of the first tar member.
-pub const MANIFEST_MEMBER: &str = "delta.toml";
+pub(crate) const MANIFEST_MEMBER: &str = "delta.toml";
 /// The name of the second tar member: the minisign signature of the first, empty if unsigned.
-pub const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
+pub(crate) const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
 
 /// How the bytes of a content are obtained.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +37,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Source::Base => "base",
             Source::Zstd => "zstd",
@@ -125,7 +126,7 @@ impl Delta {
     }
 
     /// The tar member name of a content's blob.
-    pub fn blob_member(c: &Content) -> String {
+    pub(crate) fn blob_member(c: &Content) -> String {
         format!("blobs/{}", hex::encode(c.sha256))
     }
 }
@@ -165,100 +166,109 @@ pub fn parse(text: &str) -> Result<Delta> {
 
 /// Parses a delta manifest and checks what can be checked without the base tree: valid,
 /// sorted, unique paths; no path both removed and changed; contents listed once.
-pub fn parse_reader(r: impl BufRead) -> Result<Delta> {
-    let mut d = Delta::default();
-    let (mut from_digest, mut to_digest, mut to_version, mut to_count, mut format) =
-        (None, None, None, None, None);
-    let mut section: Option<String> = None;
-    let mut done: Vec<String> = Vec::new();
-    let mut seen: Vec<String> = Vec::new();
+pub(crate) fn parse_reader(r: impl BufRead) -> Result<Delta> {
+    let mut reader = Reader {
+        top: HeaderReader::new(
+            "delta manifest",
+            FORMAT,
+            &["removed", "changed", "contents"],
+            false,
+        ),
+        header: Header::default(),
+        delta: Delta::default(),
+    };
     for (n, line) in r.lines().enumerate() {
         let line = line.with_context(|| format!("line {}", n + 1))?;
-        let res: Result<()> = (|| {
-            let mut c = Cursor::new(&line);
-            if c.at_end() {
-                return Ok(());
-            }
-            if let Some(sec) = &section {
-                if c.eat(b']') {
-                    if !c.at_end() {
-                        bail!("text after `]`");
-                    }
-                    done.push(sec.clone());
-                    section = None;
-                    return Ok(());
-                }
-                match sec.as_str() {
-                    "removed" => {
-                        let p = decode_path(&c.string()?)?;
-                        validate_path(&p)?;
-                        d.removed.push(p.into());
-                    }
-                    "changed" => {
-                        let e = manifest::entry_from_fields(Fields::new(c.inline_table()?))?;
-                        d.changed.push(e);
-                    }
-                    _ => d
-                        .contents
-                        .push(content_from_fields(Fields::new(c.inline_table()?))?),
-                }
-                c.expect(b',')?;
-                if !c.at_end() {
-                    bail!("text after the item");
-                }
-                return Ok(());
-            }
-            let key = c.key()?.into_owned();
-            c.expect(b'=')?;
-            if seen.contains(&key) {
-                bail!("`{key}` given twice");
-            }
-            seen.push(key.clone());
-            match key.as_str() {
-                "removed" | "changed" | "contents" => {
-                    if done.contains(&key) {
-                        bail!("`{key}` given twice");
-                    }
-                    c.expect(b'[')?;
-                    section = Some(key);
-                }
-                "format" => format = Some(c.int()?),
-                "from_version" => {
-                    let v = c.string()?.into_owned();
-                    crate::core::version::validate(&v)?;
-                    d.from_version = Some(v);
-                }
-                "to_version" => {
-                    let v = c.string()?.into_owned();
-                    crate::core::version::validate(&v)?;
-                    to_version = Some(v);
-                }
-                "from_digest" => from_digest = Some(parse_hash(&c.string()?)?),
-                "to_digest" => to_digest = Some(parse_hash(&c.string()?)?),
-                "to_count" => to_count = Some(c.int()?),
-                other => bail!("unknown key `{other}`"),
-            }
-            if !c.at_end() {
-                bail!("text after the value");
-            }
-            Ok(())
-        })();
-        res.with_context(|| format!("delta manifest line {}", n + 1))?;
+        reader
+            .line(&line)
+            .with_context(|| format!("delta manifest line {}", n + 1))?;
     }
-    if section.is_some() || done.len() != 3 {
-        bail!("delta manifest is truncated or lacks `removed`, `changed` or `contents`");
+    reader.finish()
+}
+
+/// [`parse_reader`]'s state from line to line.
+struct Reader {
+    top: HeaderReader,
+    header: Header,
+    /// The lists read so far.
+    delta: Delta,
+}
+
+/// The header values of a delta manifest, as far as they are read.
+#[derive(Default)]
+struct Header {
+    from_version: Option<String>,
+    from_digest: Option<Hash>,
+    to_version: Option<String>,
+    to_digest: Option<Hash>,
+    to_count: Option<u64>,
+}
+
+impl Reader {
+    fn line(&mut self, line: &str) -> Result<()> {
+        let header = &mut self.header;
+        let Some((list, mut c)) = self.top.line(line, &mut |key, c| header.value(key, c))? else {
+            return Ok(());
+        };
+        self.item(list, &mut c)?;
+        c.expect(b',')?;
+        if !c.at_end() {
+            bail!("text after the item");
+        }
+        Ok(())
     }
-    match format {
-        Some(f) if f == FORMAT as u64 => {}
-        Some(f) => bail!("delta format {f} is not supported (this treeswap reads {FORMAT})"),
-        None => bail!("delta manifest has no `format`"),
+
+    /// Reads one item of the list `list`.
+    fn item(&mut self, list: &str, c: &mut Cursor) -> Result<()> {
+        let d = &mut self.delta;
+        match list {
+            "removed" => {
+                let p = decode_path(&c.string()?)?;
+                validate_path(&p)?;
+                d.removed.push(p.into());
+            }
+            "changed" => d
+                .changed
+                .push(entry_from_fields(Fields::new(c.inline_table()?))?),
+            _ => d
+                .contents
+                .push(content_from_fields(Fields::new(c.inline_table()?))?),
+        }
+        Ok(())
     }
-    d.from_digest = from_digest.context("delta manifest has no `from_digest`")?;
-    d.to_digest = to_digest.context("delta manifest has no `to_digest`")?;
-    d.to_version = to_version.context("delta manifest has no `to_version`")?;
-    d.to_count = to_count.context("delta manifest has no `to_count`")?;
-    check(&d)?;
-    Ok(d)
+
+    /// Checks, after the last line, that the manifest is whole and consistent.
+    fn finish(self) -> Result<Delta> {
+        self.top.finish()?;
+        let h = self.header;
+        let d = Delta {
+            from_version: h.from_version,
+            from_digest: h
+                .from_digest
+                .context("delta manifest has no `from_digest`")?,
+            to_digest: h.to_digest.context("delta manifest has no `to_digest`")?,
+            to_version: h.to_version.context("delta manifest has no `to_version`")?,
+            to_count: h.to_count.context("delta manifest has no `to_count`")?,
+            ..self.delta
+        };
+        check(&d)?;
+        Ok(d)
+    }
+}
+
+impl Header {
+    /// Reads the value of a header key.
+    fn value(&mut self, key: &str, c: &mut Cursor) -> Result<()> {
+        match key {
+            "from_version" => self.from_version = Some(c.version()?),
+            "to_version" => self.to_version = Some(c.version()?),
+            "from_digest" => self.from_digest = Some(c.hash()?),
+            "to_digest" => self.to_digest = Some(c.hash()?),
+            "to_count" => self.to_count = Some(c.int()?),
+            other => bail!("unknown key `{other}`"),
+        }
+        Ok(())
+    }
 }
 
 fn check(d: &Delta) -> Result<()> {
@@ -288,10 +298,7 @@ fn check(d: &Delta) -> Result<()> {
         if !seen.insert(c.sha256) {
             bail!("content {} is listed twice", hex::encode(c.sha256));
         }
-        if let Some(b) = c.source.base()
-            && !seen.contains(b)
-            && b == &c.sha256
-        {
+        if c.source.base() == Some(&c.sha256) {
             bail!(
                 "content {} is a patch against itself",
                 hex::encode(c.sha256)
@@ -364,6 +371,19 @@ mod tests {
             text[..text.len() / 2].to_string(),
         ] {
             assert!(parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_patch_against_its_own_content_is_refused() {
+        for source in [
+            Source::ZstdPatch { base: [3; 32] },
+            Source::Bsdiff { base: [3; 32] },
+        ] {
+            let mut d = sample();
+            d.contents[0].source = source;
+            let err = format!("{:#}", parse(&d.to_toml()).unwrap_err());
+            assert!(err.contains("is a patch against itself"), "{err}");
         }
     }
 }

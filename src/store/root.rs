@@ -389,7 +389,7 @@ impl Root {
         for line in std::io::BufReader::new(f).lines().take(16) {
             let line = line.with_context(|| format!("cannot read `{}`", p.display()))?;
             if let Some(rest) = line.strip_prefix("digest = ") {
-                let h = manifest::parse_hash(rest.trim().trim_matches('"'))
+                let h = manifest::text::parse_hash(rest.trim().trim_matches('"'))
                     .with_context(|| format!("in `{}`", p.display()))?;
                 return Ok(Some(h));
             }
