@@ -362,7 +362,6 @@ const MATRIX: &[(Op, &[&str])] = &[
             "stage-after-commit",
             "apply-after-object",
             "apply-after-objects",
-            "flip-after-state",
             "flip-before-rename",
             "flip-after-rename",
             "flip-after-previous",
@@ -375,7 +374,6 @@ const MATRIX: &[(Op, &[&str])] = &[
     (
         Op::Switch,
         &[
-            "flip-after-state",
             "flip-before-rename",
             "flip-after-rename",
             "flip-after-previous",
@@ -386,7 +384,6 @@ const MATRIX: &[(Op, &[&str])] = &[
     (
         Op::Revert,
         &[
-            "flip-after-state",
             "flip-before-rename",
             "flip-after-rename",
             "flip-after-previous",
@@ -409,7 +406,6 @@ const MATRIX: &[(Op, &[&str])] = &[
         Op::BootRevert,
         &[
             "boot-before-count",
-            "flip-after-state",
             "flip-before-rename",
             "flip-after-rename",
             "flip-after-previous",

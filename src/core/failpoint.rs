@@ -19,7 +19,6 @@ pub const ALL: &[&str] = &[
     "pool-link-unprotected",
     "apply-after-object",
     "apply-after-objects",
-    "flip-after-state",
     "flip-before-rename",
     "flip-after-rename",
     "flip-after-previous",

@@ -81,7 +81,6 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         guests: cfg.guests.iter().map(|g| g.name.clone()).collect(),
     });
     state::save(root.fd(), &st)?;
-    failpoint::hit("flip-after-state");
     failpoint::hit("flip-before-rename");
     root.set_link("current", version)?;
     failpoint::hit("flip-after-rename");
