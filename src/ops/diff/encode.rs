@@ -334,16 +334,11 @@ mod tests {
         }
     }
 
-    /// Pseudo-random bytes that zstd cannot compress.
+    /// Pseudo-random bytes that zstd cannot compress: sha256 in counter mode.
     fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
+        (0u64..)
+            .flat_map(|i| Sha256::digest([seed.to_le_bytes(), i.to_le_bytes()].concat()))
+            .take(n)
             .collect()
     }
 
