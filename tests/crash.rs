@@ -596,6 +596,42 @@ fn crash_matrix_gc() {
     run_matrix(Op::Gc);
 }
 
+/// Regression (issue 15, 6a): a kill between replacing `current` and `previous`, then `gc`
+/// before `boot`, removed the tree the flip left, the only one known to be good, because gc
+/// ignored the flip recorded in the state file.
+#[test]
+fn gc_before_boot_keeps_the_tree_an_interrupted_flip_left() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let r = lab.rig(lab.env.path("root"));
+    r.import("1", true);
+    let killed = r.ts_fp("flip-after-rename", ["apply", s(&lab.delta)]);
+    assert_eq!(
+        killed.out.status.signal(),
+        Some(libc::SIGKILL),
+        "apply did not reach the failpoint\n{}",
+        killed.stderr()
+    );
+    assert_eq!(r.link("current").as_deref(), Some("2"));
+    assert_eq!(r.link("previous"), None);
+    r.ts(["gc"]).success();
+    assert!(
+        r.root.join("trees/1").is_dir(),
+        "gc removed `trees/1`, which the interrupted flip left"
+    );
+    r.ts(["boot"]).success();
+    assert_eq!(
+        r.link("previous").as_deref(),
+        Some("1"),
+        "boot finishes the flip"
+    );
+    r.ts(["revert"]).success();
+    assert_eq!(r.current_is_one_of(&["1"]), "1");
+    r.assert_sound();
+}
+
 /// The `failpoint::hit("...")` and `failpoint::check("...")` names in the sources under
 /// `dir`.
 fn failpoints_in_code(dir: &Path, out: &mut BTreeSet<String>) {

@@ -2015,3 +2015,81 @@ fn not_enough_space_exits_9_and_writes_nothing() {
     assert_current_is(&root, &snapshot(&b2));
     verify_full(&root);
 }
+
+/// Regression (issue 15, 9): `diff -o /dev/null` as root replaced the device node with a
+/// regular file. A character device or a FIFO is written to, as `> PATH` would; a directory
+/// is refused and left alone; a symlink is followed, the link kept.
+#[test]
+fn diff_output_onto_a_device_or_fifo_writes_to_it_and_replaces_nothing_else() {
+    if skip_unless_root() {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::new();
+    let a = env.tree("a", &TreeSpec::new().file("f", "one\n"));
+    let b = env.tree("b", &TreeSpec::new().file("f", "two\n").file("g", "new\n"));
+    let want = env.path("want.delta");
+    diff_dirs(&a, &b, "2", &want).success();
+    let want = fs::read(&want).unwrap();
+
+    let null = env.path("null");
+    let st = std::process::Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"])
+        .status();
+    assert!(st.unwrap().success(), "mknod");
+    diff_dirs(&a, &b, "2", &null).success();
+    assert!(
+        fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device(),
+        "still a device"
+    );
+
+    let fifo = env.path("fifo");
+    let st = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(st.unwrap().success(), "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    diff_dirs(&a, &b, "2", &fifo).success();
+    assert_eq!(
+        reader.join().unwrap(),
+        want,
+        "the FIFO's reader gets the delta"
+    );
+    assert!(
+        fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(),
+        "still a FIFO"
+    );
+
+    let dir = env.path("dir");
+    fs::create_dir(&dir).unwrap();
+    let r = diff_dirs(&a, &b, "2", &dir);
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    r.stderr_has("is not a regular file, a character device or a FIFO");
+    assert!(
+        fs::read_dir(&dir).unwrap().next().is_none(),
+        "the directory is left alone"
+    );
+
+    let target = env.path("target.delta");
+    fs::write(&target, "old").unwrap();
+    let link = env.path("link.delta");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    diff_dirs(&a, &b, "2", &link).success();
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link is kept"
+    );
+    assert_eq!(
+        fs::read(&target).unwrap(),
+        want,
+        "the file it names gets the delta"
+    );
+}

@@ -238,6 +238,7 @@ fn a_kill_while_an_object_is_unprotected_is_repaired_by_boot() {
     // Killed with an object's immutable flag cleared, while linking it: by `checkout` and by
     // `import` (which `apply` shares).
     let dest = env.path("checkout");
+    let dest2 = env.path("checkout2");
     let cases: [(&str, Vec<&str>); 2] = [
         ("checkout", vec!["checkout", "1", dest.to_str().unwrap()]),
         (
@@ -262,6 +263,30 @@ fn a_kill_while_an_object_is_unprotected_is_repaired_by_boot() {
             .stderr_has("re-protected 1 pool object(s)");
         assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new(), "{what}");
     }
+    // Regression (issue 15, 6b): killed again, and the next command is a writer, not `boot`.
+    // It used to clear the record and leave the object writable for good; whoever sees the
+    // record re-protects first.
+    let r = ts(
+        Some("pool-link-unprotected"),
+        &["checkout", "1", dest2.to_str().unwrap()],
+    );
+    assert_eq!(
+        r.code(),
+        None,
+        "checkout should have been killed: {}",
+        r.stderr()
+    );
+    assert!(!unprotected_objects(&root).is_empty());
+    // On the root's file system: a checkout is a farm of hardlinks.
+    let dest3 = root.parent().unwrap().join("checkout3");
+    ts(None, &["checkout", "1", dest3.to_str().unwrap()])
+        .success()
+        .stderr_has("re-protected 1 pool object(s)");
+    assert_eq!(
+        unprotected_objects(&root),
+        Vec::<PathBuf>::new(),
+        "after a writer"
+    );
     let err = try_write(&root.join("current/usr/bin/tool")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     unprotect(&root);

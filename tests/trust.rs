@@ -298,3 +298,66 @@ fn gc_keeps_current_previous_pinned_and_the_newest() {
         ["4.layout.toml", "4.toml", "5.layout.toml", "5.toml"]
     );
 }
+
+/// Regression (issue 15, 8): a `public_keys` entry that is a FIFO hung, `/dev/zero` read until
+/// out of memory. A key file must be a small regular file: anything else is refused at once,
+/// with one line, and nothing is written.
+#[test]
+fn a_key_file_that_is_not_a_small_regular_file_is_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let (public, secret) = keypair(&env, "vendor");
+    let v1 = tree(&env, "v1", "1\n");
+    let v2 = tree(&env, "v2", "2\n");
+    env.ts([
+        "import",
+        v1.to_str().unwrap(),
+        "--version",
+        "1",
+        "--activate",
+    ])
+    .success();
+    let delta = diff(&env, &v1, &v2, "1", "2", Some(&secret));
+    let fifo = env.path("key.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let big = env.path("big.pub");
+    fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
+    let cases: [(&Path, &str); 4] = [
+        (&fifo, "not a regular file"),
+        (Path::new("/dev/zero"), "not a regular file"),
+        (&big, "more than a key file holds"),
+        (env.root.as_path(), "not a regular file"),
+    ];
+    for (key, want) in cases {
+        let cfg = config(&env, &[&public, key]);
+        // `timeout`: a regression would block on the FIFO for good.
+        let mut c = Command::new("timeout");
+        c.arg("30")
+            .arg(env!("CARGO_BIN_EXE_treeswap"))
+            .env("TREESWAP_PROTECT", "hardlink")
+            .arg("--root")
+            .arg(&env.root)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["apply", delta.to_str().unwrap(), "--no-restart"]);
+        let r = run(&mut c);
+        assert_eq!(r.code(), Some(1), "{}: {}", key.display(), r.stderr());
+        r.stderr_has(want).stderr_has("cannot read public key");
+        assert_eq!(r.stderr().lines().count(), 1, "{}", r.stderr());
+        assert_eq!(current(&env), "trees/1");
+        assert!(!env.root.join("trees/2").exists());
+    }
+    // The same keys, as they should be: the delta applies.
+    let cfg = config(&env, &[&public]);
+    apply(&env, &cfg, &delta, &[]).success();
+    assert_eq!(current(&env), "trees/2");
+    assert_same_dirs(&v2, &env.tree_dir("2"));
+}

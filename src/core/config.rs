@@ -7,6 +7,11 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub(crate) const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
+/// The longest a guest restart may be given, in seconds (a day): a bigger number is a typo,
+/// and one near `u64::MAX` overflowed the deadline after `current` had flipped.
+const MAX_TIMEOUT: u64 = 24 * 3600;
+/// The most boots a new tree may be given before it must be marked good.
+const MAX_TRIES: u32 = 1000;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +129,19 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
         if g.argv().is_empty() {
             bail!("{origin}: guest `{}` has an empty `restart`", g.name);
         }
+        if !(1..=MAX_TIMEOUT).contains(&g.timeout) {
+            bail!(
+                "{origin}: guest `{}`: timeout = {} is out of range (1 to {MAX_TIMEOUT} seconds)",
+                g.name,
+                g.timeout
+            );
+        }
+    }
+    if cfg.boot.tries > MAX_TRIES {
+        bail!(
+            "{origin}: boot.tries = {} is out of range (0 to {MAX_TRIES})",
+            cfg.boot.tries
+        );
     }
     Ok(cfg)
 }
@@ -186,6 +204,30 @@ mod tests {
         assert!(s.contains("line 4") && s.contains("tires"), "{s}");
         let e = parse("[boot]\ntries = \"x\"\n", "cfg").unwrap_err();
         assert!(format!("{e:#}").contains("line 2"), "{e:#}");
+    }
+
+    /// Regression (issue 15, 8): a huge timeout panicked after `current` had flipped.
+    #[test]
+    fn numbers_out_of_range_are_refused() {
+        let guest = |timeout: &str| format!("[[guest]]\nname = \"g\"\ntimeout = {timeout}\n");
+        let cases = [
+            (
+                guest("9223372036854775807"),
+                "timeout = 9223372036854775807 is out of range",
+            ),
+            (guest("0"), "timeout = 0 is out of range"),
+            (guest("86401"), "timeout = 86401 is out of range"),
+            (
+                "[boot]\ntries = 1001\n".to_owned(),
+                "boot.tries = 1001 is out of range",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = format!("{:#}", parse(&text, "cfg").unwrap_err());
+            assert!(e.starts_with("cfg: ") && e.contains(want), "{text}: {e}");
+        }
+        assert!(parse(&guest("86400"), "cfg").is_ok());
+        assert!(parse("[boot]\ntries = 1000\n", "cfg").is_ok());
     }
 }
 

@@ -130,6 +130,7 @@ pub(crate) fn fd_xattrs(fd: BorrowedFd) -> Result<Xattrs> {
     read_xattrs(
         |buf| rustix::fs::flistxattr(fd, buf),
         |name, buf| rustix::fs::fgetxattr(fd, name, buf),
+        String::new,
     )
 }
 
@@ -143,15 +144,17 @@ pub(crate) fn xattrs_at(dir: BorrowedFd, name: &[u8]) -> Result<Xattrs> {
     read_xattrs(
         |buf| rustix::fs::llistxattr(&p[..], buf),
         |xname, buf| rustix::fs::lgetxattr(&p[..], xname, buf),
+        || format!(" of `{}`", display(name)),
     )
-    .with_context(|| format!("in `{}`", display(name)))
 }
 
 /// Lists the names with `list`, then reads each value with `get`, growing a buffer on
 /// `ERANGE`; no attributes where the file system has none (`ENOTSUP`). Sorted by name.
+/// `of` names the file in errors (` of `NAME``, or nothing for an open file).
 fn read_xattrs(
     list: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
     get: impl Fn(&[u8], &mut [u8]) -> rustix::io::Result<usize>,
+    of: impl Fn() -> String,
 ) -> Result<Xattrs> {
     let mut buf = vec![0u8; 1024];
     let n = loop {
@@ -159,7 +162,9 @@ fn read_xattrs(
             Ok(n) => break n,
             Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
             Err(Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(e).context("cannot list extended attributes"),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot list extended attributes{}", of()));
+            }
         }
     };
     let mut out = Vec::new();
@@ -171,7 +176,11 @@ fn read_xattrs(
                 Err(Errno::RANGE) => v.resize(v.len() * 4, 0),
                 Err(e) => {
                     return Err(e).with_context(|| {
-                        format!("cannot read extended attribute `{}`", display(&name))
+                        format!(
+                            "cannot read extended attribute `{}`{}",
+                            display(&name),
+                            of()
+                        )
                     });
                 }
             }

@@ -7,6 +7,7 @@ use crate::core::config::Config;
 use crate::core::failpoint;
 use crate::fs::sys;
 use crate::ops::flip::{self, Options};
+use crate::ops::install;
 use crate::store::root::Root;
 use crate::store::state::{self, State};
 
@@ -25,8 +26,7 @@ pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutco
     repair(root)?;
     let mut st = state::load(root.fd())?;
     if st.unprotected {
-        let n = root.pool()?.reprotect()?;
-        log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
+        install::reprotect(&root.pool()?)?;
         st.unprotected = false;
     }
     settle_flip(root, &mut st)?;

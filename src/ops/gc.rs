@@ -1,11 +1,12 @@
 //! `treeswap gc`, `pin` and `unpin`: remove installed trees nobody needs, then the pool
 //! objects no remaining tree uses.
 //!
-//! A tree is kept if it is current, previous, pending, pinned, or among the `keep` newest
-//! others (by version order). Removing a tree: rename `trees/<V>` into `staging/` (the
-//! uninstall is that one rename, so a crash leaves it installed or not), remove its manifest,
-//! then delete the files. Objects are garbage when no remaining manifest names them; an object
-//! and its link-limit copies go together.
+//! A tree is kept if it is current, previous, pending, pinned, named by an unsettled flip or
+//! guest restart in the state file, or among the `keep` newest others (by version order).
+//! Removing a tree: rename `trees/<V>` into `staging/` (the uninstall is that one rename, so a
+//! crash leaves it installed or not), remove its manifest, then delete the files. Objects are
+//! garbage when no remaining manifest names them; an object and its link-limit copies go
+//! together.
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
@@ -24,13 +25,18 @@ pub(crate) struct Report {
     pub bytes_freed: u64,
 }
 
-/// The versions gc must keep whatever `keep` says.
+/// The versions gc must keep whatever `keep` says: current, previous, and every version the
+/// state file names (pins, the pending tree, an unsettled flip, guests to restart).
 fn protected(root: &Root) -> Result<HashSet<String>> {
     let st = state::load(root.fd())?;
     let mut keep: HashSet<String> = st.pins.into_iter().collect();
     keep.extend(root.link("current")?);
     keep.extend(root.link("previous")?);
     keep.extend(st.pending.map(|p| p.version));
+    // A flip cut short (before `boot` settled it) names the tree it left, which may be the
+    // only good one, and the tree whose guests are still to restart.
+    keep.extend(st.flip.into_iter().flat_map(|f| [f.from, f.to]));
+    keep.extend(st.restart.map(|r| r.target));
     Ok(keep)
 }
 

@@ -210,25 +210,31 @@ fn discard_staging(staging: BorrowedFd, version: &str) {
 
 /// Runs `link`, which links pool objects into a tree. In immutable mode objects are briefly
 /// unprotected while they are linked, so that is recorded around it: a crash before the record
-/// is cleared makes `boot` re-protect the pool.
+/// is cleared makes `boot` re-protect the pool. A record found already set was left by an
+/// interrupted run: the pool is re-protected first, as the record is about to be cleared.
 pub(crate) fn while_linking<R>(root: &Root, pool: &Pool, link: impl FnOnce() -> R) -> Result<R> {
     let immutable = pool.mode() == Protection::Immutable;
     if immutable {
-        mark_unprotected(root, true)?;
+        let mut st = state::load(root.fd())?;
+        if st.unprotected {
+            reprotect(pool)?;
+        } else {
+            st.unprotected = true;
+            state::save(root.fd(), &st)?;
+        }
     }
     let r = link();
     if immutable {
-        mark_unprotected(root, false)?;
+        let mut st = state::load(root.fd())?;
+        st.unprotected = false;
+        state::save(root.fd(), &st)?;
     }
     Ok(r)
 }
 
-/// Records (or clears the record) that pool objects may be unprotected right now.
-fn mark_unprotected(root: &Root, on: bool) -> Result<()> {
-    let mut st = state::load(root.fd())?;
-    if st.unprotected != on {
-        st.unprotected = on;
-        state::save(root.fd(), &st)?;
-    }
+/// Sets the immutable flag again on every pool object an interrupted run left without it.
+pub(crate) fn reprotect(pool: &Pool) -> Result<()> {
+    let n = pool.reprotect()?;
+    log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
     Ok(())
 }

@@ -10,12 +10,43 @@ use minisign::{PublicKey, SecretKey, SignatureBox};
 
 use crate::core::error::Fail;
 
+/// The largest key file read: minisign's are about 100 (public) and 350 (secret) bytes.
+const MAX_KEY_FILE: u64 = 4096;
+
+/// Reads a key file, which must be a small regular file: a FIFO or a device named by mistake
+/// (or by an attacker who can edit the config) must neither block nor fill memory. It is
+/// opened without blocking, checked with `fstat`, and read through a cap.
+fn read_key_file(p: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        anyhow::bail!("not a regular file");
+    }
+    if m.len() > MAX_KEY_FILE {
+        anyhow::bail!(
+            "{} bytes, more than a key file holds ({MAX_KEY_FILE})",
+            m.len()
+        );
+    }
+    let mut text = String::new();
+    f.take(MAX_KEY_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        anyhow::bail!("it grew past {MAX_KEY_FILE} bytes while it was read");
+    }
+    Ok(text)
+}
+
 /// Loads minisign public key files.
 pub(crate) fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> {
     paths
         .iter()
         .map(|p| {
-            let text = std::fs::read_to_string(p)
+            let text = read_key_file(p)
                 .with_context(|| format!("cannot read public key `{}`", p.display()))?;
             let key = PublicKey::from_box(text.into()).map_err(|e| {
                 anyhow::anyhow!("`{}` is not a minisign public key: {e}", p.display())
@@ -28,7 +59,7 @@ pub(crate) fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> 
 /// Signs `data` with an unencrypted minisign secret key file (`minisign -G -W`); returns the
 /// signature file text.
 pub(crate) fn sign(data: &[u8], secret_key: &Path, comment: &str) -> Result<String> {
-    let text = std::fs::read_to_string(secret_key)
+    let text = read_key_file(secret_key)
         .with_context(|| format!("cannot read secret key `{}`", secret_key.display()))?;
     let sk = parse_secret_key(&text).with_context(|| {
         format!(

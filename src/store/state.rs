@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::core::failpoint;
+use crate::core::{failpoint, version};
 use crate::fs::sys;
 
 pub(crate) const FORMAT: u32 = 1;
@@ -62,6 +62,17 @@ pub(crate) fn parse(text: &str) -> Result<State> {
             "state file format {} is not supported (this treeswap reads {FORMAT})",
             s.format
         );
+    }
+    // Every version the file names is used as a path under `trees/`: it must be a version
+    // name like any other, or an edited file could point `previous` outside the root.
+    let named = s
+        .pending
+        .iter()
+        .map(|p| &p.version)
+        .chain(s.restart.iter().map(|r| &r.target));
+    let named = named.chain(s.flip.iter().flat_map(|f| [&f.from, &f.to]));
+    for v in named.chain(&s.pins) {
+        version::validate(v).context("in the state file")?;
     }
     Ok(s)
 }
@@ -155,6 +166,19 @@ mod tests {
         let text = toml::to_string(&s).unwrap();
         assert_eq!(parse(&text).unwrap(), s);
         assert!(parse("format = 2\n").is_err());
+        // Regression (issue 15, 8): version names in the file are checked like any other.
+        for bad in [
+            "[flip]\nfrom = \"../../x\"\nto = \"2\"\n",
+            "[pending]\nversion = \"a/b\"\nboots = 0\n",
+            "[restart]\ntarget = \"..\"\nguests = []\n",
+            "pins = [\"\"]\n",
+        ] {
+            let err = parse(&format!("format = 1\n{bad}")).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("in the state file"),
+                "{bad}: {err:#}"
+            );
+        }
         assert!(parse("format = 1\nextra = 1\n").is_err());
     }
 }

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use compare::{Base, Changes, compare, installed};
 pub(crate) use encode::Opener;
@@ -130,9 +130,13 @@ fn from_dirs(
     diff(&base, &r1, changes, &r2, to_version, level)
 }
 
-/// Writes the delta to `req.output`: standard output, or a file written beside its final
-/// name and renamed, so a reader never sees half a delta.
+/// Writes the delta to `req.output`: `-` is standard output; an existing character device or
+/// FIFO is written to, as `> PATH` would (never replaced); anything else that is not a
+/// regular file is refused. A regular file (or a new name) is written beside its final name
+/// and renamed over it, so a reader never sees half a delta; a symlink is followed to the
+/// file it names, which is replaced.
 fn write_output(delta: &Delta, blobs: &[Vec<u8>], req: &Request) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
     let output = req.output;
     if output.as_os_str() == "-" {
         return write_delta(
@@ -143,6 +147,20 @@ fn write_output(delta: &Delta, blobs: &[Vec<u8>], req: &Request) -> Result<()> {
             std::io::stdout().lock(),
         );
     }
+    let output = match std::fs::metadata(output) {
+        Ok(m) if m.file_type().is_char_device() || m.file_type().is_fifo() => {
+            let f = fs_err::OpenOptions::new().write(true).open(output)?;
+            let out = std::io::BufWriter::new(f);
+            return write_delta(delta, blobs, req.sign, req.compress, out);
+        }
+        Ok(m) if !m.is_file() => bail!(
+            "cannot write the delta to `{}`: it is not a regular file, a character device or a FIFO",
+            output.display()
+        ),
+        Ok(_) => std::fs::canonicalize(output)
+            .with_context(|| format!("cannot resolve `{}`", output.display()))?,
+        Err(_) => output.to_owned(),
+    };
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -157,7 +175,7 @@ fn write_output(delta: &Delta, blobs: &[Vec<u8>], req: &Request) -> Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .with_context(|| format!("cannot set the mode of `{}`", tmp.path().display()))?;
-    tmp.persist(output)
+    tmp.persist(&output)
         .with_context(|| format!("cannot write `{}`", output.display()))?;
     Ok(())
 }
