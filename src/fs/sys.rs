@@ -392,6 +392,31 @@ pub(crate) fn linkat(
     rustix::fs::linkat(old_dir, old, new_dir, new, AtFlags::empty())
 }
 
+/// [symlinkat(2)]: makes `name` in `dir` a symlink to `target`.
+///
+/// [symlinkat(2)]: https://man7.org/linux/man-pages/man2/symlinkat.2.html
+#[inline]
+pub(crate) fn symlinkat(target: &[u8], dir: BorrowedFd, name: &[u8]) -> Result<()> {
+    rustix::fs::symlinkat(target, dir, name)
+        .with_context(|| format!("cannot create symlink `{}`", display(name)))
+}
+
+/// [mknodat(2)]: makes `name` in `dir` a special file of type `ft` (device `dev`, from
+/// `rustix::fs::makedev`, for a device).
+///
+/// [mknodat(2)]: https://man7.org/linux/man-pages/man2/mknodat.2.html
+#[inline]
+pub(crate) fn mknodat(
+    dir: BorrowedFd,
+    name: &[u8],
+    ft: rustix::fs::FileType,
+    mode: u32,
+    dev: u64,
+) -> Result<()> {
+    rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode), dev)
+        .with_context(|| format!("cannot create `{}`", display(name)))
+}
+
 /// Shares all the blocks of `src` with `dst`, which then has `src`'s content
 /// ([ioctl_ficlone(2)]); the bare `Errno`, as callers fall back to a copy on any error.
 ///
