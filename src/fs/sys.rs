@@ -433,6 +433,26 @@ pub(crate) fn flock(fd: BorrowedFd, op: rustix::fs::FlockOperation) -> rustix::i
     rustix::fs::flock(fd, op)
 }
 
+/// Asks the kernel to start reading the whole file open as `fd` ([posix_fadvise(2)] with
+/// `POSIX_FADV_WILLNEED`). Only a hint: errors are ignored.
+///
+/// [posix_fadvise(2)]: https://man7.org/linux/man-pages/man2/posix_fadvise.2.html
+#[inline]
+pub(crate) fn fadvise_willneed(fd: BorrowedFd) {
+    let _ = rustix::fs::fadvise(fd, 0, None, rustix::fs::Advice::WillNeed);
+}
+
+/// Sends `SIGKILL` to the process group `pgid` ([killpg(3)]); errors (the group is gone)
+/// are ignored.
+///
+/// [killpg(3)]: https://man7.org/linux/man-pages/man3/killpg.3.html
+pub(crate) fn killpg(pgid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 /// Removes `name` in `dir` and everything below it, without following symlinks; a missing
 /// name is fine.
 pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
