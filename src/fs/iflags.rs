@@ -9,25 +9,43 @@ use anyhow::{Context, Result};
 use rustix::fs::IFlags;
 use rustix::io::Errno;
 
+/// The inode flags of an open file (`FS_IOC_GETFLAGS`, [ioctl_iflags(2)]), with the bare
+/// `Errno`.
+///
+/// [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
+#[inline]
+pub(crate) fn ioctl_getflags(fd: BorrowedFd) -> rustix::io::Result<IFlags> {
+    rustix::fs::ioctl_getflags(fd)
+}
+
+/// Sets the inode flags of an open file (`FS_IOC_SETFLAGS`, [ioctl_iflags(2)]), with the
+/// bare `Errno`.
+///
+/// [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
+#[inline]
+pub(crate) fn ioctl_setflags(fd: BorrowedFd, flags: IFlags) -> rustix::io::Result<()> {
+    rustix::fs::ioctl_setflags(fd, flags)
+}
+
 /// Sets or clears the immutable flag of an open file ([ioctl_iflags(2)]).
 ///
 /// [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
 pub(crate) fn set_immutable(fd: BorrowedFd, on: bool) -> Result<()> {
-    let flags = rustix::fs::ioctl_getflags(fd).context("cannot read inode flags")?;
+    let flags = ioctl_getflags(fd).context("cannot read inode flags")?;
     let want = if on {
         flags | IFlags::IMMUTABLE
     } else {
         flags - IFlags::IMMUTABLE
     };
     if want != flags {
-        rustix::fs::ioctl_setflags(fd, want).context("cannot change the immutable flag")?;
+        ioctl_setflags(fd, want).context("cannot change the immutable flag")?;
     }
     Ok(())
 }
 
 /// Whether an open file is immutable; false where the file system has no such flag.
 pub(crate) fn is_immutable(fd: BorrowedFd) -> bool {
-    rustix::fs::ioctl_getflags(fd).is_ok_and(|f| f.contains(IFlags::IMMUTABLE))
+    ioctl_getflags(fd).is_ok_and(|f| f.contains(IFlags::IMMUTABLE))
 }
 
 /// Unlinks `name` in `dir` even if its inode is immutable: the flag is cleared, the name

@@ -1,4 +1,5 @@
 pub(crate) mod btrfs;
+pub(crate) mod file;
 pub(crate) mod hash;
 pub(crate) mod iflags;
 pub(crate) mod sys;

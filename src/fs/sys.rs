@@ -36,6 +36,14 @@ pub(crate) fn open_dir(p: &Path) -> Result<OwnedFd> {
 ///
 /// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
 pub(crate) fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
+    openat2_dir(dir, rel).with_context(|| format!("cannot open directory `{}`", display(rel)))
+}
+
+/// [`open_dir_beneath`] with the bare `Errno`, for callers that branch on it (`ENOENT`).
+///
+/// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
+#[inline]
+pub(crate) fn openat2_dir(dir: BorrowedFd, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat2(
         dir,
         rel,
@@ -43,7 +51,28 @@ pub(crate) fn open_dir_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
         Mode::empty(),
         BENEATH,
     )
-    .with_context(|| format!("cannot open directory `{}`", display(rel)))
+}
+
+/// [openat(2)] with the caller's flags and mode, returning the bare `Errno`: every caller
+/// branches on it (`ENOENT`, `EROFS`, no `O_TMPFILE`) or names the file in its own context.
+///
+/// [openat(2)]: https://man7.org/linux/man-pages/man2/openat.2.html
+#[inline]
+pub(crate) fn openat(
+    dir: BorrowedFd,
+    name: &[u8],
+    flags: OFlags,
+    mode: Mode,
+) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(dir, name, flags, mode)
+}
+
+/// [fstat(2)] of an open file, with the bare `Errno` (there is no name to report).
+///
+/// [fstat(2)]: https://man7.org/linux/man-pages/man2/fstat.2.html
+#[inline]
+pub(crate) fn fstat(fd: BorrowedFd) -> rustix::io::Result<rustix::fs::Stat> {
+    rustix::fs::fstat(fd)
 }
 
 /// [openat2(2)] a regular file below `dir` for reading, refusing any symlink on the way.
@@ -94,16 +123,32 @@ pub(crate) fn lstatat(dir: BorrowedFd, name: &[u8]) -> Result<Option<rustix::fs:
 ///
 /// [getdents64(2)]: https://man7.org/linux/man-pages/man2/getdents64.2.html
 pub(crate) fn read_dir(dir: BorrowedFd) -> Result<Vec<Vec<u8>>> {
-    let mut d = rustix::fs::Dir::read_from(dir).context("cannot read directory")?;
     let mut out = Vec::new();
-    while let Some(ent) = d.read() {
-        let ent = ent.context("cannot read directory")?;
-        let name = ent.file_name().to_bytes();
+    for_each_dirent(dir, |name, _| {
         if name != b"." && name != b".." {
             out.push(name.to_vec());
         }
-    }
+    })
+    .context("cannot read directory")?;
     Ok(out)
+}
+
+/// Calls `f` with the name and inode number of each entry of a directory, `.` and `..`
+/// included, in no particular order ([getdents64(2)]): the inode numbers come with the
+/// names, without a `stat` each.
+///
+/// [getdents64(2)]: https://man7.org/linux/man-pages/man2/getdents64.2.html
+#[inline]
+pub(crate) fn for_each_dirent(
+    dir: BorrowedFd,
+    mut f: impl FnMut(&[u8], u64),
+) -> rustix::io::Result<()> {
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    while let Some(ent) = d.read() {
+        let ent = ent?;
+        f(ent.file_name().to_bytes(), ent.ino());
+    }
+    Ok(())
 }
 
 /// The path under `/proc/self/fd` naming `name` in `dir`, for the calls that have no `*at()`
@@ -302,11 +347,119 @@ pub(crate) fn start_writeback(fd: BorrowedFd) {
     unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
-/// [fsync(2)] of a directory, so that the renames in it are durable.
+/// [fsync(2)] of a file, or of a directory so that the renames in it are durable.
 ///
 /// [fsync(2)]: https://man7.org/linux/man-pages/man2/fsync.2.html
 pub(crate) fn fsync(fd: BorrowedFd) -> Result<()> {
     rustix::fs::fsync(fd).context("fsync failed")
+}
+
+/// Writes all of `buf` to the open file `fd` at its offset ([write(2)] until done), with
+/// the bare `Errno` (`ENOSPC` is told apart by the exit code); callers name the file.
+///
+/// [write(2)]: https://man7.org/linux/man-pages/man2/write.2.html
+#[inline]
+pub(crate) fn write_all(fd: BorrowedFd, mut buf: &[u8]) -> rustix::io::Result<()> {
+    while !buf.is_empty() {
+        let n = rustix::io::write(fd, buf)?;
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// [ftruncate(2)]: sets the size of an open file.
+///
+/// [ftruncate(2)]: https://man7.org/linux/man-pages/man2/ftruncate.2.html
+pub(crate) fn ftruncate(fd: BorrowedFd, len: u64) -> Result<()> {
+    rustix::fs::ftruncate(fd, len).context("cannot truncate")
+}
+
+/// [renameat(2)], with the bare `Errno`: callers name both paths relative to the state root
+/// (`staging/<V>`, `trees/<V>`), which this cannot.
+///
+/// [renameat(2)]: https://man7.org/linux/man-pages/man2/renameat.2.html
+pub(crate) fn renameat(
+    old_dir: BorrowedFd,
+    old: &[u8],
+    new_dir: BorrowedFd,
+    new: &[u8],
+) -> rustix::io::Result<()> {
+    rustix::fs::renameat(old_dir, old, new_dir, new)
+}
+
+/// [linkat(2)] without following a symlink, with the bare `Errno`: callers branch on
+/// `EMLINK` and `ENOENT`.
+///
+/// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
+#[inline]
+pub(crate) fn linkat(
+    old_dir: BorrowedFd,
+    old: &[u8],
+    new_dir: BorrowedFd,
+    new: &[u8],
+) -> rustix::io::Result<()> {
+    rustix::fs::linkat(old_dir, old, new_dir, new, AtFlags::empty())
+}
+
+/// [symlinkat(2)]: makes `name` in `dir` a symlink to `target`.
+///
+/// [symlinkat(2)]: https://man7.org/linux/man-pages/man2/symlinkat.2.html
+#[inline]
+pub(crate) fn symlinkat(target: &[u8], dir: BorrowedFd, name: &[u8]) -> Result<()> {
+    rustix::fs::symlinkat(target, dir, name)
+        .with_context(|| format!("cannot create symlink `{}`", display(name)))
+}
+
+/// [mknodat(2)]: makes `name` in `dir` a special file of type `ft` (device `dev`, from
+/// `rustix::fs::makedev`, for a device).
+///
+/// [mknodat(2)]: https://man7.org/linux/man-pages/man2/mknodat.2.html
+#[inline]
+pub(crate) fn mknodat(
+    dir: BorrowedFd,
+    name: &[u8],
+    ft: rustix::fs::FileType,
+    mode: u32,
+    dev: u64,
+) -> Result<()> {
+    rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(mode), dev)
+        .with_context(|| format!("cannot create `{}`", display(name)))
+}
+
+/// Shares all the blocks of `src` with `dst`, which then has `src`'s content
+/// ([ioctl_ficlone(2)]); the bare `Errno`, as callers fall back to a copy on any error.
+///
+/// [ioctl_ficlone(2)]: https://man7.org/linux/man-pages/man2/ioctl_ficlone.2.html
+#[inline]
+pub(crate) fn ioctl_ficlone(dst: BorrowedFd, src: BorrowedFd) -> rustix::io::Result<()> {
+    rustix::fs::ioctl_ficlone(dst, src)
+}
+
+/// [flock(2)], with the bare `Errno`: the caller tells `EWOULDBLOCK` (busy) apart.
+///
+/// [flock(2)]: https://man7.org/linux/man-pages/man2/flock.2.html
+pub(crate) fn flock(fd: BorrowedFd, op: rustix::fs::FlockOperation) -> rustix::io::Result<()> {
+    rustix::fs::flock(fd, op)
+}
+
+/// Asks the kernel to start reading the whole file open as `fd` ([posix_fadvise(2)] with
+/// `POSIX_FADV_WILLNEED`). Only a hint: errors are ignored.
+///
+/// [posix_fadvise(2)]: https://man7.org/linux/man-pages/man2/posix_fadvise.2.html
+#[inline]
+pub(crate) fn fadvise_willneed(fd: BorrowedFd) {
+    let _ = rustix::fs::fadvise(fd, 0, None, rustix::fs::Advice::WillNeed);
+}
+
+/// Sends `SIGKILL` to the process group `pgid` ([killpg(3)]); errors (the group is gone)
+/// are ignored.
+///
+/// [killpg(3)]: https://man7.org/linux/man-pages/man3/killpg.3.html
+pub(crate) fn killpg(pgid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// Removes `name` in `dir` and everything below it, without following symlinks; a missing

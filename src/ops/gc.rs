@@ -72,8 +72,13 @@ pub(crate) fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report>
     let staging = root.subdir("staging")?;
     for v in others.into_iter().skip(keep) {
         let doomed = format!(".gc-{v}");
-        rustix::fs::renameat(trees.as_fd(), v.as_str(), staging.as_fd(), doomed.as_str())
-            .with_context(|| format!("cannot remove `trees/{v}`"))?;
+        sys::renameat(
+            trees.as_fd(),
+            v.as_bytes(),
+            staging.as_fd(),
+            doomed.as_bytes(),
+        )
+        .with_context(|| format!("cannot remove `trees/{v}`"))?;
         sys::fsync(trees.as_fd())?;
         crate::core::failpoint::hit("gc-after-uninstall");
         root.forget(&v)?;

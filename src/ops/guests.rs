@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::core::config::Guest;
+use crate::fs::sys;
 
 /// Runs a guest's restart command and waits for it, at most its timeout.
 pub(crate) fn restart(g: &Guest) -> Result<()> {
@@ -32,8 +33,7 @@ pub(crate) fn restart(g: &Guest) -> Result<()> {
             break Some(status);
         }
         if Instant::now() >= deadline {
-            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            sys::killpg(child.id());
             let _ = child.wait();
             break None;
         }

@@ -130,8 +130,13 @@ fn commit(
             log::debug!("kept the read-only snapshot `snapshots/{version}`");
         }
         failpoint::check("stage-before-commit")?;
-        rustix::fs::renameat(staging, version, trees.as_fd(), version)
-            .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))
+        sys::renameat(
+            staging,
+            version.as_bytes(),
+            trees.as_fd(),
+            version.as_bytes(),
+        )
+        .with_context(|| format!("cannot rename `staging/{version}` to `trees/{version}`"))
     })();
     if let Err(e) = committed {
         // The version is not installed: what names it goes, as if nothing had happened.

@@ -17,16 +17,16 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
-use rustix::fs::{AtFlags, Mode as Mode0, OFlags, RenameFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::core::error::Fail;
 use crate::core::object::Hash;
 use crate::core::object::{Meta, ObjectId, object_id};
+use crate::fs::file::TmpFile;
 use crate::fs::hash;
 use crate::fs::{iflags, sys};
 use crate::store::protect::Protection;
@@ -63,7 +63,8 @@ pub struct Pool {
 
 const LINK_LOCKS: usize = 64;
 
-static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+/// The prefix of a named temporary object file in `tmp/` (where there is no `O_TMPFILE`).
+const TMP_PREFIX: &str = "obj";
 
 /// The path of an object (copy 0) or of its extra copy `n`, relative to `pool/`.
 fn object_rel(shape: Shape, id: &ObjectId, copy: u32) -> String {
@@ -86,98 +87,6 @@ fn shape_of(dir: BorrowedFd) -> Result<Shape> {
         Some(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => Shape::Sharded,
         _ => Shape::Flat,
     })
-}
-
-/// Gives the unnamed file `fd` the name `rel` in `dir` (`EEXIST` if taken): through the
-/// descriptor itself where allowed (`CAP_DAC_READ_SEARCH`), else through `/proc/self/fd`.
-fn link_unnamed(fd: BorrowedFd, dir: BorrowedFd, rel: &str) -> rustix::io::Result<()> {
-    match rustix::fs::linkat(fd, "", dir, rel, AtFlags::EMPTY_PATH) {
-        Err(Errno::NOENT | Errno::PERM) => {}
-        r => return r,
-    }
-    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    rustix::fs::linkat(
-        rustix::fs::CWD,
-        proc.as_str(),
-        dir,
-        rel,
-        AtFlags::SYMLINK_FOLLOW,
-    )
-}
-
-/// A temporary file that is removed unless it was published: an unnamed one (`O_TMPFILE`)
-/// where the file system has them, which a crash cannot leave behind, else one named in
-/// `tmp/`.
-struct TmpFile<'a> {
-    dir: BorrowedFd<'a>,
-    /// `None` for an unnamed file.
-    name: Option<String>,
-    fd: Option<OwnedFd>,
-    published: bool,
-}
-
-impl<'a> TmpFile<'a> {
-    fn create(dir: BorrowedFd<'a>) -> Result<Self> {
-        match rustix::fs::openat(
-            dir,
-            ".",
-            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
-            Mode0::from_raw_mode(0o600),
-        ) {
-            Ok(fd) => {
-                return Ok(TmpFile {
-                    dir,
-                    name: None,
-                    fd: Some(fd),
-                    published: false,
-                });
-            }
-            // No O_TMPFILE on this file system (or kernel): a named file.
-            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOENT) => {}
-            Err(e) => return Err(e).context("cannot create an unnamed file in `tmp/`"),
-        }
-        let name = format!(
-            "obj-{}-{}",
-            std::process::id(),
-            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let fd = rustix::fs::openat(
-            dir,
-            name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode0::from_raw_mode(0o600),
-        )
-        .with_context(|| format!("cannot create temporary file `tmp/{name}`"))?;
-        Ok(TmpFile {
-            dir,
-            name: Some(name),
-            fd: Some(fd),
-            published: false,
-        })
-    }
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_ref().expect("open").as_fd()
-    }
-}
-
-impl Drop for TmpFile<'_> {
-    fn drop(&mut self) {
-        self.fd.take();
-        if self.published {
-            return;
-        }
-        if let Some(name) = &self.name {
-            let _ = rustix::fs::unlinkat(self.dir, name.as_str(), AtFlags::empty());
-        }
-    }
-}
-
-fn write_all(fd: BorrowedFd, mut buf: &[u8]) -> Result<()> {
-    while !buf.is_empty() {
-        let n = rustix::io::write(fd, buf).context("cannot write object")?;
-        buf = &buf[n..];
-    }
-    Ok(())
 }
 
 impl Pool {
@@ -254,13 +163,13 @@ impl Pool {
     /// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
     fn link_object(&self, rel: &str, dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<()> {
         if self.mode != Protection::Immutable {
-            return rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
+            return sys::linkat(self.dir.as_fd(), rel.as_bytes(), dir, name);
         }
-        let fd = rustix::fs::openat(
+        let fd = sys::openat(
             self.dir.as_fd(),
-            rel,
+            rel.as_bytes(),
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode0::empty(),
+            Mode::empty(),
         )?;
         // Objects of a stripe share a lock: the start of the object's name picks it.
         let name_start = rel.rsplit('/').next().unwrap_or(rel);
@@ -270,11 +179,11 @@ impl Pool {
         let _held = self.link_locks[stripe % LINK_LOCKS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let flags = rustix::fs::ioctl_getflags(&fd)?;
-        rustix::fs::ioctl_setflags(&fd, flags - rustix::fs::IFlags::IMMUTABLE)?;
+        let flags = iflags::ioctl_getflags(fd.as_fd())?;
+        iflags::ioctl_setflags(fd.as_fd(), flags - rustix::fs::IFlags::IMMUTABLE)?;
         crate::core::failpoint::hit("pool-link-unprotected");
-        let r = rustix::fs::linkat(self.dir.as_fd(), rel, dir, name, AtFlags::empty());
-        rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::IMMUTABLE)?;
+        let r = sys::linkat(self.dir.as_fd(), rel.as_bytes(), dir, name);
+        iflags::ioctl_setflags(fd.as_fd(), flags | rustix::fs::IFlags::IMMUTABLE)?;
         r
     }
 
@@ -282,15 +191,15 @@ impl Pool {
     /// can clone, else a copy) with the object's metadata and zero timestamps.
     pub fn copy_to(&self, id: &ObjectId, meta: &Meta, dir: BorrowedFd, name: &[u8]) -> Result<()> {
         let src = self.open_object(id)?;
-        let dst = rustix::fs::openat(
+        let dst = sys::openat(
             dir,
             name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode0::from_raw_mode(0o600),
+            Mode::from_raw_mode(0o600),
         )
         .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
-        if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
-            let size = rustix::fs::fstat(&src)?.st_size as u64;
+        if sys::ioctl_ficlone(dst.as_fd(), src.as_fd()).is_err() {
+            let size = sys::fstat(src.as_fd())?.st_size as u64;
             sys::copy_range(src.as_fd(), dst.as_fd(), size)
                 .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         }
@@ -312,10 +221,10 @@ impl Pool {
     ) -> Result<bool> {
         let src = self.open_object(id)?;
         // A whole-file clone replaces the bytes up to the object's end and leaves any beyond.
-        if dst_size > rustix::fs::fstat(&src)?.st_size as u64 {
-            rustix::fs::ftruncate(dst, 0).context("cannot truncate")?;
+        if dst_size > sys::fstat(src.as_fd())?.st_size as u64 {
+            sys::ftruncate(dst, 0)?;
         }
-        if rustix::fs::ioctl_ficlone(dst, &src).is_err() {
+        if sys::ioctl_ficlone(dst, src.as_fd()).is_err() {
             return Ok(false);
         }
         sys::set_meta_exact_fd(dst, meta)?;
@@ -339,7 +248,7 @@ impl Pool {
         if self.has(&id)? {
             return Ok(false);
         }
-        let tmp = TmpFile::create(self.tmp.as_fd())?;
+        let tmp = TmpFile::create(self.tmp.as_fd(), TMP_PREFIX).context("in `tmp/`")?;
         let mut h = Sha256::new();
         let mut written = 0u64;
         hash::with_io_buffer(|buf| -> Result<()> {
@@ -357,7 +266,7 @@ impl Pool {
                     .into());
                 }
                 h.update(&buf[..n]);
-                write_all(tmp.fd(), &buf[..n])?;
+                sys::write_all(tmp.fd(), &buf[..n]).context("cannot write object")?;
             }
         })?;
         let got: Hash = h.finalize().into();
@@ -373,25 +282,14 @@ impl Pool {
         self.publish(tmp, meta, &id, 0)
     }
 
-    /// Gives a written temporary file its metadata and renames it into place.
+    /// Gives a written temporary file its metadata and links or renames it into place.
     fn publish(&self, mut tmp: TmpFile, meta: &Meta, id: &ObjectId, copy: u32) -> Result<bool> {
         sys::apply_meta_fd(tmp.fd(), meta)?;
         sys::zero_times(tmp.fd())?;
         let rel = self.rel(id, copy);
-        let placed = match &tmp.name {
-            Some(name) => rustix::fs::renameat_with(
-                self.tmp.as_fd(),
-                name.as_str(),
-                self.dir.as_fd(),
-                rel.as_str(),
-                RenameFlags::NOREPLACE,
-            ),
-            None => link_unnamed(tmp.fd(), self.dir.as_fd(), &rel),
-        };
-        match placed {
+        match tmp.publish(self.dir.as_fd(), rel.as_bytes()) {
             Ok(()) => {
                 // The temporary name is gone: nothing to clean up.
-                tmp.published = true;
                 self.created.lock().expect("poisoned").push(rel.clone());
                 if self.mode == Protection::Immutable {
                     iflags::set_immutable(tmp.fd(), true)
@@ -482,9 +380,9 @@ impl Pool {
             hex::encode(id)
         );
         let src = self.open_object(id)?;
-        let st = rustix::fs::fstat(&src)?;
+        let st = sys::fstat(src.as_fd())?;
         let meta = sys::meta_of(&st, sys::fd_xattrs(src.as_fd())?);
-        let tmp = TmpFile::create(self.tmp.as_fd())?;
+        let tmp = TmpFile::create(self.tmp.as_fd(), TMP_PREFIX).context("in `tmp/`")?;
         sys::copy_range(src.as_fd(), tmp.fd(), st.st_size as u64)
             .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         self.publish(tmp, &meta, id, n)?;
@@ -501,7 +399,7 @@ impl Pool {
         wanted: &[(ObjectId, T)],
     ) -> Result<(u64, Vec<Option<u64>>)> {
         use rayon::prelude::*;
-        let dev = rustix::fs::fstat(&self.dir)
+        let dev = sys::fstat(self.dir.as_fd())
             .context("cannot stat the pool")?
             .st_dev;
         let mut inodes: Vec<Option<u64>> = vec![None; wanted.len()];
@@ -525,31 +423,23 @@ impl Pool {
         parts
             .par_iter_mut()
             .try_for_each(|(name, w, out)| -> Result<()> {
-                let fd = match rustix::fs::openat2(
-                    self.dir.as_fd(),
-                    name.as_str(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                    Mode0::empty(),
-                    sys::BENEATH,
-                ) {
+                let fd = match sys::openat2_dir(self.dir.as_fd(), name.as_bytes()) {
                     Ok(fd) => fd,
                     Err(Errno::NOENT) => return Ok(()),
                     Err(e) => return Err(e).context(format!("cannot open `pool/{name}`")),
                 };
-                let mut dir = rustix::fs::Dir::read_from(&fd).context("cannot read the pool")?;
-                while let Some(ent) = dir.read() {
-                    let ent = ent.context("cannot read the pool")?;
+                sys::for_each_dirent(fd.as_fd(), |file_name, ino| {
                     let mut id = [0u8; 32];
-                    if hex::decode_to_slice(ent.file_name().to_bytes(), &mut id).is_err() {
-                        continue;
+                    if hex::decode_to_slice(file_name, &mut id).is_err() {
+                        return;
                     }
                     let mut k = w.partition_point(|(x, _)| *x < id);
                     while k < w.len() && w[k].0 == id {
-                        out[k] = Some(ent.ino());
+                        out[k] = Some(ino);
                         k += 1;
                     }
-                }
-                Ok(())
+                })
+                .context("cannot read the pool")
             })?;
         Ok((dev, inodes))
     }
@@ -581,7 +471,7 @@ impl Pool {
                     break;
                 }
             };
-            let st = rustix::fs::fstat(&fd)?;
+            let st = sys::fstat(fd.as_fd())?;
             if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
             {
                 problems.push(format!("object `pool/{rel}` is not a regular file"));

@@ -110,23 +110,22 @@ impl Root {
         if how == Lock::Shared {
             flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         }
-        let fd =
-            match rustix::fs::openat(self.fd.as_fd(), "lock", flags, Mode::from_raw_mode(0o644)) {
-                Ok(fd) => fd,
-                // A reader on a root that no writer has touched yet, or on a read-only medium.
-                Err(Errno::NOENT) | Err(Errno::ROFS) if how == Lock::Shared => return Ok(()),
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot open `{}/lock`", self.path.display()));
-                }
-            };
+        let fd = match sys::openat(self.fd.as_fd(), b"lock", flags, Mode::from_raw_mode(0o644)) {
+            Ok(fd) => fd,
+            // A reader on a root that no writer has touched yet, or on a read-only medium.
+            Err(Errno::NOENT) | Err(Errno::ROFS) if how == Lock::Shared => return Ok(()),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot open `{}/lock`", self.path.display()));
+            }
+        };
         let op = match (how, wait) {
             (Lock::Shared, true) => FlockOperation::LockShared,
             (Lock::Shared, false) => FlockOperation::NonBlockingLockShared,
             (Lock::Exclusive, true) => FlockOperation::LockExclusive,
             (Lock::Exclusive, false) => FlockOperation::NonBlockingLockExclusive,
         };
-        match rustix::fs::flock(&fd, op) {
+        match sys::flock(fd.as_fd(), op) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => {
                 return Err(Fail::Busy(format!(

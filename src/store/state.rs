@@ -1,7 +1,7 @@
 //! The state file (`<root>/state.toml`): boot counting and guest restarts still to do.
 //! Replaced atomically; parsing is pure.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -79,9 +79,9 @@ pub(crate) fn parse(text: &str) -> Result<State> {
 
 /// Reads the state file; a missing one is the empty state.
 pub(crate) fn load(root: BorrowedFd) -> Result<State> {
-    let fd = match rustix::fs::openat(
+    let fd = match sys::openat(
         root,
-        NAME,
+        NAME.as_bytes(),
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,
         rustix::fs::Mode::empty(),
     ) {
@@ -118,9 +118,9 @@ fn write(root: BorrowedFd, s: &State) -> Result<()> {
         toml::to_string(&s).context("cannot encode the state")?
     );
     let tmp = ".state.toml.tmp";
-    let fd = rustix::fs::openat(
+    let fd = sys::openat(
         root,
-        tmp,
+        tmp.as_bytes(),
         rustix::fs::OFlags::WRONLY
             | rustix::fs::OFlags::CREATE
             | rustix::fs::OFlags::TRUNC
@@ -129,14 +129,11 @@ fn write(root: BorrowedFd, s: &State) -> Result<()> {
         rustix::fs::Mode::from_raw_mode(0o644),
     )
     .context("cannot write the state file")?;
-    let mut buf = text.as_bytes();
-    while !buf.is_empty() {
-        let n = rustix::io::write(&fd, buf).context("cannot write the state file")?;
-        buf = &buf[n..];
-    }
-    rustix::fs::fsync(&fd).context("cannot sync the state file")?;
+    sys::write_all(fd.as_fd(), text.as_bytes()).context("cannot write the state file")?;
+    sys::fsync(fd.as_fd()).context("cannot sync the state file")?;
     drop(fd);
-    rustix::fs::renameat(root, tmp, root, NAME).context("cannot replace the state file")?;
+    sys::renameat(root, tmp.as_bytes(), root, NAME.as_bytes())
+        .context("cannot replace the state file")?;
     sys::fsync(root)
 }
 

@@ -166,7 +166,7 @@ fn make_in(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool, layout: &Layout
             if old.is_some() {
                 sys::remove_tree_at(pfd, base)?;
             }
-            rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
+            sys::mkdirat(pfd, base, 0o700, false)?;
             let fd = sys::open_dir_beneath(pfd, base)?;
             sys::apply_meta_fd(fd.as_fd(), &e.meta)
         }
@@ -195,7 +195,7 @@ fn make_in(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool, layout: &Layout
 /// replaces the file.
 fn replace_file(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool) -> Result<bool> {
     use rustix::fs::OFlags;
-    let Ok(fd) = rustix::fs::openat(
+    let Ok(fd) = sys::openat(
         pfd,
         base,
         OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC,
@@ -204,7 +204,7 @@ fn replace_file(pfd: BorrowedFd, base: &[u8], e: &Entry, pool: &Pool) -> Result<
         return Ok(false);
     };
     // It was a regular file with one name when looked at; the snapshot is ours alone.
-    let st = rustix::fs::fstat(&fd)?;
+    let st = sys::fstat(fd.as_fd())?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
         return Ok(false);
     }

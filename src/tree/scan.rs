@@ -85,7 +85,7 @@ pub(crate) type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>
 /// entry, a directory before its children but in no other order. Regular files get a zero
 /// hash and no extended attributes; sockets are skipped with a warning.
 pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
-    let st = rustix::fs::fstat(top).context("cannot stat the top directory")?;
+    let st = sys::fstat(top).context("cannot stat the top directory")?;
     visit(top_entry(top, &st)?, (st.st_dev, st.st_ino))?;
     let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
     while let Some(rel) = pending.pop() {
@@ -195,7 +195,7 @@ fn entry_of(
 /// its path in the tree, `.` for the directory `dfd` itself.
 pub(crate) fn entry_at(dfd: BorrowedFd, name: &[u8], path: &[u8]) -> Result<Option<Entry>> {
     if path == b"." {
-        let st = rustix::fs::fstat(dfd).context("cannot stat the top directory")?;
+        let st = sys::fstat(dfd).context("cannot stat the top directory")?;
         return top_entry(dfd, &st).map(Some);
     }
     match sys::lstatat(dfd, name)? {
@@ -267,7 +267,7 @@ fn hash_one(
     hook: Option<FileHook>,
 ) -> Result<(Meta, u64, Hash)> {
     let fd = sys::open_file_beneath(top, rel)?;
-    let st = rustix::fs::fstat(&fd)?;
+    let st = sys::fstat(fd.as_fd())?;
     if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
     {
         bail!("it changed while it was being read");

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
-use rustix::fs::{FileType, Mode};
+use rustix::fs::FileType;
 
 use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::path::split_parent;
@@ -104,8 +104,7 @@ fn make_top(m: &Manifest, parent: BorrowedFd, name: &[u8], subvolume: bool) -> R
     if subvolume {
         crate::fs::btrfs::create(parent, name)?;
     } else {
-        rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
-            .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
+        sys::mkdirat(parent, name, 0o700, false)?;
     }
     let top = sys::open_dir_beneath(parent, name)?;
     sys::apply_meta_fd(top.as_fd(), &top_entry.meta).context("on the top directory")?;
@@ -121,7 +120,7 @@ fn make_dirs(top: BorrowedFd, dirs: &[&Entry], progress: &Progress) -> Result<()
         let (ppath, base) = split_parent(&e.path);
         let res: Result<OwnedFd> = (|| {
             let pfd = cache.get(ppath)?;
-            rustix::fs::mkdirat(pfd, base, Mode::from_raw_mode(0o700))?;
+            sys::mkdirat(pfd, base, 0o700, false)?;
             let fd = sys::open_dir_beneath(pfd, base)?;
             sys::apply_meta_fd(fd.as_fd(), &e.meta)?;
             Ok(fd)
@@ -206,7 +205,7 @@ pub(crate) fn make(
             }
         }
         Kind::Symlink { target } => {
-            rustix::fs::symlinkat(&target[..], pfd, base)?;
+            sys::symlinkat(target, pfd, base)?;
             sys::apply_meta_at(pfd, base, &e.meta, true)?;
         }
         Kind::Char { major, minor } | Kind::Block { major, minor } => {
@@ -215,17 +214,11 @@ pub(crate) fn make(
             } else {
                 FileType::BlockDevice
             };
-            rustix::fs::mknodat(
-                pfd,
-                base,
-                ft,
-                Mode::from_raw_mode(0o600),
-                rustix::fs::makedev(*major, *minor),
-            )?;
+            sys::mknodat(pfd, base, ft, 0o600, rustix::fs::makedev(*major, *minor))?;
             sys::apply_meta_at(pfd, base, &e.meta, false)?;
         }
         Kind::Fifo => {
-            rustix::fs::mknodat(pfd, base, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?;
+            sys::mknodat(pfd, base, FileType::Fifo, 0o600, 0)?;
             sys::apply_meta_at(pfd, base, &e.meta, false)?;
         }
     }

@@ -19,6 +19,7 @@ use crate::core::manifest::{Kind, Manifest};
 use crate::core::object::{Hash, Meta, ObjectId};
 use crate::core::progress::Progress;
 use crate::fs::hash::FdReader;
+use crate::fs::sys;
 use crate::ops::install;
 use crate::store::pool::Pool;
 use crate::store::root::Root;
@@ -287,7 +288,7 @@ impl<'a> Writer<'a> {
             && let Some(id) = source.and_then(|h| self.object_of(&h))
             && let Ok(fd) = self.pool.open_object(&id)
         {
-            let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+            sys::fadvise_willneed(fd.as_fd());
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,6 +16,7 @@ use crate::core::delta::{Content, Source};
 use crate::core::manifest::{Entry, Kind};
 use crate::core::object::Hash;
 use crate::core::progress::Progress;
+use crate::fs::sys;
 
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
 /// size, where it can win.
@@ -193,7 +194,7 @@ fn prefetch(jobs: &[Job], order: &[usize], taken: &AtomicUsize, sides: &Sides) {
             .chain(cands.iter().map(|c| (c.entry, sides.of(c.side))));
         for (c, open) in files {
             if let Ok(fd) = open(c) {
-                let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+                sys::fadvise_willneed(fd.as_fd());
             }
         }
     }
