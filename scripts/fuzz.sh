@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # Works on stable Rust: cargo-fuzz needs nightly flags (-Zsanitizer=address), which
-# RUSTC_BOOTSTRAP=1 unlocks. Needs `cargo install cargo-fuzz` and python3 (for the seeds).
+# RUSTC_BOOTSTRAP=1 unlocks. Installs cargo-fuzz if it is missing; needs python3 (for the seeds).
 # Seeds come from real files (the fixture trees' manifests, a delta between them, its blobs);
 # the growing corpus lives in fuzz/corpus/<target>/ and crash inputs in
 # fuzz/artifacts/<target>/ (both ignored by git). A crash is kept and fuzzing goes on with the
@@ -19,7 +19,11 @@ targets=("$@")
 export RUSTC_BOOTSTRAP=1
 cd "$repo"
 
-command -v cargo-fuzz >/dev/null || { echo "fuzz.sh: needs cargo-fuzz (cargo install cargo-fuzz)" >&2; exit 2; }
+export PATH="$PATH:$HOME/.cargo/bin"
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "fuzz.sh: installing cargo-fuzz (cargo install cargo-fuzz --locked)" >&2
+  cargo install -q cargo-fuzz --locked
+fi
 cargo build -q
 bin=$repo/target/debug/treeswap
 
