@@ -289,14 +289,18 @@ fn gc_keeps_current_previous_pinned_and_the_newest() {
     env.ts(["gc"]).success();
     let list = env.ts(["list"]).stdout();
     assert_eq!(list.lines().count(), 2, "{list}");
-    // Nothing of a removed version stays in `manifests/`: not its manifest, not its layout.
-    assert_eq!(
-        names(&env.root.join("manifests"))
-            .iter()
-            .map(|n| show(n))
-            .collect::<Vec<_>>(),
-        ["4.layout.toml", "4.toml", "5.layout.toml", "5.toml"]
-    );
+    // Nothing of a removed version stays in `manifests/` or `layouts/`: not its manifest, not
+    // its layout.
+    for d in ["manifests", "layouts"] {
+        assert_eq!(
+            names(&env.root.join(d))
+                .iter()
+                .map(|n| show(n))
+                .collect::<Vec<_>>(),
+            ["4.toml", "5.toml"],
+            "{d}/"
+        );
+    }
 }
 
 /// Regression (issue 15, 8): a `public_keys` entry that is a FIFO hung, `/dev/zero` read until

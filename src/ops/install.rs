@@ -2,8 +2,8 @@
 //! writing its manifest and committing it as `trees/<V>`; shared by `import` and `apply`.
 //!
 //! Steps: build `staging/<V>` from the pool; write `manifests/<V>.toml` (through a temporary
-//! name; when staging from a snapshot, on another thread meanwhile); `syncfs`; rename
-//! `staging/<V>` to `trees/<V>` (the commit point); fsync `trees/`.
+//! name; when staging from a snapshot, on another thread meanwhile) and `layouts/<V>.toml`;
+//! `syncfs`; rename `staging/<V>` to `trees/<V>` (the commit point); fsync `trees/`.
 
 use std::os::fd::{AsFd, BorrowedFd};
 

@@ -1,4 +1,4 @@
-//! The per-tree copy policy, recorded beside each manifest as `<V>.layout.toml`.
+//! The per-tree copy policy, recorded as `layouts/<V>.toml`.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::store::protect::Protection;
 
 /// Which files of a tree are copies rather than links: all of them in reflink mode, and those
-/// matching a `private` glob. Recorded beside the manifest as `<V>.layout.toml` so that
-/// `verify` knows what to expect.
+/// matching a `private` glob. Recorded as `layouts/<V>.toml` so that `verify` knows what to
+/// expect.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Layout {

@@ -6,10 +6,12 @@
 //! tmp/                temporary files of objects being written
 //! staging/<V>/        a tree being built; renamed to trees/<V> once complete
 //! trees/<V>/          installed trees, farms of hardlinks into pool/
-//! manifests/<V>.toml  the manifest of each installed tree
+//! manifests/<V>.toml  the manifest of each installed tree (`.<V>.toml.tmp` while written)
+//! layouts/<V>.toml    its per-tree layout (see store/layout.rs)
 //! snapshots/<V>/      on btrfs: read-only snapshots of installed trees (snapshots_enabled)
 //! current, previous   relative symlinks to trees/<V>
 //! lock                flock(2) target: one writer at a time
+//! format              the root format, `2` (none: format 1, see [`Root::migrate`])
 //! ```
 //!
 //! A version is installed when `trees/<V>` exists: that rename is the commit point of an
@@ -32,10 +34,20 @@ use crate::store::protect::Protection;
 
 pub(crate) const DEFAULT_ROOT: &str = "/versions";
 
+/// The root format this treeswap writes (FORMAT.md, "Root format"), recorded in `format`. A
+/// root without that file is format 1, which kept each layout as `manifests/<V>.layout.toml`:
+/// also the manifest's name of the version `<V>.layout`.
+pub(crate) const ROOT_FORMAT: u32 = 2;
+
+/// A layout is a few lines; a larger file by a layout's name is not one.
+const LAYOUT_MAX: u64 = 1 << 20;
+
 pub struct Root {
     pub path: PathBuf,
     pub fd: OwnedFd,
     lock: Option<OwnedFd>,
+    /// The root format, read when the root is opened and again once it is locked.
+    format: u32,
 }
 
 /// How a command holds the lock.
@@ -56,6 +68,7 @@ impl Root {
         // The common case: a complete root (the last thing made below is `manifests/`).
         if sys::lstatat(fd.as_fd(), b"manifests")?.is_some() {
             return Ok(Root {
+                format: read_format(fd.as_fd(), path)?,
                 path: path.to_owned(),
                 fd,
                 lock: None,
@@ -73,12 +86,18 @@ impl Root {
                     .with_context(|| format!("in `{}/pool`", path.display()))?;
             }
         }
+        // No manifest or layout exists yet, so the root is of the current format from the start.
+        sys::mkdirat(fd.as_fd(), b"layouts", 0o755, true)
+            .with_context(|| format!("in the state root `{}`", path.display()))?;
+        write_format(fd.as_fd(), ROOT_FORMAT)
+            .with_context(|| format!("in the state root `{}`", path.display()))?;
         sys::mkdirat(fd.as_fd(), b"manifests", 0o755, true)
             .with_context(|| format!("in the state root `{}`", path.display()))?;
         Ok(Root {
             path: path.to_owned(),
             fd,
             lock: None,
+            format: ROOT_FORMAT,
         })
     }
 
@@ -97,14 +116,16 @@ impl Root {
             );
         }
         Ok(Root {
+            format: read_format(fd.as_fd(), path)?,
             path: path.to_owned(),
             fd,
             lock: None,
         })
     }
 
-    /// Takes the root's lock; a held lock is a "busy" error unless `wait`. Writers also clear
-    /// what an interrupted writer left in `tmp/` and `staging/`: nothing else can be using it.
+    /// Takes the root's lock; a held lock is a "busy" error unless `wait`. Writers also bring
+    /// a root of an older format to [`ROOT_FORMAT`] ([`Root::migrate`]) and clear what an
+    /// interrupted writer left in `tmp/` and `staging/`: nothing else can be using it.
     pub fn lock(&mut self, how: Lock, wait: bool) -> Result<()> {
         let mut flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         if how == Lock::Shared {
@@ -137,10 +158,87 @@ impl Root {
             Err(e) => return Err(e).context("cannot lock the state root"),
         }
         self.lock = Some(fd);
+        // A writer may have migrated the root while this one waited for the lock.
+        self.format = read_format(self.fd.as_fd(), &self.path)?;
         if how == Lock::Exclusive {
+            self.migrate()?;
             self.clear_leftovers()?;
         }
         Ok(())
+    }
+
+    /// Brings a format-1 root to format 2, under the exclusive lock. Format 1 kept each layout
+    /// as `manifests/<V>.layout.toml`, the name of the manifest of the version `<V>.layout`
+    /// too; format 2 keeps it as `layouts/<V>.toml`. Steps: make `layouts/`; move each such
+    /// file that is a layout with one rename (one that is not a layout is the manifest of
+    /// `<V>.layout` and stays); `syncfs`, so the moves are durable before the next step says
+    /// they are done; write `format` (a temporary file, fsync, rename, fsync of the root). A
+    /// run cut short leaves a format-1 root with each layout in one place or the other, which
+    /// readers find ([`Root::load_layout`]) and the next writer finishes migrating.
+    fn migrate(&mut self) -> Result<()> {
+        if self.format >= ROOT_FORMAT {
+            return Ok(());
+        }
+        let at = || format!("cannot migrate the state root `{}`", self.path.display());
+        sys::mkdirat(self.fd.as_fd(), b"layouts", 0o755, true).with_context(at)?;
+        let manifests = self.subdir("manifests")?;
+        let layouts = self.subdir("layouts")?;
+        let mut moved = 0;
+        for name in sys::read_dir(manifests.as_fd())? {
+            let Some(version) = std::str::from_utf8(&name)
+                .ok()
+                .and_then(|s| s.strip_suffix(".layout.toml"))
+                .filter(|v| crate::core::version::validate(v).is_ok())
+            else {
+                continue;
+            };
+            if self.format1_layout(version)?.is_none() {
+                continue;
+            }
+            sys::renameat(
+                manifests.as_fd(),
+                &name,
+                layouts.as_fd(),
+                format!("{version}.toml").as_bytes(),
+            )
+            .with_context(|| {
+                format!("cannot move `manifests/{version}.layout.toml` to `layouts/{version}.toml`")
+            })?;
+            moved += 1;
+        }
+        self.syncfs().with_context(at)?;
+        write_format(self.fd.as_fd(), ROOT_FORMAT).with_context(at)?;
+        log::info!(
+            "migrated the state root `{}` to root format {ROOT_FORMAT} ({moved} layout(s) moved to layouts/)",
+            self.path.display()
+        );
+        self.format = ROOT_FORMAT;
+        Ok(())
+    }
+
+    /// In a format-1 root, the text of `manifests/<V>.layout.toml` if that file is a layout;
+    /// it may instead be the manifest of the version `<V>.layout` (a manifest has keys no
+    /// layout has, so it never parses as one).
+    fn format1_layout(&self, version: &str) -> Result<Option<String>> {
+        use std::io::Read;
+        let p = self
+            .path
+            .join("manifests")
+            .join(format!("{version}.layout.toml"));
+        let f = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", p.display())),
+        };
+        let mut bytes = Vec::new();
+        f.take(LAYOUT_MAX + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read `{}`", p.display()))?;
+        let text = match String::from_utf8(bytes) {
+            Ok(t) if t.len() as u64 <= LAYOUT_MAX => t,
+            _ => return Ok(None),
+        };
+        Ok(Layout::parse(&text).is_ok().then_some(text))
     }
 
     /// `snapshots/`, the read-only snapshots of installed trees on btrfs (see `snapshots_enabled`),
@@ -208,24 +306,24 @@ impl Root {
     }
 
     fn clear_leftovers(&self) -> Result<()> {
-        // Manifests whose tree never got installed (a crash before the commit rename) or was
-        // removed (a crash in gc after the uninstall rename).
-        let manifests = sys::open_dir_beneath(self.fd.as_fd(), b"manifests")?;
+        // Manifests and layouts whose tree never got installed (a crash before the commit
+        // rename) or was removed (a crash in gc after the uninstall rename). Both are
+        // `<V>.toml`, in their own directories; no version starts with `.`.
         let trees = sys::open_dir_beneath(self.fd.as_fd(), b"trees")?;
-        for name in sys::read_dir(manifests.as_fd())? {
-            let s = String::from_utf8_lossy(&name);
-            let version = s
-                .strip_suffix(".layout.toml")
-                .or_else(|| s.strip_suffix(".toml"))
-                .filter(|v| !v.starts_with('.'));
-            let orphan = match version {
-                Some(v) => sys::lstatat(trees.as_fd(), v.as_bytes())?.is_none(),
-                // A temporary file of an interrupted write.
-                None => true,
-            };
-            if orphan {
-                log::info!("removing `manifests/{s}`, which belongs to no installed tree");
-                sys::unlinkat_ok(manifests.as_fd(), &name, false)?;
+        for dir in ["manifests", "layouts"] {
+            let dfd = sys::open_dir_beneath(self.fd.as_fd(), dir.as_bytes())?;
+            for name in sys::read_dir(dfd.as_fd())? {
+                let s = String::from_utf8_lossy(&name);
+                let version = s.strip_suffix(".toml").filter(|v| !v.starts_with('.'));
+                let orphan = match version {
+                    Some(v) => sys::lstatat(trees.as_fd(), v.as_bytes())?.is_none(),
+                    // A temporary file of an interrupted write.
+                    None => true,
+                };
+                if orphan {
+                    log::info!("removing `{dir}/{s}`, which belongs to no installed tree");
+                    sys::unlinkat_ok(dfd.as_fd(), &name, false)?;
+                }
             }
         }
         self.clear_orphan_snapshots()?;
@@ -258,20 +356,31 @@ impl Root {
         Ok(pool.with_mode(mode))
     }
 
+    /// `layouts/<V>.toml`, the layout of `version` (written only under the exclusive lock, so
+    /// in a root of format 2).
     pub fn layout_path(&self, version: &str) -> PathBuf {
-        self.path
-            .join("manifests")
-            .join(format!("{version}.layout.toml"))
+        self.path.join("layouts").join(format!("{version}.toml"))
     }
 
-    /// Which files of a tree are copies (see store/layout.rs); links only if no layout was recorded.
+    /// Which files of a tree are copies (see store/layout.rs); links only if no layout was
+    /// recorded. A reader of a format-1 root (not yet migrated, see [`Root::migrate`]) looks
+    /// in `layouts/`, where a cut-short migration may have moved it, then beside the manifest.
     pub fn load_layout(&self, version: &str) -> Result<Layout> {
         let p = self.layout_path(version);
-        match std::fs::read_to_string(&p) {
-            Ok(t) => Layout::parse(&t).with_context(|| format!("in `{}`", p.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read `{}`", p.display())),
-        }
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.format >= 2 {
+                    return Ok(Default::default());
+                }
+                match self.format1_layout(version)? {
+                    Some(t) => t,
+                    None => return Ok(Default::default()),
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read `{}`", p.display())),
+        };
+        Layout::parse(&text).with_context(|| format!("in `{}`", p.display()))
     }
 
     pub fn subdir(&self, name: &str) -> Result<OwnedFd> {
@@ -467,4 +576,53 @@ impl Root {
     pub fn syncfs(&self) -> Result<()> {
         sys::syncfs(self.fd.as_fd())
     }
+}
+
+/// The root format recorded in `<root>/format`; 1 where there is none (roots made before the
+/// file). A format this treeswap does not know is refused.
+fn read_format(root: BorrowedFd, path: &Path) -> Result<u32> {
+    use std::io::Read;
+    let fd = match sys::openat(
+        root,
+        b"format",
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(1),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot open `{}/format`", path.display()));
+        }
+    };
+    let mut text = String::new();
+    std::fs::File::from(fd)
+        .take(64)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read `{}/format`", path.display()))?;
+    match text.trim().parse::<u32>() {
+        Ok(n @ 1..=ROOT_FORMAT) => Ok(n),
+        _ => bail!(
+            "`{}/format` says root format `{}`, which this treeswap does not know (it reads 1 to {ROOT_FORMAT}; a newer treeswap made it?)",
+            path.display(),
+            text.trim().escape_debug()
+        ),
+    }
+}
+
+/// Replaces `<root>/format` atomically: `.format.tmp`, fsync, rename, fsync of the root.
+fn write_format(root: BorrowedFd, format: u32) -> Result<()> {
+    let tmp = b".format.tmp";
+    let fd = sys::openat(
+        root,
+        tmp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o644),
+    )
+    .context("cannot write `format`")?;
+    sys::write_all(fd.as_fd(), format!("{format}\n").as_bytes())
+        .context("cannot write `format`")?;
+    sys::fsync(fd.as_fd()).context("cannot sync `format`")?;
+    drop(fd);
+    sys::renameat(root, tmp, root, b"format").context("cannot replace `format`")?;
+    sys::fsync(root)
 }

@@ -868,6 +868,7 @@ pub fn assert_clean(root: &Path, version: &str) {
         format!("manifests/{version}.toml"),
         format!("manifests/.{version}.toml.tmp"),
         format!("manifests/{version}.layout.toml"),
+        format!("layouts/{version}.toml"),
         format!("snapshots/{version}"),
     ];
     for m in names {
