@@ -4,7 +4,9 @@
 //! 1. The failpoint matrix: every failpoint of `treeswap::core::failpoint::ALL`, armed in each
 //!    operation that reaches it, SIGKILLs the process; `boot` then leaves `current` exactly
 //!    the old tree or the new one, every installed tree verifies in full, `tmp/` and `staging/`
-//!    are empty, and the operation run again ends in the new tree.
+//!    are empty, every file left in the pool is a complete object, and the operation run
+//!    again ends in the new tree. A point the operation passes several times is also killed
+//!    at its second and its last hit (`<name>@<N>`, [`LATER`]).
 //! 2. Durability: the same after dropping the caches and remounting an ext4 file system.
 //! 3. A full disk: refused up front when it cannot fit, a clean failure when it fills up
 //!    during the apply, and the space given back.
@@ -12,7 +14,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read as _, Write as _};
@@ -379,6 +381,8 @@ const MATRIX: &[(Op, &[&str])] = &[
             "flip-after-previous",
             "guest-before-restart",
             "guest-after-restart",
+            "state-before-write",
+            "state-after-write",
         ],
     ),
     (
@@ -409,10 +413,65 @@ const MATRIX: &[(Op, &[&str])] = &[
             "flip-before-rename",
             "flip-after-rename",
             "flip-after-previous",
+            "guest-before-restart",
+            "guest-after-restart",
+            "state-before-write",
+            "state-after-write",
             "boot-after-count",
         ],
     ),
     (Op::Gc, &["gc-after-uninstall", "gc-before-object"]),
+];
+
+/// Up to this many hits of a point, every one is a crash case.
+const MAX_LATER: u64 = 10;
+
+/// The points of [`MATRIX`] that an operation passes more than once (after each content, for
+/// each guest, at each write of the state file, for each object gc removes): besides the
+/// first hit, each is killed at every later hit, `<name>@<N>` (at most [`MAX_LATER`] of them;
+/// beyond, the second, a middle one and the last), the number of hits found by counting them
+/// in one uninterrupted run ([`hit_counts`]). `run_matrix` checks that the list is exactly
+/// the points the count finds several times.
+const LATER: &[(Op, &[&str])] = &[
+    (
+        Op::Apply,
+        &[
+            "apply-after-object",
+            "guest-before-restart",
+            "guest-after-restart",
+            "state-before-write",
+            "state-after-write",
+        ],
+    ),
+    (
+        Op::Switch,
+        &[
+            "guest-before-restart",
+            "guest-after-restart",
+            "state-before-write",
+            "state-after-write",
+        ],
+    ),
+    (
+        Op::Revert,
+        &[
+            "guest-before-restart",
+            "guest-after-restart",
+            "state-before-write",
+            "state-after-write",
+        ],
+    ),
+    (Op::Boot, &["state-before-write", "state-after-write"]),
+    (
+        Op::BootRevert,
+        &[
+            "guest-before-restart",
+            "guest-after-restart",
+            "state-before-write",
+            "state-after-write",
+        ],
+    ),
+    (Op::Gc, &["gc-before-object"]),
 ];
 
 impl Op {
@@ -470,6 +529,36 @@ impl Op {
     }
 }
 
+/// How many times one uninterrupted run of `op` passes each failpoint
+/// (`TREESWAP_FAILPOINT_COUNT=1` writes every hit to stderr).
+fn hit_counts(lab: &Lab, op: Op) -> BTreeMap<String, u64> {
+    let mut r = lab.rig(lab.env.path(&format!("root-{op:?}-count")));
+    r.config = op.config(lab);
+    op.prepare(&r);
+    let done = run(r
+        .cmd()
+        .env("TREESWAP_FAILPOINT_COUNT", "1")
+        .args(op.args(lab)));
+    assert!(
+        matches!(done.code(), Some(0) | Some(5)),
+        "{op:?} with the hits counted: exit {:?}\n{}",
+        done.code(),
+        done.stderr()
+    );
+    let mut counts = BTreeMap::new();
+    for line in done.stderr().lines() {
+        let Some(rest) = line.strip_prefix("treeswap: failpoint `") else {
+            continue;
+        };
+        let (name, n) = rest.split_once("` hit ").expect("a count line");
+        let n: u64 = n.parse().expect("a hit number");
+        let c = counts.entry(name.to_owned()).or_insert(0);
+        *c = (*c).max(n);
+    }
+    eprintln!("{op:?} passes the failpoints {counts:?}");
+    counts
+}
+
 /// Runs `op` killed at `fp`, then `boot`, then the checks, then `op` again.
 fn crash_case(lab: &Lab, op: Op, fp: &str, n: usize) {
     let mut r = lab.rig(lab.env.path(&format!("root-{op:?}-{n}")));
@@ -487,6 +576,11 @@ fn crash_case(lab: &Lab, op: Op, fp: &str, n: usize) {
         killed.out.status,
         killed.stderr()
     );
+    let (name, at) = fp.split_once('@').unwrap_or((fp, "1"));
+    killed.stderr_has(&format!("failpoint `{name}` reached at hit {at}:"));
+    // Whatever the kill left in the pool is a whole object (an object no tree uses yet is
+    // not read by `verify --full`).
+    assert_pool_complete(&r.root);
 
     let boot = r.ts(["boot"]);
     // Exit 5 is the revert itself when the interrupted boot had not yet flipped back.
@@ -524,6 +618,7 @@ fn crash_case(lab: &Lab, op: Op, fp: &str, n: usize) {
         "{op:?} after `{fp}` does not end in {new}"
     );
     r.assert_sound();
+    assert_pool_complete(&r.root);
     if op == Op::Gc {
         assert_eq!(names(&r.root.join("trees")), vec![b"1".to_vec()]);
         r.ts(["gc"])
@@ -542,9 +637,36 @@ fn run_matrix(op: Op) {
         .find(|(o, _)| *o == op)
         .map(|(_, f)| *f)
         .expect("op in the matrix");
+    let mut cases: Vec<String> = fps.iter().map(|f| f.to_string()).collect();
+    // The points of `fps` the operation passes more than once are exactly those LATER names.
+    let counts = hit_counts(&lab, op);
+    let several: BTreeSet<&str> = fps
+        .iter()
+        .copied()
+        .filter(|fp| counts.get(*fp).is_some_and(|&c| c >= 2))
+        .collect();
+    let later: BTreeSet<&str> = LATER
+        .iter()
+        .filter(|(o, _)| *o == op)
+        .flat_map(|(_, f)| f.iter().copied())
+        .collect();
+    assert_eq!(
+        several, later,
+        "{op:?} passes these failpoints several times (hits: {counts:?}), LATER lists those"
+    );
+    for fp in &later {
+        let last = counts[*fp];
+        let hits: Vec<u64> = if last <= MAX_LATER {
+            (2..=last).collect()
+        } else {
+            vec![2, last / 2, last]
+        };
+        cases.extend(hits.iter().map(|n| format!("{fp}@{n}")));
+    }
+    eprintln!("{op:?}: {} crash cases: {cases:?}", cases.len());
     // Every case runs, and the failures are listed together at the end.
     let mut failed = Vec::new();
-    for (n, fp) in fps.iter().enumerate() {
+    for (n, fp) in cases.iter().enumerate() {
         let case = std::panic::AssertUnwindSafe(|| crash_case(&lab, op, fp, n));
         if let Err(e) = std::panic::catch_unwind(case) {
             let msg = e
@@ -562,7 +684,7 @@ fn run_matrix(op: Op) {
         failed.is_empty(),
         "{} of {} crash cases failed (details above):\n  {}",
         failed.len(),
-        fps.len(),
+        cases.len(),
         failed.join("\n  ")
     );
 }
@@ -632,6 +754,41 @@ fn gc_before_boot_keeps_the_tree_an_interrupted_flip_left() {
     r.assert_sound();
 }
 
+/// The pool check of the matrix finds, among objects no tree uses, one whose content does not
+/// match its name, one whose mode alone was changed, and one cut short.
+#[test]
+fn the_pool_check_finds_an_incomplete_object() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let r = lab.rig(lab.env.path("root"));
+    r.import("1", true);
+    assert_pool_complete(&r.root);
+    let pool = r.root.join("pool");
+    // Objects of version 0, which is not installed, made by hand.
+    let (a, b) = (
+        lab.src("0").join("only-in-0/a"),
+        lab.src("0").join("only-in-0/b"),
+    );
+    let complete = pool.join(object_id_of_file(&b));
+    fs::copy(&b, &complete).unwrap();
+    let md = fs::metadata(&b).unwrap();
+    std::os::unix::fs::chown(&complete, Some(md.uid()), Some(md.gid())).unwrap();
+    fs::set_permissions(&complete, fs::Permissions::from_mode(md.mode() & 0o7777)).unwrap();
+    assert_pool_complete(&r.root);
+
+    fs::set_permissions(&complete, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(pool.join("ab".repeat(32)), "not the bytes it is named for").unwrap();
+    let short = pool.join(object_id_of_file(&a));
+    fs::write(&short, &fs::read(&a).unwrap()[..1000]).unwrap();
+    let found = std::panic::catch_unwind(|| assert_pool_complete(&r.root))
+        .expect_err("the pool check passed");
+    let msg = found.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.starts_with("3 incomplete pool object(s)"), "{msg}");
+}
+
 /// The `failpoint::hit("...")` and `failpoint::check("...")` names in the sources under
 /// `dir`.
 fn failpoints_in_code(dir: &Path, out: &mut BTreeSet<String>) {
@@ -673,6 +830,15 @@ fn the_failpoint_list_matches_the_code_and_the_matrix() {
         .iter()
         .flat_map(|(_, f)| f.iter().map(|s| s.to_string()))
         .collect();
+    for (op, later) in LATER {
+        let (_, first) = MATRIX.iter().find(|(o, _)| o == op).expect("op in MATRIX");
+        for fp in *later {
+            assert!(
+                first.contains(fp),
+                "LATER has `{fp}` for {op:?}, whose first hit MATRIX does not test"
+            );
+        }
+    }
     for (name, file) in ELSEWHERE {
         let text = fs::read_to_string(Path::new(REPO).join(file)).unwrap();
         assert!(
@@ -721,6 +887,7 @@ fn an_interrupted_apply_survives_dropped_caches_and_a_remount() {
             "apply did not reach failpoint `{fp}`\n{}",
             killed.stderr()
         );
+        assert_pool_complete(&r.root);
         // No sync first: the caches go, then the file system is unmounted and mounted again.
         // `umount` itself writes back whatever was still dirty, so this is not a power cut: it
         // cannot show that an fsync is missing. What it does prove is that the state on the
@@ -732,6 +899,7 @@ fn an_interrupted_apply_survives_dropped_caches_and_a_remount() {
         r.ts(["boot"]).success();
         r.current_is_one_of(&["1", "2"]);
         r.assert_sound();
+        assert_pool_complete(&r.root);
         let again = r.apply();
         assert!(
             matches!(again.code(), Some(0) | Some(4)),
@@ -927,6 +1095,7 @@ fn disk_fills_during_apply(blobs_first: Option<usize>) {
     // The running tree is untouched, and everything still verifies while the disk is full.
     r.current_is_one_of(&["1"]);
     r.verify_all();
+    assert_pool_complete(&r.root);
     fs::remove_file(&filler).unwrap();
     r.ts(["boot"]).success();
     r.current_is_one_of(&["1"]);

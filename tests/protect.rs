@@ -51,12 +51,23 @@ fn two_versions(
     protect: &str,
     config: Option<&Path>,
 ) -> (PathBuf, PathBuf) {
+    two_versions_with(env, root, protect, config, b"tool v1\n")
+}
+
+/// [`two_versions`] with `tool` as the content of `usr/bin/tool`.
+fn two_versions_with(
+    env: &Env,
+    root: &Path,
+    protect: &str,
+    config: Option<&Path>,
+    tool: &[u8],
+) -> (PathBuf, PathBuf) {
     let v1 = env.tree(
         "v1",
         &TreeSpec::new()
             .dir("usr")
             .dir("usr/bin")
-            .file("usr/bin/tool", "tool v1\n")
+            .file("usr/bin/tool", tool)
             .mode(0o755)
             .dir("etc")
             .file("etc/conf", "setting = 1\n")
@@ -67,7 +78,7 @@ fn two_versions(
         &TreeSpec::new()
             .dir("usr")
             .dir("usr/bin")
-            .file("usr/bin/tool", "tool v1\n")
+            .file("usr/bin/tool", tool)
             .mode(0o755)
             .dir("etc")
             .file("etc/conf", "setting = 1\n")
@@ -292,33 +303,129 @@ fn a_kill_while_an_object_is_unprotected_is_repaired_by_boot() {
     unprotect(&root);
 }
 
+/// One extent of a file, as FIEMAP reports it (`filefrag -v`), in file system blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Extent {
+    logical: u64,
+    physical: u64,
+    len: u64,
+    /// `FIEMAP_EXTENT_SHARED`: other files use these blocks too.
+    shared: bool,
+}
+
+/// The extents of `path` after an fsync (`filefrag -s -v`).
+fn extents(path: &Path) -> Vec<Extent> {
+    let out = Command::new("filefrag")
+        .args(["-s", "-v"])
+        .arg(path)
+        .output()
+        .expect("filefrag (e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "filefrag {}: {text}", path.display());
+    // ` ext: logical_offset: physical_offset: length: expected: flags:`, e.g.
+    // `   0:        0..      63:      33024..     33087:     64:             last,shared,eof`
+    let start = |range: &str| -> u64 {
+        let a = range.split("..").next().unwrap().trim();
+        a.parse().unwrap_or_else(|_| panic!("filefrag: `{range}`"))
+    };
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 5 || f[0].trim().parse::<u64>().is_err() {
+            continue;
+        }
+        found.push(Extent {
+            logical: start(f[1]),
+            physical: start(f[2]),
+            len: f[3].trim().parse().unwrap(),
+            shared: f[f.len() - 1].split(',').any(|x| x.trim() == "shared"),
+        });
+    }
+    assert!(!found.is_empty(), "filefrag found no extent:\n{text}");
+    found
+}
+
+/// `a` and `b` are the same blocks: every extent is at the same place and marked shared.
+#[track_caller]
+fn assert_same_blocks(a: &Path, b: &Path, what: &str) {
+    let (ea, eb) = (extents(a), extents(b));
+    assert!(
+        ea == eb && ea.iter().all(|e| e.shared),
+        "{what}: {} and {} do not share their blocks:\n{ea:?}\n{eb:?}",
+        a.display(),
+        b.display()
+    );
+}
+
+/// The extent of `path` that holds block `block`.
+fn extent_at(path: &Path, block: u64) -> Extent {
+    extents(path)
+        .into_iter()
+        .find(|e| e.logical <= block && block < e.logical + e.len)
+        .unwrap_or_else(|| panic!("{}: no extent at block {block}", path.display()))
+}
+
+/// Regression (issue 15, item 12): with 8-byte files, which btrfs keeps inline in the
+/// metadata, a plain copy passed this test as well as a reflink. With 256 KiB of data, FIEMAP
+/// shows the trees' files share the pool object's blocks, and a write keeps its blocks private.
 #[test]
 fn reflink_on_xfs_and_btrfs_keeps_writes_private() {
     if skip_unless_root() {
         return;
     }
+    let tool = noise(256 << 10, 7);
     for kind in ["xfs", "btrfs"] {
         let env = Env::new();
         let mnt = loop_fs(&env, kind);
         let root = mnt.path.join("root");
-        let (t1, t2) = two_versions(&env, &root, "auto", None);
+        let (t1, t2) = two_versions_with(&env, &root, "auto", None, &tool);
         assert_eq!(mode_of(&root), "reflink", "{kind}");
         // Separate inodes, sharing blocks.
         assert_ne!(
             inode(&t1.join("usr/bin/tool")),
             inode(&t2.join("usr/bin/tool"))
         );
-        try_write(&root.join("current/usr/bin/tool")).unwrap();
-        assert_eq!(
-            fs::read(t1.join("usr/bin/tool")).unwrap(),
-            b"tool v1\n",
-            "{kind}"
+        let object = root.join("pool").join(
+            pool_files(&root)
+                .into_iter()
+                .find(|p| fs::read(root.join("pool").join(p)).is_ok_and(|b| b == tool))
+                .expect("the pool object of usr/bin/tool"),
         );
+        for t in [&t1, &t2] {
+            assert_same_blocks(&object, &t.join("usr/bin/tool"), kind);
+        }
+        // The check tells a reflink from a plain copy (bytes read and written).
+        let plain = mnt.path.join("plain-copy");
+        fs::write(&plain, fs::read(&object).unwrap()).unwrap();
+        let (p0, o0) = (extent_at(&plain, 0), extent_at(&object, 0));
+        assert!(
+            !p0.shared && p0.physical != o0.physical,
+            "{kind}: a plain copy looks shared: {p0:?}, the object {o0:?}"
+        );
+
+        // An append, and a write over the first 64 KiB.
+        try_write(&root.join("current/usr/bin/tool")).unwrap();
+        overwrite_in_place(&root.join("current/usr/bin/tool"), &[0x5a; 64 << 10]);
+        assert_eq!(fs::read(t1.join("usr/bin/tool")).unwrap(), tool, "{kind}");
         let pool_copy = pool_files(&root)
             .into_iter()
-            .filter(|p| fs::read(root.join("pool").join(p)).is_ok_and(|b| b == b"tool v1\n"))
+            .filter(|p| fs::read(root.join("pool").join(p)).is_ok_and(|b| b == tool))
             .count();
         assert_eq!(pool_copy, 1, "{kind}: the pool object is unchanged");
+        // The written blocks are the tree's own; the other tree still shares the object's.
+        let (w0, o0) = (
+            extent_at(&t2.join("usr/bin/tool"), 0),
+            extent_at(&object, 0),
+        );
+        assert!(
+            !w0.shared && w0.physical != o0.physical,
+            "{kind}: the written blocks are still the object's: {w0:?}, the object {o0:?}"
+        );
+        assert!(
+            o0.shared,
+            "{kind}: the object no longer shares its blocks: {o0:?}"
+        );
+        assert_same_blocks(&object, &t1.join("usr/bin/tool"), kind);
         verify(&root, "1").success();
         verify(&root, "2")
             .exit(3)

@@ -1061,3 +1061,51 @@ pub fn assert_no_dangling(root: &Path) {
         );
     }
 }
+
+/// The object id (FORMAT.md, "Object id") of the regular file at `path`, from its content,
+/// permission bits, owner, group and every extended attribute, as hex.
+pub fn object_id_of_file(path: &Path) -> String {
+    let md = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let meta = treeswap::core::object::Meta {
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        xattrs: xattrs_of(path)
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_slice(), v.into_boxed_slice()))
+            .collect(),
+    };
+    let mut sha = [0u8; 32];
+    hex::decode_to_slice(sha256_file(path), &mut sha).expect("hex");
+    hex::encode(treeswap::core::object::object_id(&meta, md.len(), &sha))
+}
+
+/// Every file of `root/pool` (flat or sharded) is a complete object: a regular file named
+/// `<id>` or `<id>.<n>` whose id is that of its content and metadata, recomputed here, so
+/// that objects no tree uses (which `verify --full` does not read) are checked too.
+#[track_caller]
+pub fn assert_pool_complete(root: &Path) {
+    let mut bad = Vec::new();
+    for rel in pool_files(root) {
+        let p = root.join("pool").join(&rel);
+        let name = rel.file_name().unwrap().to_str().unwrap_or("");
+        let want = name.split('.').next().unwrap_or("");
+        if !fs::symlink_metadata(&p).unwrap().is_file() {
+            bad.push(format!("pool/{} is not a regular file", rel.display()));
+            continue;
+        }
+        let got = object_id_of_file(&p);
+        if got != want {
+            bad.push(format!(
+                "pool/{} is incomplete: its content and metadata have the id {got}",
+                rel.display()
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} incomplete pool object(s):\n  {}",
+        bad.len(),
+        bad.join("\n  ")
+    );
+}
