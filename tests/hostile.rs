@@ -172,11 +172,20 @@ fn outside(setup: &Setup) -> Vec<Vec<u8>> {
 /// `treeswap -q --root ROOT [--config C] apply DELTA --no-restart` under the address-space
 /// limit, with the time it took. `-q`: the "unsigned delta" warning would be a second line.
 fn apply(setup: &Setup, root: &Path, delta: &Path, config: Option<&Path>) -> (Run, Duration) {
+    apply_limited(setup, root, delta, config, ADDRESS_SPACE_KIB)
+}
+
+/// [`apply`] under `limit_kib` of address space.
+fn apply_limited(
+    setup: &Setup,
+    root: &Path,
+    delta: &Path,
+    config: Option<&Path>,
+    limit_kib: u64,
+) -> (Run, Duration) {
     let mut c = Command::new("sh");
     c.arg("-c")
-        .arg(format!(
-            "ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
-        ))
+        .arg(format!("ulimit -v {limit_kib} && exec \"$0\" \"$@\""))
         .arg(&setup.bin)
         .arg("-q")
         .arg("--root")
@@ -1126,7 +1135,7 @@ fn extension_headers_in_a_signed_delta_are_refused_with_keys_configured() {
         &setup,
         "signed-pax-before-first-blob",
         &[8],
-        |root| apply(&setup, root, &case, Some(&keys)),
+        |root| apply_limited(&setup, root, &case, Some(&keys), TIGHT_ADDRESS_SPACE_KIB),
     ));
     assert_no_problems(&problems);
 }
@@ -1216,22 +1225,7 @@ fn tar_member_kinds_and_names_the_format_lacks_are_refused() {
         let path = setup.env.path(&format!("case-{name}.delta"));
         fs::write(&path, bytes).unwrap();
         let p = hostile_case(&setup, name, &[8], |root| {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!(
-                    "ulimit -v {TIGHT_ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
-                ))
-                .arg(&setup.bin)
-                .args(["-q", "--root"])
-                .arg(root)
-                .arg("apply")
-                .arg(&path)
-                .arg("--no-restart")
-                .env_remove("TREESWAP_ROOT")
-                .env("TREESWAP_PROTECT", "hardlink");
-            let start = Instant::now();
-            let r = run(&mut c);
-            (r, start.elapsed())
+            apply_limited(&setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
         });
         fs::remove_file(&path).unwrap();
         p
@@ -1305,7 +1299,9 @@ fn long_inputs_are_quoted_briefly() {
     let results = parallel(&cases, |(name, bytes)| {
         let path = setup.env.path(&format!("case-{name}.delta"));
         fs::write(&path, bytes).unwrap();
-        let p = hostile_case(&setup, name, &[8], |root| apply(&setup, root, &path, None));
+        let p = hostile_case(&setup, name, &[8], |root| {
+            apply_limited(&setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
+        });
         fs::remove_file(&path).unwrap();
         p
     });
@@ -1352,7 +1348,13 @@ fn long_config_and_state_inputs_are_quoted_briefly() {
         fs::write(&cfg, text).unwrap();
         let root = setup.fresh_root(what);
         let was = before(&setup, &root);
-        let (r, _) = apply(&setup, &root, &setup.good, Some(&cfg));
+        let (r, _) = apply_limited(
+            &setup,
+            &root,
+            &setup.good,
+            Some(&cfg),
+            TIGHT_ADDRESS_SPACE_KIB,
+        );
         check_line(what, &r, &mut problems);
         let d = diff_trees(&was.tree, &snapshot(&current_dir(&root)), Links::Exact);
         if !d.is_empty() || fs::read_link(root.join("current")).unwrap() != was.current {
