@@ -15,7 +15,7 @@ fn main() {
         Err(e) => {
             let code = error::exit_code(&e);
             // One line: the causes joined, innermost last.
-            let msg = format!("{e:#}").replace('\n', " ");
+            let msg = logging::one_line(&format!("{e:#}"));
             match (code == error::EXIT_NOTHING, logging::to_journal()) {
                 (true, false) => eprintln!("treeswap: {msg}"),
                 (false, false) => eprintln!("treeswap: error: {msg}"),

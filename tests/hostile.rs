@@ -8,7 +8,9 @@
 //! good delta, so nothing generated is committed); the every-byte-flip corpus is made in the
 //! test. Every apply runs under `ulimit -v` (1 GiB of address space) so that an allocation
 //! for bytes that do not exist shows up as a failure instead of passing unnoticed, and under
-//! a time limit.
+//! a time limit. The cases on tar headers (issue 15, item 1) run under 256 MiB of address
+//! space, some streamed on a pipe behind a 256 MiB extension header; they and the cases of
+//! long inputs (item 3) check that stderr is one line of at most `MAX_ERR_CHARS` characters.
 
 mod common;
 
@@ -28,6 +30,13 @@ const HOSTILE_CODES: [i32; 6] = [3, 7, 8, 9, 10, 11];
 /// Address space for each hostile apply: far above what the fixture deltas need, far below
 /// what trusting a declared size would take.
 const ADDRESS_SPACE_KIB: u64 = 1 << 20;
+/// The longest stderr line a hostile input may cause: messages quote inputs briefly, so a
+/// line is the delta's path, fixed text and at most a short quote of each input.
+const MAX_ERR_CHARS: usize = 300;
+/// The longest stderr line of any case: a few messages name up to four sha256 digests in
+/// full (64 characters each) besides the delta's path, about 450 characters; an input quoted
+/// whole would be far longer.
+const MAX_ERR_CHARS_WITH_DIGESTS: usize = 512;
 /// No hostile apply of these tiny deltas may take longer (a debug build on a loaded machine).
 const APPLY_LIMIT: Duration = Duration::from_secs(20);
 
@@ -163,11 +172,20 @@ fn outside(setup: &Setup) -> Vec<Vec<u8>> {
 /// `treeswap -q --root ROOT [--config C] apply DELTA --no-restart` under the address-space
 /// limit, with the time it took. `-q`: the "unsigned delta" warning would be a second line.
 fn apply(setup: &Setup, root: &Path, delta: &Path, config: Option<&Path>) -> (Run, Duration) {
+    apply_limited(setup, root, delta, config, ADDRESS_SPACE_KIB)
+}
+
+/// [`apply`] under `limit_kib` of address space.
+fn apply_limited(
+    setup: &Setup,
+    root: &Path,
+    delta: &Path,
+    config: Option<&Path>,
+    limit_kib: u64,
+) -> (Run, Duration) {
     let mut c = Command::new("sh");
     c.arg("-c")
-        .arg(format!(
-            "ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
-        ))
+        .arg(format!("ulimit -v {limit_kib} && exec \"$0\" \"$@\""))
         .arg(&setup.bin)
         .arg("-q")
         .arg("--root")
@@ -228,7 +246,10 @@ fn check(
         || err.contains("memory allocation of")
         || err.contains("out of memory")
     {
-        bad.push(format!("panic or allocation failure: {}", err.trim()));
+        bad.push(format!(
+            "panic or allocation failure: {}",
+            brief(err.trim())
+        ));
     }
     match code {
         Some(0) if accept_ok => {
@@ -244,12 +265,20 @@ fn check(
         }
         Some(c) if allowed.contains(&c) && HOSTILE_CODES.contains(&c) => {
             if !(err.ends_with('\n') && err.lines().count() == 1 && err.starts_with("treeswap: ")) {
-                bad.push(format!("stderr is not one line: {err:?}"));
+                bad.push(format!("stderr is not one line: {:?}", brief(&err)));
+            }
+            // Regression (issue 15, item 3): a 32 MB version string gave a 33 MB line.
+            if err.trim_end().chars().count() > MAX_ERR_CHARS_WITH_DIGESTS {
+                bad.push(format!(
+                    "stderr is {} characters long: {:?}",
+                    err.len(),
+                    brief(&err)
+                ));
             }
         }
         other => bad.push(format!(
             "exit {other:?}, wanted one of {allowed:?}: {}",
-            err.trim()
+            brief(err.trim())
         )),
     }
     if !diff_trees(&was.sentinel, &snapshot(&setup.sentinel), Links::Exact).is_empty()
@@ -285,6 +314,14 @@ fn check(
         }
     }
     (bad, new_objects)
+}
+
+/// At most the first 400 characters of `s`, for a failure message about a long stderr.
+fn brief(s: &str) -> String {
+    match s.char_indices().nth(400) {
+        Some((i, _)) => format!("{}… ({} bytes)", &s[..i], s.len()),
+        None => s.to_owned(),
+    }
 }
 
 /// `verify --full` of the current tree.
@@ -782,4 +819,570 @@ fn every_byte_flipped_is_refused_or_harmless() {
         failures.len(),
         failures.join("\n  ")
     );
+}
+
+// --- Regression (issue 15, items 1 and 3): tar extensions, member kinds, long inputs --------
+
+/// Address space for the cases below: what a small delta needs, far below what reading a
+/// 256 MiB extension header whole takes (the bug: 2.4 GB for one).
+const TIGHT_ADDRESS_SPACE_KIB: u64 = 256 << 10;
+
+/// A ustar header as `treeswap diff` writes one, with type flag `flag`; a size of 8 GiB or
+/// more in GNU base-256, as writers give it.
+fn tar_header(name: &[u8], size: u64, flag: u8) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name);
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    if size < 1 << 33 {
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = flag;
+    h[257..265].copy_from_slice(b"ustar\x0000");
+    fix_tar_checksum(&mut h);
+    h
+}
+
+fn fix_tar_checksum(h: &mut [u8]) {
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h[..512].iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// One member: header, data, padding.
+fn tar_member(name: &[u8], data: &[u8], flag: u8) -> Vec<u8> {
+    let mut out = tar_header(name, data.len() as u64, flag).to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// The offset of each member's header in a plain tar, and the end of the last member.
+fn member_offsets(tar: &[u8]) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    while off + 512 <= tar.len() && tar[off..off + 512].iter().any(|&b| b != 0) {
+        offsets.push(off);
+        let f = std::str::from_utf8(&tar[off + 124..off + 135]).unwrap();
+        let size = usize::from_str_radix(f, 8).unwrap();
+        off += 512 + size.div_ceil(512) * 512;
+    }
+    (offsets, off)
+}
+
+/// The members of a plain tar: (name, data).
+fn tar_members(tar: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let (offsets, _) = member_offsets(tar);
+    offsets
+        .iter()
+        .map(|&off| {
+            let h = &tar[off..off + 512];
+            let len = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+            let size = usize::from_str_radix(std::str::from_utf8(&h[124..135]).unwrap(), 8);
+            let data = &tar[off + 512..off + 512 + size.unwrap()];
+            (h[..len].to_vec(), data.to_vec())
+        })
+        .collect()
+}
+
+/// A plain tar of `members`, with the end-of-archive blocks.
+fn tar_of(members: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in members {
+        out.extend(tar_member(name, data, b'0'));
+    }
+    out.extend_from_slice(&[0; 1024]);
+    out
+}
+
+/// `bytes` with `insert` in front of member `index`.
+fn insert_before(bytes: &[u8], index: usize, insert: &[u8]) -> Vec<u8> {
+    let at = member_offsets(bytes).0[index];
+    [&bytes[..at], insert, &bytes[at..]].concat()
+}
+
+/// `bytes` with the header of member `index` changed by `f` (checksum fixed after).
+fn change_header(bytes: &[u8], index: usize, f: impl Fn(&mut [u8])) -> Vec<u8> {
+    let at = member_offsets(bytes).0[index];
+    let mut out = bytes.to_vec();
+    f(&mut out[at..at + 512]);
+    fix_tar_checksum(&mut out[at..at + 512]);
+    out
+}
+
+/// `treeswap -q --root ROOT [--config C] apply - --no-restart` with the bytes `feed` writes
+/// on its standard input (a case can be far larger than any file the test writes), under
+/// `limit_kib` of address space.
+fn apply_stream(
+    setup: &Setup,
+    root: &Path,
+    config: Option<&Path>,
+    limit_kib: u64,
+    feed: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send,
+) -> (Run, Duration) {
+    use std::process::Stdio;
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -v {limit_kib} && exec \"$0\" \"$@\""))
+        .arg(&setup.bin)
+        .arg("-q")
+        .arg("--root")
+        .arg(root);
+    if let Some(cfg) = config {
+        c.arg("--config").arg(cfg);
+    }
+    c.args(["apply", "-", "--no-restart"])
+        .env_remove("TREESWAP_ROOT")
+        .env("TREESWAP_PROTECT", "hardlink")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let cmdline = format!("{c:?}");
+    let start = Instant::now();
+    let mut child = c.spawn().expect("run treeswap");
+    let mut stdin = child.stdin.take().unwrap();
+    let out = std::thread::scope(|s| {
+        // treeswap stops reading once it refuses the input: the rest fails with EPIPE.
+        s.spawn(move || drop(feed(&mut stdin)));
+        child.wait_with_output().expect("wait for treeswap")
+    });
+    (Run { cmdline, out }, start.elapsed())
+}
+
+/// Runs one hostile case on a fresh copy of the root: `run` applies it; everything `check`
+/// checks must hold, `verify --full` must pass, and the good delta must apply afterwards.
+fn hostile_case(
+    setup: &Setup,
+    name: &str,
+    codes: &[i32],
+    run: impl FnOnce(&Path) -> (Run, Duration),
+) -> Vec<String> {
+    let root = setup.fresh_root(name);
+    let was = before(setup, &root);
+    let (r, took) = run(&root);
+    let (mut problems, _) = check(setup, &root, &was, &r, took, codes, false);
+    if r.stderr().trim_end().chars().count() > MAX_ERR_CHARS {
+        problems.push(format!(
+            "stderr is longer than {MAX_ERR_CHARS} characters: {:?}",
+            brief(&r.stderr())
+        ));
+    }
+    problems.extend(verify_full(setup, &root));
+    let (g, _) = apply(setup, &root, &setup.good, None);
+    if g.code() != Some(0) {
+        problems.push(format!(
+            "the good delta no longer applies: {}",
+            brief(g.stderr().trim())
+        ));
+    }
+    setup.remove_root(&root);
+    eprintln!(
+        "{name:50} exit {:?} in {:4} ms: {}",
+        r.code(),
+        took.as_millis(),
+        brief(r.stderr().trim())
+    );
+    problems
+        .into_iter()
+        .map(|p| format!("{name}: {p}"))
+        .collect()
+}
+
+fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+}
+
+/// Writes `prefix`, then `len` bytes of `b'a'` in pieces of 1 MiB, then `rest`.
+fn stream_with_filler(
+    w: &mut dyn std::io::Write,
+    prefix: &[u8],
+    len: u64,
+    rest: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(prefix)?;
+    let chunk = vec![b'a'; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    w.write_all(rest)
+}
+
+/// Regression (issue 15, item 1): tar extension headers were read whole, unsigned, before the
+/// signature check: a GNU long-name (`L`) member of 256 MiB in front of `delta.toml` took
+/// 2.4 GB of memory and gave an 805 MB "one-line" error. Streamed on a pipe (nothing of that
+/// size is written to disk), under 256 MiB of address space: refused from its header.
+#[test]
+fn gnu_longname_of_256_mib_before_the_manifest_is_refused_from_its_header() {
+    if skip_unless_root() {
+        return;
+    }
+    let (_scratch, setup) = corpus_setup();
+    let good = fs::read(&setup.good).unwrap();
+    let size = 256u64 << 20;
+    let header = tar_header(b"././@LongLink", size, b'L');
+    let padding = vec![0u8; (size.div_ceil(512) * 512 - size) as usize];
+    let rest = [&padding[..], &good[..]].concat();
+    let problems = hostile_case(&setup, "gnu-longname-256m", &[8], |root| {
+        apply_stream(&setup, root, None, TIGHT_ADDRESS_SPACE_KIB, |w| {
+            stream_with_filler(w, &header, size, &rest)
+        })
+    });
+    assert_no_problems(&problems);
+}
+
+/// Regression (issue 15, item 1): with trusted keys configured, a man-in-the-middle could put
+/// an extension header in front of any member of a validly signed delta, and it was read
+/// whole. A 256 MiB GNU long name in front of the signature and in front of the first blob
+/// of a signed delta, and a PAX header in front of the first blob: refused from its header,
+/// under 256 MiB of address space.
+#[test]
+fn extension_headers_in_a_signed_delta_are_refused_with_keys_configured() {
+    if skip_unless_root() {
+        return;
+    }
+    let (_scratch, mut setup) = corpus_setup();
+    let (public, secret) = (setup.env.path("vendor.pub"), setup.env.path("vendor.key"));
+    let st = Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run minisign (Debian package minisign)");
+    assert!(st.success());
+    let signed = setup.env.path("signed.delta");
+    let mut c = ts_cmd();
+    c.args([
+        "diff",
+        "--uncompressed",
+        "--from-version",
+        "1",
+        "--to-version",
+        "2",
+    ])
+    .arg("--from-dir")
+    .arg(&setup.v1)
+    .arg("--to-dir")
+    .arg(&setup.v2)
+    .arg("--sign")
+    .arg(&secret)
+    .arg("-o")
+    .arg(&signed);
+    run(&mut c).success();
+    let keys = setup.env.path("keys.toml");
+    fs::write(
+        &keys,
+        format!("[trust]\npublic_keys = [{:?}]\n", public.to_str().unwrap()),
+    )
+    .unwrap();
+    // The good delta the cases apply afterwards is the signed one.
+    setup.good = signed.clone();
+    let bytes = fs::read(&signed).unwrap();
+    let (offsets, _) = member_offsets(&bytes);
+    assert!(offsets.len() >= 3, "the signed delta has a blob");
+    let mut problems = Vec::new();
+    // The signed delta applies with the keys (and the cases below fail only for the header).
+    {
+        let root = setup.fresh_root("signed-ok");
+        let (r, _) = apply(&setup, &root, &signed, Some(&keys));
+        if r.code() != Some(0) {
+            problems.push(format!(
+                "the signed delta does not apply: {}",
+                r.stderr().trim()
+            ));
+        }
+        setup.remove_root(&root);
+    }
+    let size = 256u64 << 20;
+    for (name, member) in [("signature", 1), ("first-blob", 2)] {
+        let at = offsets[member];
+        let header = tar_header(b"././@LongLink", size, b'L');
+        let prefix = [&bytes[..at], &header[..]].concat();
+        let rest = &bytes[at..];
+        problems.extend(hostile_case(
+            &setup,
+            &format!("signed-gnu-longname-256m-before-{name}"),
+            &[8],
+            |root| {
+                apply_stream(&setup, root, Some(&keys), TIGHT_ADDRESS_SPACE_KIB, |w| {
+                    stream_with_filler(w, &prefix, size, rest)
+                })
+            },
+        ));
+    }
+    let pax = tar_member(
+        b"PaxHeaders/x",
+        b"38 path=blobs/../../../tmp/escape-pax\n",
+        b'x',
+    );
+    let case = setup.env.path("signed-pax.delta");
+    fs::write(&case, insert_before(&bytes, 2, &pax)).unwrap();
+    problems.extend(hostile_case(
+        &setup,
+        "signed-pax-before-first-blob",
+        &[8],
+        |root| apply_limited(&setup, root, &case, Some(&keys), TIGHT_ADDRESS_SPACE_KIB),
+    ));
+    assert_no_problems(&problems);
+}
+
+/// Regression (issue 15, item 1): member kinds and names the format does not define are
+/// refused from their header, before their data is read: extension headers (GNU `L` and `K`,
+/// PAX `x` and `g`, one declaring 1 TiB on a stream that ends), links, directories, devices
+/// and FIFOs in place of a member, a name in the ustar prefix field, bytes after a name's
+/// NUL, a bad checksum, a size field of garbage.
+#[test]
+fn tar_member_kinds_and_names_the_format_lacks_are_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let (_scratch, setup) = corpus_setup();
+    let good = fs::read(&setup.good).unwrap();
+    let (offsets, _) = member_offsets(&good);
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut huge = tar_header(b"././@LongLink", 1 << 40, b'L').to_vec();
+    huge.extend_from_slice(&[b'a'; 4096]);
+    cases.push(("gnu-longname-1tib-declared-stream-ends".into(), huge));
+    for (flag, what) in [
+        (b'L', "gnu-longname"),
+        (b'K', "gnu-longlink"),
+        (b'x', "pax"),
+        (b'g', "pax-global"),
+    ] {
+        let ext = tar_member(b"././@LongLink", b"30 path=delta.toml\n", flag);
+        for (member, at) in [("manifest", 0), ("signature", 1), ("blob", 2)] {
+            cases.push((
+                format!("{what}-before-{member}"),
+                insert_before(&good, at, &ext),
+            ));
+        }
+    }
+    for (flag, what) in [
+        (b'1', "hardlink"),
+        (b'2', "symlink"),
+        (b'3', "char-device"),
+        (b'4', "block-device"),
+        (b'5', "directory"),
+        (b'6', "fifo"),
+        (b'7', "contiguous"),
+        (b'V', "gnu-volume-label"),
+    ] {
+        for (member, at) in [("manifest", 0), ("blob", 2)] {
+            cases.push((
+                format!("{member}-is-{what}"),
+                change_header(&good, at, |h| {
+                    h[156] = flag;
+                    if flag == b'1' || flag == b'2' {
+                        h[157..157 + 10].copy_from_slice(b"delta.toml");
+                    }
+                }),
+            ));
+        }
+    }
+    // The blob's name `blobs/<sha>` given as ustar prefix `blobs` and name `<sha>`.
+    cases.push((
+        "blob-name-in-prefix-field".into(),
+        change_header(&good, 2, |h| {
+            let name = h[..100].to_vec();
+            h[..100].fill(0);
+            h[..64].copy_from_slice(&name[6..70]);
+            h[345..350].copy_from_slice(b"blobs");
+        }),
+    ));
+    cases.push((
+        "manifest-name-with-bytes-after-nul".into(),
+        change_header(&good, 0, |h| h[11..15].copy_from_slice(b"evil")),
+    ));
+    cases.push(("manifest-header-bad-checksum".into(), {
+        let mut b = good.clone();
+        b[offsets[0] + 148] ^= 1;
+        b
+    }));
+    cases.push((
+        "manifest-size-field-garbage".into(),
+        change_header(&good, 0, |h| h[124..136].copy_from_slice(b"0000001x34\0 ")),
+    ));
+    cases.push(("signature-too-large".into(), {
+        let mut m = tar_members(&good);
+        m[1].1 = vec![b'a'; 64 << 10];
+        tar_of(&m)
+    }));
+    let results = parallel(&cases, |(name, bytes)| {
+        let path = setup.env.path(&format!("case-{name}.delta"));
+        fs::write(&path, bytes).unwrap();
+        let p = hostile_case(&setup, name, &[8], |root| {
+            apply_limited(&setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
+        });
+        fs::remove_file(&path).unwrap();
+        p
+    });
+    assert_no_problems(&results.concat());
+}
+
+/// Regression (issue 15, item 3): errors echoed input without limit (a 32 MB version string
+/// gave a 33 MB stderr line). Long version strings, keys, digests, paths and member names in
+/// a delta: one stderr line of at most `MAX_ERR_CHARS` characters.
+#[test]
+fn long_inputs_are_quoted_briefly() {
+    if skip_unless_root() {
+        return;
+    }
+    let (_scratch, setup) = corpus_setup();
+    let good = fs::read(&setup.good).unwrap();
+    let members = tar_members(&good);
+    let manifest = String::from_utf8(members[0].1.clone()).unwrap();
+    let with_manifest = |text: String| {
+        let mut m = members.clone();
+        m[0].1 = text.into_bytes();
+        tar_of(&m)
+    };
+    let long = |c: &str, n: usize| c.repeat(n);
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "to-version-32m",
+            with_manifest(manifest.replace(
+                "to_version = \"2\"",
+                &format!("to_version = \"{}\"", long("9", 32 << 20)),
+            )),
+        ),
+        (
+            "from-version-8m-newlines",
+            with_manifest(manifest.replace(
+                "from_version = \"1\"",
+                &format!("from_version = \"{}\"", long("\\n", 4 << 20)),
+            )),
+        ),
+        (
+            "unknown-key-8m",
+            with_manifest(manifest.replace(
+                "to_count =",
+                &format!("{} = 1\nto_count =", long("k", 8 << 20)),
+            )),
+        ),
+        (
+            "to-digest-8m",
+            with_manifest(manifest.replace(
+                "to_digest = \"",
+                &format!("to_digest = \"{}", long("z", 8 << 20)),
+            )),
+        ),
+        (
+            "removed-path-3900-bytes",
+            with_manifest(manifest.replace(
+                "removed = [\n",
+                &format!("removed = [\n\"{}\",\n", long("é/", 1300)),
+            )),
+        ),
+    ];
+    cases.push((
+        "member-name-100-bytes",
+        change_header(&good, 0, |h| h[..100].copy_from_slice(&[0xff; 100])),
+    ));
+    assert!(
+        cases.iter().all(|(_, b)| b != &good),
+        "a replacement did not apply"
+    );
+    let results = parallel(&cases, |(name, bytes)| {
+        let path = setup.env.path(&format!("case-{name}.delta"));
+        fs::write(&path, bytes).unwrap();
+        let p = hostile_case(&setup, name, &[8], |root| {
+            apply_limited(&setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
+        });
+        fs::remove_file(&path).unwrap();
+        p
+    });
+    assert_no_problems(&results.concat());
+}
+
+/// Regression (issue 15, item 3): the same for the config file and the state file: an
+/// unknown key of 8 MB in the config, a guest name of 8 MB given twice, a pinned version of
+/// 8 MB in the state file. Exit 1, one short line, nothing changed.
+#[test]
+fn long_config_and_state_inputs_are_quoted_briefly() {
+    if skip_unless_root() {
+        return;
+    }
+    let (_scratch, setup) = corpus_setup();
+    let name = "g".repeat(8 << 20);
+    let configs = [
+        (
+            "config-unknown-key-8m",
+            format!("[trust]\n{} = 1\n", "k".repeat(8 << 20)),
+        ),
+        (
+            "config-guest-name-8m-twice",
+            format!("[[guest]]\nname = \"{name}\"\n[[guest]]\nname = \"{name}\"\n"),
+        ),
+    ];
+    let mut problems = Vec::new();
+    let check_line = |what: &str, r: &Run, problems: &mut Vec<String>| {
+        let err = r.stderr();
+        if r.code() != Some(1)
+            || err.lines().count() != 1
+            || err.trim_end().chars().count() > MAX_ERR_CHARS
+        {
+            problems.push(format!(
+                "{what}: exit {:?}, stderr of {} bytes: {:?}",
+                r.code(),
+                err.len(),
+                brief(&err)
+            ));
+        }
+    };
+    for (what, text) in &configs {
+        let cfg = setup.env.path(&format!("{what}.toml"));
+        fs::write(&cfg, text).unwrap();
+        let root = setup.fresh_root(what);
+        let was = before(&setup, &root);
+        let (r, _) = apply_limited(
+            &setup,
+            &root,
+            &setup.good,
+            Some(&cfg),
+            TIGHT_ADDRESS_SPACE_KIB,
+        );
+        check_line(what, &r, &mut problems);
+        let d = diff_trees(&was.tree, &snapshot(&current_dir(&root)), Links::Exact);
+        if !d.is_empty() || fs::read_link(root.join("current")).unwrap() != was.current {
+            problems.push(format!("{what}: the root changed"));
+        }
+        problems.extend(verify_full(&setup, &root));
+        setup.remove_root(&root);
+    }
+    let root = setup.fresh_root("state-pin-8m");
+    let state = root.join("state.toml");
+    let old = fs::read(&state).ok();
+    fs::write(
+        &state,
+        format!("format = 1\npins = [\"{}\"]\n", "v".repeat(8 << 20)),
+    )
+    .unwrap();
+    let mut c = Command::new(&setup.bin);
+    c.arg("--root")
+        .arg(&root)
+        .arg("gc")
+        .env_remove("TREESWAP_ROOT");
+    let r = run(&mut c);
+    check_line("state-pin-8m", &r, &mut problems);
+    match old {
+        Some(b) => fs::write(&state, b).unwrap(),
+        None => fs::remove_file(&state).unwrap(),
+    }
+    problems.extend(verify_full(&setup, &root));
+    setup.remove_root(&root);
+    assert_no_problems(&problems);
 }

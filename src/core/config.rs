@@ -112,7 +112,8 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        let msg = e.message().replace('\n', " ");
+        // The message may quote what was read (an unknown key, a value): a bounded part of it.
+        let msg = crate::core::path::quote_at_most(e.message().replace('\n', " "), 120);
         match line {
             Some(l) => anyhow::anyhow!("{origin}, line {l}: {msg}"),
             None => anyhow::anyhow!("{origin}: {msg}"),
@@ -123,16 +124,19 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
         if g.name.is_empty() || !names.insert(g.name.as_str()) {
             bail!(
                 "{origin}: guest names must be non-empty and unique (`{}`)",
-                g.name
+                crate::core::path::quote(&g.name)
             );
         }
         if g.argv().is_empty() {
-            bail!("{origin}: guest `{}` has an empty `restart`", g.name);
+            bail!(
+                "{origin}: guest `{}` has an empty `restart`",
+                crate::core::path::quote(&g.name)
+            );
         }
         if !(1..=MAX_TIMEOUT).contains(&g.timeout) {
             bail!(
                 "{origin}: guest `{}`: timeout = {} is out of range (1 to {MAX_TIMEOUT} seconds)",
-                g.name,
+                crate::core::path::quote(&g.name),
                 g.timeout
             );
         }
@@ -163,7 +167,10 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Config> {
     // `TREESWAP_PROTECT` overrides `protect` (tests and one-off runs).
     if let Ok(p) = std::env::var("TREESWAP_PROTECT") {
         cfg.protect = toml::Value::String(p.clone()).try_into().map_err(|_| {
-            anyhow::anyhow!("TREESWAP_PROTECT=`{p}`: use auto, immutable, reflink or hardlink")
+            anyhow::anyhow!(
+                "TREESWAP_PROTECT=`{}`: use auto, immutable, reflink or hardlink",
+                crate::core::path::quote(&p)
+            )
         })?;
     }
     Ok(cfg)

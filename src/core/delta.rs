@@ -143,7 +143,10 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
         "bsdiff" => Source::Bsdiff {
             base: f.hash("base")?,
         },
-        other => bail!("unknown content source `{other}`"),
+        other => bail!(
+            "unknown content source `{}`",
+            crate::core::path::quote(other)
+        ),
     };
     let blob = if source == Source::Base {
         None
@@ -265,7 +268,7 @@ impl Header {
             "from_digest" => self.from_digest = Some(c.hash()?),
             "to_digest" => self.to_digest = Some(c.hash()?),
             "to_count" => self.to_count = Some(c.int()?),
-            other => bail!("unknown key `{other}`"),
+            other => bail!("unknown key `{}`", crate::core::path::quote(other)),
         }
         Ok(())
     }

@@ -7,6 +7,25 @@ use std::sync::OnceLock;
 
 struct Logger;
 
+/// The longest line treeswap writes to stderr, in bytes. Messages quote inputs briefly
+/// (`core::path::quote`), so only a missed quote could make one longer; the cap keeps even
+/// that one a line that a terminal and the journal take whole.
+pub const MAX_LINE: usize = 1000;
+
+/// `msg` on one line: newlines become spaces, and past [`MAX_LINE`] bytes it is cut (on a
+/// character boundary) with `…`.
+pub fn one_line(msg: &str) -> String {
+    let mut end = msg.len().min(MAX_LINE);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = msg[..end].replace('\n', " ");
+    if end < msg.len() {
+        out.push('…');
+    }
+    out
+}
+
 static JOURNAL: OnceLock<bool> = OnceLock::new();
 
 /// When logging started: debug lines carry the time since then, to show where time goes.
@@ -46,6 +65,7 @@ impl log::Log for Logger {
             }
             _ => String::new(),
         };
+        let msg = one_line(&r.args().to_string());
         let mut err = std::io::stderr().lock();
         if to_journal() {
             let pri = match r.level() {
@@ -54,9 +74,9 @@ impl log::Log for Logger {
                 log::Level::Info => 6,
                 log::Level::Debug | log::Level::Trace => 7,
             };
-            let _ = writeln!(err, "<{pri}>{level}: {elapsed}{}", r.args());
+            let _ = writeln!(err, "<{pri}>{level}: {elapsed}{msg}");
         } else {
-            let _ = writeln!(err, "treeswap: {level}: {elapsed}{}", r.args());
+            let _ = writeln!(err, "treeswap: {level}: {elapsed}{msg}");
         }
     }
     fn flush(&self) {}

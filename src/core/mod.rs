@@ -9,4 +9,5 @@ pub mod manifest;
 pub mod object;
 pub(crate) mod path;
 pub mod progress;
+pub(crate) mod tar;
 pub(crate) mod version;

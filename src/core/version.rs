@@ -9,7 +9,7 @@ pub(crate) fn validate(v: &str) -> Result<()> {
     if v.is_empty() || v.len() > 128 || !v.chars().all(ok_char) || v.starts_with(['.', '-']) {
         bail!(
             "invalid version `{}`: use 1 to 128 of A-Z a-z 0-9 . _ + ~ -, not starting with . or -",
-            v.escape_debug()
+            crate::core::path::quote(v)
         );
     }
     Ok(())

@@ -141,7 +141,10 @@ pub(crate) fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Resu
                 failpoint::hit("guest-before-restart");
                 crate::ops::guests::restart(g)?;
             }
-            None => log::warn!("guest `{name}` is no longer configured; not restarting it"),
+            None => log::warn!(
+                "guest `{}` is no longer configured; not restarting it",
+                crate::core::path::quote(name)
+            ),
         }
         if let Some(r) = &mut st.restart {
             r.guests.remove(0);

@@ -15,8 +15,10 @@ use crate::fs::sys;
 /// Runs a guest's restart command and waits for it, at most its timeout.
 pub(crate) fn restart(g: &Guest) -> Result<()> {
     let argv = g.argv();
-    let shown = argv.join(" ");
-    log::info!("restarting guest `{}`: {shown}", g.name);
+    // For messages: the config's name and command, quoted briefly.
+    let shown = crate::core::path::quote_at_most(argv.join(" "), 160);
+    let name = crate::core::path::quote(&g.name);
+    log::info!("restarting guest `{name}`: {shown}");
     // Output goes to a file, not a pipe: a restart script may leave a daemon holding it open.
     let mut out = tempfile::tempfile().context("cannot create a file for guest output")?;
     let mut child = Command::new(&argv[0])
@@ -26,7 +28,7 @@ pub(crate) fn restart(g: &Guest) -> Result<()> {
         .stderr(out.try_clone()?)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("guest `{}`: cannot run `{shown}`", g.name))?;
+        .with_context(|| format!("guest `{name}`: cannot run `{shown}`"))?;
     let deadline = Instant::now() + Duration::from_secs(g.timeout);
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -43,15 +45,14 @@ pub(crate) fn restart(g: &Guest) -> Result<()> {
     out.rewind()?;
     let _ = out.take(1 << 20).read_to_string(&mut text);
     for line in text.lines() {
-        log::info!("guest `{}`: {line}", g.name);
+        log::info!("guest `{name}`: {line}");
     }
     match status {
         None => bail!(
-            "guest `{}`: `{shown}` did not finish within {} s",
-            g.name,
+            "guest `{name}`: `{shown}` did not finish within {} s",
             g.timeout
         ),
-        Some(s) if !s.success() => bail!("guest `{}`: `{shown}` failed ({s})", g.name),
+        Some(s) if !s.success() => bail!("guest `{name}`: `{shown}` failed ({s})"),
         Some(_) => Ok(()),
     }
 }

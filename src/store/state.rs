@@ -56,7 +56,17 @@ pub(crate) struct Restart {
 }
 
 pub(crate) fn parse(text: &str) -> Result<State> {
-    let s: State = toml::from_str(text).context("invalid state file")?;
+    let s: State = toml::from_str(text).map_err(|e| {
+        // The message may quote what was read: a bounded part of it, and the line.
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let msg = crate::core::path::quote_at_most(e.message().replace('\n', " "), 120);
+        match line {
+            Some(l) => anyhow::anyhow!("invalid state file, line {l}: {msg}"),
+            None => anyhow::anyhow!("invalid state file: {msg}"),
+        }
+    })?;
     if s.format != FORMAT {
         bail!(
             "state file format {} is not supported (this treeswap reads {FORMAT})",

@@ -226,7 +226,7 @@ impl Header {
             "version" => self.version = Some(c.version()?),
             "digest" => self.digest = Some(c.hash()?),
             "count" => self.count = Some(c.int()?),
-            other => bail!("unknown key `{other}`"),
+            other => bail!("unknown key `{}`", crate::core::path::quote(other)),
         }
         Ok(())
     }

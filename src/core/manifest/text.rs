@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{Entry, Kind};
 use crate::core::object::{Hash, Meta};
-use crate::core::path::{decode_path, validate_path};
+use crate::core::path::{decode_path, quote, validate_path};
 
 /// A value in the TOML subset: a string, an integer or an inline table of strings. Strings
 /// borrow from the line unless they hold escapes.
@@ -201,7 +201,7 @@ impl<'a> Cursor<'a> {
             self.expect(b'=')?;
             let v = self.value()?;
             if out.iter().any(|(ok, _)| *ok == k) {
-                bail!("key `{k}` given twice");
+                bail!("key `{}` given twice", quote(&*k));
             }
             out.push((k, v));
             if self.eat(b'}') {
@@ -288,7 +288,7 @@ impl HeaderReader {
         let key = c.key()?;
         c.expect(b'=')?;
         if self.seen.iter().any(|k| *k == key) {
-            bail!("`{key}` given twice");
+            bail!("`{}` given twice", quote(&*key));
         }
         self.seen.push(key.to_string());
         if let Some(list) = self.lists.iter().find(|l| **l == key) {
@@ -367,7 +367,7 @@ impl<'a> Fields<'a> {
     }
     pub(crate) fn finish(self) -> Result<()> {
         if let Some((k, _)) = self.0.first() {
-            bail!("unknown key `{k}`");
+            bail!("unknown key `{}`", quote(&**k));
         }
         Ok(())
     }
@@ -386,12 +386,12 @@ pub(crate) fn parse_hash(s: &str) -> Result<Hash> {
     let b = s.as_bytes();
     let mut h = [0u8; 32];
     if b.len() != 64 {
-        bail!("not a sha256 in hex: `{s}`");
+        bail!("not a sha256 in hex: `{}`", quote(s));
     }
     for (i, out) in h.iter_mut().enumerate() {
         match (nibble(b[2 * i]), nibble(b[2 * i + 1])) {
             (Some(hi), Some(lo)) => *out = hi << 4 | lo,
-            _ => bail!("not a sha256 in hex: `{s}`"),
+            _ => bail!("not a sha256 in hex: `{}`", quote(s)),
         }
     }
     Ok(h)
@@ -436,7 +436,7 @@ pub(crate) fn entry_from_fields(mut f: Fields) -> Result<Entry> {
                 Kind::Block { major, minor }
             }
         }
-        other => bail!("unknown entry type `{other}`"),
+        other => bail!("unknown entry type `{}`", quote(other)),
     };
     let mut xattrs = Vec::new();
     for (k, v) in f.table("xattrs")? {
@@ -444,7 +444,8 @@ pub(crate) fn entry_from_fields(mut f: Fields) -> Result<Entry> {
         if name.is_empty() || name.contains(&0) {
             bail!("empty or NUL xattr name");
         }
-        let value = hex::decode(&*v).with_context(|| format!("xattr `{k}` value is not hex"))?;
+        let value =
+            hex::decode(&*v).with_context(|| format!("xattr `{}` value is not hex", quote(&*k)))?;
         xattrs.push((name.into_boxed_slice(), value.into_boxed_slice()));
     }
     if xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {

@@ -59,9 +59,8 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     } else {
         Policy::Keys(&keys)
     };
-    let mut archive = tar::Archive::new(read::tar_stream(input)?);
-    let mut entries = archive.entries().map_err(bad)?;
-    let d = read::read_manifest(&mut entries, policy)?;
+    let mut members = read::members(input)?;
+    let d = read::read_manifest(&mut members, policy)?;
     log::debug!(
         "read the delta manifest: {} changed, {} removed, {} contents",
         d.changed.len(),
@@ -86,7 +85,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     plan::ensure_space(root, cfg, &plan, &new, &base_version)?;
 
     let base_tree = write::open_base_tree(root, &pool, &base_version)?;
-    let mut work = || write::write_objects(&d, &plan, &pool, base_tree.as_ref(), &mut entries);
+    let mut work = || write::write_objects(&d, &plan, &pool, base_tree.as_ref(), &mut members);
     if let Err(e) = write::stage(root, cfg, &pool, &new, &base_version, &d, &mut work) {
         // Give the pool back as it was: the objects this apply wrote are used by no tree
         // (unless the new tree got installed after all, before a late error).

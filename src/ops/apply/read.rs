@@ -10,56 +10,66 @@ use super::bad;
 use crate::core::delta::{self, Content, Delta, MANIFEST_MEMBER, SIGNATURE_MEMBER};
 use crate::core::error::Fail;
 use crate::core::object::Hash;
+use crate::core::tar;
 use crate::store::root::Root;
 
 /// The largest delta manifest accepted (a million changed entries take about 200 MB).
 const MAX_MANIFEST: u64 = 1 << 30;
+/// The largest signature member accepted: a minisign signature is four short lines (its
+/// trusted comment names two versions of at most 128 characters).
+const MAX_SIGNATURE: u64 = 8 << 10;
 
-/// The next member, which must be the regular file `want`: a delta's members come in a fixed
-/// order (manifest, signature, then the blobs in the order of its contents), so a member out
-/// of place makes the delta invalid rather than one to skip.
-fn next_member<'a, R: Read>(
-    entries: &mut tar::Entries<'a, R>,
-    want: &str,
-) -> Result<tar::Entry<'a, R>> {
-    let m = entries
+/// The delta's members, read in order from its tar stream (`core::tar`: every header checked,
+/// every extension and member kind but a regular file refused before its data is read).
+pub(super) type Members<'a> = tar::Reader<Box<dyn Read + 'a>>;
+
+/// The members of the delta read from `input` (plain tar or zstd-compressed).
+pub(super) fn members<'a>(input: impl Read + 'a) -> Result<Members<'a>> {
+    Ok(tar::Reader::new(tar_stream(input)?))
+}
+
+/// The next member, which must be the regular file `want` of at most `limit` bytes: a delta's
+/// members come in a fixed order (manifest, signature, then the blobs in the order of its
+/// contents), so a member out of place makes the delta invalid rather than one to skip. Its
+/// header is checked before any of its data is read.
+fn next_member(members: &mut Members, want: &str, limit: u64) -> Result<u64> {
+    let m = members
         .next()
-        .ok_or_else(|| bad(format!("it is truncated: member `{want}` is missing")))?
-        .map_err(|e| bad(format!("cannot read member `{want}`: {e}")))?;
-    let name = m.path_bytes().into_owned();
-    if m.header().entry_type() != tar::EntryType::Regular {
-        return Err(bad(format!("member `{want}` is not a regular file")));
-    }
-    if name != want.as_bytes() {
+        .map_err(|e| bad(format!("{e:#}")))?
+        .ok_or_else(|| bad(format!("it is truncated: member `{want}` is missing")))?;
+    if m.name != want.as_bytes() {
         return Err(bad(format!(
             "expected member `{want}`, found `{}`",
-            crate::core::path::display(&name)
+            crate::core::path::quote(&m.name)
         )));
     }
-    Ok(m)
+    if m.size > limit {
+        return Err(bad(format!(
+            "member `{want}` is too large ({} bytes declared, at most {limit})",
+            m.size
+        )));
+    }
+    Ok(m.size)
 }
 
 /// Reads a small member that must come next, by name.
-fn read_small<R: Read>(entries: &mut tar::Entries<R>, want: &str, limit: u64) -> Result<Vec<u8>> {
-    let mut m = next_member(entries, want)?;
-    if m.header().size().unwrap_or(u64::MAX) > limit {
-        return Err(bad(format!("member `{want}` is too large")));
-    }
+fn read_small(members: &mut Members, want: &str, limit: u64) -> Result<Vec<u8>> {
+    next_member(members, want, limit)?;
+    // No allocation ahead of the bytes: the vector grows as they arrive.
     let mut data = Vec::new();
-    (&mut m)
-        .take(limit)
+    members
         .read_to_end(&mut data)
         .map_err(|e| bad(format!("cannot read `{want}`: {e}")))?;
     Ok(data)
 }
 
 /// Reads the first two members of a delta, checks the signature, and parses the manifest.
-pub(super) fn read_manifest<R: Read>(
-    entries: &mut tar::Entries<R>,
+pub(super) fn read_manifest(
+    members: &mut Members,
     policy: crate::ops::trust::Policy,
 ) -> Result<Delta> {
-    let text = read_small(entries, MANIFEST_MEMBER, MAX_MANIFEST)?;
-    let sig = read_small(entries, SIGNATURE_MEMBER, 64 << 10)?;
+    let text = read_small(members, MANIFEST_MEMBER, MAX_MANIFEST)?;
+    let sig = read_small(members, SIGNATURE_MEMBER, MAX_SIGNATURE)?;
     let sig = String::from_utf8(sig).map_err(|_| bad("its signature is not text"))?;
     // The signature is checked on the exact bytes, before they are parsed.
     crate::ops::trust::check(&text, &sig, policy)?;
@@ -70,9 +80,7 @@ pub(super) fn read_manifest<R: Read>(
 /// Reads and parses the head of a delta (manifest and signature member) from a stream, with no
 /// trusted keys and no state root: the entry point of the delta-reader fuzz target.
 pub fn read_delta_head(input: impl Read) -> Result<Delta> {
-    let mut archive = tar::Archive::new(tar_stream(input)?);
-    let mut entries = archive.entries().map_err(bad)?;
-    read_manifest(&mut entries, crate::ops::trust::Policy::Keys(&[]))
+    read_manifest(&mut members(input)?, crate::ops::trust::Policy::Keys(&[]))
 }
 
 /// The version whose stored manifest has `digest`, preferring `current`.
@@ -130,7 +138,7 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// The delta's tar stream, decompressed if it is zstd-compressed. The outer window is capped
 /// at zstd's default limit (128 MiB), whatever a frame header asks for.
-pub(super) fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
+fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
     use std::io::BufRead;
     let mut input = std::io::BufReader::with_capacity(1 << 16, input);
     let head = input
@@ -146,19 +154,17 @@ pub(super) fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>
 }
 
 /// Reads the blob member of `c` from the stream and checks its hash.
-pub(super) fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> Result<Vec<u8>> {
+pub(super) fn read_blob(members: &mut Members, c: &Content) -> Result<Vec<u8>> {
     let (want_sha, want_size) = c.blob.expect("blob");
     let name = Delta::blob_member(c);
-    let mut member = next_member(entries, &name)?;
-    if member.header().size().ok() != Some(want_size) {
+    if next_member(members, &name, want_size)? != want_size {
         return Err(bad(format!(
             "member `{name}` does not have its declared size {want_size}"
         )));
     }
     // No allocation ahead of the bytes: the vector grows as they arrive.
     let mut blob = Vec::new();
-    (&mut member)
-        .take(want_size)
+    members
         .read_to_end(&mut blob)
         .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
     if blob.len() as u64 != want_size {
@@ -176,13 +182,11 @@ pub(super) fn read_blob<R: Read>(entries: &mut tar::Entries<R>, c: &Content) -> 
 
 /// Checks that nothing follows the last blob: the signed manifest names every member a delta
 /// may have.
-pub(super) fn expect_end<R: Read>(entries: &mut tar::Entries<R>) -> Result<()> {
-    if let Some(extra) = entries.next() {
-        let name = extra
-            .map(|e| crate::core::path::display(&e.path_bytes()))
-            .unwrap_or_else(|e| e.to_string());
+pub(super) fn expect_end(members: &mut Members) -> Result<()> {
+    if let Some(extra) = members.next().map_err(|e| bad(format!("{e:#}")))? {
         return Err(bad(format!(
-            "unexpected member `{name}` after the last blob"
+            "unexpected member `{}` after the last blob",
+            crate::core::path::quote(&extra.name)
         )));
     }
     Ok(())

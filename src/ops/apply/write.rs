@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use sha2::{Digest, Sha256};
 
 use super::plan::{BasePaths, Plan};
-use super::read::{expect_end, read_blob};
+use super::read::{Members, expect_end, read_blob};
 use crate::core::config::Config;
 use crate::core::delta::{Content, Delta, Source};
 use crate::core::error::Fail;
@@ -68,17 +68,17 @@ pub(super) fn stage(
 
 /// The work done while the tree is staged: every new object written, then nothing may
 /// follow the last blob.
-pub(super) fn write_objects<R: Read>(
+pub(super) fn write_objects(
     d: &Delta,
     plan: &Plan,
     pool: &Pool,
     base_tree: Option<&OwnedFd>,
-    entries: &mut tar::Entries<R>,
+    members: &mut Members,
 ) -> Result<()> {
-    materialize(d, plan, pool, base_tree, entries)?;
+    materialize(d, plan, pool, base_tree, members)?;
     log::debug!("wrote the new objects");
     crate::core::failpoint::hit("apply-after-objects");
-    expect_end(entries)
+    expect_end(members)
 }
 
 /// Reads a whole object's bytes and checks them against the content hash they must have.
@@ -149,18 +149,18 @@ const IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// of references overlap. References and contents of the base are read from `base_tree` (the
 /// base's read-only snapshot) where it has them, else from the pool. A patch against a
 /// content still being made waits until the contents in flight are done.
-fn materialize<R: Read>(
+fn materialize(
     d: &Delta,
     plan: &Plan,
     pool: &Pool,
     base_tree: Option<&OwnedFd>,
-    entries: &mut tar::Entries<R>,
+    members: &mut Members,
 ) -> Result<()> {
     let w = Writer::new(d, plan, pool, base_tree);
     let threads = worker_threads(base_tree.is_some())?;
     let mut next = 0;
     while next < d.contents.len() {
-        threads.in_place_scope(|s| w.round(s, entries, &mut next))?;
+        threads.in_place_scope(|s| w.round(s, members, &mut next))?;
         if let Some(e) = w.failed.lock().expect("poisoned").take() {
             return Err(e);
         }
@@ -228,10 +228,10 @@ impl<'a> Writer<'a> {
     /// One round, from content `next` on: contents are handed to workers until one needs a
     /// content still in flight, or the bytes in flight reach the limit; the round ends when
     /// all are done (the scope `s` waits for them).
-    fn round<'s, R: Read>(
+    fn round<'s>(
         &'s self,
         s: &rayon::Scope<'s>,
-        entries: &mut tar::Entries<R>,
+        members: &mut Members,
         next: &mut usize,
     ) -> Result<()> {
         let mut in_flight: HashSet<Hash> = HashSet::new();
@@ -246,7 +246,7 @@ impl<'a> Writer<'a> {
             }
             *next += 1;
             let blob = match c.blob {
-                Some(_) => Some(read_blob(entries, c)?),
+                Some(_) => Some(read_blob(members, c)?),
                 None => None,
             };
             let Some(metas) = self.plan.metas.get(&c.sha256).filter(|m| !m.is_empty()) else {

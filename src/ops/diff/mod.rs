@@ -291,6 +291,12 @@ pub(crate) fn write_delta(
 
 /// Appends one regular-file ustar member (header, data, padding to 512 bytes).
 fn tar_member(out: &mut Vec<u8>, name: &str, data: &[u8]) -> Result<()> {
+    // `apply` (`core::tar`) reads a name from the 100-byte name field alone, never from the
+    // prefix field or an extension header: every member name fits (`blobs/<64 hex>` is 70).
+    anyhow::ensure!(
+        name.len() <= 100,
+        "delta member name `{name}` is longer than 100 bytes"
+    );
     let mut h = tar::Header::new_ustar();
     h.set_path(name)
         .with_context(|| format!("cannot name delta member `{name}`"))?;
