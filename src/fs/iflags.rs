@@ -59,7 +59,14 @@ pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
                 .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
         }
     }
-    let fd = super::sys::open_file_beneath(dir, name)?;
+    // Non-blocking: opening a FIFO for reading would wait for a writer.
+    let flags = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::NOFOLLOW
+        | rustix::fs::OFlags::NONBLOCK
+        | rustix::fs::OFlags::NOCTTY
+        | rustix::fs::OFlags::CLOEXEC;
+    let fd = super::sys::openat(dir, name, flags, rustix::fs::Mode::empty())
+        .with_context(|| format!("cannot open `{}`", crate::core::path::display(name)))?;
     set_immutable(fd.as_fd(), false)?;
     let r = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
     let st = rustix::fs::fstat(&fd)?;

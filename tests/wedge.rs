@@ -1,0 +1,256 @@
+//! Guests that must not wedge a state root (issue 15, item 4): whatever an unprivileged guest
+//! makes in its tree, removing the tree later works with a bounded number of descriptors.
+//!
+//! Every test here is root-only: loop mounts, `setpriv` to uid 65534, `chattr`, bind mounts.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// A loop-mounted file system of `kind` (ext4, xfs, btrfs) in the test's scratch directory.
+fn loop_fs(env: &Env, kind: &str) -> Mount {
+    let image = env.path(&format!("{kind}.img"));
+    let f = fs::File::create(&image).unwrap();
+    f.set_len(320 << 20).unwrap();
+    drop(f);
+    let mkfs = match kind {
+        "ext4" => Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status(),
+        "xfs" => Command::new("mkfs.xfs")
+            .args(["-q", "-f"])
+            .arg(&image)
+            .status(),
+        "btrfs" => Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(&image)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status(),
+        _ => unreachable!(),
+    }
+    .expect("mkfs");
+    assert!(mkfs.success(), "mkfs.{kind} failed");
+    Mount::new(
+        &["-o", "loop", image.to_str().unwrap()],
+        &env.path(&format!("mnt-{kind}")),
+    )
+}
+
+/// `treeswap --root ROOT ARGS...` with at most 1024 open descriptors (the default soft limit
+/// a boot unit that sets none runs under) and the protection mode `protect`.
+fn ts_limited(root: &Path, protect: &str, args: &[&str]) -> Run {
+    let mut c = Command::new("prlimit");
+    c.args(["--nofile=1024:1024", "--", BIN])
+        .env_remove("TREESWAP_ROOT")
+        .env("TREESWAP_PROTECT", protect)
+        .arg("--root")
+        .arg(root)
+        .args(args);
+    run(&mut c)
+}
+
+/// A guest's tree: a world-writable sticky `tmp/` (as `/tmp` is) and a file naming `n`.
+fn guest_tree(env: &Env, n: u32) -> PathBuf {
+    env.tree(
+        &format!("src{n}"),
+        &TreeSpec::new()
+            .dir("etc")
+            .file("etc/version", format!("{n}\n"))
+            .dir("tmp")
+            .mode(0o1777),
+    )
+}
+
+/// Runs `script` with `sh` as uid and gid 65534 with no groups, in the directory `dir` (entered
+/// as root, so that the scratch directory's own permissions do not matter).
+fn as_nobody(dir: &Path, script: &str) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("run setpriv");
+    assert!(
+        out.status.success(),
+        "the unprivileged guest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What a guest makes in its `/tmp`: an 1100-deep chain of directories, with a file and a
+/// FIFO at the bottom (on btrfs the test adds a subvolume of the guest's own).
+const DEEP_CHAIN: &str = r#"
+set -e
+i=0
+while [ $i -lt 1100 ]; do mkdir d; cd d; i=$((i+1)); done
+echo x > f
+mkfifo p
+"#;
+
+/// Regression (issue 15, item 4): an unprivileged guest's 1100-deep chain of directories in
+/// its tree's `/tmp` made removing the tree fail with EMFILE under `ulimit -n 1024`, left
+/// `staging/.gc-1`, and from then on every `gc`, `boot`, `apply` and `import` failed. On
+/// btrfs a subvolume the guest made inside a tree that is itself a subvolume made the
+/// subvolume deletion fail (ENOTEMPTY) the same way.
+#[test]
+fn a_guests_deep_tree_does_not_wedge_the_root() {
+    if skip_unless_root() {
+        return;
+    }
+    for (kind, protect) in [
+        ("ext4", "hardlink"),
+        ("xfs", "hardlink"),
+        ("btrfs", "hardlink"),
+        ("btrfs", "reflink"),
+    ] {
+        let env = Env::new();
+        let mnt = loop_fs(&env, kind);
+        let root = mnt.path.join("root");
+        let ts = |args: &[&str]| ts_limited(&root, protect, args);
+        let what = format!("{kind}, {protect}");
+        let src: Vec<PathBuf> = (1..=4).map(|n| guest_tree(&env, n)).collect();
+        ts(&["init"]).success();
+        ts(&["import", s(&src[0]), "--version", "1", "--activate"]).success();
+
+        // The guest, running on tree 1, fills its /tmp.
+        let tmp = root.join("trees/1/tmp");
+        let mut script = DEEP_CHAIN.to_owned();
+        if kind == "btrfs" {
+            script.push_str("btrfs subvolume create ../../sv >/dev/null\necho y > ../../sv/g\n");
+            script.push_str("mkdir ../../sv/deep\n");
+        }
+        as_nobody(&tmp, &script);
+        assert!(
+            tmp.join("d/d/d").is_dir(),
+            "{what}: the guest made no chain"
+        );
+
+        for (n, dir) in [(2, &src[1]), (3, &src[2])] {
+            let v = n.to_string();
+            ts(&["import", s(dir), "--version", &v, "--activate"]).success();
+        }
+        // Tree 1 is neither current nor previous now: gc removes it.
+        let r = ts(&["gc"]);
+        r.success();
+        assert!(
+            r.stdout().contains("(1)"),
+            "{what}: gc should have removed tree 1: {}",
+            r.stdout()
+        );
+        assert!(
+            !root.join("trees/1").exists(),
+            "{what}: trees/1 is still there"
+        );
+        assert!(
+            names(&root.join("staging")).is_empty(),
+            "{what}: staging/ should be empty, has {:?}",
+            names(&root.join("staging"))
+        );
+        ts(&["gc"]).success();
+        ts(&["boot"]).success();
+        let delta = env.path("3-4.tar");
+        run(ts_cmd().args([
+            "diff",
+            "--uncompressed",
+            "--from-dir",
+            s(&src[2]),
+            "--to-dir",
+            s(&src[3]),
+            "--from-version",
+            "3",
+            "--to-version",
+            "4",
+            "-o",
+            s(&delta),
+        ]))
+        .success();
+        ts(&["apply", s(&delta), "--no-restart"]).success();
+        assert_eq!(
+            fs::read_to_string(root.join("current/etc/version")).unwrap(),
+            "4\n",
+            "{what}"
+        );
+        ts(&["verify", "--full"]).success();
+        drop(mnt);
+    }
+}
+
+/// What else a guest can make in its `/tmp`: wide directories of deep branches (more than the
+/// walk keeps open, so it climbs back by `..` many times), thousands of names in one
+/// directory, names of 255 bytes, symlinks to outside the root, FIFOs, sockets, hardlinks,
+/// and directories with no permissions at all.
+const ODD_FILES: &str = r#"
+set -e
+for b in 0 1 2 3 4 5 6 7 8 9 10 11; do
+  (mkdir -p w/$b; cd w/$b
+   i=0; while [ $i -lt 20 ]; do mkdir d; echo $i > f$i; cd d; i=$((i+1)); done)
+done
+mkdir many; cd many
+i=0; while [ $i -lt 3000 ]; do : > $i; i=$((i+1)); done
+cd ..
+long=$(printf 'n%.0s' $(seq 255))
+mkdir $long; mkdir $long/$long; echo x > $long/$long/$long
+ln -s "$OUTSIDE" out
+ln -s "$OUTSIDE/precious" out-file
+mkdir -p locked/inner; echo x > locked/inner/f; ln locked/inner/f hard
+chmod 000 locked/inner locked
+mkfifo fifo
+python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.bind("sock")' 2>/dev/null || true
+"#;
+
+/// Removing a tree that holds everything [`ODD_FILES`] makes works under `ulimit -n 1024`,
+/// follows none of the symlinks, and leaves nothing behind.
+#[test]
+fn a_guests_odd_files_are_removed_and_nothing_outside() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let root = env.root.clone();
+    let ts = |args: &[&str]| ts_limited(&root, "hardlink", args);
+    let src: Vec<PathBuf> = (1..=3).map(|n| guest_tree(&env, n)).collect();
+    ts(&["init"]).success();
+    ts(&["import", s(&src[0]), "--version", "1", "--activate"]).success();
+    let outside = env.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("precious"), "keep me").unwrap();
+    let script = format!("OUTSIDE='{}'\n{ODD_FILES}", s(&outside));
+    as_nobody(&root.join("trees/1/tmp"), &script);
+    assert!(root.join("trees/1/tmp/many/2999").exists());
+    assert!(
+        root.join("trees/1/tmp/w/11/d/d/d/d/d/d/d/d/d/d/f10")
+            .exists()
+    );
+    ts(&["import", s(&src[1]), "--version", "2", "--activate"]).success();
+    ts(&["import", s(&src[2]), "--version", "3", "--activate"]).success();
+    let r = ts(&["gc"]);
+    r.success().stderr_lacks("warning");
+    assert!(r.stdout().contains("(1)"), "{}", r.stdout());
+    assert!(!root.join("trees/1").exists());
+    assert!(names(&root.join("staging")).is_empty());
+    assert!(!root.join("trash").exists());
+    assert_eq!(names(&outside), [b"precious".to_vec()]);
+    assert_eq!(
+        fs::read_to_string(outside.join("precious")).unwrap(),
+        "keep me"
+    );
+    ts(&["boot"]).success();
+    ts(&["verify", "--full"]).success();
+}
