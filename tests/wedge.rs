@@ -1,11 +1,14 @@
-//! Guests that must not wedge a state root (issue 15, item 4): whatever an unprivileged guest
-//! makes in its tree, removing the tree later works with a bounded number of descriptors.
+//! Guests and leftovers that must not wedge a state root (issue 15, item 4): whatever an
+//! unprivileged guest makes in its tree, removing the tree later works with a bounded number
+//! of descriptors, and a leftover that cannot be removed is set aside with a warning instead
+//! of failing every later command.
 //!
 //! Every test here is root-only: loop mounts, `setpriv` to uid 65534, `chattr`, bind mounts.
 
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -190,6 +193,140 @@ fn a_guests_deep_tree_does_not_wedge_the_root() {
         ts(&["verify", "--full"]).success();
         drop(mnt);
     }
+}
+
+/// `chattr +i` or `-i` on `p`.
+fn chattr(flag: &str, p: &Path) {
+    let st = Command::new("chattr").arg(flag).arg(p).status().unwrap();
+    assert!(st.success(), "chattr {flag} {} failed", p.display());
+}
+
+/// Regression (issue 15, item 4): a leftover in `staging/` that cannot be removed (here a
+/// directory holding an immutable directory with a file in it) made every writer fail at
+/// its lock. It is set aside in `trash/` with one warning; `apply`, `gc` and `boot` go on;
+/// gc and boot say what `trash/` still holds, and a later run removes it once it can.
+#[test]
+fn an_unremovable_leftover_is_set_aside_and_commands_go_on() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    // tmpfs does not take the immutable flag; ext4 does.
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    let ts = |args: &[&str]| ts_limited(&root, "hardlink", args);
+    let src: Vec<PathBuf> = (1..=2).map(|n| guest_tree(&env, n)).collect();
+    ts(&["init"]).success();
+    ts(&["import", s(&src[0]), "--version", "1", "--activate"]).success();
+
+    let locked = root.join("staging/.gc-9/locked");
+    fs::create_dir_all(&locked).unwrap();
+    fs::write(locked.join("f"), "x").unwrap();
+    chattr("+i", &locked);
+    let guard = scopeguard(&locked);
+
+    let r = ts(&["import", s(&src[1]), "--version", "2", "--activate"]);
+    r.success()
+        .stderr_has("cannot remove `staging/.gc-9`")
+        .stderr_has("trash/");
+    assert_eq!(
+        r.stderr().lines().count(),
+        1,
+        "one warning line: {}",
+        r.stderr()
+    );
+    assert!(names(&root.join("staging")).is_empty());
+    drop(guard);
+    assert_eq!(names(&root.join("trash")), [b"1".to_vec()]);
+    // The guard follows the directory to where it was set aside.
+    let unlock = scopeguard(&root.join("trash/1/locked"));
+    // Other writers retry quietly.
+    let delta = env.path("2-1.tar");
+    run(ts_cmd().args([
+        "diff",
+        "--uncompressed",
+        "--from-dir",
+        s(&src[1]),
+        "--to-dir",
+        s(&src[0]),
+        "--from-version",
+        "2",
+        "--to-version",
+        "3",
+        "-o",
+        s(&delta),
+    ]))
+    .success();
+    let r = ts(&["apply", s(&delta), "--no-restart"]);
+    r.success().stderr_lacks("trash");
+    // gc and boot keep saying it.
+    ts(&["gc"]).success().stderr_has("trash/");
+    ts(&["boot"]).success().stderr_has("trash/");
+    ts(&["verify", "--full"]).success();
+
+    // Once it can be removed, the next writer removes it.
+    drop(unlock);
+    ts(&["gc"]).success().stderr_lacks("trash");
+    assert!(names(&root.join("trash")).is_empty());
+    drop(mnt);
+}
+
+/// Clears the immutable flag of a directory when dropped (so that the scratch directory can
+/// be removed even when the test fails).
+struct Unlock(PathBuf);
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+fn scopeguard(p: &Path) -> Unlock {
+    Unlock(p.to_owned())
+}
+
+/// Regression (issue 15, item 4): a mount point left in `staging/` (here a bind mount) was
+/// walked into: the files of the mounted directory were deleted, then the removal failed
+/// (EBUSY) and so did every later writer. Removal never descends into another mount; the
+/// mount point, which cannot be renamed either, stays with a warning, and commands go on.
+#[test]
+fn a_mount_point_in_staging_is_left_alone_and_commands_go_on() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let root = env.root.clone();
+    let ts = |args: &[&str]| ts_limited(&root, "hardlink", args);
+    let src: Vec<PathBuf> = (1..=2).map(|n| guest_tree(&env, n)).collect();
+    ts(&["init"]).success();
+    ts(&["import", s(&src[0]), "--version", "1", "--activate"]).success();
+    let outside = env.path("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("precious"), "keep me").unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = Mount::new(&["--bind", s(&outside)], &root.join("staging/m"));
+
+    let r = ts(&["import", s(&src[1]), "--version", "2", "--activate"]);
+    r.success().stderr_has("staging/m");
+    assert_eq!(
+        fs::read_to_string(outside.join("precious")).unwrap(),
+        "keep me",
+        "removal went into the bind mount"
+    );
+    ts(&["gc"]).success();
+    ts(&["boot"]).success();
+    assert_eq!(
+        fs::read_to_string(outside.join("precious")).unwrap(),
+        "keep me"
+    );
+    drop(mnt);
+    // Unmounted, the leftover goes.
+    ts(&["gc"]).success();
+    let left: Vec<_> = names(&root.join("staging"))
+        .into_iter()
+        .chain(names(&root.join("trash")))
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
 }
 
 /// What else a guest can make in its `/tmp`: wide directories of deep branches (more than the

@@ -387,6 +387,25 @@ pub(crate) fn renameat(
     rustix::fs::renameat(old_dir, old, new_dir, new)
 }
 
+/// [renameat2(2)] with `RENAME_NOREPLACE`: `EEXIST` if `new` exists, with the bare `Errno`
+/// (callers branch on it and name both paths).
+///
+/// [renameat2(2)]: https://man7.org/linux/man-pages/man2/renameat2.2.html
+pub(crate) fn renameat_noreplace(
+    old_dir: BorrowedFd,
+    old: &[u8],
+    new_dir: BorrowedFd,
+    new: &[u8],
+) -> rustix::io::Result<()> {
+    rustix::fs::renameat_with(
+        old_dir,
+        old,
+        new_dir,
+        new,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+}
+
 /// [linkat(2)] without following a symlink, with the bare `Errno`: callers branch on
 /// `EMLINK` and `ENOENT`.
 ///
