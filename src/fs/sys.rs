@@ -572,9 +572,9 @@ fn walk_path(top: &[u8], names: &[u8], stack: &[Level], child: Option<&[u8]>) ->
 /// deepest directories open, and climbs back to one it closed by opening `..`, which must be
 /// the very directory it left (device and inode): if the tree was moved meanwhile it stops
 /// with an error rather than remove anything outside it. It never descends into another mount
-/// (an error instead). A btrfs subvolume goes by the subvolume ioctl, whole, or once its own
-/// subvolumes are gone; an immutable file by [`crate::fs::iflags::unlink_protected`]. Names
-/// that vanish meanwhile are fine.
+/// (an error instead). A btrfs subvolume goes by the subvolume ioctl, whole, or, if it holds
+/// subvolumes of its own, made writable and emptied first; an immutable file by
+/// [`crate::fs::iflags::unlink_protected`]. Names that vanish meanwhile are fine.
 ///
 /// [openat(2)]: https://man7.org/linux/man-pages/man2/openat.2.html
 pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
@@ -599,6 +599,10 @@ pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
     // of its own (`ENOTEMPTY`): then they go first, with everything else, by the walk.
     if subvolume && crate::fs::btrfs::destroy(dir, name).is_ok() {
         return Ok(());
+    }
+    if subvolume {
+        crate::fs::btrfs::make_writable(top.as_fd())
+            .with_context(|| format!("in `{}`", display(name)))?;
     }
     empty_tree(top, &st, name)?;
     if subvolume {
@@ -738,8 +742,13 @@ fn empty_tree(top: OwnedFd, st: &rustix::fs::Stat, top_name: &[u8]) -> Result<()
             );
         }
         let subvolume = crate::fs::btrfs::is_subvolume(sub.as_fd());
-        if subvolume && crate::fs::btrfs::destroy(fd, child).is_ok() {
-            continue;
+        if subvolume {
+            if crate::fs::btrfs::destroy(fd, child).is_ok() {
+                continue;
+            }
+            crate::fs::btrfs::make_writable(sub.as_fd()).with_context(|| {
+                format!("in `{}`", walk_path(top_name, &names, &stack, Some(child)))
+            })?;
         }
         names.extend_from_slice(child);
         stack.push(Level {
