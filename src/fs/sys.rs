@@ -541,8 +541,16 @@ fn is_mount_root(fd: BorrowedFd) -> bool {
 }
 
 /// The path of the walk's current directory (and `child` in it) for a message: the names
-/// from `top` down, the middle left out when it is deep.
+/// from `top` down, the middle left out when it is deep and each name cut to its first 32
+/// bytes (a guest chose them: a message stays one short line).
 fn walk_path(top: &[u8], names: &[u8], stack: &[Level], child: Option<&[u8]>) -> String {
+    let display = |p: &[u8]| {
+        if p.len() > 40 {
+            format!("{}…", display(&p[..32]))
+        } else {
+            display(p)
+        }
+    };
     let mut parts: Vec<&[u8]> = vec![top];
     let mut start = 0;
     for l in stack.iter().skip(1) {
