@@ -211,6 +211,14 @@ fn a_guests_deep_tree_does_not_wedge_the_root() {
     }
 }
 
+/// Whether `lsattr` shows the immutable flag on `p`.
+fn is_immutable(p: &Path) -> bool {
+    let out = Command::new("lsattr").arg("-d").arg(p).output().unwrap();
+    assert!(out.status.success(), "lsattr {} failed", p.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().next().unwrap_or("").contains('i')
+}
+
 /// `chattr +i` or `-i` on `p`.
 fn chattr(flag: &str, p: &Path) {
     let st = Command::new("chattr").arg(flag).arg(p).status().unwrap();
@@ -256,6 +264,11 @@ fn an_unremovable_leftover_is_set_aside_and_commands_go_on() {
     assert_eq!(names(&root.join("trash")), [b"1".to_vec()]);
     // The guard follows the directory to where it was set aside.
     let unlock = scopeguard(&root.join("trash/1/locked"));
+    // The file it could not unlink was not made immutable on the way.
+    assert!(
+        !is_immutable(&root.join("trash/1/locked/f")),
+        "removal made `locked/f` immutable"
+    );
     // Other writers retry quietly.
     let delta = env.path("2-1.tar");
     run(ts_cmd().args([
