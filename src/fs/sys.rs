@@ -815,12 +815,24 @@ fn climb_to_parent(
         }
     };
     let mut d = rustix::fs::Dir::new(fd).context("cannot read directory")?;
-    if d.seek(pos).is_err() {
-        d.rewind();
-    }
+    // Read on from where it stopped; where that cannot be (`seekdir` needs a 64-bit target),
+    // from the start, which only costs reading again the names still there.
+    #[cfg(target_pointer_width = "64")]
+    let resumed = match d.seek(pos) {
+        Ok(()) => true,
+        Err(_) => {
+            d.rewind();
+            false
+        }
+    };
+    #[cfg(not(target_pointer_width = "64"))]
+    let resumed = {
+        let _ = pos;
+        false
+    };
     let parent = stack.last_mut().expect("more than the top");
     parent.stream = Some(d);
-    parent.resumed = true;
+    parent.resumed = resumed;
     Ok(true)
 }
 
