@@ -263,7 +263,9 @@ pub fn run(cli: &Cli) -> Result<()> {
         }
         Command::Boot => boot_command(&cx)?,
         Command::Gc { keep } => {
-            let r = gc::gc(&cx.root(Lock::Exclusive, false)?, *keep, &[])?;
+            let root = cx.root(Lock::Exclusive, false)?;
+            root.warn_stuck();
+            let r = gc::gc(&root, *keep, &[])?;
             println!("{}", r.summary());
         }
         Command::Pin { version } => gc::pin(&cx.root(Lock::Exclusive, false)?, version, true)?,
@@ -278,6 +280,7 @@ pub fn run(cli: &Cli) -> Result<()> {
 
 fn boot_command(cx: &Env) -> Result<()> {
     let root = cx.root(Lock::Exclusive, false)?;
+    root.warn_stuck();
     match boot::boot(&root, &cx.cfg, cx.flip())? {
         boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
         boot::BootOutcome::Reverted(v) => {

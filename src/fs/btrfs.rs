@@ -29,6 +29,8 @@ struct VolArgsV2 {
 nix::ioctl_write_ptr!(ioc_subvol_create, 0x94, 14, VolArgs);
 nix::ioctl_write_ptr!(ioc_snap_destroy, 0x94, 15, VolArgs);
 nix::ioctl_write_ptr!(ioc_snap_create_v2, 0x94, 23, VolArgsV2);
+nix::ioctl_read!(ioc_subvol_getflags, 0x94, 25, u64);
+nix::ioctl_write_ptr!(ioc_subvol_setflags, 0x94, 26, u64);
 
 fn name_field<const N: usize>(name: &[u8]) -> Result<[u8; N]> {
     if name.is_empty() || name.len() >= N || name.contains(&0) || name.contains(&b'/') {
@@ -96,6 +98,24 @@ pub(crate) fn snapshot(
     // SAFETY: `args` is a valid, initialised `btrfs_ioctl_vol_args_v2` for the call's duration.
     unsafe { ioc_snap_create_v2(parent.as_raw_fd(), &args) }
         .with_context(|| format!("cannot snapshot to `{}`", crate::core::path::display(name)))?;
+    Ok(())
+}
+
+/// Makes the subvolume open as `fd` writable if it is read-only
+/// (`BTRFS_IOC_SUBVOL_GETFLAGS`, `BTRFS_IOC_SUBVOL_SETFLAGS`), so that what is in it can be
+/// removed: its owner may have made it read-only with a subvolume of its own inside, which
+/// the subvolume ioctl cannot delete with it.
+pub(crate) fn make_writable(fd: BorrowedFd) -> Result<()> {
+    let mut flags = 0u64;
+    // SAFETY: `flags` is a valid `u64` for the kernel to write for the call's duration.
+    unsafe { ioc_subvol_getflags(fd.as_raw_fd(), &mut flags) }
+        .context("cannot read the subvolume's flags")?;
+    if flags & SUBVOL_RDONLY != 0 {
+        let writable = flags & !SUBVOL_RDONLY;
+        // SAFETY: `writable` is a valid `u64` for the call's duration.
+        unsafe { ioc_subvol_setflags(fd.as_raw_fd(), &writable) }
+            .context("cannot make the subvolume writable")?;
+    }
     Ok(())
 }
 

@@ -50,6 +50,7 @@ pub(crate) fn is_immutable(fd: BorrowedFd) -> bool {
 
 /// Unlinks `name` in `dir` even if its inode is immutable: the flag is cleared, the name
 /// removed, and the flag set again if the inode still has other names (other trees, the pool).
+/// A file without the flag whose unlink is refused keeps its flags: `EPERM`.
 pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
     match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => return Ok(()),
@@ -59,7 +60,20 @@ pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
                 .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
         }
     }
-    let fd = super::sys::open_file_beneath(dir, name)?;
+    // Non-blocking: opening a FIFO for reading would wait for a writer.
+    let flags = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::NOFOLLOW
+        | rustix::fs::OFlags::NONBLOCK
+        | rustix::fs::OFlags::NOCTTY
+        | rustix::fs::OFlags::CLOEXEC;
+    let fd = super::sys::openat(dir, name, flags, rustix::fs::Mode::empty())
+        .with_context(|| format!("cannot open `{}`", crate::core::path::display(name)))?;
+    if !is_immutable(fd.as_fd()) {
+        // Refused for another reason (the directory is immutable or append-only): the file
+        // must not come out of this with a flag it did not have.
+        return Err(Errno::PERM)
+            .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
+    }
     set_immutable(fd.as_fd(), false)?;
     let r = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
     let st = rustix::fs::fstat(&fd)?;

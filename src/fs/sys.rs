@@ -387,6 +387,25 @@ pub(crate) fn renameat(
     rustix::fs::renameat(old_dir, old, new_dir, new)
 }
 
+/// [renameat2(2)] with `RENAME_NOREPLACE`: `EEXIST` if `new` exists, with the bare `Errno`
+/// (callers branch on it and name both paths).
+///
+/// [renameat2(2)]: https://man7.org/linux/man-pages/man2/renameat2.2.html
+pub(crate) fn renameat_noreplace(
+    old_dir: BorrowedFd,
+    old: &[u8],
+    new_dir: BorrowedFd,
+    new: &[u8],
+) -> rustix::io::Result<()> {
+    rustix::fs::renameat_with(
+        old_dir,
+        old,
+        new_dir,
+        new,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+}
+
 /// [linkat(2)] without following a symlink, with the bare `Errno`: callers branch on
 /// `EMLINK` and `ENOENT`.
 ///
@@ -462,32 +481,359 @@ pub(crate) fn killpg(pgid: u32) {
     );
 }
 
+/// At most this many directories of a tree are open at once while [`remove_tree_at`] removes
+/// it: the deepest ones on the way down (one more for a moment while it climbs back up).
+const REMOVE_OPEN_DIRS: usize = 8;
+
+/// One directory on the path from the top of a tree being removed to where the walk is.
+struct Level {
+    /// Where its name ends in the walk's `names` (it starts where its parent's ends).
+    name_end: usize,
+    /// Device and inode, to know it again when it is reached by `..`.
+    dev: u64,
+    ino: u64,
+    /// The top of a btrfs subvolume, which is removed by the subvolume ioctl once empty.
+    subvolume: bool,
+    /// Its entries being read, while it is among the deepest `REMOVE_OPEN_DIRS`.
+    stream: Option<rustix::fs::Dir>,
+    /// The position after the entry last read, to go on from when it is opened again.
+    pos: i64,
+    /// Opened again and read on from `pos`: read once more from the start before it counts
+    /// as empty, in case a file system's positions did not survive the removals.
+    resumed: bool,
+}
+
+/// What [`open_to_remove`] found under a name.
+enum Found {
+    Gone,
+    NotDir,
+    Dir(OwnedFd, rustix::fs::Stat),
+}
+
+/// Opens `name` in `dir` as a directory, never following a symlink ([openat(2)] with
+/// `O_NOFOLLOW | O_DIRECTORY`).
+///
+/// [openat(2)]: https://man7.org/linux/man-pages/man2/openat.2.html
+fn open_to_remove(dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<Found> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => {
+            let st = rustix::fs::fstat(&fd)?;
+            Ok(Found::Dir(fd, st))
+        }
+        Err(Errno::NOENT) => Ok(Found::Gone),
+        // A symlink (`ELOOP` under `O_NOFOLLOW`) or any other file that is no directory.
+        Err(Errno::NOTDIR) | Err(Errno::LOOP) => Ok(Found::NotDir),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the open directory `fd` is the root of a mount ([statx(2)]'s
+/// `STATX_ATTR_MOUNT_ROOT`); false where the kernel cannot tell.
+///
+/// [statx(2)]: https://man7.org/linux/man-pages/man2/statx.2.html
+fn is_mount_root(fd: BorrowedFd) -> bool {
+    use rustix::fs::{StatxAttributes, StatxFlags};
+    rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::empty()).is_ok_and(|x| {
+        x.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
+            && x.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+    })
+}
+
+/// The path of the walk's current directory (and `child` in it) for a message: the names
+/// from `top` down, the middle left out when it is deep and each name cut to its first 32
+/// bytes (a guest chose them: a message stays one short line).
+fn walk_path(top: &[u8], names: &[u8], stack: &[Level], child: Option<&[u8]>) -> String {
+    let display = |p: &[u8]| {
+        if p.len() > 40 {
+            format!("{}…", display(&p[..32]))
+        } else {
+            display(p)
+        }
+    };
+    let mut parts: Vec<&[u8]> = vec![top];
+    let mut start = 0;
+    for l in stack.iter().skip(1) {
+        parts.push(&names[start..l.name_end]);
+        start = l.name_end;
+    }
+    parts.extend(child);
+    let shown: Vec<String> = if parts.len() > 6 {
+        let n = parts.len();
+        let mut v: Vec<String> = parts[..2].iter().map(|p| display(p)).collect();
+        v.push(format!("…({} more)…", n - 4));
+        v.extend(parts[n - 2..].iter().map(|p| display(p)));
+        v
+    } else {
+        parts.iter().map(|p| display(p)).collect()
+    };
+    shown.join("/")
+}
+
 /// Removes `name` in `dir` and everything below it, without following symlinks; a missing
 /// name is fine.
+///
+/// A tree of any depth and width takes a bounded number of descriptors (at most
+/// `REMOVE_OPEN_DIRS` + 1, plus the caller's) and memory for the names of one path from the top
+/// down: the walk descends by [openat(2)] of each name beneath its parent with `O_NOFOLLOW |
+/// O_DIRECTORY`, reads each directory as a stream (never all its names at once), keeps only the
+/// deepest directories open, and climbs back to one it closed by opening `..`, which must be
+/// the very directory it left (device and inode): if the tree was moved meanwhile it stops
+/// with an error rather than remove anything outside it. It never descends into another mount
+/// (an error instead). A btrfs subvolume goes by the subvolume ioctl, whole, or, if it holds
+/// subvolumes of its own, made writable and emptied first; an immutable file by
+/// [`crate::fs::iflags::unlink_protected`]. Names that vanish meanwhile are fine.
+///
+/// [openat(2)]: https://man7.org/linux/man-pages/man2/openat.2.html
 pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
     let Some(st) = lstatat(dir, name)? else {
         return Ok(());
     };
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-        let sub = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(|| format!("cannot open `{}` to remove it", display(name)))?;
-        if crate::fs::btrfs::is_subvolume(sub.as_fd()) {
-            // A tree on btrfs: deleting the subvolume removes it whole.
-            return crate::fs::btrfs::destroy(dir, name);
-        }
-        for child in read_dir(sub.as_fd())? {
-            remove_tree_at(sub.as_fd(), &child)
-                .with_context(|| format!("in `{}`", display(name)))?;
-        }
-        unlinkat_ok(dir, name, true)
-    } else {
-        crate::fs::iflags::unlink_protected(dir, name)
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+        return crate::fs::iflags::unlink_protected(dir, name);
     }
+    let (top, st) = match open_to_remove(dir, name)
+        .with_context(|| format!("cannot open `{}` to remove it", display(name)))?
+    {
+        Found::Gone => return Ok(()),
+        Found::NotDir => return crate::fs::iflags::unlink_protected(dir, name),
+        Found::Dir(fd, st) => (fd, st),
+    };
+    if is_mount_root(top.as_fd()) {
+        bail!("`{}` is a mount point: not removing it", display(name));
+    }
+    let subvolume = crate::fs::btrfs::is_subvolume(top.as_fd());
+    // A tree on btrfs: deleting the subvolume removes it whole, unless it holds subvolumes
+    // of its own (`ENOTEMPTY`): then they go first, with everything else, by the walk.
+    if subvolume && crate::fs::btrfs::destroy(dir, name).is_ok() {
+        return Ok(());
+    }
+    if subvolume {
+        crate::fs::btrfs::make_writable(top.as_fd())
+            .with_context(|| format!("in `{}`", display(name)))?;
+    }
+    empty_tree(top, &st, name)?;
+    if subvolume {
+        crate::fs::btrfs::destroy(dir, name)
+    } else {
+        unlinkat_ok(dir, name, true)
+    }
+}
+
+/// Removes everything in the directory open as `top` (named `top_name` in messages), leaving
+/// it empty; see [`remove_tree_at`].
+fn empty_tree(top: OwnedFd, st: &rustix::fs::Stat, top_name: &[u8]) -> Result<()> {
+    use rustix::fs::{Dir, FileType};
+    let mut names: Vec<u8> = Vec::new();
+    let mut stack = vec![Level {
+        name_end: 0,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        subvolume: false,
+        stream: Some(Dir::new(top).context("cannot read directory")?),
+        pos: 0,
+        resumed: false,
+    }];
+    let mut open = 1;
+    loop {
+        let read = {
+            let last = stack.last_mut().expect("the top stays until the end");
+            let stream = last.stream.as_mut().expect("the deepest directory is open");
+            match stream.read() {
+                Some(Ok(ent)) => Some(ent),
+                None if last.resumed => {
+                    last.resumed = false;
+                    stream.rewind();
+                    continue;
+                }
+                None => None,
+                Some(Err(e)) => Some(Err(e).with_context(|| {
+                    format!(
+                        "cannot read directory `{}`",
+                        walk_path(top_name, &names, &stack, None)
+                    )
+                })?),
+            }
+        };
+        let Some(ent) = read else {
+            // The deepest directory is read to its end: it is empty.
+            if stack.len() == 1 {
+                return Ok(());
+            }
+            let done = stack.pop().expect("more than the top");
+            let done_fd = done.stream.expect("the deepest directory is open");
+            if climb_to_parent(&mut stack, &done_fd, top_name, &names)? {
+                open += 1;
+            }
+            drop(done_fd);
+            open -= 1;
+            let parent = stack.last().expect("more than the top");
+            let pfd = parent
+                .stream
+                .as_ref()
+                .expect("opened by climb_to_parent")
+                .fd()
+                .context("cannot read directory")?;
+            let child = &names[parent.name_end..done.name_end];
+            let removed = if done.subvolume {
+                crate::fs::btrfs::destroy(pfd, child)
+            } else {
+                unlinkat_ok(pfd, child, true)
+            };
+            removed.with_context(|| {
+                format!(
+                    "cannot remove `{}`",
+                    walk_path(top_name, &names, &stack, Some(child))
+                )
+            })?;
+            let end = parent.name_end;
+            names.truncate(end);
+            continue;
+        };
+        let child = ent.file_name().to_bytes();
+        if child == b"." || child == b".." {
+            continue;
+        }
+        stack.last_mut().expect("the top stays").pos = ent.offset();
+        let here = stack.last().expect("the top stays");
+        let fd = here
+            .stream
+            .as_ref()
+            .expect("the deepest directory is open")
+            .fd()
+            .context("cannot read directory")?;
+        let ft = ent.file_type();
+        if ft != FileType::Directory && ft != FileType::Unknown {
+            match rustix::fs::unlinkat(fd, child, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => continue,
+                // Made a directory since it was listed: removed as one below.
+                Err(Errno::ISDIR) => {}
+                // Immutable (or a directory on a file system that says EPERM for it).
+                Err(Errno::PERM) => {
+                    crate::fs::iflags::unlink_protected(fd, child).with_context(|| {
+                        format!("in `{}`", walk_path(top_name, &names, &stack, None))
+                    })?;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot remove `{}`",
+                            walk_path(top_name, &names, &stack, Some(child))
+                        )
+                    });
+                }
+            }
+        }
+        let (sub, st) = match open_to_remove(fd, child) {
+            Ok(Found::Dir(sub, st)) => (sub, st),
+            Ok(Found::Gone) => continue,
+            Ok(Found::NotDir) => {
+                crate::fs::iflags::unlink_protected(fd, child).with_context(|| {
+                    format!("in `{}`", walk_path(top_name, &names, &stack, None))
+                })?;
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot open `{}` to remove it",
+                        walk_path(top_name, &names, &stack, Some(child))
+                    )
+                });
+            }
+        };
+        if is_mount_root(sub.as_fd()) {
+            bail!(
+                "`{}` is a mount point: not removing it",
+                walk_path(top_name, &names, &stack, Some(child))
+            );
+        }
+        let subvolume = crate::fs::btrfs::is_subvolume(sub.as_fd());
+        if subvolume {
+            if crate::fs::btrfs::destroy(fd, child).is_ok() {
+                continue;
+            }
+            crate::fs::btrfs::make_writable(sub.as_fd()).with_context(|| {
+                format!("in `{}`", walk_path(top_name, &names, &stack, Some(child)))
+            })?;
+        }
+        names.extend_from_slice(child);
+        stack.push(Level {
+            name_end: names.len(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            subvolume,
+            stream: Some(Dir::new(sub).context("cannot read directory")?),
+            pos: 0,
+            resumed: false,
+        });
+        open += 1;
+        if open > REMOVE_OPEN_DIRS {
+            // The open directories are the deepest `open` of the path: close the shallowest.
+            let i = stack.len() - open;
+            stack[i].stream = None;
+            open -= 1;
+        }
+    }
+}
+
+/// Makes sure the last directory of `stack`, the parent of the directory open as `child`
+/// that the walk just emptied, is open: if it was closed, opens `..` from `child` and checks
+/// that it is the same directory (device and inode) before reading on where it stopped.
+/// Returns whether it opened it.
+fn climb_to_parent(
+    stack: &mut [Level],
+    child: &rustix::fs::Dir,
+    top_name: &[u8],
+    names: &[u8],
+) -> Result<bool> {
+    let parent = stack.last().expect("more than the top");
+    if parent.stream.is_some() {
+        return Ok(false);
+    }
+    let (dev, ino, pos) = (parent.dev, parent.ino, parent.pos);
+    let opened = child
+        .fd()
+        .and_then(|c| {
+            rustix::fs::openat(
+                c,
+                "..",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        })
+        .and_then(|fd| rustix::fs::fstat(&fd).map(|st| (fd, st)));
+    let fd = match opened {
+        Ok((fd, st)) if (st.st_dev, st.st_ino) == (dev, ino) => fd,
+        r => {
+            let why = r.err().map_or("it was moved".to_owned(), |e| e.to_string());
+            bail!(
+                "cannot climb back to `{}` while removing it: {why}",
+                walk_path(top_name, names, stack, None)
+            );
+        }
+    };
+    let mut d = rustix::fs::Dir::new(fd).context("cannot read directory")?;
+    // Read on from where it stopped; where that cannot be (`seekdir` needs a 64-bit target),
+    // from the start, which only costs reading again the names still there.
+    #[cfg(target_pointer_width = "64")]
+    let resumed = match d.seek(pos) {
+        Ok(()) => true,
+        Err(_) => {
+            d.rewind();
+            false
+        }
+    };
+    #[cfg(not(target_pointer_width = "64"))]
+    let resumed = {
+        let _ = pos;
+        false
+    };
+    let parent = stack.last_mut().expect("more than the top");
+    parent.stream = Some(d);
+    parent.resumed = resumed;
+    Ok(true)
 }
 
 /// [unlinkat(2)]; a missing name is fine.

@@ -82,7 +82,8 @@ pub(crate) fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report>
         sys::fsync(trees.as_fd())?;
         crate::core::failpoint::hit("gc-after-uninstall");
         root.forget(&v)?;
-        sys::remove_tree_at(staging.as_fd(), doomed.as_bytes())?;
+        // Uninstalled already: what cannot be removed is set aside, with a warning.
+        root.remove_or_set_aside(staging.as_fd(), "staging", doomed.as_bytes());
         log::info!("removed version `{v}`");
         report.trees_removed.push(v);
     }

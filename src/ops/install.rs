@@ -36,7 +36,7 @@ pub(crate) fn install(
 ) -> Result<()> {
     let version = m.version.as_deref().context("manifest has no version")?;
     let staging = root.subdir("staging")?;
-    sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
+    root.remove_or_set_aside(staging.as_fd(), "staging", version.as_bytes());
     let layout = Layout::new(pool.mode(), &cfg.private)?;
     let snapshots = root.snapshots_enabled(pool);
     let built = while_linking(root, pool, || {
@@ -51,7 +51,7 @@ pub(crate) fn install(
         )
     })?;
     if let Err(e) = built {
-        discard_staging(staging.as_fd(), version);
+        discard_staging(root, staging.as_fd(), version);
         return Err(e.context(format!("cannot build `staging/{version}`")));
     }
     log::debug!("staged `staging/{version}`");
@@ -74,7 +74,7 @@ pub(crate) fn install(
     })();
     if let Err(e) = res {
         if !root.is_installed(version).unwrap_or(true) {
-            discard_staging(staging.as_fd(), version);
+            discard_staging(root, staging.as_fd(), version);
         }
         return Err(e);
     }
@@ -171,7 +171,7 @@ pub(crate) fn install_by_snapshot(
     let version = m.version.as_deref().context("manifest has no version")?;
     let layout = Layout::new(pool.mode(), &cfg.private)?;
     let staging = root.subdir("staging")?;
-    sys::remove_tree_at(staging.as_fd(), version.as_bytes())?;
+    root.remove_or_set_aside(staging.as_fd(), "staging", version.as_bytes());
     if !root.stage_from_snapshot(staging.as_fd(), base, version)? {
         return Ok(false);
     }
@@ -199,18 +199,16 @@ pub(crate) fn install_by_snapshot(
     let res = with_manifest_written(root, m, Some(&d.to_digest), version, stage)
         .and_then(|()| commit(root, version, &layout, staging.as_fd(), true));
     if let Err(e) = res {
-        discard_staging(staging.as_fd(), version);
+        discard_staging(root, staging.as_fd(), version);
         return Err(e);
     }
     Ok(true)
 }
 
-/// Gives back what a tree that failed half-way took: removes `staging/<version>`, only warning
-/// if it cannot (the next writer removes it anyway).
-fn discard_staging(staging: BorrowedFd, version: &str) {
-    if let Err(e) = sys::remove_tree_at(staging, version.as_bytes()) {
-        log::warn!("cannot remove `staging/{version}`: {e:#}");
-    }
+/// Gives back what a tree that failed half-way took: removes `staging/<version>`, or sets it
+/// aside with a warning if it cannot (see [`Root::remove_or_set_aside`]).
+fn discard_staging(root: &Root, staging: BorrowedFd, version: &str) {
+    root.remove_or_set_aside(staging, "staging", version.as_bytes());
 }
 
 /// Runs `link`, which links pool objects into a tree. In immutable mode objects are briefly

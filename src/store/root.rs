@@ -12,6 +12,7 @@
 //! current, previous   relative symlinks to trees/<V>
 //! lock                flock(2) target: one writer at a time
 //! format              the root format, `2` (none: format 1, see [`Root::migrate`])
+//! trash/<n>           leftovers that could not be removed, set aside; every writer retries
 //! ```
 //!
 //! A version is installed when `trees/<V>` exists: that rename is the commit point of an
@@ -48,6 +49,8 @@ pub struct Root {
     lock: Option<OwnedFd>,
     /// The root format, read when the root is opened and again once it is locked.
     format: u32,
+    /// What `trash/` still held after the lock's cleanup tried to remove it (one line each).
+    stuck: Vec<String>,
 }
 
 /// How a command holds the lock.
@@ -72,6 +75,7 @@ impl Root {
                 path: path.to_owned(),
                 fd,
                 lock: None,
+                stuck: Vec::new(),
             });
         }
         for d in ["pool", "tmp", "staging", "trees"] {
@@ -98,6 +102,7 @@ impl Root {
             fd,
             lock: None,
             format: ROOT_FORMAT,
+            stuck: Vec::new(),
         })
     }
 
@@ -120,12 +125,15 @@ impl Root {
             path: path.to_owned(),
             fd,
             lock: None,
+            stuck: Vec::new(),
         })
     }
 
     /// Takes the root's lock; a held lock is a "busy" error unless `wait`. Writers also bring
-    /// a root of an older format to [`ROOT_FORMAT`] ([`Root::migrate`]) and clear what an
-    /// interrupted writer left in `tmp/` and `staging/`: nothing else can be using it.
+    /// a root of an older format to [`ROOT_FORMAT`] ([`Root::migrate`]), clear what an
+    /// interrupted writer left in `tmp/` and `staging/` (nothing else can be using it) and
+    /// retry `trash/`; what cannot be removed never fails the command (see
+    /// [`Root::remove_or_set_aside`]).
     pub fn lock(&mut self, how: Lock, wait: bool) -> Result<()> {
         let mut flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         if how == Lock::Shared {
@@ -299,13 +307,24 @@ impl Root {
             let v = String::from_utf8_lossy(&name).into_owned();
             if !self.is_installed(&v)? {
                 log::info!("removing `snapshots/{v}`, which belongs to no installed tree");
-                sys::remove_tree_at(dir.as_fd(), &name)?;
+                self.remove_or_set_aside(dir.as_fd(), "snapshots", &name);
             }
         }
         Ok(())
     }
 
-    fn clear_leftovers(&self) -> Result<()> {
+    fn clear_leftovers(&mut self) -> Result<()> {
+        // What earlier runs set aside: tried again quietly (gc and boot say what is left).
+        self.stuck.clear();
+        if let Some(trash) = self.trash_dir_opt()? {
+            for name in sys::read_dir(trash.as_fd())? {
+                if let Err(e) = sys::remove_tree_at(trash.as_fd(), &name) {
+                    let line = format!("`trash/{}`: {e:#}", crate::core::path::display(&name));
+                    log::debug!("cannot remove {line} yet");
+                    self.stuck.push(line);
+                }
+            }
+        }
         // Manifests and layouts whose tree never got installed (a crash before the commit
         // rename) or was removed (a crash in gc after the uninstall rename). Both are
         // `<V>.toml`, in their own directories; no version starts with `.`.
@@ -322,7 +341,9 @@ impl Root {
                 };
                 if orphan {
                     log::info!("removing `{dir}/{s}`, which belongs to no installed tree");
-                    sys::unlinkat_ok(dfd.as_fd(), &name, false)?;
+                    if let Err(e) = sys::unlinkat_ok(dfd.as_fd(), &name, false) {
+                        log::warn!("{e:#} (in `{dir}/`); leaving it");
+                    }
                 }
             }
         }
@@ -334,10 +355,65 @@ impl Root {
                     "removing `{d}/{}` left by an interrupted run",
                     crate::core::path::display(&name)
                 );
-                sys::remove_tree_at(dfd.as_fd(), &name)?;
+                self.remove_or_set_aside(dfd.as_fd(), d, &name);
             }
         }
         Ok(())
+    }
+
+    /// `trash/`, if there is one.
+    fn trash_dir_opt(&self) -> Result<Option<OwnedFd>> {
+        if sys::lstatat(self.fd.as_fd(), b"trash")?.is_none() {
+            return Ok(None);
+        }
+        sys::open_dir_beneath(self.fd.as_fd(), b"trash").map(Some)
+    }
+
+    /// Removes `name` in `dir`, the root's directory `dir_name` (`staging`, `tmp`,
+    /// `snapshots`), with everything in it; if that fails, warns and sets it aside as
+    /// `trash/<n>` (a rename, `RENAME_NOREPLACE`, to the first free number from the count of
+    /// what is there), where every later writer tries again. Never fails: a leftover must not
+    /// stop the command. If even the rename fails (a mount point), it stays, with the warning.
+    pub fn remove_or_set_aside(&self, dir: BorrowedFd, dir_name: &str, name: &[u8]) {
+        let Err(e) = sys::remove_tree_at(dir, name) else {
+            return;
+        };
+        let shown = format!("{dir_name}/{}", crate::core::path::display(name));
+        match self.set_aside(dir, name) {
+            Ok(n) => log::warn!(
+                "cannot remove `{shown}` ({e:#}); set it aside as `trash/{n}`, which later runs try to remove"
+            ),
+            Err(e2) => {
+                log::warn!("cannot remove `{shown}` ({e:#}), nor set it aside ({e2:#}); leaving it")
+            }
+        }
+    }
+
+    /// Renames `name` in `dir` to `trash/<n>`, the first free `n`; returns `n`.
+    fn set_aside(&self, dir: BorrowedFd, name: &[u8]) -> Result<u64> {
+        sys::mkdirat(self.fd.as_fd(), b"trash", 0o700, true)?;
+        let trash = sys::open_dir_beneath(self.fd.as_fd(), b"trash")?;
+        let mut n = sys::read_dir(trash.as_fd())?.len() as u64 + 1;
+        loop {
+            match sys::renameat_noreplace(dir, name, trash.as_fd(), n.to_string().as_bytes()) {
+                Ok(()) => break,
+                Err(Errno::EXIST) => n += 1,
+                Err(e) => return Err(e).context("cannot rename it into `trash/`"),
+            }
+        }
+        sys::fsync(trash.as_fd())?;
+        Ok(n)
+    }
+
+    /// Warns, in one line, if `trash/` still holds leftovers the lock's cleanup could not
+    /// remove (gc and boot say it; other commands stay quiet).
+    pub fn warn_stuck(&self) {
+        if let Some(first) = self.stuck.first() {
+            log::warn!(
+                "`trash/` holds {} leftover(s) that cannot be removed yet, each writer tries again; {first}",
+                self.stuck.len()
+            );
+        }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -551,7 +627,7 @@ impl Root {
             }
         }
         if let Some(snapshots) = self.snapshots_dir_opt()? {
-            sys::remove_tree_at(snapshots.as_fd(), version.as_bytes())?;
+            self.remove_or_set_aside(snapshots.as_fd(), "snapshots", version.as_bytes());
         }
         Ok(())
     }
