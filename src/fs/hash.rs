@@ -33,17 +33,25 @@ pub(crate) fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 
 /// Reads an open file from its start to its end and returns its size and sha256.
 pub(crate) fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
+    hash_fd_upto(fd, u64::MAX)
+}
+
+/// [`hash_fd`] of at most the first `limit` bytes: a file that a guest keeps growing is read
+/// no further than that (a caller that expects `n` bytes passes `n + 1` and compares).
+pub(crate) fn hash_fd_upto(fd: BorrowedFd, limit: u64) -> Result<(u64, Hash)> {
     let mut h = Sha256::new();
     let mut size = 0u64;
     with_io_buffer(|buf| -> Result<()> {
-        loop {
-            let n = rustix::io::pread(fd, &mut buf[..], size)?;
+        while size < limit {
+            let want = usize::try_from(limit - size).map_or(buf.len(), |n| n.min(buf.len()));
+            let n = rustix::io::pread(fd, &mut buf[..want], size)?;
             if n == 0 {
                 return Ok(());
             }
             h.update(&buf[..n]);
             size += n as u64;
         }
+        Ok(())
     })?;
     Ok((size, h.finalize().into()))
 }

@@ -1,12 +1,13 @@
 //! Reading a directory tree into a manifest: a walk that never follows a symlink, and a
 //! parallel pass that hashes each distinct inode once.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use rustix::fs::FileType;
+use rustix::io::Errno;
 
 use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::object::Hash;
@@ -266,14 +267,11 @@ fn hash_one(
     ino: (u64, u64),
     hook: Option<FileHook>,
 ) -> Result<(Meta, u64, Hash)> {
-    let fd = sys::open_file_beneath(top, rel)?;
-    let st = sys::fstat(fd.as_fd())?;
-    if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-    {
+    let Some((fd, st)) = open_regular(top, rel, ino)? else {
         bail!("it changed while it was being read");
-    }
+    };
     let meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
-    let (size, h) = hash::hash_fd(fd.as_fd())?;
+    let (size, h) = hash::hash_fd_upto(fd.as_fd(), (st.st_size as u64).saturating_add(1))?;
     if size != st.st_size as u64 {
         bail!("it changed size while it was being read");
     }
@@ -281,4 +279,43 @@ fn hash_one(
         hook(fd.as_fd(), &meta, size, &h)?;
     }
     Ok((meta, size, h))
+}
+
+/// Opens `rel` under `top` for reading if it is still the regular file that [`walk`] saw as
+/// inode `ino` (device, inode), with its `fstat`; `None` if the name is gone or is now
+/// something else. Never blocks and never follows a symlink, whatever was put in its place
+/// since (a FIFO, a socket, a device, a symlink): see
+/// [`sys::open_file_beneath`].
+pub(crate) fn open_regular(
+    top: BorrowedFd,
+    rel: &[u8],
+    ino: (u64, u64),
+) -> Result<Option<(OwnedFd, rustix::fs::Stat)>> {
+    let fd = match sys::openat2_file(top, rel) {
+        Ok(fd) => fd,
+        // Removed, or now a symlink, a socket, or below something that is no directory.
+        Err(Errno::NOENT | Errno::LOOP | Errno::NXIO | Errno::NOTDIR) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", display(rel))),
+    };
+    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", display(rel)))?;
+    if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+    {
+        return Ok(None);
+    }
+    Ok(Some((fd, st)))
+}
+
+/// Opens the regular file of `e`, an entry [`scan`] made of the directory open as `top`, for
+/// reading again (as `diff --from-dir` does): refused, never waited for, if it is no longer a
+/// regular file of the entry's size.
+pub(crate) fn open_scanned(top: BorrowedFd, e: &Entry) -> Result<OwnedFd> {
+    let fd = sys::open_file_beneath(top, &e.path)?;
+    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", e.display()))?;
+    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+    if !regular || !matches!(e.kind, Kind::File { size, .. } if size == st.st_size as u64) {
+        bail!("`{}` changed while it was being read", e.display());
+    }
+    Ok(fd)
 }
