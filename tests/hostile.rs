@@ -10,7 +10,7 @@
 //! for bytes that do not exist shows up as a failure instead of passing unnoticed, and under
 //! a time limit.
 //!
-//! Then hostile guests: a real process as uid 65534 that puts FIFOs where its
+//! Then hostile guests: a real process as uid 65534 that puts FIFOs and sockets where its
 //! tree's files were, before and while `verify`, `import` and `diff --from-dir` read them.
 
 mod common;
@@ -1050,6 +1050,36 @@ fn verify_full_never_blocks_on_a_guest_swapping_copies_and_fifos() {
     drop(g);
     eprintln!("{reported} of 20 runs reported swapped copies");
     unswap(&tree, &spare);
+    env.ts(["verify", "--full"]).success();
+}
+
+/// Regression (issue 15, item 7): a unix socket a guest made in its tree was skipped by the
+/// walk, so `verify` said nothing of it. Now it is an extra entry (or the wrong type where
+/// the manifest has a file), exit 3.
+#[test]
+fn verify_reports_a_socket_a_guest_made() {
+    if skip_unless_root() {
+        return;
+    }
+    let (env, tree, spare) = guest_setup(false);
+    // The guest binds `etc/c<SWAPPED>`, a name the manifest does not have.
+    Guest::start("socket", &tree.join("etc"), &spare, SWAPPED, None).finish();
+    let sock = format!("etc/c{SWAPPED}");
+    env.ts(["verify"])
+        .exit(3)
+        .one_line_error()
+        .stdout_has(&format!("extra: {sock} (a socket)"));
+    fs::remove_file(tree.join(&sock)).unwrap();
+    env.ts(["verify"]).success();
+    // In place of a file the manifest has.
+    fs::rename(tree.join("etc/c1"), spare.join("c1")).unwrap();
+    Guest::start("socket", &tree.join("etc"), &spare, 1, None).finish();
+    let r = env.ts(["verify", "--full"]);
+    r.exit(3)
+        .stdout_has("wrong type: etc/c1 (is a socket, expected a file)");
+    assert!(!r.stdout().contains("missing"), "{}", r.stdout());
+    fs::remove_file(tree.join("etc/c1")).unwrap();
+    fs::rename(spare.join("c1"), tree.join("etc/c1")).unwrap();
     env.ts(["verify", "--full"]).success();
 }
 

@@ -82,10 +82,22 @@ fn permute(entries: &mut [Entry], inodes: &mut [(u64, u64)], mut order: Vec<u32>
 /// descend into it.
 pub(crate) type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>;
 
+/// What [`walk_all`] calls for the path of each socket, which has no entry.
+pub(crate) type Sockets<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
+
 /// Walks the tree under `top` without following any symlink: the top (`.`) first, then every
 /// entry, a directory before its children but in no other order. Regular files get a zero
 /// hash and no extended attributes; sockets are skipped with a warning.
 pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
+    walk_all(top, visit, &mut |path| {
+        log::warn!("skipping socket `{}`", display(path));
+        Ok(())
+    })
+}
+
+/// [`walk`], handing the path of each socket to `sockets` instead of warning: a tree that
+/// must be exactly its manifest (`verify`) reports them.
+pub(crate) fn walk_all(top: BorrowedFd, visit: Visit, sockets: Sockets) -> Result<()> {
     let st = sys::fstat(top).context("cannot stat the top directory")?;
     visit(top_entry(top, &st)?, (st.st_dev, st.st_ino))?;
     let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
@@ -103,6 +115,10 @@ pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
                 bail!("`{}` vanished while it was being read", display(&path));
             };
             let ino = (st.st_dev, st.st_ino);
+            if FileType::from_raw_mode(st.st_mode) == FileType::Socket {
+                sockets(&path)?;
+                continue;
+            }
             let Some(e) = entry_of(dfd, &name, path, &st)? else {
                 continue;
             };

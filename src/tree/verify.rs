@@ -60,7 +60,10 @@ fn walk_tree(tree: BorrowedFd, m: &Manifest, layout: &Layout) -> Result<Walked> 
     let mut seen = vec![false; a.len()];
     let mut found: Vec<(Vec<u8>, String)> = Vec::new();
     let (mut linked, mut copies) = (Vec::new(), Vec::new());
-    scan::walk(tree, &mut |y, ino| {
+    // A socket has no entry (a manifest cannot hold one), but a tree that has one is not its
+    // manifest: a guest made it.
+    let mut sockets: Vec<Vec<u8>> = Vec::new();
+    let mut visit = |y: Entry, ino: (u64, u64)| -> Result<bool> {
         let Some(i) = m.index(&y.path) else {
             found.push((y.path.to_vec(), format!("extra: {}", y.display())));
             // The contents of an extra directory are extra too; naming it is enough.
@@ -79,7 +82,25 @@ fn walk_tree(tree: BorrowedFd, m: &Manifest, layout: &Layout) -> Result<Walked> 
             }
         }
         Ok(x.is_dir() && y.is_dir())
+    };
+    scan::walk_all(tree, &mut visit, &mut |path| {
+        sockets.push(path.to_vec());
+        Ok(())
     })?;
+    for path in sockets {
+        let p = crate::core::path::display(&path);
+        let problem = match m.index(&path) {
+            Some(i) => {
+                seen[i] = true;
+                format!(
+                    "wrong type: {p} (is a socket, expected a {})",
+                    a[i].kind.name()
+                )
+            }
+            None => format!("extra: {p} (a socket)"),
+        };
+        found.push((path, problem));
+    }
     for (i, e) in a.iter().enumerate() {
         if !seen[i] {
             found.push((e.path.to_vec(), format!("missing: {}", e.display())));
