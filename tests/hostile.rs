@@ -893,11 +893,15 @@ impl Drop for Guest {
     }
 }
 
-/// `treeswap --root ROOT ARGS` under `timeout -s KILL SECS`: a command that blocks is killed
-/// (exit 137) instead of hanging the test.
+/// `treeswap --root ROOT ARGS` under `timeout -s KILL SECS`, so that a command that blocks is
+/// killed (no exit code) instead of hanging the test, and under `ulimit -n 1024`, the default
+/// limit a boot unit leaves.
 fn ts_limited(root: &Path, secs: u32, args: &[&OsStr]) -> Run {
-    let mut c = Command::new("timeout");
-    c.args(["-s", "KILL", &secs.to_string(), BIN])
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("ulimit -n 1024 && exec timeout -s KILL \"$@\"")
+        .arg("sh")
+        .args([&secs.to_string(), BIN])
         .arg("--root")
         .arg(root)
         .args(args)
@@ -913,15 +917,13 @@ fn os(s: &str) -> &OsStr {
 /// How many private copies a guest swaps.
 const SWAPPED: usize = 16;
 
-/// A tree whose `etc/` belongs to the guest and holds `SWAPPED` private copies `c0..`, and
-/// with `big` a linked file of 64 MiB (hashed by `verify --full` before the copies), installed
-/// as `1`. Returns the env, the installed tree and the spare directory the guest's FIFOs start
-/// in.
-fn guest_setup(big: bool) -> (Env, PathBuf, PathBuf) {
-    let env = Env::new();
-    let size = if big { 64 << 20 } else { 1 };
+/// A tree whose `etc/` belongs to the guest and holds `SWAPPED` private copies `c0..`, and a
+/// linked file `big` of `big` bytes (hashed by `verify --full` before the copies), installed
+/// as `1` in a new root `ROOT`. Returns the installed tree and the spare directory the guest's
+/// FIFOs start in, beside `ROOT` (on its file system, as an exchange of names needs).
+fn install_guest_tree(env: &Env, root: &Path, big: usize) -> (PathBuf, PathBuf) {
     let mut spec = TreeSpec::new()
-        .file("big", noise(size, 7))
+        .file("big", noise(big, 7))
         .dir("etc")
         .owner(NOBODY, NOBODY);
     for i in 0..SWAPPED {
@@ -930,27 +932,38 @@ fn guest_setup(big: bool) -> (Env, PathBuf, PathBuf) {
     let src = env.tree("src", &spec);
     let cfg = env.path("treeswap.toml");
     fs::write(&cfg, "private = [\"/etc/**\"]\n").unwrap();
-    env.ts(["init"]).success();
-    env.ts([
-        os("--config"),
-        cfg.as_os_str(),
-        os("import"),
-        src.as_os_str(),
-        os("--version"),
-        os("1"),
-        os("--activate"),
-        os("--no-restart"),
-    ])
+    ts(root, ["init"]).success();
+    ts(
+        root,
+        [
+            os("--config"),
+            cfg.as_os_str(),
+            os("import"),
+            src.as_os_str(),
+            os("--version"),
+            os("1"),
+            os("--activate"),
+            os("--no-restart"),
+        ],
+    )
     .success();
-    let spare = env.path("spare");
+    let spare = root.parent().unwrap().join("spare");
     fs::create_dir(&spare).unwrap();
     std::os::unix::fs::chown(&spare, Some(NOBODY), Some(NOBODY)).unwrap();
-    let tree = env.tree_dir("1");
+    let tree = root.join("trees/1");
     assert_ne!(
         inode(&tree.join("etc/c0")),
         inode(&src.join("etc/c0")),
         "a copy"
     );
+    (tree, spare)
+}
+
+/// [`install_guest_tree`] in a new `Env`'s root, with `big` of 64 MiB if asked for, else 1 byte.
+fn guest_setup(big: bool) -> (Env, PathBuf, PathBuf) {
+    let env = Env::new();
+    let root = env.root.clone();
+    let (tree, spare) = install_guest_tree(&env, &root, if big { 64 << 20 } else { 1 });
     (env, tree, spare)
 }
 
@@ -986,20 +999,26 @@ fn verify_full_reports_a_private_copy_swapped_for_a_fifo_and_never_blocks() {
         return;
     }
     let (env, tree, spare) = guest_setup(true);
-    let verify_full = || ts_limited(&env.root, 30, &[os("verify"), os("--full")]);
+    fifo_cases(&env.root, &tree, &spare);
+}
+
+/// The guest swaps its copies for FIFOs before `verify --full` (the walk sees them) and after
+/// its walk (the open of each copy finds a FIFO): reported, exit 3, the FIFOs left alone.
+fn fifo_cases(root: &Path, tree: &Path, spare: &Path) {
+    let verify_full = || ts_limited(root, 30, &[os("verify"), os("--full")]);
     // Swapped before verify starts: the walk sees the FIFO.
-    Guest::start("once", &tree.join("etc"), &spare, SWAPPED, None).finish();
+    Guest::start("once", &tree.join("etc"), spare, SWAPPED, None).finish();
     let r = verify_full();
     r.exit(3)
         .stdout_has("wrong type: etc/c0 (is a fifo, expected a file)");
     assert!(is_fifo(&tree.join("etc/c0")), "the FIFO is left alone");
-    unswap(&tree, &spare);
+    unswap(tree, spare);
     verify_full().success();
     // Swapped after the walk, while verify hashes `big`: the open of each copy finds the FIFO.
     let g = Guest::start(
         "after-read",
         &tree.join("etc"),
-        &spare,
+        spare,
         SWAPPED,
         Some(&tree.join("big")),
     );
@@ -1012,7 +1031,7 @@ fn verify_full_reports_a_private_copy_swapped_for_a_fifo_and_never_blocks() {
             SWAPPED - 1
         ));
     assert!(is_fifo(&tree.join("etc/c0")), "the FIFO is left alone");
-    unswap(&tree, &spare);
+    unswap(tree, spare);
     verify_full().success();
 }
 
@@ -1062,25 +1081,86 @@ fn verify_reports_a_socket_a_guest_made() {
         return;
     }
     let (env, tree, spare) = guest_setup(false);
+    socket_cases(&env.root, &tree, &spare);
+}
+
+/// The guest binds a socket at a new name, then in place of a private copy: `verify` reports
+/// each, exit 3.
+fn socket_cases(root: &Path, tree: &Path, spare: &Path) {
+    let verify = |full: bool| {
+        let mut args = vec![os("verify")];
+        if full {
+            args.push(os("--full"));
+        }
+        ts_limited(root, 30, &args)
+    };
     // The guest binds `etc/c<SWAPPED>`, a name the manifest does not have.
-    Guest::start("socket", &tree.join("etc"), &spare, SWAPPED, None).finish();
+    Guest::start("socket", &tree.join("etc"), spare, SWAPPED, None).finish();
     let sock = format!("etc/c{SWAPPED}");
-    env.ts(["verify"])
+    verify(false)
         .exit(3)
         .one_line_error()
         .stdout_has(&format!("extra: {sock} (a socket)"));
     fs::remove_file(tree.join(&sock)).unwrap();
-    env.ts(["verify"]).success();
+    verify(false).success();
     // In place of a file the manifest has.
     fs::rename(tree.join("etc/c1"), spare.join("c1")).unwrap();
-    Guest::start("socket", &tree.join("etc"), &spare, 1, None).finish();
-    let r = env.ts(["verify", "--full"]);
+    Guest::start("socket", &tree.join("etc"), spare, 1, None).finish();
+    let r = verify(true);
     r.exit(3)
         .stdout_has("wrong type: etc/c1 (is a socket, expected a file)");
     assert!(!r.stdout().contains("missing"), "{}", r.stdout());
     fs::remove_file(tree.join("etc/c1")).unwrap();
     fs::rename(spare.join("c1"), tree.join("etc/c1")).unwrap();
-    env.ts(["verify", "--full"]).success();
+    verify(true).success();
+}
+
+/// Regression (issue 15, item 7): the FIFO and socket cases on ext4, XFS and btrfs (loop
+/// mounts), and then `gc`, `boot` and the next import still work.
+#[test]
+fn guest_fifos_and_sockets_on_ext4_xfs_and_btrfs() {
+    if skip_unless_root() {
+        return;
+    }
+    for kind in ["ext4", "xfs", "btrfs"] {
+        let env = Env::new();
+        let image = env.path(&format!("{kind}.img"));
+        let f = fs::File::create(&image).unwrap();
+        f.set_len(320 << 20).unwrap();
+        drop(f);
+        let mkfs = Command::new(format!("mkfs.{kind}"))
+            .args(if kind == "ext4" {
+                ["-q", "-F"]
+            } else {
+                ["-q", "-f"]
+            })
+            .arg(&image)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("mkfs");
+        assert!(mkfs.success(), "mkfs.{kind} failed");
+        let mnt = Mount::new(
+            &["-o", "loop", image.to_str().unwrap()],
+            &env.path(&format!("mnt-{kind}")),
+        );
+        let root = mnt.path.join("root");
+        let (tree, spare) = install_guest_tree(&env, &root, 32 << 20);
+        fifo_cases(&root, &tree, &spare);
+        socket_cases(&root, &tree, &spare);
+        // A FIFO the guest left in its tree stops nothing after it.
+        Guest::start("once", &tree.join("etc"), &spare, SWAPPED, None).finish();
+        ts_limited(&root, 30, &[os("gc")]).success();
+        ts_limited(&root, 30, &[os("boot")]).success();
+        let src = env.path("src");
+        ts_limited(
+            &root,
+            30,
+            &[os("import"), src.as_os_str(), os("--version"), os("2")],
+        )
+        .success();
+        ts_limited(&root, 30, &[os("verify"), os("--full"), os("2")]).success();
+        drop(mnt);
+    }
 }
 
 /// Regression (issue 15, item 7): `import DIR` and `diff --from-dir` hash every file the walk
