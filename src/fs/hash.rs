@@ -69,3 +69,26 @@ impl Read for FdReader<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn hash_fd_upto_reads_no_further_than_its_limit() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data = vec![7u8; 3 * super::IO_BUFFER + 5];
+        f.write_all(&data).unwrap();
+        for limit in [0, 1, super::IO_BUFFER as u64 + 1, data.len() as u64] {
+            let (n, h) = super::hash_fd_upto(f.as_fd(), limit).unwrap();
+            assert_eq!(n, limit);
+            assert_eq!(h, <[u8; 32]>::from(Sha256::digest(&data[..limit as usize])));
+        }
+        let whole = super::hash_fd(f.as_fd()).unwrap();
+        assert_eq!(super::hash_fd_upto(f.as_fd(), u64::MAX).unwrap(), whole);
+        assert_eq!(whole.0, data.len() as u64);
+    }
+}
