@@ -1025,9 +1025,9 @@ fn fifo_cases(root: &Path, tree: &Path, spare: &Path) {
     let r = verify_full();
     g.finish();
     r.exit(3)
-        .stdout_has("modified: etc/c0 (replaced while it was being checked)")
+        .stdout_has("modified: etc/c0 (changed while it was being checked)")
         .stdout_has(&format!(
-            "modified: etc/c{} (replaced while it was being checked)",
+            "modified: etc/c{} (changed while it was being checked)",
             SWAPPED - 1
         ));
     assert!(is_fifo(&tree.join("etc/c0")), "the FIFO is left alone");

@@ -93,7 +93,7 @@ pub(crate) fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> 
 }
 
 /// [`open_file_beneath`] with the bare `Errno`, for callers that branch on it (a name a guest
-/// removed or replaced: `ENOENT`, `ELOOP`, `ENXIO`, `EWOULDBLOCK`).
+/// removed, replaced or moved away: `ENOENT`, `ELOOP`, `ENXIO`, `EXDEV`, `EAGAIN`).
 ///
 /// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
 #[inline]

@@ -300,7 +300,7 @@ fn hash_one(
 /// Opens `rel` under `top` for reading if it is still the regular file that [`walk`] saw as
 /// inode `ino` (device, inode), with its `fstat`; `None` if the name is gone or is now
 /// something else. Never blocks and never follows a symlink, whatever was put in its place
-/// since (a FIFO, a socket, a device, a symlink): see
+/// since (a FIFO, a socket, a device, a symlink, a leased file): see
 /// [`sys::open_file_beneath`].
 pub(crate) fn open_regular(
     top: BorrowedFd,
@@ -309,8 +309,12 @@ pub(crate) fn open_regular(
 ) -> Result<Option<(OwnedFd, rustix::fs::Stat)>> {
     let fd = match sys::openat2_file(top, rel) {
         Ok(fd) => fd,
-        // Removed, or now a symlink, a socket, or below something that is no directory.
-        Err(Errno::NOENT | Errno::LOOP | Errno::NXIO | Errno::NOTDIR) => {
+        // Removed; now a symlink, a socket, or below something that is no directory; moved
+        // out from under `top` while it was being opened (`EXDEV`); renamed meanwhile or
+        // leased (`EAGAIN`).
+        Err(
+            Errno::NOENT | Errno::LOOP | Errno::NXIO | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN,
+        ) => {
             return Ok(None);
         }
         Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", display(rel))),

@@ -164,7 +164,7 @@ fn check_copy(tree: BorrowedFd, e: &Entry, ino: (u64, u64)) -> Result<Option<Str
     };
     let Some((fd, _)) = scan::open_regular(tree, &e.path, ino)? else {
         return Ok(Some(format!(
-            "modified: {} (replaced while it was being checked)",
+            "modified: {} (changed while it was being checked)",
             e.display()
         )));
     };
