@@ -309,14 +309,7 @@ pub(crate) fn open_regular(
 ) -> Result<Option<(OwnedFd, rustix::fs::Stat)>> {
     let fd = match sys::openat2_file(top, rel) {
         Ok(fd) => fd,
-        // Removed; now a symlink, a socket, or below something that is no directory; moved
-        // out from under `top` while it was being opened (`EXDEV`); renamed meanwhile or
-        // leased (`EAGAIN`).
-        Err(
-            Errno::NOENT | Errno::LOOP | Errno::NXIO | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN,
-        ) => {
-            return Ok(None);
-        }
+        Err(e) if gone(e) => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", display(rel))),
     };
     let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", display(rel)))?;
@@ -327,15 +320,31 @@ pub(crate) fn open_regular(
     Ok(Some((fd, st)))
 }
 
+/// Whether an error of [`sys::openat2_file`] says that the name is no longer the file that was
+/// looked at: removed; now a symlink, a socket, or below something that is no directory;
+/// moved out from under the directory handle while it was being opened (`EXDEV`); renamed
+/// meanwhile, or leased (`EAGAIN`).
+fn gone(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::NOENT | Errno::LOOP | Errno::NXIO | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN
+    )
+}
+
 /// Opens the regular file of `e`, an entry [`scan`] made of the directory open as `top`, for
 /// reading again (as `diff --from-dir` does): refused, never waited for, if it is no longer a
 /// regular file of the entry's size.
 pub(crate) fn open_scanned(top: BorrowedFd, e: &Entry) -> Result<OwnedFd> {
-    let fd = sys::open_file_beneath(top, &e.path)?;
+    let changed = || anyhow::anyhow!("`{}` changed while it was being read", e.display());
+    let fd = match sys::openat2_file(top, &e.path) {
+        Ok(fd) => fd,
+        Err(err) if gone(err) => return Err(changed()),
+        Err(err) => return Err(err).with_context(|| format!("cannot open `{}`", e.display())),
+    };
     let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", e.display()))?;
     let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
     if !regular || !matches!(e.kind, Kind::File { size, .. } if size == st.st_size as u64) {
-        bail!("`{}` changed while it was being read", e.display());
+        return Err(changed());
     }
     Ok(fd)
 }
