@@ -11,10 +11,14 @@
 //! a time limit. The cases on tar headers (issue 15, item 1) run under 256 MiB of address
 //! space, some streamed on a pipe behind a 256 MiB extension header; they and the cases of
 //! long inputs (item 3) check that stderr is one line of at most `MAX_ERR_CHARS` characters.
+//!
+//! Then hostile guests: a real process as uid 65534 that puts FIFOs and sockets where its
+//! tree's files were, before and while `verify`, `import` and `diff --from-dir` read them.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -1385,4 +1389,446 @@ fn long_config_and_state_inputs_are_quoted_briefly() {
     problems.extend(verify_full(&setup, &root));
     setup.remove_root(&root);
     assert_no_problems(&problems);
+}
+
+// Guests that put FIFOs and sockets where files were (issue 15, item 7). The guest is a real
+// process as uid 65534: `GUEST` opens the directories it is given as root, drops to 65534 and
+// then exchanges names (`renameat2(RENAME_EXCHANGE)`, so every name always exists) between its
+// directory in the tree and a spare directory of FIFOs beside it.
+
+const NOBODY: u32 = 65534;
+
+/// `python3 -c GUEST MODE DIR SPARE N [WATCH]`: makes FIFOs `f0..fN` in SPARE (if missing), prints
+/// `ready`, then exchanges each `DIR/cI` with `SPARE/fI`: once (`once`), once after the first
+/// read of WATCH (`after-read`, watched with inotify before dropping privileges), or in a loop
+/// until killed (`race`). `socket` binds a unix socket at `DIR/cN` instead.
+const GUEST: &str = r#"
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+mode, where, spare, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+sfd = os.open(spare, os.O_RDONLY | os.O_DIRECTORY)
+if mode == "after-read":
+    ino = libc.inotify_init1(0)
+    if ino < 0 or libc.inotify_add_watch(ino, sys.argv[5].encode(), 1) < 0:  # IN_ACCESS
+        raise OSError(ctypes.get_errno(), "inotify")
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+def swap(i):
+    if libc.renameat2(dfd, b"c%d" % i, sfd, b"f%d" % i, 2) != 0:  # RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), "renameat2")
+if mode == "socket":
+    os.fchdir(dfd)
+    socket.socket(socket.AF_UNIX).bind("c%d" % n)
+    print("ready", flush=True)
+    sys.exit(0)
+for i in range(n):
+    try:
+        os.mkfifo("f%d" % i, dir_fd=sfd)
+    except FileExistsError:
+        pass
+print("ready", flush=True)
+if mode in ("once", "after-read"):
+    if mode == "after-read":
+        os.read(ino, 4096)
+    for i in range(n):
+        swap(i)
+else:
+    while True:
+        for i in range(n):
+            swap(i)
+"#;
+
+/// The guest process, killed (and reaped) when dropped.
+struct Guest(std::process::Child);
+
+impl Guest {
+    fn start(mode: &str, dir: &Path, spare: &Path, n: usize, watch: Option<&Path>) -> Guest {
+        use std::io::BufRead;
+        let mut c = Command::new("python3");
+        c.arg("-c")
+            .arg(GUEST)
+            .arg(mode)
+            .arg(dir)
+            .arg(spare)
+            .arg(n.to_string());
+        if let Some(w) = watch {
+            c.arg(w);
+        }
+        let mut child = c
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the guest (python3)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let mut g = Guest(child);
+        assert_eq!(
+            line,
+            "ready\n",
+            "the guest did not start: {:?}",
+            g.0.try_wait()
+        );
+        g.0.stdout.take();
+        g
+    }
+}
+
+impl Guest {
+    /// Waits (at most 20 s) for a guest that swaps once to be done, and checks it succeeded.
+    fn finish(mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                assert!(st.success(), "the guest failed: {st}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the guest did not finish");
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `treeswap --root ROOT ARGS` under `timeout -s KILL SECS`, so that a command that blocks is
+/// killed (no exit code) instead of hanging the test, and under `ulimit -n 1024`, the default
+/// limit a boot unit leaves.
+fn ts_limited(root: &Path, secs: u32, args: &[&OsStr]) -> Run {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("ulimit -n 1024 && exec timeout -s KILL \"$@\"")
+        .arg("sh")
+        .args([&secs.to_string(), BIN])
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env_remove("TREESWAP_ROOT")
+        .env("TREESWAP_PROTECT", "hardlink");
+    run(&mut c)
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+/// How many private copies a guest swaps.
+const SWAPPED: usize = 16;
+
+/// A tree whose `etc/` belongs to the guest and holds `SWAPPED` private copies `c0..`, and a
+/// linked file `big` of `big` bytes (hashed by `verify --full` before the copies), installed
+/// as `1` in a new root `ROOT`. Returns the installed tree and the spare directory the guest's
+/// FIFOs start in, beside `ROOT` (on its file system, as an exchange of names needs).
+fn install_guest_tree(env: &Env, root: &Path, big: usize) -> (PathBuf, PathBuf) {
+    let mut spec = TreeSpec::new()
+        .file("big", noise(big, 7))
+        .dir("etc")
+        .owner(NOBODY, NOBODY);
+    for i in 0..SWAPPED {
+        spec = spec.file(format!("etc/c{i}"), format!("copy {i}\n"));
+    }
+    let src = env.tree("src", &spec);
+    let cfg = env.path("treeswap.toml");
+    fs::write(&cfg, "private = [\"/etc/**\"]\n").unwrap();
+    ts(root, ["init"]).success();
+    ts(
+        root,
+        [
+            os("--config"),
+            cfg.as_os_str(),
+            os("import"),
+            src.as_os_str(),
+            os("--version"),
+            os("1"),
+            os("--activate"),
+            os("--no-restart"),
+        ],
+    )
+    .success();
+    let spare = root.parent().unwrap().join("spare");
+    fs::create_dir(&spare).unwrap();
+    std::os::unix::fs::chown(&spare, Some(NOBODY), Some(NOBODY)).unwrap();
+    let tree = root.join("trees/1");
+    assert_ne!(
+        inode(&tree.join("etc/c0")),
+        inode(&src.join("etc/c0")),
+        "a copy"
+    );
+    (tree, spare)
+}
+
+/// [`install_guest_tree`] in a new `Env`'s root, with `big` of 64 MiB if asked for, else 1 byte.
+fn guest_setup(big: bool) -> (Env, PathBuf, PathBuf) {
+    let env = Env::new();
+    let root = env.root.clone();
+    let (tree, spare) = install_guest_tree(&env, &root, if big { 64 << 20 } else { 1 });
+    (env, tree, spare)
+}
+
+/// Puts back what the guest swapped: each `etc/cI` that is not a regular file is exchanged
+/// with `spare/fI`.
+fn unswap(tree: &Path, spare: &Path) {
+    for i in 0..SWAPPED {
+        let (a, b) = (tree.join(format!("etc/c{i}")), spare.join(format!("f{i}")));
+        if !fs::symlink_metadata(&a).unwrap().is_file() {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &a,
+                rustix::fs::CWD,
+                &b,
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .unwrap();
+        }
+    }
+}
+
+fn is_fifo(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::symlink_metadata(p).unwrap().file_type().is_fifo()
+}
+
+/// Regression (issue 15, item 7): a guest that swapped a private copy for a FIFO after
+/// `verify --full` looked at it hung verify in the open of the FIFO. Now verify opens without
+/// blocking, sees the FIFO and reports it (exit 3), and leaves it alone.
+#[test]
+fn verify_full_reports_a_private_copy_swapped_for_a_fifo_and_never_blocks() {
+    if skip_unless_root() {
+        return;
+    }
+    let (env, tree, spare) = guest_setup(true);
+    fifo_cases(&env.root, &tree, &spare);
+}
+
+/// The guest swaps its copies for FIFOs before `verify --full` (the walk sees them) and after
+/// its walk (the open of each copy finds a FIFO): reported, exit 3, the FIFOs left alone.
+fn fifo_cases(root: &Path, tree: &Path, spare: &Path) {
+    let verify_full = || ts_limited(root, 30, &[os("verify"), os("--full")]);
+    // Swapped before verify starts: the walk sees the FIFO.
+    Guest::start("once", &tree.join("etc"), spare, SWAPPED, None).finish();
+    let r = verify_full();
+    r.exit(3)
+        .stdout_has("wrong type: etc/c0 (is a fifo, expected a file)");
+    assert!(is_fifo(&tree.join("etc/c0")), "the FIFO is left alone");
+    unswap(tree, spare);
+    verify_full().success();
+    // Swapped after the walk, while verify hashes `big`: the open of each copy finds the FIFO.
+    let g = Guest::start(
+        "after-read",
+        &tree.join("etc"),
+        spare,
+        SWAPPED,
+        Some(&tree.join("big")),
+    );
+    let r = verify_full();
+    g.finish();
+    r.exit(3)
+        .stdout_has("modified: etc/c0 (changed while it was being checked)")
+        .stdout_has(&format!(
+            "modified: etc/c{} (changed while it was being checked)",
+            SWAPPED - 1
+        ));
+    assert!(is_fifo(&tree.join("etc/c0")), "the FIFO is left alone");
+    unswap(tree, spare);
+    verify_full().success();
+}
+
+/// Regression (issue 15, item 7): the race itself, as found (3 hung runs of 60): a guest
+/// swapping its private copies and FIFOs in a loop while `verify --full` runs. Every run ends
+/// (within its time limit), with the tree verified or its swapped copies reported.
+#[test]
+fn verify_full_never_blocks_on_a_guest_swapping_copies_and_fifos() {
+    if skip_unless_root() {
+        return;
+    }
+    let (env, tree, spare) = guest_setup(false);
+    let g = Guest::start("race", &tree.join("etc"), &spare, SWAPPED, None);
+    let mut reported = 0;
+    for run in 0..20 {
+        let r = ts_limited(&env.root, 10, &[os("verify"), os("--full")]);
+        match r.code() {
+            Some(0) => {}
+            Some(3) => {
+                reported += 1;
+                for line in r.stdout().lines() {
+                    assert!(
+                        line.contains(" etc/c"),
+                        "run {run}: unexpected problem {line:?}"
+                    );
+                }
+                r.one_line_error();
+            }
+            other => panic!(
+                "run {run}: exit {other:?} (137: blocked and killed): {}",
+                r.stderr()
+            ),
+        }
+    }
+    drop(g);
+    eprintln!("{reported} of 20 runs reported swapped copies");
+    unswap(&tree, &spare);
+    env.ts(["verify", "--full"]).success();
+}
+
+/// Regression (issue 15, item 7): a unix socket a guest made in its tree was skipped by the
+/// walk, so `verify` said nothing of it. Now it is an extra entry (or the wrong type where
+/// the manifest has a file), exit 3.
+#[test]
+fn verify_reports_a_socket_a_guest_made() {
+    if skip_unless_root() {
+        return;
+    }
+    let (env, tree, spare) = guest_setup(false);
+    socket_cases(&env.root, &tree, &spare);
+}
+
+/// The guest binds a socket at a new name, then in place of a private copy: `verify` reports
+/// each, exit 3.
+fn socket_cases(root: &Path, tree: &Path, spare: &Path) {
+    let verify = |full: bool| {
+        let mut args = vec![os("verify")];
+        if full {
+            args.push(os("--full"));
+        }
+        ts_limited(root, 30, &args)
+    };
+    // The guest binds `etc/c<SWAPPED>`, a name the manifest does not have.
+    Guest::start("socket", &tree.join("etc"), spare, SWAPPED, None).finish();
+    let sock = format!("etc/c{SWAPPED}");
+    verify(false)
+        .exit(3)
+        .one_line_error()
+        .stdout_has(&format!("extra: {sock} (a socket)"));
+    fs::remove_file(tree.join(&sock)).unwrap();
+    verify(false).success();
+    // In place of a file the manifest has.
+    fs::rename(tree.join("etc/c1"), spare.join("c1")).unwrap();
+    Guest::start("socket", &tree.join("etc"), spare, 1, None).finish();
+    let r = verify(true);
+    r.exit(3)
+        .stdout_has("wrong type: etc/c1 (is a socket, expected a file)");
+    assert!(!r.stdout().contains("missing"), "{}", r.stdout());
+    fs::remove_file(tree.join("etc/c1")).unwrap();
+    fs::rename(spare.join("c1"), tree.join("etc/c1")).unwrap();
+    verify(true).success();
+}
+
+/// Regression (issue 15, item 7): the FIFO and socket cases on ext4, XFS and btrfs (loop
+/// mounts), and then `gc`, `boot` and the next import still work.
+#[test]
+fn guest_fifos_and_sockets_on_ext4_xfs_and_btrfs() {
+    if skip_unless_root() {
+        return;
+    }
+    for kind in ["ext4", "xfs", "btrfs"] {
+        let env = Env::new();
+        let image = env.path(&format!("{kind}.img"));
+        let f = fs::File::create(&image).unwrap();
+        f.set_len(320 << 20).unwrap();
+        drop(f);
+        let mkfs = Command::new(format!("mkfs.{kind}"))
+            .args(if kind == "ext4" {
+                ["-q", "-F"]
+            } else {
+                ["-q", "-f"]
+            })
+            .arg(&image)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("mkfs");
+        assert!(mkfs.success(), "mkfs.{kind} failed");
+        let mnt = Mount::new(
+            &["-o", "loop", image.to_str().unwrap()],
+            &env.path(&format!("mnt-{kind}")),
+        );
+        let root = mnt.path.join("root");
+        let (tree, spare) = install_guest_tree(&env, &root, 32 << 20);
+        fifo_cases(&root, &tree, &spare);
+        socket_cases(&root, &tree, &spare);
+        // A FIFO the guest left in its tree stops nothing after it.
+        Guest::start("once", &tree.join("etc"), &spare, SWAPPED, None).finish();
+        ts_limited(&root, 30, &[os("gc")]).success();
+        ts_limited(&root, 30, &[os("boot")]).success();
+        let src = env.path("src");
+        ts_limited(
+            &root,
+            30,
+            &[os("import"), src.as_os_str(), os("--version"), os("2")],
+        )
+        .success();
+        ts_limited(&root, 30, &[os("verify"), os("--full"), os("2")]).success();
+        drop(mnt);
+    }
+}
+
+/// Regression (issue 15, item 7): `import DIR` and `diff --from-dir` hash every file the walk
+/// found; one swapped for a FIFO after the walk hung them in its open. FIFOs are legitimate
+/// entries of a directory (kind `fifo`); now a file that became one is "changed while it was
+/// being read" (exit 1), never waited on. Each run either succeeds or says so.
+#[test]
+fn import_and_diff_from_dir_never_block_on_files_swapped_for_fifos() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mut spec = TreeSpec::new()
+        .dir("etc")
+        .owner(NOBODY, NOBODY)
+        .fifo("etc/a-fifo");
+    for i in 0..SWAPPED {
+        spec = spec.file(format!("etc/c{i}"), format!("file {i}\n"));
+    }
+    let src = env.tree("src", &spec);
+    let base = env.tree("base", &TreeSpec::new().file("etc/c0", "base\n"));
+    let spare = env.path("spare");
+    fs::create_dir(&spare).unwrap();
+    std::os::unix::fs::chown(&spare, Some(NOBODY), Some(NOBODY)).unwrap();
+    env.ts(["init"]).success();
+    let g = Guest::start("race", &src.join("etc"), &spare, SWAPPED, None);
+    let out = env.path("out.delta");
+    let changed = std::cell::Cell::new(0);
+    let check = |what: &str, run: usize, r: &Run| match r.code() {
+        Some(0) => {}
+        Some(1) => {
+            changed.set(changed.get() + 1);
+            r.one_line_error()
+                .stderr_has("changed while it was being read");
+        }
+        other => panic!(
+            "{what} run {run}: exit {other:?} (137: blocked and killed): {}",
+            r.stderr()
+        ),
+    };
+    for run in 0..10 {
+        let v = format!("{run}");
+        let r = ts_limited(
+            &env.root,
+            10,
+            &[os("import"), src.as_os_str(), os("--version"), os(&v)],
+        );
+        check("import", run, &r);
+        let r = ts_limited(
+            &env.root,
+            10,
+            &[
+                os("diff"),
+                os("--from-dir"),
+                base.as_os_str(),
+                os("--to-dir"),
+                src.as_os_str(),
+                os("--to-version"),
+                os("2"),
+                os("-o"),
+                out.as_os_str(),
+            ],
+        );
+        check("diff --from-dir", run, &r);
+    }
+    drop(g);
+    eprintln!("{} of 20 runs saw a file change", changed.get());
 }

@@ -33,17 +33,25 @@ pub(crate) fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 
 /// Reads an open file from its start to its end and returns its size and sha256.
 pub(crate) fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
+    hash_fd_upto(fd, u64::MAX)
+}
+
+/// [`hash_fd`] of at most the first `limit` bytes: a file that a guest keeps growing is read
+/// no further than that (a caller that expects `n` bytes passes `n + 1` and compares).
+pub(crate) fn hash_fd_upto(fd: BorrowedFd, limit: u64) -> Result<(u64, Hash)> {
     let mut h = Sha256::new();
     let mut size = 0u64;
     with_io_buffer(|buf| -> Result<()> {
-        loop {
-            let n = rustix::io::pread(fd, &mut buf[..], size)?;
+        while size < limit {
+            let want = usize::try_from(limit - size).map_or(buf.len(), |n| n.min(buf.len()));
+            let n = rustix::io::pread(fd, &mut buf[..want], size)?;
             if n == 0 {
                 return Ok(());
             }
             h.update(&buf[..n]);
             size += n as u64;
         }
+        Ok(())
     })?;
     Ok((size, h.finalize().into()))
 }
@@ -59,5 +67,28 @@ impl Read for FdReader<'_> {
         let n = rustix::io::pread(self.fd, buf, self.off)?;
         self.off += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn hash_fd_upto_reads_no_further_than_its_limit() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data = vec![7u8; 3 * super::IO_BUFFER + 5];
+        f.write_all(&data).unwrap();
+        for limit in [0, 1, super::IO_BUFFER as u64 + 1, data.len() as u64] {
+            let (n, h) = super::hash_fd_upto(f.as_fd(), limit).unwrap();
+            assert_eq!(n, limit);
+            assert_eq!(h, <[u8; 32]>::from(Sha256::digest(&data[..limit as usize])));
+        }
+        let whole = super::hash_fd(f.as_fd()).unwrap();
+        assert_eq!(super::hash_fd_upto(f.as_fd(), u64::MAX).unwrap(), whole);
+        assert_eq!(whole.0, data.len() as u64);
     }
 }

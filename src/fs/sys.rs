@@ -80,14 +80,30 @@ pub(crate) fn fstat(fd: BorrowedFd) -> rustix::io::Result<rustix::fs::Stat> {
 /// `relatime` each first read would write the inode, and in a snapshot or a hardlinked pool
 /// that costs a copied metadata block per object read.
 ///
+/// Never waits: with `O_NONBLOCK` (which changes nothing for a regular file) the open of a
+/// FIFO returns at once instead of waiting for a writer, and the open of a file with a lease
+/// fails with `EWOULDBLOCK` instead of waiting for the lease to break; with `O_NOCTTY` a
+/// terminal never becomes the controlling one. A name in a tree may be swapped by a guest
+/// between a `stat` and this open: a caller that reads a tree `fstat`s the descriptor and
+/// reads only the regular file it expected.
+///
 /// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
 pub(crate) fn open_file_beneath(dir: BorrowedFd, rel: &[u8]) -> Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
+    openat2_file(dir, rel).with_context(|| format!("cannot open `{}`", display(rel)))
+}
+
+/// [`open_file_beneath`] with the bare `Errno`, for callers that branch on it (a name a guest
+/// removed, replaced or moved away: `ENOENT`, `ELOOP`, `ENXIO`, `EXDEV`, `EAGAIN`).
+///
+/// [openat2(2)]: https://man7.org/linux/man-pages/man2/openat2.2.html
+#[inline]
+pub(crate) fn openat2_file(dir: BorrowedFd, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
+    let flags =
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK;
     match rustix::fs::openat2(dir, rel, flags | OFlags::NOATIME, Mode::empty(), BENEATH) {
         Err(Errno::PERM) => rustix::fs::openat2(dir, rel, flags, Mode::empty(), BENEATH),
         r => r,
     }
-    .with_context(|| format!("cannot open `{}`", display(rel)))
 }
 
 /// [mkdirat(2)], treating "already exists as a directory" as success when `exist_ok`.

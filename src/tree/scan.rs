@@ -1,12 +1,13 @@
 //! Reading a directory tree into a manifest: a walk that never follows a symlink, and a
 //! parallel pass that hashes each distinct inode once.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use rustix::fs::FileType;
+use rustix::io::Errno;
 
 use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::object::Hash;
@@ -81,10 +82,22 @@ fn permute(entries: &mut [Entry], inodes: &mut [(u64, u64)], mut order: Vec<u32>
 /// descend into it.
 pub(crate) type Visit<'a> = &'a mut dyn FnMut(Entry, (u64, u64)) -> Result<bool>;
 
+/// What [`walk_all`] calls for the path of each socket, which has no entry.
+pub(crate) type Sockets<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
+
 /// Walks the tree under `top` without following any symlink: the top (`.`) first, then every
 /// entry, a directory before its children but in no other order. Regular files get a zero
 /// hash and no extended attributes; sockets are skipped with a warning.
 pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
+    walk_all(top, visit, &mut |path| {
+        log::warn!("skipping socket `{}`", display(path));
+        Ok(())
+    })
+}
+
+/// [`walk`], handing the path of each socket to `sockets` instead of warning: a tree that
+/// must be exactly its manifest (`verify`) reports them.
+pub(crate) fn walk_all(top: BorrowedFd, visit: Visit, sockets: Sockets) -> Result<()> {
     let st = sys::fstat(top).context("cannot stat the top directory")?;
     visit(top_entry(top, &st)?, (st.st_dev, st.st_ino))?;
     let mut pending: Vec<Vec<u8>> = vec![b".".to_vec()];
@@ -102,6 +115,10 @@ pub(crate) fn walk(top: BorrowedFd, visit: Visit) -> Result<()> {
                 bail!("`{}` vanished while it was being read", display(&path));
             };
             let ino = (st.st_dev, st.st_ino);
+            if FileType::from_raw_mode(st.st_mode) == FileType::Socket {
+                sockets(&path)?;
+                continue;
+            }
             let Some(e) = entry_of(dfd, &name, path, &st)? else {
                 continue;
             };
@@ -266,14 +283,11 @@ fn hash_one(
     ino: (u64, u64),
     hook: Option<FileHook>,
 ) -> Result<(Meta, u64, Hash)> {
-    let fd = sys::open_file_beneath(top, rel)?;
-    let st = sys::fstat(fd.as_fd())?;
-    if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-    {
+    let Some((fd, st)) = open_regular(top, rel, ino)? else {
         bail!("it changed while it was being read");
-    }
+    };
     let meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
-    let (size, h) = hash::hash_fd(fd.as_fd())?;
+    let (size, h) = hash::hash_fd_upto(fd.as_fd(), (st.st_size as u64).saturating_add(1))?;
     if size != st.st_size as u64 {
         bail!("it changed size while it was being read");
     }
@@ -281,4 +295,56 @@ fn hash_one(
         hook(fd.as_fd(), &meta, size, &h)?;
     }
     Ok((meta, size, h))
+}
+
+/// Opens `rel` under `top` for reading if it is still the regular file that [`walk`] saw as
+/// inode `ino` (device, inode), with its `fstat`; `None` if the name is gone or is now
+/// something else. Never blocks and never follows a symlink, whatever was put in its place
+/// since (a FIFO, a socket, a device, a symlink, a leased file): see
+/// [`sys::open_file_beneath`].
+pub(crate) fn open_regular(
+    top: BorrowedFd,
+    rel: &[u8],
+    ino: (u64, u64),
+) -> Result<Option<(OwnedFd, rustix::fs::Stat)>> {
+    let fd = match sys::openat2_file(top, rel) {
+        Ok(fd) => fd,
+        Err(e) if gone(e) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", display(rel))),
+    };
+    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", display(rel)))?;
+    if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+    {
+        return Ok(None);
+    }
+    Ok(Some((fd, st)))
+}
+
+/// Whether an error of [`sys::openat2_file`] says that the name is no longer the file that was
+/// looked at: removed; now a symlink, a socket, or below something that is no directory;
+/// moved out from under the directory handle while it was being opened (`EXDEV`); renamed
+/// meanwhile, or leased (`EAGAIN`).
+fn gone(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::NOENT | Errno::LOOP | Errno::NXIO | Errno::NOTDIR | Errno::XDEV | Errno::AGAIN
+    )
+}
+
+/// Opens the regular file of `e`, an entry [`scan`] made of the directory open as `top`, for
+/// reading again (as `diff --from-dir` does): refused, never waited for, if it is no longer a
+/// regular file of the entry's size.
+pub(crate) fn open_scanned(top: BorrowedFd, e: &Entry) -> Result<OwnedFd> {
+    let changed = || anyhow::anyhow!("`{}` changed while it was being read", e.display());
+    let fd = match sys::openat2_file(top, &e.path) {
+        Ok(fd) => fd,
+        Err(err) if gone(err) => return Err(changed()),
+        Err(err) => return Err(err).with_context(|| format!("cannot open `{}`", e.display())),
+    };
+    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", e.display()))?;
+    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+    if !regular || !matches!(e.kind, Kind::File { size, .. } if size == st.st_size as u64) {
+        return Err(changed());
+    }
+    Ok(fd)
 }

@@ -1,6 +1,6 @@
 //! Checking a tree on disk against its manifest, entry by entry.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -33,7 +33,7 @@ pub(crate) fn verify_tree(
         let results: Vec<Result<Option<String>>> = walked
             .copies
             .par_iter()
-            .map(|&i| check_copy(tree, &m.entries[i]))
+            .map(|&(i, dev, ino)| check_copy(tree, &m.entries[i], (dev, ino)))
             .collect();
         for r in results {
             problems.extend(r?);
@@ -49,8 +49,9 @@ struct Walked {
     /// Files that should be links to their objects, with the inode found (entry index,
     /// device, inode: compact, as a million of them may be kept).
     linked: Vec<(u32, u64, u64)>,
-    /// Files that are private copies, not links: compared by content in a full check.
-    copies: Vec<usize>,
+    /// Files that are private copies, not links, with the inode found: compared by content in
+    /// a full check.
+    copies: Vec<(usize, u64, u64)>,
 }
 
 /// Walks the tree and looks each entry up in the manifest: no second manifest in memory.
@@ -59,7 +60,10 @@ fn walk_tree(tree: BorrowedFd, m: &Manifest, layout: &Layout) -> Result<Walked> 
     let mut seen = vec![false; a.len()];
     let mut found: Vec<(Vec<u8>, String)> = Vec::new();
     let (mut linked, mut copies) = (Vec::new(), Vec::new());
-    scan::walk(tree, &mut |y, ino| {
+    // A socket has no entry (a manifest cannot hold one), but a tree that has one is not its
+    // manifest: a guest made it.
+    let mut sockets: Vec<Vec<u8>> = Vec::new();
+    let mut visit = |y: Entry, ino: (u64, u64)| -> Result<bool> {
         let Some(i) = m.index(&y.path) else {
             found.push((y.path.to_vec(), format!("extra: {}", y.display())));
             // The contents of an extra directory are extra too; naming it is enough.
@@ -72,13 +76,31 @@ fn walk_tree(tree: BorrowedFd, m: &Manifest, layout: &Layout) -> Result<Walked> 
         found.extend(p.into_iter().map(|s| (y.path.to_vec(), s)));
         if matches!(x.kind, Kind::File { .. }) && matches!(y.kind, Kind::File { .. }) {
             if layout.is_copy(&x.path) {
-                copies.push(i);
+                copies.push((i, ino.0, ino.1));
             } else {
                 linked.push((i as u32, ino.0, ino.1));
             }
         }
         Ok(x.is_dir() && y.is_dir())
+    };
+    scan::walk_all(tree, &mut visit, &mut |path| {
+        sockets.push(path.to_vec());
+        Ok(())
     })?;
+    for path in sockets {
+        let p = crate::core::path::display(&path);
+        let problem = match m.index(&path) {
+            Some(i) => {
+                seen[i] = true;
+                format!(
+                    "wrong type: {p} (is a socket, expected a {})",
+                    a[i].kind.name()
+                )
+            }
+            None => format!("extra: {p} (a socket)"),
+        };
+        found.push((path, problem));
+    }
     for (i, e) in a.iter().enumerate() {
         if !seen[i] {
             found.push((e.path.to_vec(), format!("missing: {}", e.display())));
@@ -134,17 +156,24 @@ fn check_links(
 }
 
 /// Re-reads a file that is a copy of its object and compares content and extended
-/// attributes with its entry.
-fn check_copy(tree: BorrowedFd, e: &Entry) -> Result<Option<String>> {
-    let Kind::File { sha256, .. } = &e.kind else {
+/// attributes with its entry. The walk saw it as the regular file `ino` (device, inode); a
+/// guest may have put something else there since, which is reported, never waited on.
+fn check_copy(tree: BorrowedFd, e: &Entry, ino: (u64, u64)) -> Result<Option<String>> {
+    let Kind::File { sha256, size } = &e.kind else {
         return Ok(None);
     };
-    let fd = crate::fs::sys::open_file_beneath(tree, &e.path)?;
-    let (_, got) = crate::fs::hash::hash_fd(std::os::fd::AsFd::as_fd(&fd))?;
+    let Some((fd, _)) = scan::open_regular(tree, &e.path, ino)? else {
+        return Ok(Some(format!(
+            "modified: {} (changed while it was being checked)",
+            e.display()
+        )));
+    };
+    // No further than one byte past the entry's size, however long a guest makes it.
+    let (_, got) = crate::fs::hash::hash_fd_upto(fd.as_fd(), size.saturating_add(1))?;
     if &got != sha256 {
         return Ok(Some(format!("modified: {} (content)", e.display())));
     }
-    if crate::fs::sys::fd_xattrs(std::os::fd::AsFd::as_fd(&fd))? != e.meta.xattrs {
+    if crate::fs::sys::fd_xattrs(fd.as_fd())? != e.meta.xattrs {
         return Ok(Some(format!("wrong xattrs: {}", e.display())));
     }
     Ok(None)

@@ -171,9 +171,16 @@ pub(super) fn encode_all(jobs: &[Job], sides: &Sides, level: i32) -> Result<Vec<
         }
     });
     progress.finish();
+    let mut results = results.into_inner().expect("poisoned");
+    // Contents left undone after a failure have no result, earlier in `jobs` than the failure
+    // as often as not: the failure is what is reported.
+    if let Some(k) = results.iter().position(|r| matches!(r, Some(Err(_))))
+        && let Some(Err(e)) = results.swap_remove(k)
+    {
+        return Err(e);
+    }
     let mut encoded = Vec::with_capacity(jobs.len());
-    for r in results.into_inner().expect("poisoned") {
-        // Contents left undone after a failure have no result; the failure is reported.
+    for r in results {
         match r {
             Some(r) => encoded.push(r?),
             None => bail!("a content was not encoded"),
@@ -202,10 +209,16 @@ fn prefetch(jobs: &[Job], order: &[usize], taken: &AtomicUsize, sides: &Sides) {
 
 /// The whole content of a file entry.
 fn read(open: Opener, e: &Entry) -> Result<Vec<u8>> {
-    let mut v = Vec::with_capacity(size_of(e) as usize);
+    let size = size_of(e);
+    let mut v = Vec::with_capacity(size as usize);
+    // No further than one byte past the entry's size: a file that grows is read no longer.
     std::fs::File::from(open(e)?)
+        .take(size.saturating_add(1))
         .read_to_end(&mut v)
         .with_context(|| format!("cannot read `{}`", e.display()))?;
+    if v.len() as u64 != size {
+        bail!("`{}` changed while it was being read", e.display());
+    }
     Ok(v)
 }
 

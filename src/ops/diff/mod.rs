@@ -119,8 +119,8 @@ fn from_dirs(
     }
     let m2 = scan::scan(d2, None)?;
     let (t1, t2) = (sys::open_dir(d1)?, sys::open_dir(d2)?);
-    let r1 = |e: &Entry| sys::open_file_beneath(t1.as_fd(), &e.path);
-    let r2 = |e: &Entry| sys::open_file_beneath(t2.as_fd(), &e.path);
+    let r1 = |e: &Entry| scan::open_scanned(t1.as_fd(), e);
+    let r2 = |e: &Entry| scan::open_scanned(t2.as_fd(), e);
     let changes = compare(&m1, m2);
     let mut base = Base::new(m1.version.clone(), m1.digest(), &changes);
     for e in &m1.entries {
