@@ -314,7 +314,8 @@ impl Pool {
         }
     }
 
-    /// Opens an object for reading, after checking it is a regular file.
+    /// Opens an object for reading (beneath `pool/`, no symlink followed, without blocking);
+    /// the pool holds only regular files treeswap wrote, so the descriptor is not checked.
     pub fn open_object(&self, id: &ObjectId) -> Result<OwnedFd> {
         let rel = self.rel(id, 0);
         sys::open_file_beneath(self.dir.as_fd(), rel.as_bytes())
