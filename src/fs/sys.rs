@@ -639,158 +639,186 @@ pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &[u8]) -> Result<()> {
 /// Removes everything in the directory open as `top` (named `top_name` in messages), leaving
 /// it empty; see [`remove_tree_at`].
 fn empty_tree(top: OwnedFd, st: &rustix::fs::Stat, top_name: &[u8]) -> Result<()> {
-    use rustix::fs::{Dir, FileType};
-    let mut names: Vec<u8> = Vec::new();
-    let mut stack = vec![Level {
-        name_end: 0,
-        dev: st.st_dev,
-        ino: st.st_ino,
-        subvolume: false,
-        stream: Some(Dir::new(top).context("cannot read directory")?),
-        pos: 0,
-        resumed: false,
-    }];
-    let mut open = 1;
+    let mut walk = Removal {
+        top_name,
+        names: Vec::new(),
+        stack: vec![Level {
+            name_end: 0,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            subvolume: false,
+            stream: Some(rustix::fs::Dir::new(top).context("cannot read directory")?),
+            pos: 0,
+            resumed: false,
+        }],
+        open: 1,
+    };
     loop {
-        let read = {
-            let last = stack.last_mut().expect("the top stays until the end");
-            let stream = last.stream.as_mut().expect("the deepest directory is open");
-            match stream.read() {
-                Some(Ok(ent)) => Some(ent),
-                None if last.resumed => {
-                    last.resumed = false;
-                    stream.rewind();
-                    continue;
-                }
-                None => None,
-                Some(Err(e)) => Some(Err(e).with_context(|| {
-                    format!(
-                        "cannot read directory `{}`",
-                        walk_path(top_name, &names, &stack, None)
-                    )
-                })?),
+        match walk.next_entry()? {
+            Next::Entry(ent) => walk.remove_or_descend(&ent)?,
+            Next::Again => {}
+            Next::End if walk.stack.len() == 1 => return Ok(()),
+            Next::End => walk.finish_dir()?,
+        }
+    }
+}
+
+/// A removal walk in progress: the names of the path down to the deepest directory, one
+/// [`Level`] per directory on it, and how many of them are open (the deepest ones).
+struct Removal<'a> {
+    top_name: &'a [u8],
+    names: Vec<u8>,
+    stack: Vec<Level>,
+    open: usize,
+}
+
+/// What reading the deepest directory gave.
+enum Next {
+    Entry(rustix::fs::DirEntry),
+    /// A resumed directory read to its end: read again from its start.
+    Again,
+    /// The deepest directory is read to its end: it is empty.
+    End,
+}
+
+impl Removal<'_> {
+    /// The path of the deepest directory (or of `child` in it), cut short, for messages.
+    fn path(&self, child: Option<&[u8]>) -> String {
+        walk_path(self.top_name, &self.names, &self.stack, child)
+    }
+
+    fn next_entry(&mut self) -> Result<Next> {
+        let last = self.stack.last_mut().expect("the top stays until the end");
+        let stream = last.stream.as_mut().expect("the deepest directory is open");
+        match stream.read() {
+            Some(Ok(ent)) => Ok(Next::Entry(ent)),
+            None if last.resumed => {
+                last.resumed = false;
+                stream.rewind();
+                Ok(Next::Again)
             }
+            None => Ok(Next::End),
+            Some(Err(e)) => {
+                Err(e).with_context(|| format!("cannot read directory `{}`", self.path(None)))
+            }
+        }
+    }
+
+    /// The deepest directory, open.
+    fn deepest_fd(&self) -> Result<BorrowedFd<'_>> {
+        let here = self.stack.last().expect("the top stays");
+        let stream = here.stream.as_ref().expect("the deepest directory is open");
+        stream.fd().context("cannot read directory")
+    }
+
+    /// The deepest directory is empty: climbs back to its parent (opened again by `..` if it
+    /// was closed) and removes it there, by the subvolume ioctl for a subvolume.
+    fn finish_dir(&mut self) -> Result<()> {
+        let done = self.stack.pop().expect("more than the top");
+        let done_fd = done.stream.expect("the deepest directory is open");
+        if climb_to_parent(&mut self.stack, &done_fd, self.top_name, &self.names)? {
+            self.open += 1;
+        }
+        drop(done_fd);
+        self.open -= 1;
+        let pfd = self.deepest_fd()?;
+        let end = self.stack.last().expect("more than the top").name_end;
+        let child = &self.names[end..done.name_end];
+        let removed = if done.subvolume {
+            crate::fs::btrfs::destroy(pfd, child)
+        } else {
+            unlinkat_ok(pfd, child, true)
         };
-        let Some(ent) = read else {
-            // The deepest directory is read to its end: it is empty.
-            if stack.len() == 1 {
-                return Ok(());
-            }
-            let done = stack.pop().expect("more than the top");
-            let done_fd = done.stream.expect("the deepest directory is open");
-            if climb_to_parent(&mut stack, &done_fd, top_name, &names)? {
-                open += 1;
-            }
-            drop(done_fd);
-            open -= 1;
-            let parent = stack.last().expect("more than the top");
-            let pfd = parent
-                .stream
-                .as_ref()
-                .expect("opened by climb_to_parent")
-                .fd()
-                .context("cannot read directory")?;
-            let child = &names[parent.name_end..done.name_end];
-            let removed = if done.subvolume {
-                crate::fs::btrfs::destroy(pfd, child)
-            } else {
-                unlinkat_ok(pfd, child, true)
-            };
-            removed.with_context(|| {
-                format!(
-                    "cannot remove `{}`",
-                    walk_path(top_name, &names, &stack, Some(child))
-                )
-            })?;
-            let end = parent.name_end;
-            names.truncate(end);
-            continue;
-        };
+        removed.with_context(|| format!("cannot remove `{}`", self.path(Some(child))))?;
+        self.names.truncate(end);
+        Ok(())
+    }
+
+    /// Removes the entry `ent` of the deepest directory if it is not a directory; if it is,
+    /// opens it and makes it the deepest (a subvolume is deleted whole if it can be).
+    fn remove_or_descend(&mut self, ent: &rustix::fs::DirEntry) -> Result<()> {
+        use rustix::fs::FileType;
         let child = ent.file_name().to_bytes();
         if child == b"." || child == b".." {
-            continue;
+            return Ok(());
         }
-        stack.last_mut().expect("the top stays").pos = ent.offset();
-        let here = stack.last().expect("the top stays");
-        let fd = here
-            .stream
-            .as_ref()
-            .expect("the deepest directory is open")
-            .fd()
-            .context("cannot read directory")?;
+        self.stack.last_mut().expect("the top stays").pos = ent.offset();
+        let fd = self.deepest_fd()?;
         let ft = ent.file_type();
-        if ft != FileType::Directory && ft != FileType::Unknown {
-            match rustix::fs::unlinkat(fd, child, AtFlags::empty()) {
-                Ok(()) | Err(Errno::NOENT) => continue,
-                // Made a directory since it was listed: removed as one below.
-                Err(Errno::ISDIR) => {}
-                // Immutable (or a directory on a file system that says EPERM for it).
-                Err(Errno::PERM) => {
-                    crate::fs::iflags::unlink_protected(fd, child).with_context(|| {
-                        format!("in `{}`", walk_path(top_name, &names, &stack, None))
-                    })?;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "cannot remove `{}`",
-                            walk_path(top_name, &names, &stack, Some(child))
-                        )
-                    });
-                }
-            }
+        if ft != FileType::Directory && ft != FileType::Unknown && self.unlink_file(fd, child)? {
+            return Ok(());
         }
         let (sub, st) = match open_to_remove(fd, child) {
             Ok(Found::Dir(sub, st)) => (sub, st),
-            Ok(Found::Gone) => continue,
+            Ok(Found::Gone) => return Ok(()),
             Ok(Found::NotDir) => {
-                crate::fs::iflags::unlink_protected(fd, child).with_context(|| {
-                    format!("in `{}`", walk_path(top_name, &names, &stack, None))
-                })?;
-                continue;
+                return crate::fs::iflags::unlink_protected(fd, child)
+                    .with_context(|| format!("in `{}`", self.path(None)));
             }
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!(
-                        "cannot open `{}` to remove it",
-                        walk_path(top_name, &names, &stack, Some(child))
-                    )
+                    format!("cannot open `{}` to remove it", self.path(Some(child)))
                 });
             }
         };
         if is_mount_root(sub.as_fd()) {
-            bail!(
-                "`{}` is a mount point: not removing it",
-                walk_path(top_name, &names, &stack, Some(child))
-            );
+            bail!("`{}` is a mount point: not removing it", self.path(Some(child)));
         }
         let subvolume = crate::fs::btrfs::is_subvolume(sub.as_fd());
         if subvolume {
             if crate::fs::btrfs::destroy(fd, child).is_ok() {
-                continue;
+                return Ok(());
             }
-            crate::fs::btrfs::make_writable(sub.as_fd()).with_context(|| {
-                format!("in `{}`", walk_path(top_name, &names, &stack, Some(child)))
-            })?;
+            crate::fs::btrfs::make_writable(sub.as_fd())
+                .with_context(|| format!("in `{}`", self.path(Some(child))))?;
         }
-        names.extend_from_slice(child);
-        stack.push(Level {
-            name_end: names.len(),
+        self.descend(child, sub, &st, subvolume)
+    }
+
+    /// Unlinks `child`, listed as no directory, in `fd`; false if it has become a directory
+    /// since it was listed (it is then removed as one).
+    fn unlink_file(&self, fd: BorrowedFd, child: &[u8]) -> Result<bool> {
+        match rustix::fs::unlinkat(fd, child, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(true),
+            Err(Errno::ISDIR) => Ok(false),
+            // Immutable (or a directory on a file system that says EPERM for it).
+            Err(Errno::PERM) => {
+                crate::fs::iflags::unlink_protected(fd, child)
+                    .with_context(|| format!("in `{}`", self.path(None)))?;
+                Ok(true)
+            }
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot remove `{}`", self.path(Some(child))))
+            }
+        }
+    }
+
+    /// Makes the directory `child`, open as `sub`, the deepest, closing the shallowest open
+    /// one if that would keep more than `REMOVE_OPEN_DIRS` open.
+    fn descend(
+        &mut self,
+        child: &[u8],
+        sub: OwnedFd,
+        st: &rustix::fs::Stat,
+        subvolume: bool,
+    ) -> Result<()> {
+        self.names.extend_from_slice(child);
+        self.stack.push(Level {
+            name_end: self.names.len(),
             dev: st.st_dev,
             ino: st.st_ino,
             subvolume,
-            stream: Some(Dir::new(sub).context("cannot read directory")?),
+            stream: Some(rustix::fs::Dir::new(sub).context("cannot read directory")?),
             pos: 0,
             resumed: false,
         });
-        open += 1;
-        if open > REMOVE_OPEN_DIRS {
-            // The open directories are the deepest `open` of the path: close the shallowest.
-            let i = stack.len() - open;
-            stack[i].stream = None;
-            open -= 1;
+        self.open += 1;
+        if self.open > REMOVE_OPEN_DIRS {
+            let i = self.stack.len() - self.open;
+            self.stack[i].stream = None;
+            self.open -= 1;
         }
+        Ok(())
     }
 }
 
