@@ -762,7 +762,10 @@ impl Removal<'_> {
             }
         };
         if is_mount_root(sub.as_fd()) {
-            bail!("`{}` is a mount point: not removing it", self.path(Some(child)));
+            bail!(
+                "`{}` is a mount point: not removing it",
+                self.path(Some(child))
+            );
         }
         let subvolume = crate::fs::btrfs::is_subvolume(sub.as_fd());
         if subvolume {
@@ -787,9 +790,7 @@ impl Removal<'_> {
                     .with_context(|| format!("in `{}`", self.path(None)))?;
                 Ok(true)
             }
-            Err(e) => {
-                Err(e).with_context(|| format!("cannot remove `{}`", self.path(Some(child))))
-            }
+            Err(e) => Err(e).with_context(|| format!("cannot remove `{}`", self.path(Some(child)))),
         }
     }
 
