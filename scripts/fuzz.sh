@@ -33,8 +33,12 @@ trap 'rm -rf "$seeds"' EXIT
 mkdir -p "$seeds"/{manifest_parse,delta_read,patch_apply}
 "$bin" manifest fixtures/v1 >"$seeds/manifest_parse/v1.toml"
 "$bin" manifest fixtures/v2 >"$seeds/manifest_parse/v2.toml"
+# A plain tar (python's tarfile below cannot read zstd), and the compressed form `diff` writes
+# by default.
 "$bin" diff --from-dir fixtures/v1 --to-dir fixtures/v2 --from-version 1 --to-version 2 \
-  -o "$seeds/delta_read/v1-v2.delta"
+  --uncompressed -o "$seeds/delta_read/v1-v2.delta"
+"$bin" diff --from-dir fixtures/v1 --to-dir fixtures/v2 --from-version 1 --to-version 2 \
+  -o "$seeds/delta_read/v1-v2-zstd.delta"
 tar -xOf "$seeds/delta_read/v1-v2.delta" delta.toml >"$seeds/delta_read/delta.toml"
 head -c 2048 "$seeds/delta_read/v1-v2.delta" >"$seeds/delta_read/head-only.delta"
 # patch_apply inputs: source byte, size (3 bytes LE), reference length (2 bytes LE),

@@ -1727,25 +1727,7 @@ fn guest_fifos_and_sockets_on_ext4_xfs_and_btrfs() {
     }
     for kind in ["ext4", "xfs", "btrfs"] {
         let env = Env::new();
-        let image = env.path(&format!("{kind}.img"));
-        let f = fs::File::create(&image).unwrap();
-        f.set_len(320 << 20).unwrap();
-        drop(f);
-        let mkfs = Command::new(format!("mkfs.{kind}"))
-            .args(if kind == "ext4" {
-                ["-q", "-F"]
-            } else {
-                ["-q", "-f"]
-            })
-            .arg(&image)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("mkfs");
-        assert!(mkfs.success(), "mkfs.{kind} failed");
-        let mnt = Mount::new(
-            &["-o", "loop", image.to_str().unwrap()],
-            &env.path(&format!("mnt-{kind}")),
-        );
+        let mnt = loop_fs(&env, kind);
         let root = mnt.path.join("root");
         let (tree, spare) = install_guest_tree(&env, &root, 32 << 20);
         fifo_cases(&root, &tree, &spare);

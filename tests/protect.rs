@@ -12,38 +12,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A loop-mounted file system of `kind` (ext4, xfs, btrfs) in the test's scratch directory.
-fn loop_fs(env: &Env, kind: &str) -> Mount {
-    let image = env.path(&format!("{kind}.img"));
-    let f = fs::File::create(&image).unwrap();
-    // xfs and btrfs want some room for their logs and metadata.
-    f.set_len(320 << 20).unwrap();
-    drop(f);
-    let mkfs = match kind {
-        "ext4" => Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&image)
-            .status(),
-        "xfs" => Command::new("mkfs.xfs")
-            .args(["-q", "-f", "-m", "reflink=1"])
-            .arg(&image)
-            .status(),
-        "btrfs" => Command::new("mkfs.btrfs")
-            .args(["-q", "-f"])
-            .arg(&image)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status(),
-        _ => unreachable!(),
-    }
-    .expect("mkfs");
-    assert!(mkfs.success(), "mkfs.{kind} failed");
-    Mount::new(
-        &["-o", "loop", image.to_str().unwrap()],
-        &env.path(&format!("mnt-{kind}")),
-    )
-}
-
 /// Two versions that share `usr/bin/tool` and `etc/conf`.
 fn two_versions(
     env: &Env,

@@ -18,37 +18,6 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
 }
 
-/// A loop-mounted file system of `kind` (ext4, xfs, btrfs) in the test's scratch directory.
-fn loop_fs(env: &Env, kind: &str) -> Mount {
-    let image = env.path(&format!("{kind}.img"));
-    let f = fs::File::create(&image).unwrap();
-    f.set_len(320 << 20).unwrap();
-    drop(f);
-    let mkfs = match kind {
-        "ext4" => Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&image)
-            .status(),
-        "xfs" => Command::new("mkfs.xfs")
-            .args(["-q", "-f"])
-            .arg(&image)
-            .status(),
-        "btrfs" => Command::new("mkfs.btrfs")
-            .args(["-q", "-f"])
-            .arg(&image)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status(),
-        _ => unreachable!(),
-    }
-    .expect("mkfs");
-    assert!(mkfs.success(), "mkfs.{kind} failed");
-    Mount::new(
-        &["-o", "loop", image.to_str().unwrap()],
-        &env.path(&format!("mnt-{kind}")),
-    )
-}
-
 /// `treeswap --root ROOT ARGS...` with at most 1024 open descriptors (the default soft limit
 /// a boot unit that sets none runs under) and the protection mode `protect`.
 fn ts_limited(root: &Path, protect: &str, args: &[&str]) -> Run {
