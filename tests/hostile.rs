@@ -20,13 +20,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sha2::{Digest, Sha256};
 
 /// The exit codes a hostile delta may give (src/core/error.rs): verification, wrong base, malformed,
 /// no space, untrusted, downgrade.
@@ -205,27 +203,6 @@ fn apply_limited(
     (r, start.elapsed())
 }
 
-/// The object id of a pool file from what is on its inode (FORMAT.md, "Object id").
-fn object_id_of(path: &Path) -> String {
-    let md = fs::symlink_metadata(path).unwrap();
-    let data = fs::read(path).unwrap();
-    let meta = treeswap::core::object::Meta {
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        xattrs: xattrs_of(path)
-            .into_iter()
-            .map(|(k, v)| (k.into_boxed_slice(), v.into_boxed_slice()))
-            .collect(),
-    };
-    let sha: [u8; 32] = Sha256::digest(&data).into();
-    hex::encode(treeswap::core::object::object_id(
-        &meta,
-        data.len() as u64,
-        &sha,
-    ))
-}
-
 /// Checks a failed (or accepted) hostile apply; returns the problems found, and the new pool
 /// objects it left (complete ones are allowed, and reported).
 fn check(
@@ -311,7 +288,7 @@ fn check(
         for new in now.difference(&was.pool) {
             let full = root.join("pool").join(new);
             let name = new.file_name().unwrap().to_string_lossy().into_owned();
-            if object_id_of(&full) != name {
+            if object_id_of_file(&full) != name {
                 bad.push(format!("incomplete new pool object {}", new.display()));
             }
             new_objects.push(new.clone());
@@ -1058,16 +1035,7 @@ fn extension_headers_in_a_signed_delta_are_refused_with_keys_configured() {
         return;
     }
     let (_scratch, mut setup) = corpus_setup();
-    let (public, secret) = (setup.env.path("vendor.pub"), setup.env.path("vendor.key"));
-    let st = Command::new("minisign")
-        .args(["-G", "-W", "-p"])
-        .arg(&public)
-        .arg("-s")
-        .arg(&secret)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run minisign (Debian package minisign)");
-    assert!(st.success());
+    let (public, secret) = minisign_keypair(&setup.env, "vendor");
     let signed = setup.env.path("signed.delta");
     let mut c = ts_cmd();
     c.args([

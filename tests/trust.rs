@@ -9,24 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A key pair made by `minisign -G -W` (no password), as a vendor would make it.
-fn keypair(env: &Env, name: &str) -> (PathBuf, PathBuf) {
-    let (public, secret) = (
-        env.path(&format!("{name}.pub")),
-        env.path(&format!("{name}.key")),
-    );
-    let st = Command::new("minisign")
-        .args(["-G", "-W", "-p"])
-        .arg(&public)
-        .arg("-s")
-        .arg(&secret)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run minisign (Debian package minisign)");
-    assert!(st.success());
-    (public, secret)
-}
-
 fn tree(env: &Env, name: &str, text: &str) -> PathBuf {
     env.tree(
         name,
@@ -98,8 +80,8 @@ fn only_deltas_signed_by_a_trusted_key_are_applied() {
         return;
     }
     let env = Env::new();
-    let (pub1, key1) = keypair(&env, "old");
-    let (pub2, key2) = keypair(&env, "new");
+    let (pub1, key1) = minisign_keypair(&env, "old");
+    let (pub2, key2) = minisign_keypair(&env, "new");
     let (v1, v2) = (tree(&env, "v1", "1\n"), tree(&env, "v2", "2\n"));
     env.ts([
         "import",
@@ -161,7 +143,7 @@ fn insecure_and_keyless_modes() {
         return;
     }
     let env = Env::new();
-    let (pub1, _) = keypair(&env, "k");
+    let (pub1, _) = minisign_keypair(&env, "k");
     let (v1, v2) = (tree(&env, "v1", "1\n"), tree(&env, "v2", "2\n"));
     env.ts([
         "import",
@@ -209,7 +191,7 @@ fn downgrades_and_replays_are_refused_but_revert_is_not_a_downgrade() {
         return;
     }
     let env = Env::new();
-    let (pub1, key1) = keypair(&env, "k");
+    let (pub1, key1) = minisign_keypair(&env, "k");
     let cfg = config(&env, &[&pub1]);
     let (v9, v10) = (tree(&env, "v9", "9\n"), tree(&env, "v10", "10\n"));
     env.ts([
@@ -312,7 +294,7 @@ fn a_key_file_that_is_not_a_small_regular_file_is_refused() {
         return;
     }
     let env = Env::new();
-    let (public, secret) = keypair(&env, "vendor");
+    let (public, secret) = minisign_keypair(&env, "vendor");
     let v1 = tree(&env, "v1", "1\n");
     let v2 = tree(&env, "v2", "2\n");
     env.ts([

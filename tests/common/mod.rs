@@ -1142,3 +1142,22 @@ pub fn loop_fs(env: &Env, kind: &str) -> Mount {
         &env.path(&format!("mnt-{kind}")),
     )
 }
+
+/// A key pair `NAME.pub`, `NAME.key` in the test's scratch directory, made by `minisign -G -W`
+/// (no password), as a vendor would make it.
+pub fn minisign_keypair(env: &Env, name: &str) -> (PathBuf, PathBuf) {
+    let (public, secret) = (
+        env.path(&format!("{name}.pub")),
+        env.path(&format!("{name}.key")),
+    );
+    let st = Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run minisign (Debian package minisign)");
+    assert!(st.success());
+    (public, secret)
+}
