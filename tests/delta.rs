@@ -85,15 +85,7 @@ fn os(p: &Path) -> &OsStr {
 
 /// `treeswap diff --from-dir A --to-dir B --from-version 1 --to-version TO -o OUT`
 fn diff_dirs(a: &Path, b: &Path, to: &str, out: &Path) -> Run {
-    let mut c = ts_cmd();
-    c.arg("diff")
-        .arg("--from-dir")
-        .arg(a)
-        .arg("--to-dir")
-        .arg(b)
-        .args(["--from-version", "1", "--to-version", to, "-o"])
-        .arg(out);
-    run(&mut c)
+    diff_from_dirs(a, b, "1", to, out)
 }
 
 /// `treeswap --root ROOT apply FILE --no-restart`

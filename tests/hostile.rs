@@ -935,6 +935,26 @@ fn apply_stream(
     (Run { cmdline, out }, start.elapsed())
 }
 
+/// Applies each of `cases` (name, delta bytes) as a file on a fresh copy of the root, under
+/// the tight address space, in parallel: each must be refused as malformed (exit 8), with
+/// everything `hostile_case` checks. Returns the problems.
+fn malformed_deltas_refused<N: AsRef<str> + Sync>(
+    setup: &Setup,
+    cases: &[(N, Vec<u8>)],
+) -> Vec<String> {
+    let results = parallel(cases, |(name, bytes)| {
+        let name = name.as_ref();
+        let path = setup.env.path(&format!("case-{name}.delta"));
+        fs::write(&path, bytes).unwrap();
+        let p = hostile_case(setup, name, &[8], |root| {
+            apply_limited(setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
+        });
+        fs::remove_file(&path).unwrap();
+        p
+    });
+    results.concat()
+}
+
 /// Runs one hostile case on a fresh copy of the root: `run` applies it; everything `check`
 /// checks must hold, `verify --full` must pass, and the good delta must apply afterwards.
 fn hostile_case(
@@ -1193,16 +1213,7 @@ fn tar_member_kinds_and_names_the_format_lacks_are_refused() {
         m[1].1 = vec![b'a'; 64 << 10];
         tar_of(&m)
     }));
-    let results = parallel(&cases, |(name, bytes)| {
-        let path = setup.env.path(&format!("case-{name}.delta"));
-        fs::write(&path, bytes).unwrap();
-        let p = hostile_case(&setup, name, &[8], |root| {
-            apply_limited(&setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
-        });
-        fs::remove_file(&path).unwrap();
-        p
-    });
-    assert_no_problems(&results.concat());
+    assert_no_problems(&malformed_deltas_refused(&setup, &cases));
 }
 
 /// Regression (issue 15, item 3): errors echoed input without limit (a 32 MB version string
@@ -1268,16 +1279,7 @@ fn long_inputs_are_quoted_briefly() {
         cases.iter().all(|(_, b)| b != &good),
         "a replacement did not apply"
     );
-    let results = parallel(&cases, |(name, bytes)| {
-        let path = setup.env.path(&format!("case-{name}.delta"));
-        fs::write(&path, bytes).unwrap();
-        let p = hostile_case(&setup, name, &[8], |root| {
-            apply_limited(&setup, root, &path, None, TIGHT_ADDRESS_SPACE_KIB)
-        });
-        fs::remove_file(&path).unwrap();
-        p
-    });
-    assert_no_problems(&results.concat());
+    assert_no_problems(&malformed_deltas_refused(&setup, &cases));
 }
 
 /// Regression (issue 15, item 3): the same for the config file and the state file: an

@@ -69,21 +69,24 @@ impl Scratch {
     /// `diff --from-dir A --to-dir B --from-version FROM --to-version TO`, then `apply`.
     fn apply(&self, a: &Path, b: &Path, from: &str, to: &str) {
         let delta = self.env.path(&format!("{to}.tsd"));
-        let mut c = ts_cmd();
-        c.arg("diff")
-            .arg("--from-dir")
-            .arg(a)
-            .arg("--to-dir")
-            .arg(b)
-            .args(["--from-version", from, "--to-version", to, "-o"])
-            .arg(&delta);
-        run(&mut c).success();
+        diff_from_dirs(a, b, from, to, &delta).success();
         self.ts([
             OsStr::new("apply"),
             delta.as_os_str(),
             OsStr::new("--no-restart"),
         ])
         .success();
+    }
+
+    /// `gc` removes `1`; `1.layout` stays whole, with its manifest and its layout only.
+    #[track_caller]
+    fn gc_removes_1_and_keeps_1_layout(&self) {
+        self.ts(["gc"])
+            .success()
+            .stdout_has("removed 1 tree(s) (1)");
+        self.verify("1.layout");
+        assert_eq!(self.listing("manifests"), ["1.layout.toml"]);
+        assert_eq!(self.listing("layouts"), ["1.layout.toml"]);
     }
 
     #[track_caller]
@@ -115,10 +118,7 @@ fn regression_issue15_item5_a_version_named_like_a_layout_file_has_its_own_files
     s.apply(&a, &b, "1", "1.layout");
     s.verify("1");
     s.verify("1.layout");
-    s.ts(["gc"]).success().stdout_has("removed 1 tree(s) (1)");
-    s.verify("1.layout");
-    assert_eq!(s.listing("manifests"), ["1.layout.toml"]);
-    assert_eq!(s.listing("layouts"), ["1.layout.toml"]);
+    s.gc_removes_1_and_keeps_1_layout();
 }
 
 /// Regression (issue 15, item 5), the other ways round: with only `1.layout` installed, the
@@ -135,10 +135,7 @@ fn regression_issue15_item5_a_layout_file_never_takes_a_manifest_s_name() {
     s.import(&s.tree("b", 2), "1");
     s.verify("1");
     s.verify("1.layout");
-    s.ts(["gc"]).success().stdout_has("removed 1 tree(s) (1)");
-    s.verify("1.layout");
-    assert_eq!(s.listing("manifests"), ["1.layout.toml"]);
-    assert_eq!(s.listing("layouts"), ["1.layout.toml"]);
+    s.gc_removes_1_and_keeps_1_layout();
 }
 
 /// Makes the root look as a treeswap of root format 1 left it: every layout beside its

@@ -1161,3 +1161,16 @@ pub fn minisign_keypair(env: &Env, name: &str) -> (PathBuf, PathBuf) {
     assert!(st.success());
     (public, secret)
 }
+
+/// `treeswap diff --from-dir A --to-dir B --from-version FROM --to-version TO -o OUT`.
+pub fn diff_from_dirs(a: &Path, b: &Path, from: &str, to: &str, out: &Path) -> Run {
+    let mut c = ts_cmd();
+    c.arg("diff")
+        .arg("--from-dir")
+        .arg(a)
+        .arg("--to-dir")
+        .arg(b)
+        .args(["--from-version", from, "--to-version", to, "-o"])
+        .arg(out);
+    run(&mut c)
+}
