@@ -53,13 +53,19 @@ pub(crate) fn is_immutable(fd: BorrowedFd) -> bool {
 /// A file without the flag whose unlink is refused keeps its flags: `EPERM`.
 pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
     match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
-        Ok(()) | Err(Errno::NOENT) => return Ok(()),
-        Err(Errno::PERM) => {}
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(Errno::PERM) => unlink_immutable(dir, name),
         Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
+            Err(e).with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)))
         }
     }
+}
+
+/// The rest of [`unlink_protected`], for a caller whose own `unlink` of `name` was refused
+/// (`EPERM`): the flags are read once, the immutable one cleared, the name removed, and the
+/// flags restored if the inode still has other names.
+pub(crate) fn unlink_immutable(dir: BorrowedFd, name: &[u8]) -> Result<()> {
+    let shown = || crate::core::path::display(name);
     // Non-blocking: opening a FIFO for reading would wait for a writer.
     let flags = rustix::fs::OFlags::RDONLY
         | rustix::fs::OFlags::NOFOLLOW
@@ -67,20 +73,24 @@ pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
         | rustix::fs::OFlags::NOCTTY
         | rustix::fs::OFlags::CLOEXEC;
     let fd = super::sys::openat(dir, name, flags, rustix::fs::Mode::empty())
-        .with_context(|| format!("cannot open `{}`", crate::core::path::display(name)))?;
-    if !is_immutable(fd.as_fd()) {
+        .with_context(|| format!("cannot open `{}`", shown()))?;
+    let had = ioctl_getflags(fd.as_fd())
+        .ok()
+        .filter(|f| f.contains(IFlags::IMMUTABLE));
+    let Some(had) = had else {
         // Refused for another reason (the directory is immutable or append-only): the file
         // must not come out of this with a flag it did not have.
-        return Err(Errno::PERM)
-            .with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)));
-    }
-    set_immutable(fd.as_fd(), false)?;
+        return Err(Errno::PERM).with_context(|| format!("cannot remove `{}`", shown()));
+    };
+    ioctl_setflags(fd.as_fd(), had - IFlags::IMMUTABLE)
+        .with_context(|| format!("cannot clear the immutable flag of `{}`", shown()))?;
     let r = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
-    let st = rustix::fs::fstat(&fd)?;
+    let st = rustix::fs::fstat(&fd).with_context(|| format!("cannot stat `{}`", shown()))?;
     if st.st_nlink > 0 {
-        set_immutable(fd.as_fd(), true)?;
+        ioctl_setflags(fd.as_fd(), had)
+            .with_context(|| format!("cannot set the immutable flag of `{}` again", shown()))?;
     }
-    r.with_context(|| format!("cannot remove `{}`", crate::core::path::display(name)))
+    r.with_context(|| format!("cannot remove `{}`", shown()))
 }
 
 /// Whether the file system of the directory `tmp` can clone files (`FICLONE`) and set the

@@ -786,7 +786,7 @@ impl Removal<'_> {
             Err(Errno::ISDIR) => Ok(false),
             // Immutable (or a directory on a file system that says EPERM for it).
             Err(Errno::PERM) => {
-                crate::fs::iflags::unlink_protected(fd, child)
+                crate::fs::iflags::unlink_immutable(fd, child)
                     .with_context(|| format!("in `{}`", self.path(None)))?;
                 Ok(true)
             }
