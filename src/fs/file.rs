@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -82,9 +82,7 @@ impl<'a> TmpFile<'a> {
     /// [renameat2(2)]: https://man7.org/linux/man-pages/man2/renameat2.2.html
     pub(crate) fn publish(&mut self, dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<()> {
         match &self.name {
-            Some(tmp) => {
-                rustix::fs::renameat_with(self.dir, tmp.as_str(), dir, name, RenameFlags::NOREPLACE)
-            }
+            Some(tmp) => super::sys::renameat_noreplace(self.dir, tmp.as_bytes(), dir, name),
             None => link_unnamed(self.fd(), dir, name),
         }?;
         self.published = true;

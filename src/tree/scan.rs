@@ -131,10 +131,6 @@ pub(crate) fn walk_all(top: BorrowedFd, visit: Visit, sockets: Sockets) -> Resul
                 visit(e, ino)?;
             }
         }
-        if let Some(f) = fd {
-            // Keep no handle longer than its directory is being read.
-            drop(f);
-        }
     }
     Ok(())
 }
@@ -307,14 +303,23 @@ pub(crate) fn open_regular(
     rel: &[u8],
     ino: (u64, u64),
 ) -> Result<Option<(OwnedFd, rustix::fs::Stat)>> {
+    open_regular_if(top, rel, |st| (st.st_dev, st.st_ino) == ino)
+}
+
+/// Opens `rel` under `top` as [`open_regular`] does, if it is a regular file whose `fstat`
+/// passes `still`.
+fn open_regular_if(
+    top: BorrowedFd,
+    rel: &[u8],
+    still: impl FnOnce(&rustix::fs::Stat) -> bool,
+) -> Result<Option<(OwnedFd, rustix::fs::Stat)>> {
     let fd = match sys::openat2_file(top, rel) {
         Ok(fd) => fd,
         Err(e) if gone(e) => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot open `{}`", display(rel))),
     };
     let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", display(rel)))?;
-    if (st.st_dev, st.st_ino) != ino || FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-    {
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || !still(&st) {
         return Ok(None);
     }
     Ok(Some((fd, st)))
@@ -335,16 +340,11 @@ fn gone(e: Errno) -> bool {
 /// reading again (as `diff --from-dir` does): refused, never waited for, if it is no longer a
 /// regular file of the entry's size.
 pub(crate) fn open_scanned(top: BorrowedFd, e: &Entry) -> Result<OwnedFd> {
-    let changed = || anyhow::anyhow!("`{}` changed while it was being read", e.display());
-    let fd = match sys::openat2_file(top, &e.path) {
-        Ok(fd) => fd,
-        Err(err) if gone(err) => return Err(changed()),
-        Err(err) => return Err(err).with_context(|| format!("cannot open `{}`", e.display())),
+    let Kind::File { size, .. } = e.kind else {
+        bail!("`{}` is not a file", e.display());
     };
-    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", e.display()))?;
-    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
-    if !regular || !matches!(e.kind, Kind::File { size, .. } if size == st.st_size as u64) {
-        return Err(changed());
+    match open_regular_if(top, &e.path, |st| st.st_size as u64 == size)? {
+        Some((fd, _)) => Ok(fd),
+        None => bail!("`{}` changed while it was being read", e.display()),
     }
-    Ok(fd)
 }
