@@ -192,7 +192,7 @@ impl Root {
         let manifests = self.subdir("manifests")?;
         let layouts = self.subdir("layouts")?;
         let mut moved = 0;
-        for name in sys::read_dir(manifests.as_fd())? {
+        for name in self.read_dir(manifests.as_fd(), "manifests")? {
             let Some(version) = std::str::from_utf8(&name)
                 .ok()
                 .and_then(|s| s.strip_suffix(".layout.toml"))
@@ -258,10 +258,23 @@ impl Root {
 
     /// `snapshots/`, if there is one.
     pub fn snapshots_dir_opt(&self) -> Result<Option<OwnedFd>> {
-        if sys::lstatat(self.fd.as_fd(), b"snapshots")?.is_none() {
-            return Ok(None);
+        self.subdir_opt("snapshots")
+    }
+
+    /// The root's directory `name`, open, if there is one.
+    fn subdir_opt(&self, name: &str) -> Result<Option<OwnedFd>> {
+        match sys::openat2_dir(self.fd.as_fd(), name.as_bytes()) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot open `{}/{name}`", self.path.display()))
+            }
         }
-        sys::open_dir_beneath(self.fd.as_fd(), b"snapshots").map(Some)
+    }
+
+    /// The names in the root's directory `name`, open as `fd`.
+    fn read_dir(&self, fd: BorrowedFd, name: &str) -> Result<Vec<Vec<u8>>> {
+        sys::read_dir(fd).with_context(|| format!("in `{}/{name}`", self.path.display()))
     }
 
     /// Whether trees of this root are subvolumes with read-only snapshots: on btrfs, in
@@ -303,7 +316,7 @@ impl Root {
         let Some(dir) = self.snapshots_dir_opt()? else {
             return Ok(());
         };
-        for name in sys::read_dir(dir.as_fd())? {
+        for name in self.read_dir(dir.as_fd(), "snapshots")? {
             let v = String::from_utf8_lossy(&name).into_owned();
             if !self.is_installed(&v)? {
                 log::info!("removing `snapshots/{v}`, which belongs to no installed tree");
@@ -317,7 +330,7 @@ impl Root {
         // What earlier runs set aside: tried again quietly (gc and boot say what is left).
         self.stuck.clear();
         if let Some(trash) = self.trash_dir_opt()? {
-            for name in sys::read_dir(trash.as_fd())? {
+            for name in self.read_dir(trash.as_fd(), "trash")? {
                 if let Err(e) = sys::remove_tree_at(trash.as_fd(), &name) {
                     let line = format!("`trash/{}`: {e:#}", crate::core::path::display(&name));
                     log::debug!("cannot remove {line} yet");
@@ -331,7 +344,7 @@ impl Root {
         let trees = sys::open_dir_beneath(self.fd.as_fd(), b"trees")?;
         for dir in ["manifests", "layouts"] {
             let dfd = sys::open_dir_beneath(self.fd.as_fd(), dir.as_bytes())?;
-            for name in sys::read_dir(dfd.as_fd())? {
+            for name in self.read_dir(dfd.as_fd(), dir)? {
                 let s = String::from_utf8_lossy(&name);
                 let version = s.strip_suffix(".toml").filter(|v| !v.starts_with('.'));
                 let orphan = match version {
@@ -350,7 +363,7 @@ impl Root {
         self.clear_orphan_snapshots()?;
         for d in ["tmp", "staging"] {
             let dfd = sys::open_dir_beneath(self.fd.as_fd(), d.as_bytes())?;
-            for name in sys::read_dir(dfd.as_fd())? {
+            for name in self.read_dir(dfd.as_fd(), d)? {
                 log::info!(
                     "removing `{d}/{}` left by an interrupted run",
                     crate::core::path::display(&name)
@@ -363,10 +376,7 @@ impl Root {
 
     /// `trash/`, if there is one.
     fn trash_dir_opt(&self) -> Result<Option<OwnedFd>> {
-        if sys::lstatat(self.fd.as_fd(), b"trash")?.is_none() {
-            return Ok(None);
-        }
-        sys::open_dir_beneath(self.fd.as_fd(), b"trash").map(Some)
+        self.subdir_opt("trash")
     }
 
     /// Removes `name` in `dir`, the root's directory `dir_name` (`staging`, `tmp`,
@@ -393,7 +403,7 @@ impl Root {
     fn set_aside(&self, dir: BorrowedFd, name: &[u8]) -> Result<u64> {
         sys::mkdirat(self.fd.as_fd(), b"trash", 0o700, true)?;
         let trash = sys::open_dir_beneath(self.fd.as_fd(), b"trash")?;
-        let mut n = sys::read_dir(trash.as_fd())?.len() as u64 + 1;
+        let mut n = self.read_dir(trash.as_fd(), "trash")?.len() as u64 + 1;
         loop {
             match sys::renameat_noreplace(dir, name, trash.as_fd(), n.to_string().as_bytes()) {
                 Ok(()) => break,
@@ -500,7 +510,8 @@ impl Root {
     /// Installed versions, sorted by name.
     pub fn versions(&self) -> Result<Vec<String>> {
         let trees = self.subdir("trees")?;
-        let mut out: Vec<String> = sys::read_dir(trees.as_fd())?
+        let mut out: Vec<String> = self
+            .read_dir(trees.as_fd(), "trees")?
             .into_iter()
             .filter_map(|n| String::from_utf8(n).ok())
             .filter(|n| crate::core::version::validate(n).is_ok())
