@@ -401,12 +401,7 @@ pub(super) fn ensure_space(
     }
     log::warn!("{e:#}; running gc first (gc_before_apply = true)");
     let r = crate::ops::gc::gc(root, 0, &[base_version])?;
-    log::warn!(
-        "gc removed {} tree(s) and {} object(s), freeing {} bytes",
-        r.trees_removed.len(),
-        r.objects_removed,
-        r.bytes_freed
-    );
+    log::warn!("gc: {}", r.summary());
     check_space(root, plan, new)
 }
 

@@ -168,7 +168,8 @@ fn write_output(delta: &Delta, blobs: &[Vec<u8>], req: &Request) -> Result<()> {
     let tmp = tempfile::NamedTempFile::new_in(&dir)
         .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?;
     let out = std::io::BufWriter::new(tmp.as_file());
-    write_delta(delta, blobs, req.sign, req.compress, out)?;
+    write_delta(delta, blobs, req.sign, req.compress, out)
+        .with_context(|| format!("cannot write `{}`", tmp.path().display()))?;
     // Deltas are meant to be passed around: readable by all, like any download.
     std::fs::set_permissions(
         tmp.path(),
