@@ -214,21 +214,27 @@ fn discard_staging(root: &Root, staging: BorrowedFd, version: &str) {
 /// Runs `link`, which links pool objects into a tree. In immutable mode objects are briefly
 /// unprotected while they are linked, so that is recorded around it: a crash before the record
 /// is cleared makes `boot` re-protect the pool. A record found already set was left by an
-/// interrupted run: the pool is re-protected first, as the record is about to be cleared.
-pub(crate) fn while_linking<R>(root: &Root, pool: &Pool, link: impl FnOnce() -> R) -> Result<R> {
-    let immutable = pool.mode() == Protection::Immutable;
-    if immutable {
-        let mut st = state::load(root.fd())?;
-        if st.unprotected {
-            reprotect(pool)?;
-        } else {
-            st.unprotected = true;
-            state::save(root.fd(), &st)?;
-        }
+/// interrupted run: the pool is re-protected first, as the record is about to be cleared. If
+/// `link` fails, the record stays: an object whose flag it had cleared may still lack it, and
+/// the next writer (or `boot`) re-protects the pool.
+pub(crate) fn while_linking<T>(
+    root: &Root,
+    pool: &Pool,
+    link: impl FnOnce() -> Result<T>,
+) -> Result<Result<T>> {
+    if pool.mode() != Protection::Immutable {
+        return Ok(link());
+    }
+    let mut st = state::load(root.fd())?;
+    if st.unprotected {
+        reprotect(pool)?;
+    } else {
+        st.unprotected = true;
+        state::save(root.fd(), &st)?;
     }
     let r = link();
-    if immutable {
-        let mut st = state::load(root.fd())?;
+    if r.is_ok() {
+        // Nothing else writes the state file while the lock is held: `st` is what it holds.
         st.unprotected = false;
         state::save(root.fd(), &st)?;
     }
@@ -238,6 +244,8 @@ pub(crate) fn while_linking<R>(root: &Root, pool: &Pool, link: impl FnOnce() -> 
 /// Sets the immutable flag again on every pool object an interrupted run left without it.
 pub(crate) fn reprotect(pool: &Pool) -> Result<()> {
     let n = pool.reprotect()?;
-    log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
+    if n > 0 {
+        log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
+    }
     Ok(())
 }
