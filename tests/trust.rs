@@ -347,3 +347,27 @@ fn a_key_file_that_is_not_a_small_regular_file_is_refused() {
     assert_eq!(current(&env), "trees/2");
     assert_same_dirs(&v2, &env.tree_dir("2"));
 }
+
+/// Regression (issue 15, 8): `01` and `1` compare equal, so either could stand in for the
+/// other. apply refused such a result; `import` did not.
+#[test]
+fn import_refuses_a_version_spelled_like_an_installed_one() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let v1 = tree(&env, "v1", "1\n");
+    env.ts([
+        "import",
+        v1.to_str().unwrap(),
+        "--version",
+        "1",
+        "--activate",
+    ])
+    .success();
+    let r = env.ts(["import", v1.to_str().unwrap(), "--version", "01"]);
+    assert_eq!(r.code(), Some(11), "{}", r.stderr());
+    r.stderr_has("the same version as the installed `1`");
+    assert!(!env.root.join("trees/01").exists());
+    assert!(!env.root.join("manifests/01.toml").exists());
+}

@@ -29,6 +29,7 @@ pub(crate) fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Re
             root.path.display()
         );
     }
+    version::check_spelling(version, &root.versions()?)?;
     let pool = root.pool_for(cfg)?;
     let hook = |fd: std::os::fd::BorrowedFd,
                 meta: &crate::core::object::Meta,

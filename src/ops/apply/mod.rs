@@ -71,7 +71,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let current = root.link("current")?;
     let allow_devices = cfg.trust.allow_devices;
     plan::check_allowed(&d, current.as_deref(), opts.allow_downgrade, allow_devices)?;
-    plan::check_spelling(&to, &root.versions()?)?;
+    crate::core::version::check_spelling(&to, &root.versions()?)?;
     if root.is_installed(&to)? {
         return switch_to_installed(root, cfg, &d, current.as_deref(), opts);
     }

@@ -50,22 +50,6 @@ pub(super) fn check_allowed(
     Ok(())
 }
 
-/// Refuses a result version that sorts equal to an installed version spelled another way
-/// (`01` and `1`): either could then stand in for the other, and installing the older one
-/// again would not count as a downgrade.
-pub(super) fn check_spelling(to: &str, installed: &[String]) -> Result<()> {
-    let same = installed
-        .iter()
-        .find(|v| v.as_str() != to && crate::core::version::compare(v, to).is_eq());
-    if let Some(v) = same {
-        return Err(Fail::Downgrade(format!(
-            "refusing `{to}`: it is the same version as the installed `{v}`, spelled another way"
-        ))
-        .into());
-    }
-    Ok(())
-}
-
 /// The objects of the base tree by content: the references a delta may use.
 pub(super) type BaseContent = HashMap<Hash, ObjectId>;
 
@@ -457,28 +441,6 @@ fn check_fits(
 mod tests {
     use super::*;
 
-    /// Regression (issue 15, 8): `01` and `1` compare equal, so either replaced the other as
-    /// "not a downgrade".
-    #[test]
-    fn a_version_spelled_like_an_installed_one_is_refused() {
-        let installed = vec!["1".to_owned(), "2.0".to_owned()];
-        for (to, refused) in [
-            ("01", true),
-            ("2.00", true),
-            ("1", false),
-            ("3", false),
-            ("2", false),
-        ] {
-            let r = check_spelling(to, &installed);
-            assert_eq!(r.is_err(), refused, "{to}: {r:?}");
-            if let Err(e) = r {
-                assert_eq!(
-                    crate::core::error::exit_code(&e),
-                    crate::core::error::EXIT_DOWNGRADE
-                );
-            }
-        }
-    }
     use crate::core::delta::Content;
 
     fn sha(n: u8) -> Hash {
