@@ -234,6 +234,9 @@ def zstd_rle_bomb(total, window_log=17):
 
 def main():
     good_path, base_path, sentinel, outdir = sys.argv[1:5]
+    # A minisign secret key: cases for a machine with keys configured carry a signature it
+    # made of other text, well formed but wrong for them.
+    secret_key = sys.argv[5] if len(sys.argv) > 5 else None
     os.makedirs(outdir, exist_ok=True)
     good_bytes = open(good_path, "rb").read()
     if good_bytes[:4] == b"\x28\xb5\x2f\xfd":
@@ -438,10 +441,10 @@ def main():
     emit("blob-size-u64-max", d, "8", "a blob declared 2^64-1 bytes long")
     d = good.copy()
     d.head["to_count"] = (1 << 64) - 1
-    emit("to-count-u64-max", d, "3", "to_count = 2^64-1")
+    emit("to-count-u64-max", d, "8", "to_count = 2^64-1")
     d = good.copy()
     d.head["to_count"] = 1 << 40
-    emit("to-count-2p40", d, "3", "to_count = 2^40")
+    emit("to-count-2p40", d, "8", "to_count = 2^40")
     # A tar header that declares a 2^63-byte manifest (GNU base-256 size field).
     raw = bytearray(good_bytes)
     raw[infos[0].offset + 124 : infos[0].offset + 136] = b"\x80" + (1 << 63).to_bytes(11, "big")
@@ -467,8 +470,8 @@ def main():
 
     # -- compression bombs: a small declared size, a blob that expands to gigabytes
     d = good.copy()
-    d.set_blob(zstd_c["sha256"], zstd_rle_bomb(4 << 30))
-    emit("zstd-bomb-4g", d, "3,8", "a zstd blob of 128 KiB that expands to 4 GiB of zeros")
+    d.set_blob(zstd_c["sha256"], zstd_rle_bomb(1 << 30))
+    emit("zstd-bomb-1g", d, "3,8", "a zstd blob of 32 KiB that expands to 1 GiB of zeros")
     d = good.copy()
     d.set_blob(zstd_c["sha256"], zstd_rle_bomb(1 << 30, window_log=31))
     emit("zstd-bomb-window-2g", d, "3,8", "a zstd blob declaring a 2 GiB window")
@@ -585,6 +588,115 @@ def main():
     tar = bytearray(d.to_tar())
     emit("garbage-after-end", bytes(tar) + b"\xff" * 1024, "ok,8", "1 KiB of 0xff after the end-of-archive blocks")
 
+    # -- declared and real sizes beyond any memory window (issue 15, item 2): every case
+    #    below must run in bounded memory, so the bytes are spooled or streamed, never held
+    def emit_big(name, d, blobs, codes, what, config="-"):
+        """A zstd-compressed delta whose blob members are (sha, size, pieces factory)."""
+        text = d.to_toml().encode()
+        members = [("delta.toml", len(text), [text]), ("delta.toml.minisig", 0, [])]
+        for c in d.contents:
+            if c["source"] == "base":
+                continue
+            size, pieces = blobs.get(c["sha256"], (None, None))
+            if size is None:
+                b = d.blobs.get("blobs/" + c["sha256"], b"")
+                size, pieces = len(b), lambda b=b: [b]
+            members.append(("blobs/" + c["sha256"], size, pieces()))
+        write_zstd_tar(os.path.join(outdir, name + ".delta"), members)
+        index.append((name, codes, config, what))
+
+    def resize(d, sha, size):
+        """Declares content `sha` (and the changed files with it) `size` bytes long."""
+        for e in d.changed:
+            if e.get("sha256") == sha:
+                e["size"] = size
+        next(c for c in d.contents if c["sha256"] == sha)["size"] = size
+        d.fix_result(base)
+
+    big = 512 << 20
+    d = good.copy()
+    resize(d, zstd_c["sha256"], big)
+    c = next(c for c in d.contents if c["sha256"] == zstd_c["sha256"])
+    c["blob_sha256"], c["blob_size"] = sha256_of(zeros(big)), big
+    emit_big("blob-512m-spooled", d, {zstd_c["sha256"]: (big, lambda: zeros(big))}, "8",
+             "a 512 MiB blob (zeros, its hash right) that is not a zstd frame, in a 30 KB delta")
+    d = good.copy()
+    resize(d, patch_c["sha256"], big)
+    c = next(c for c in d.contents if c["sha256"] == patch_c["sha256"])
+    c["source"] = "bsdiff"
+    # One record copying 512 MiB, its bytes RLE runs of zeros: a 16 KB blob.
+    body = bytearray(struct.pack("<I", 0xFD2FB528)) + bytes([0x00, (17 - 10) << 3])
+    body += struct.pack("<I", 0 | (0 << 1) | (24 << 3))[:3] + struct.pack("<QQQ", 0, big, 0)
+    body += zstd_rle_bomb(big)[6:]
+    d.set_blob(patch_c["sha256"], bytes(body))
+    emit("bsdiff-512m-output", d, "3", "a 16 KB bsdiff blob whose patch copies 512 MiB of zeros (size declared)")
+    d = good.copy()
+    resize(d, zstd_c["sha256"], 1 << 30)
+    d.set_blob(zstd_c["sha256"], zstd_rle_bomb(1 << 30, window_log=26))
+    emit("zstd-window-64m-1g", d, "3", "a zstd blob with the largest window allowed (64 MiB) giving 1 GiB of zeros (size declared)")
+    d = good.copy()
+    resize(d, zstd_c["sha256"], 1 << 30)
+    d.set_blob(zstd_c["sha256"], zstd_rle_bomb(1 << 30, window_log=27))
+    emit("zstd-window-128m", d, "8", "a zstd blob declaring a 128 MiB window, over the format's limit")
+    emit("outer-window-128m", zstd_raw_frame(good.to_tar(), 27), "8",
+         "the whole delta in a zstd frame declaring a 128 MiB window")
+    emit("outer-window-16m", zstd_raw_frame(good.to_tar(), 24), "ok",
+         "the whole delta in a zstd frame declaring a 16 MiB window, the largest allowed")
+    padding = 256 << 20
+    line = b"#" + b"x" * 1023 + b"\n"
+
+    def padded():
+        yield good.to_toml().encode()
+        for _ in range(padding // len(line)):
+            yield line
+    text_size = len(good.to_toml().encode()) + padding // len(line) * len(line)
+
+    wrong_sig = b""
+    if secret_key:
+        other = os.path.join(outdir, "other.txt")
+        with open(other, "w") as f:
+            f.write("some other manifest\n")
+        subprocess.run(["minisign", "-S", "-s", secret_key, "-m", other, "-x", other + ".minisig"],
+                       check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wrong_sig = open(other + ".minisig", "rb").read()
+
+    def emit_manifest(name, size, pieces, codes, what, config="-"):
+        sig = wrong_sig if config == "keys" else b""
+        members = [("delta.toml", size, pieces), ("delta.toml.minisig", len(sig), [sig])]
+        for c in good.contents:
+            if c["source"] != "base":
+                b = good.blobs["blobs/" + c["sha256"]]
+                members.append(("blobs/" + c["sha256"], len(b), [b]))
+        write_zstd_tar(os.path.join(outdir, name + ".delta"), members)
+        index.append((name, codes, config, what))
+
+    emit_manifest("manifest-256m-comments", text_size, padded(), "ok",
+                  "a delta.toml of 256 MiB, nearly all comment lines (no keys: it applies)")
+    emit_manifest("manifest-256m-keys", text_size, padded(), "10",
+                  "the same 256 MiB delta.toml with keys configured, signed by a trusted key but for other text", "keys")
+    one_line = good.to_toml().encode() + b"# " + b"y" * (2 << 20) + b"\n"
+    emit_manifest("manifest-line-2m", len(one_line), [one_line], "8",
+                  "a delta.toml line of 2 MiB, over the format's 1 MiB")
+    many = 2_000_000
+    fake = 'sha256 = "%s"' % ("ab" * 32)
+
+    def entries(n, prefix):
+        head = good.to_toml().split("changed = [\n")[0] + "changed = [\n"
+        yield head.encode()
+        batch = []
+        for i in range(n):
+            batch.append('{ path = "%s/%08d", type = "file", mode = 0o644, uid = 0, gid = 0, size = 1, %s },\n' % (prefix, i, fake))
+            if len(batch) == 10000:
+                yield "".join(batch).encode()
+                batch = []
+        yield ("".join(batch) + "]\ncontents = [\n]\n").encode()
+    size_of = lambda n, prefix: sum(len(p) for p in entries(n, prefix))
+    n_small = 100_000
+    emit_manifest("changed-over-to-count", size_of(n_small, "zz"), entries(n_small, "zz"), "8",
+                  "100 000 changed entries where to_count says the result has a handful")
+    emit_manifest("changed-2m-wrong-signature", size_of(many, "zz"), entries(many, "zz"), "10",
+                  "2 000 000 changed entries (300 MB) with keys configured, the signature for other text", "keys")
+
     with open(os.path.join(outdir, "index.tsv"), "w") as f:
         for row in index:
             f.write("\t".join(row) + "\n")
@@ -600,6 +712,53 @@ def zstd_frame_raw(data):
     out += struct.pack("<I", 1 | (0 << 1) | (len(data) << 3))[:3]
     out += data
     return bytes(out)
+
+
+def zstd_raw_frame(data, window_log):
+    """A zstd frame holding `data` in raw blocks of at most 128 KiB, declaring a window of
+    2^window_log and no content size."""
+    out = bytearray(struct.pack("<I", 0xFD2FB528))
+    out.append(0x00)
+    out.append((window_log - 10) << 3)
+    block = 128 << 10
+    pieces = [data[i:i + block] for i in range(0, len(data), block)] or [b""]
+    for i, p in enumerate(pieces):
+        last = 1 if i == len(pieces) - 1 else 0
+        out += struct.pack("<I", last | (0 << 1) | (len(p) << 3))[:3] + p
+    return bytes(out)
+
+
+def zeros(n, chunk=1 << 20):
+    """`n` zero bytes in pieces."""
+    z = bytes(chunk)
+    while n > 0:
+        yield z[:min(n, chunk)]
+        n -= min(n, chunk)
+
+
+def sha256_of(pieces):
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return h.hexdigest()
+
+
+def write_zstd_tar(path, members):
+    """Writes a zstd-compressed (level 1) ustar file of `members`, each (name, size, pieces),
+    streaming: nothing is held whole, so members of hundreds of MiB cost no memory here."""
+    with open(path, "wb") as f:
+        z = subprocess.Popen(["zstd", "-q", "-1", "-c"], stdin=subprocess.PIPE, stdout=f)
+        for name, size, pieces in members:
+            z.stdin.write(member(name, size).tobuf(format=tarfile.USTAR_FORMAT))
+            n = 0
+            for p in pieces:
+                z.stdin.write(p)
+                n += len(p)
+            assert n == size, (name, n, size)
+            z.stdin.write(bytes(-size % 512))
+        z.stdin.write(bytes(1024))
+        z.stdin.close()
+        assert z.wait() == 0
 
 
 def fix_checksum(raw, off):

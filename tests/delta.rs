@@ -2085,3 +2085,132 @@ fn diff_output_onto_a_device_or_fifo_writes_to_it_and_replaces_nothing_else() {
         "the file it names gets the delta"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+/// Runs `cmd` and returns what it did with its peak resident memory in KiB: `ru_maxrss` of
+/// its only child, as a Python wrapper reads it (the test process's own children would mix
+/// in every other test's).
+fn run_with_peak(cmd: &std::process::Command) -> (Run, u64) {
+    let peak = tempfile::NamedTempFile::new().unwrap();
+    let script = "import resource, subprocess, sys\n\
+                  r = subprocess.run(sys.argv[2:]).returncode\n\
+                  open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n\
+                  sys.exit(r if r >= 0 else 128 - r)\n";
+    let mut w = std::process::Command::new("python3");
+    w.arg("-c")
+        .arg(script)
+        .arg(peak.path())
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    let r = run(&mut w);
+    let kib = fs::read_to_string(peak.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the peak");
+    (r, kib)
+}
+
+/// Regression (issue 15, item 2): `apply` held every blob whole in memory (a blob of N bytes
+/// cost N bytes, however it was compressed), and a patch could name a reference of any size,
+/// also read whole. Now a blob over 8 MiB is spooled to an anonymous file in `tmp/` as its hash
+/// is checked and decoded from there, and a reference may be at most 64 MiB: `diff` ships a
+/// file whose only similar base is larger whole, and `apply` refuses a patch against one.
+/// A 24 MiB new random file and a 72 MiB random file changed in a few bytes apply in less
+/// than 128 MiB of memory and leave nothing in `tmp/`.
+#[test]
+fn large_blobs_are_spooled_and_references_are_bounded() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = scratch();
+    let mut rng = Rng(15);
+    let old = rng.bytes(72 << 20);
+    let mut new = old.clone();
+    for i in [5usize, 40 << 20, (72 << 20) - 9] {
+        new[i] ^= 0x5a;
+    }
+    let fresh = rng.bytes(24 << 20);
+    let a = env.tree("a", &TreeSpec::new().file("big", &old).file("etc/x", "1"));
+    let b = env.tree(
+        "b",
+        &TreeSpec::new()
+            .file("big", &new)
+            .file("fresh", &fresh)
+            .file("etc/x", "1"),
+    );
+    let delta = env.path("d.tar");
+    diff_dirs(&a, &b, "2", &delta).success();
+    let mut tar = DeltaTar::read(&delta);
+    let t = toml_of(&tar.manifest());
+    let (new_sha, old_sha) = (sha256_hex(&new), sha256_hex(&old));
+    let c = content(&t, &new_sha).expect("the changed file's content");
+    assert_eq!(
+        c["source"].as_str(),
+        Some("zstd"),
+        "a 72 MiB reference is over the limit: {c:?}"
+    );
+
+    let root = env.path("root");
+    import_active(&root, &a, "1");
+    let mut cmd = ts_cmd();
+    cmd.arg("--root")
+        .arg(&root)
+        .arg("apply")
+        .arg(&delta)
+        .arg("--no-restart");
+    let (r, peak_kib) = run_with_peak(&cmd);
+    r.success();
+    assert!(
+        peak_kib < 128 << 10,
+        "apply of a delta with 24 and 72 MiB blobs took {peak_kib} KiB"
+    );
+    assert_current_is(&root, &snapshot(&b));
+    verify_full(&root);
+    assert!(names(&root.join("tmp")).is_empty(), "tmp/ is not empty");
+
+    // The same change as a patch against the 72 MiB file: refused before anything is
+    // written, whatever the blob says.
+    let root2 = env.path("root2");
+    import_active(&root2, &a, "1");
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 3, &old).unwrap();
+    enc.window_log(26).unwrap();
+    std::io::Write::write_all(&mut enc, &new).unwrap();
+    let blob = enc.finish().unwrap();
+    let text = tar.manifest();
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("sha256 = \"{new_sha}\", size")))
+        .expect("the content line")
+        .to_owned();
+    let patched = format!(
+        "{{ sha256 = \"{new_sha}\", size = {}, source = \"zstd-patch\", base = \"{old_sha}\", blob_sha256 = \"{}\", blob_size = {} }},",
+        new.len(),
+        sha256_hex(&blob),
+        blob.len()
+    );
+    tar.set_manifest(text.replace(&line, &patched));
+    let member = format!("blobs/{new_sha}");
+    tar.members
+        .iter_mut()
+        .find(|(n, _)| *n == member)
+        .unwrap()
+        .1 = blob;
+    let bad = env.path("patch.tar");
+    tar.write(&bad);
+    let before = capture(&root2);
+    let r = apply(&root2, &bad);
+    r.exit(8).stderr_has("over the limit");
+    one_error(&r);
+    let new = assert_unchanged(&before, &capture(&root2), &root2, "patch against 72 MiB");
+    assert!(new.is_empty(), "objects written: {new:?}");
+    verify_full(&root2);
+}

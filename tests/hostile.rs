@@ -61,6 +61,10 @@ struct Setup {
     good: PathBuf,
     sentinel: PathBuf,
     no_devices: PathBuf,
+    /// A config that trusts one public key, and that key's secret (the corpus script signs
+    /// other text with it, so that a case's signature is well formed but wrong).
+    keys: PathBuf,
+    secret_key: PathBuf,
 }
 
 impl Setup {
@@ -101,6 +105,13 @@ impl Setup {
         fs::write(sentinel.join("keep"), "must not change\n").unwrap();
         let no_devices = env.path("no-devices.toml");
         fs::write(&no_devices, "[trust]\nallow_devices = false\n").unwrap();
+        let (public, secret_key) = minisign_keypair(&env, "corpus");
+        let keys = env.path("keys.toml");
+        fs::write(
+            &keys,
+            format!("[trust]\npublic_keys = [\"{}\"]\n", public.display()),
+        )
+        .unwrap();
         Setup {
             env,
             bin,
@@ -109,6 +120,8 @@ impl Setup {
             good,
             sentinel,
             no_devices,
+            keys,
+            secret_key,
         }
     }
 
@@ -359,6 +372,7 @@ fn make_corpus(setup: &Setup) -> (PathBuf, Vec<Vec<String>>) {
         .arg(&base_manifest)
         .arg(&setup.sentinel)
         .arg(&corpus)
+        .arg(&setup.secret_key)
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run python3 scripts/make-hostile-corpus.py");
@@ -387,7 +401,11 @@ fn run_case(setup: &Setup, corpus: &Path, case: &[String]) -> CaseResult {
     let allowed: Vec<i32> = codes.split(',').filter_map(|c| c.parse().ok()).collect();
     let root = setup.fresh_root(name);
     let was = before(setup, &root);
-    let cfg = (config == "no-devices").then_some(setup.no_devices.as_path());
+    let cfg = match config.as_str() {
+        "no-devices" => Some(setup.no_devices.as_path()),
+        "keys" => Some(setup.keys.as_path()),
+        _ => None,
+    };
     let (r, took) = apply(setup, &root, &corpus.join(format!("{name}.delta")), cfg);
     let (mut problems, new) = check(setup, &root, &was, &r, took, &allowed, accept_ok);
     problems.extend(verify_full(setup, &root));

@@ -455,7 +455,9 @@ fn gc_before_apply_makes_room() {
         return;
     }
     let env = Env::new();
-    let mnt = Mount::tmpfs(&env.path("small"), "48m");
+    // Three 10 MiB trees fill it to 31 MiB free: the fourth (a 10 MiB object, its 10 MiB
+    // blob spooled while it is decoded, and the margin) needs about 37 MiB; gc frees 10.
+    let mnt = Mount::tmpfs(&env.path("small"), "62m");
     let root = mnt.path.join("root");
     let random = |n: usize, seed: u64| -> Vec<u8> {
         let mut x = seed * 2 + 1;

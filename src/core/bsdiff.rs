@@ -115,6 +115,110 @@ pub(crate) fn diff(old: &[u8], new: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Applies a patch as it streams: reads the patch from `patch` and yields the new file's bytes,
+/// holding nothing but the old file and one record's header, so memory does not depend on any
+/// length a record declares. It accepts exactly what the `bsdiff` crate's `patch` accepts
+/// (the unit tests compare the two on arbitrary patches).
+pub(crate) struct Patcher<'a, R> {
+    old: &'a [u8],
+    patch: R,
+    /// Where the next added bytes are read in `old`.
+    pos: usize,
+    /// Bytes of the current record still to add to `old`, then to copy as they are.
+    add: u64,
+    copy: u64,
+    /// The move in `old` after the current record.
+    seek: i64,
+    /// The record is done and the patch may end here.
+    at_record: bool,
+}
+
+impl<'a, R: std::io::Read> Patcher<'a, R> {
+    pub(crate) fn new(old: &'a [u8], patch: R) -> Self {
+        Patcher {
+            old,
+            patch,
+            pos: 0,
+            add: 0,
+            copy: 0,
+            seek: 0,
+            at_record: true,
+        }
+    }
+
+    /// Reads the next record's header; `false` at the end of the patch.
+    fn next_record(&mut self) -> std::io::Result<bool> {
+        use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+        if !self.at_record {
+            self.pos = i64::try_from(self.pos)
+                .ok()
+                .and_then(|p| p.checked_add(self.seek))
+                .and_then(|p| usize::try_from(p).ok())
+                .ok_or(InvalidData)?;
+        }
+        let mut h = [0u8; 24];
+        let mut got = 0;
+        while got < h.len() {
+            match self.patch.read(&mut h[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        let (add, copy, seek) = (word(0), word(8), word(16));
+        let seek = if seek >> 63 == 0 {
+            seek as i64
+        } else {
+            -((seek & !(1 << 63)) as i64)
+        };
+        // The lengths must fit the platform, as the crate requires, and the added bytes must
+        // lie within the old file.
+        let add_len = usize::try_from(add).map_err(|_| InvalidData)?;
+        usize::try_from(copy).map_err(|_| InvalidData)?;
+        add_len.checked_add(copy as usize).ok_or(InvalidData)?;
+        let end = self.pos.checked_add(add_len).ok_or(InvalidData)?;
+        if self.pos > self.old.len() || end > self.old.len() {
+            return Err(UnexpectedEof.into());
+        }
+        (self.add, self.copy, self.seek, self.at_record) = (add, copy, seek, false);
+        Ok(true)
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Patcher<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.add == 0 && self.copy == 0 {
+            if !self.next_record()? {
+                return Ok(0);
+            }
+        }
+        let adding = self.add > 0;
+        let left = if adding { self.add } else { self.copy };
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.patch.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if adding {
+            let old = &self.old[self.pos..self.pos + n];
+            for (b, o) in buf[..n].iter_mut().zip(old) {
+                *b = b.wrapping_add(*o);
+            }
+            self.pos += n;
+            self.add -= n as u64;
+        } else {
+            self.copy -= n as u64;
+        }
+        Ok(n)
+    }
+}
+
 /// Sign-and-magnitude little-endian, as bsdiff writes offsets.
 fn signed(x: i64) -> [u8; 8] {
     let mut b = x.unsigned_abs().to_le_bytes();
@@ -162,6 +266,7 @@ mod tests {
         let mut got = Vec::new();
         bsdiff::patch(old, &mut &p[..], &mut got).unwrap();
         assert_eq!(got, new);
+        assert_eq!(stream_patch(old, &p).as_deref(), Some(new));
         p.len()
     }
 
@@ -215,6 +320,56 @@ mod tests {
         );
     }
 
+    /// Applies `patch` to `old` with [`Patcher`]; `None` when it fails.
+    fn stream_patch(old: &[u8], patch: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut Patcher::new(old, patch), &mut out).ok()?;
+        Some(out)
+    }
+
+    /// A record header: bytes to add, bytes to copy, the move (sign and magnitude).
+    fn record(add: u64, copy: u64, seek: i64) -> Vec<u8> {
+        let mut h = add.to_le_bytes().to_vec();
+        h.extend_from_slice(&copy.to_le_bytes());
+        h.extend_from_slice(&signed(seek));
+        h
+    }
+
+    #[test]
+    fn the_streaming_patcher_agrees_with_the_crate() {
+        let cases: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (b"hello".to_vec(), vec![]),
+            (
+                b"hello".to_vec(),
+                [record(5, 1, 0), vec![0; 5], b"!".to_vec()].concat(),
+            ),
+            // Added bytes beyond the old file; a move before its start; a move past its end
+            // with nothing more to add; a truncated header and a truncated record.
+            (b"hi".to_vec(), [record(3, 0, 0), vec![0; 3]].concat()),
+            (b"hi".to_vec(), [record(1, 0, -5), vec![1]].concat()),
+            (
+                b"hi".to_vec(),
+                [record(0, 0, 9), record(0, 1, 0), b"x".to_vec()].concat(),
+            ),
+            (b"hi".to_vec(), record(0, 0, 9)),
+            (b"hi".to_vec(), record(1, 0, 0)[..10].to_vec()),
+            (b"hi".to_vec(), [record(2, 4, 0), vec![1, 1, 7]].concat()),
+            // Lengths that do not fit memory: refused, not allocated.
+            (b"hi".to_vec(), record(u64::MAX, 1, 0)),
+            (b"hi".to_vec(), record(1, u64::MAX, 0)),
+            (b"hi".to_vec(), [record(1, 1 << 40, 0), vec![1, 2]].concat()),
+        ];
+        for (old, patch) in &cases {
+            let mut want = Vec::new();
+            let crate_ok = bsdiff::patch(old, &mut &patch[..], &mut want).is_ok();
+            assert_eq!(
+                stream_patch(old, patch),
+                crate_ok.then_some(want),
+                "patch {patch:?}"
+            );
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_pair_round_trips(
@@ -232,6 +387,27 @@ mod tests {
             let cut = cut.min(new.len());
             new.splice(cut..cut, old.iter().rev().copied().take(100));
             round_trip(&old, &new);
+        }
+
+        #[test]
+        fn any_patch_streams_as_the_crate_applies_it(
+            old in proptest::collection::vec(0u8..4, 0..200),
+            records in proptest::collection::vec((0u64..300, 0u64..300, -300i64..300), 0..6),
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..2000),
+            cut in 0usize..4000,
+        ) {
+            let mut patch = Vec::new();
+            let mut rest = &data[..];
+            for (add, copy, seek) in records {
+                patch.extend(record(add, copy, seek));
+                let n = ((add + copy) as usize).min(rest.len());
+                patch.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+            }
+            patch.truncate(cut.max(patch.len() / 2));
+            let mut want = Vec::new();
+            let crate_ok = bsdiff::patch(&old, &mut &patch[..], &mut want).is_ok();
+            proptest::prop_assert_eq!(stream_patch(&old, &patch), crate_ok.then_some(want));
         }
     }
 }

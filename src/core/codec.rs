@@ -2,7 +2,7 @@
 //! zstd-compressed bsdiff. Pure functions over byte slices, shared by `diff` (encoding),
 //! `apply` (decoding: [`stream`] and [`bsdiff_apply`]) and the `patch_apply` fuzz target.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 use anyhow::{Result, bail};
 
@@ -16,17 +16,37 @@ pub const LEVEL: i32 = 12;
 /// than [`LEVEL`] and ranks references the same way in practice.
 pub(crate) const SCOUT_LEVEL: i32 = 3;
 
-/// zstd window log that covers `n` bytes of reference plus `m` of content.
+/// The largest zstd window a blob may use, as a log: 64 MiB. A decoder holds at most this
+/// much of the content it produces, whatever the blob's frame header or the manifest
+/// declares (FORMAT.md, "Limits").
+pub const WINDOW_LOG_MAX: u32 = 26;
+/// The largest reference a patch may name (FORMAT.md): `apply` holds it whole while it
+/// decodes, and a patch cannot reach further back than the window anyway.
+pub const MAX_REFERENCE: u64 = 1 << WINDOW_LOG_MAX;
+
+/// zstd window log that covers `n` bytes of reference plus `m` of content, at most
+/// [`WINDOW_LOG_MAX`].
 pub(crate) fn window_log(n: u64, m: u64) -> u32 {
     let total = n.saturating_add(m).clamp(1 << 10, 1 << 31);
-    (64 - (total - 1).leading_zeros()).clamp(10, 31)
+    (64 - (total - 1).leading_zeros()).clamp(10, WINDOW_LOG_MAX)
 }
 
 pub(crate) fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
-    Ok(zstd::bulk::compress(data, level)?)
+    let mut c = zstd::bulk::Compressor::new(level)?;
+    // Levels 20 to 22 use windows beyond the format's limit; the others stay below it.
+    if level > 19 {
+        c.set_parameter(zstd::stream::raw::CParameter::WindowLog(WINDOW_LOG_MAX))?;
+    }
+    Ok(c.compress(data)?)
 }
 
+/// A `zstd-patch` blob: `data` compressed with `base` (at most [`MAX_REFERENCE`] bytes) as
+/// reference prefix.
 pub(crate) fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {
+    anyhow::ensure!(
+        base.len() as u64 <= MAX_REFERENCE,
+        "a patch reference is larger than {MAX_REFERENCE} bytes"
+    );
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, base)?;
     enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
     // Long-distance matching finds the reference's long runs even at low levels, whose
@@ -47,52 +67,90 @@ fn bad(e: impl std::fmt::Display) -> anyhow::Error {
     Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")).into()
 }
 
-/// A streaming decoder for `zstd` and `zstd-patch` blobs of a content of `size` bytes. Its
-/// read errors carry [`Fail::BadDelta`], so they say the delta is malformed rather than that
-/// I/O failed. The window is bounded by what the encoder could have used for this reference
-/// and size, so a frame header cannot make the decoder allocate more than the content needs.
+/// A streaming decoder of the blob `blob` (any source but `base`) of a content of `size`
+/// bytes, against `reference` for a patch. Its read errors carry [`Fail::BadDelta`], so they
+/// say the delta is malformed rather than that I/O failed. Memory is bounded by the format,
+/// not by the input: the window by [`WINDOW_LOG_MAX`] and by what the encoder could have used
+/// for this reference and size; a bsdiff patch streams record by record (`core::bsdiff`).
+/// The decoder yields the content's bytes; the caller stops after `size` of them.
+pub fn decoder<'a>(
+    source: &Source,
+    blob: Box<dyn BufRead + 'a>,
+    reference: Option<&'a [u8]>,
+    size: u64,
+) -> Result<Box<dyn Read + 'a>> {
+    let ref_len = reference.map_or(0, |r| r.len() as u64);
+    if ref_len > MAX_REFERENCE {
+        return Err(bad(format!(
+            "its reference is larger than {MAX_REFERENCE} bytes"
+        )));
+    }
+    match (source, reference) {
+        (Source::Zstd, _) => {
+            let mut dec = zstd::stream::read::Decoder::with_buffer(blob).map_err(bad)?;
+            dec.window_log_max(window_log(0, size)).map_err(bad)?;
+            Ok(Box::new(Tagged(dec)))
+        }
+        (Source::ZstdPatch { .. }, Some(r)) => {
+            let mut dec = zstd::stream::read::Decoder::with_ref_prefix(blob, r).map_err(bad)?;
+            dec.window_log_max(window_log(ref_len, size)).map_err(bad)?;
+            Ok(Box::new(Tagged(dec)))
+        }
+        (Source::Bsdiff { .. }, Some(r)) => {
+            // The patch is about as long as the result plus what it adds: a compression bomb
+            // stops once it has given three times the declared size.
+            let limit = size.saturating_mul(3).saturating_add(1 << 20);
+            let mut dec = zstd::stream::read::Decoder::with_buffer(blob).map_err(bad)?;
+            dec.window_log_max(window_log(0, limit)).map_err(bad)?;
+            let patch = Tagged(dec).take(limit);
+            Ok(Box::new(Tagged(crate::core::bsdiff::Patcher::new(
+                r, patch,
+            ))))
+        }
+        _ => bail!("no decoder for a `{}` blob", source.name()),
+    }
+}
+
+/// [`decoder`] of a blob held in memory.
 pub fn stream<'a>(
     source: &Source,
     blob: &'a [u8],
     reference: Option<&'a [u8]>,
     size: u64,
 ) -> Result<Box<dyn Read + 'a>> {
-    let ref_len = reference.map_or(0, |r| r.len() as u64);
-    let max = window_log(ref_len, size);
-    match (source, reference) {
-        (Source::Zstd, _) => {
-            let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
-            dec.window_log_max(max).map_err(bad)?;
-            Ok(Box::new(Tagged(dec)))
-        }
-        (Source::ZstdPatch { .. }, Some(r)) => {
-            let mut dec =
-                zstd::stream::read::Decoder::with_ref_prefix(std::io::BufReader::new(blob), r)
-                    .map_err(bad)?;
-            dec.window_log_max(max).map_err(bad)?;
-            Ok(Box::new(Tagged(dec)))
-        }
-        _ => bail!("no streaming decoder for a `{}` blob", source.name()),
-    }
+    decoder(source, Box::new(blob), reference, size)
 }
 
-/// Applies a zstd-compressed bsdiff patch. The patch stream is limited to about three times
-/// the declared result size, so a compression bomb stops early.
-pub fn bsdiff_apply(reference: &[u8], blob: &[u8], size: u64) -> Result<Vec<u8>> {
-    let limit = size.saturating_mul(3).saturating_add(1 << 20);
-    let mut dec = zstd::stream::read::Decoder::new(blob).map_err(bad)?;
-    dec.window_log_max(window_log(0, limit)).map_err(bad)?;
-    let mut patch = Tagged(dec).take(limit);
+/// Decodes a blob whole, as the fuzz target and tests check it: [`stream`] read to at most
+/// `size + 1` bytes (the pool refuses more than `size`), which must be exactly `size`.
+pub fn decode_all(
+    source: &Source,
+    blob: &[u8],
+    reference: Option<&[u8]>,
+    size: u64,
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    bsdiff::patch(reference, &mut patch, &mut out)
-        .map_err(|e| bad(format!("bad bsdiff patch: {e}")))?;
+    stream(source, blob, reference, size)?
+        .take(size.saturating_add(1))
+        .read_to_end(&mut out)?;
     if out.len() as u64 != size {
         return Err(bad(format!(
-            "the patch gives {} bytes, the manifest says {size}",
-            out.len()
+            "it decodes to {}{} bytes, the manifest says {size}",
+            out.len(),
+            if out.len() as u64 > size { "+" } else { "" }
         )));
     }
     Ok(out)
+}
+
+/// Applies a zstd-compressed bsdiff patch whole ([`decode_all`] of a `bsdiff` blob).
+pub fn bsdiff_apply(reference: &[u8], blob: &[u8], size: u64) -> Result<Vec<u8>> {
+    decode_all(
+        &Source::Bsdiff { base: [0; 32] },
+        blob,
+        Some(reference),
+        size,
+    )
 }
 
 struct Tagged<R: Read>(R);
@@ -100,6 +158,10 @@ struct Tagged<R: Read>(R);
 impl<R: Read> Read for Tagged<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.0.read(buf).map_err(|e| {
+            if e.get_ref().is_some_and(|inner| inner.is::<Fail>()) {
+                // Tagged already, by an inner decoder.
+                return e;
+            }
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 Fail::BadDelta(format!("invalid delta: cannot decode a blob: {e}")),
@@ -112,29 +174,7 @@ impl<R: Read> Read for Tagged<R> {
 mod tests {
     use super::*;
 
-    /// Decodes a blob whole as `apply` does: [`stream`] read to at most `size + 1` bytes (the
-    /// pool refuses more than `size`), or [`bsdiff_apply`].
-    fn decode(
-        source: &Source,
-        blob: &[u8],
-        reference: Option<&[u8]>,
-        size: u64,
-    ) -> Result<Vec<u8>> {
-        if let Source::Bsdiff { .. } = source {
-            return bsdiff_apply(reference.expect("a reference"), blob, size);
-        }
-        let mut out = Vec::new();
-        stream(source, blob, reference, size)?
-            .take(size + 1)
-            .read_to_end(&mut out)?;
-        if out.len() as u64 != size {
-            bail!(
-                "it decodes to {}+ bytes, the manifest says {size}",
-                out.len()
-            );
-        }
-        Ok(out)
-    }
+    use crate::core::codec::decode_all as decode;
 
     #[test]
     fn encodings_round_trip_and_bombs_stop() {

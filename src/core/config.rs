@@ -12,6 +12,8 @@ pub(crate) const DEFAULT_CONFIG: &str = "/etc/treeswap.toml";
 const MAX_TIMEOUT: u64 = 24 * 3600;
 /// The most boots a new tree may be given before it must be marked good.
 const MAX_TRIES: u32 = 1000;
+/// The largest `[trust] max_entries`: far more entries than any tree has.
+const MAX_ENTRIES: u64 = 1 << 30;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +48,14 @@ pub struct Trust {
     /// Whether a delta may create device nodes.
     #[serde(default = "yes")]
     pub allow_devices: bool,
+    /// The most entries a delta may change or remove, and the most its result may have:
+    /// `apply` holds each changed entry in memory (about 400 bytes).
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
+}
+
+fn default_max_entries() -> u64 {
+    crate::core::delta::DEFAULT_MAX_ENTRIES
 }
 
 fn yes() -> bool {
@@ -57,6 +67,7 @@ impl Default for Trust {
         Trust {
             public_keys: Vec::new(),
             allow_devices: true,
+            max_entries: default_max_entries(),
         }
     }
 }
@@ -140,6 +151,12 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
                 g.timeout
             );
         }
+    }
+    if !(1..=MAX_ENTRIES).contains(&cfg.trust.max_entries) {
+        bail!(
+            "{origin}: trust.max_entries = {} is out of range (1 to {MAX_ENTRIES})",
+            cfg.trust.max_entries
+        );
     }
     if cfg.boot.tries > MAX_TRIES {
         bail!(

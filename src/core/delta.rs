@@ -6,7 +6,7 @@
 //! the order the manifest lists them. Parsing is pure; FORMAT.md is the reference.
 
 use std::fmt::Write as _;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use anyhow::{Context, Result, bail};
 
@@ -131,6 +131,12 @@ impl Delta {
     }
 }
 
+/// The largest blob a content of `size` bytes may have (FORMAT.md): a little more than the
+/// content itself, which whole zstd never exceeds; an encoder ships the smallest encoding.
+pub(crate) fn max_blob_size(size: u64) -> u64 {
+    size.saturating_add(size / 128).saturating_add(64 << 10)
+}
+
 fn content_from_fields(mut f: Fields) -> Result<Content> {
     let sha256 = f.hash("sha256")?;
     let size = f.int("size")?;
@@ -151,7 +157,14 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
     let blob = if source == Source::Base {
         None
     } else {
-        Some((f.hash("blob_sha256")?, f.int("blob_size")?))
+        let blob_size = f.int("blob_size")?;
+        if blob_size > max_blob_size(size) {
+            bail!(
+                "content {}: blob_size = {blob_size} is larger than any encoding of {size} bytes",
+                hex::encode(sha256)
+            );
+        }
+        Some((f.hash("blob_sha256")?, blob_size))
     };
     f.finish()?;
     Ok(Content {
@@ -162,14 +175,24 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
     })
 }
 
+/// The most entries a delta may change or remove unless the config says otherwise (`[trust]
+/// max_entries`): `apply` holds each changed entry in memory, about 400 bytes apiece.
+pub const DEFAULT_MAX_ENTRIES: u64 = 2_000_000;
+/// The longest line of a delta manifest (FORMAT.md): an entry with a long path and large
+/// extended attributes is far shorter.
+pub const MAX_LINE: usize = 1 << 20;
+
 /// Parses delta manifest text; see [`parse_reader`].
 pub fn parse(text: &str) -> Result<Delta> {
-    parse_reader(text.as_bytes())
+    parse_reader(text.as_bytes(), DEFAULT_MAX_ENTRIES)
 }
 
 /// Parses a delta manifest and checks what can be checked without the base tree: valid,
-/// sorted, unique paths; no path both removed and changed; contents listed once.
-pub(crate) fn parse_reader(r: impl BufRead) -> Result<Delta> {
+/// sorted, unique paths; no path both removed and changed; contents listed once. Memory is
+/// bounded by the limits, not by the input: lines of at most [`MAX_LINE`] bytes, `to_count`
+/// and each list at most `max_entries`, and no more changed entries than `to_count` says
+/// the result has.
+pub(crate) fn parse_reader(mut r: impl BufRead, max_entries: u64) -> Result<Delta> {
     let mut reader = Reader {
         top: HeaderReader::new(
             "delta manifest",
@@ -179,12 +202,28 @@ pub(crate) fn parse_reader(r: impl BufRead) -> Result<Delta> {
         ),
         header: Header::default(),
         delta: Delta::default(),
+        max_entries,
     };
-    for (n, line) in r.lines().enumerate() {
-        let line = line.with_context(|| format!("line {}", n + 1))?;
+    let mut buf = Vec::new();
+    for n in 1.. {
+        buf.clear();
+        let got = (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("line {n}"))?;
+        if got == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        } else if buf.len() > MAX_LINE {
+            bail!("delta manifest line {n} is longer than {MAX_LINE} bytes");
+        }
+        let line = std::str::from_utf8(&buf)
+            .map_err(|_| anyhow::anyhow!("delta manifest line {n} is not UTF-8"))?;
         reader
-            .line(&line)
-            .with_context(|| format!("delta manifest line {}", n + 1))?;
+            .line(line)
+            .with_context(|| format!("delta manifest line {n}"))?;
     }
     reader.finish()
 }
@@ -195,6 +234,8 @@ struct Reader {
     header: Header,
     /// The lists read so far.
     delta: Delta,
+    /// The most items a list may have, and the largest `to_count`.
+    max_entries: u64,
 }
 
 /// The header values of a delta manifest, as far as they are read.
@@ -224,6 +265,27 @@ impl Reader {
     /// Reads one item of the list `list`.
     fn item(&mut self, list: &str, c: &mut Cursor) -> Result<()> {
         let d = &mut self.delta;
+        let (have, most) = match list {
+            "removed" => (d.removed.len(), self.max_entries),
+            "changed" => (
+                d.changed.len(),
+                self.header
+                    .to_count
+                    .map_or(self.max_entries, |n| n.min(self.max_entries)),
+            ),
+            _ => (d.contents.len(), self.max_entries),
+        };
+        if let Some(n) = self.header.to_count.filter(|&n| n > self.max_entries) {
+            bail!(
+                "to_count = {n} is over the limit of {} entries (`[trust] max_entries`)",
+                self.max_entries
+            );
+        }
+        if have as u64 >= most {
+            bail!(
+                "`{list}` has more than {most} items (to_count, or the limit `[trust] max_entries`)"
+            );
+        }
         match list {
             "removed" => {
                 let p = decode_path(&c.string()?)?;
@@ -254,6 +316,13 @@ impl Reader {
             to_count: h.to_count.context("delta manifest has no `to_count`")?,
             ..self.delta
         };
+        if d.to_count > self.max_entries {
+            bail!(
+                "to_count = {} is over the limit of {} entries (`[trust] max_entries`)",
+                d.to_count,
+                self.max_entries
+            );
+        }
         check(&d)?;
         Ok(d)
     }

@@ -121,3 +121,12 @@ fn link_unnamed(fd: BorrowedFd, dir: BorrowedFd, name: &[u8]) -> rustix::io::Res
         AtFlags::SYMLINK_FOLLOW,
     )
 }
+
+/// An anonymous read-write file in `dir` for bytes that are spooled, never published (a
+/// delta's manifest until its signature is checked, a large blob until its hash is): an
+/// unnamed one (`O_TMPFILE`) where the file system has them, else one unlinked as soon as it
+/// is made.
+pub(crate) fn spool_in(dir: &std::path::Path) -> Result<std::fs::File> {
+    tempfile::tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))
+}

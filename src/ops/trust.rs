@@ -108,9 +108,19 @@ pub(crate) enum Policy<'a> {
     Keys(&'a [(PathBuf, PublicKey)]),
 }
 
+/// A signature of minisign's legacy form (not prehashed) is checked on the whole manifest in
+/// memory: accepted only on manifests up to this size. minisign signs prehashed by default.
+const MAX_LEGACY_SIGNED: u64 = 16 << 20;
+
 /// Checks the signature `sig` (the text of the `delta.toml.minisig` member, empty when the delta
-/// is unsigned) over the manifest bytes `data`.
-pub(crate) fn check(data: &[u8], sig: &str, policy: Policy) -> Result<()> {
+/// is unsigned) over the `len` manifest bytes `data` holds from its start. The bytes are
+/// hashed as they are read (a prehashed signature), so memory does not depend on their size.
+pub(crate) fn check(
+    data: &mut (impl std::io::Read + std::io::Seek),
+    len: u64,
+    sig: &str,
+    policy: Policy,
+) -> Result<()> {
     let keys = match policy {
         Policy::Insecure => {
             log::warn!("--insecure: NOT checking the delta's signature (development only)");
@@ -136,8 +146,25 @@ pub(crate) fn check(data: &[u8], sig: &str, policy: Policy) -> Result<()> {
     }
     let sbox = SignatureBox::from_string(sig)
         .map_err(|e| Fail::Untrusted(format!("the delta's signature is malformed: {e}")))?;
+    if !sbox.is_prehashed() && len > MAX_LEGACY_SIGNED {
+        return Err(Fail::Untrusted(format!(
+            "the delta's signature is of minisign's legacy form, accepted only on manifests of at most {MAX_LEGACY_SIGNED} bytes (this one has {len}); sign it prehashed"
+        ))
+        .into());
+    }
     for (path, key) in keys {
-        if minisign::verify(key, &sbox, Cursor::new(data), true, false, true).is_ok() {
+        data.seek(std::io::SeekFrom::Start(0))
+            .context("cannot read the delta's manifest")?;
+        let mut bytes = std::io::Read::take(&mut *data, len);
+        let checked = if sbox.is_prehashed() {
+            minisign::verify(key, &sbox, NoSeek(&mut bytes), true, false, false)
+        } else {
+            let mut whole = Vec::new();
+            std::io::Read::read_to_end(&mut bytes, &mut whole)
+                .context("cannot read the delta's manifest")?;
+            minisign::verify(key, &sbox, Cursor::new(whole), true, false, true)
+        };
+        if checked.is_ok() {
             log::info!("delta signature verified with `{}`", path.display());
             return Ok(());
         }
@@ -147,4 +174,20 @@ pub(crate) fn check(data: &[u8], sig: &str, policy: Policy) -> Result<()> {
         keys.len()
     ))
     .into())
+}
+
+/// A reader that `minisign::verify` may take (it asks for `Seek` but reads a prehashed
+/// signature's data once, from where it is).
+struct NoSeek<R>(R);
+
+impl<R: std::io::Read> std::io::Read for NoSeek<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R> std::io::Seek for NoSeek<R> {
+    fn seek(&mut self, _: std::io::SeekFrom) -> std::io::Result<u64> {
+        Err(std::io::Error::other("not seekable"))
+    }
 }

@@ -426,6 +426,12 @@ impl Root {
         }
     }
 
+    /// An anonymous read-write file in `tmp/` for bytes that are spooled and never published;
+    /// it is gone when closed.
+    pub fn spool(&self) -> Result<std::fs::File> {
+        crate::fs::file::spool_in(&self.path.join("tmp"))
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

@@ -60,7 +60,7 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
         Policy::Keys(&keys)
     };
     let mut members = read::members(input)?;
-    let d = read::read_manifest(&mut members, policy)?;
+    let d = read::read_manifest(&mut members, policy, root.spool()?, cfg.trust.max_entries)?;
     log::debug!(
         "read the delta manifest: {} changed, {} removed, {} contents",
         d.changed.len(),
@@ -85,7 +85,9 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     plan::ensure_space(root, cfg, &plan, &new, &base_version)?;
 
     let base_tree = write::open_base_tree(root, &pool, &base_version)?;
-    let mut work = || write::write_objects(&d, &plan, &pool, base_tree.as_ref(), &mut members);
+    let spool = || root.spool();
+    let mut work =
+        || write::write_objects(&d, &plan, &pool, base_tree.as_ref(), &mut members, &spool);
     if let Err(e) = write::stage(root, cfg, &pool, &new, &base_version, &d, &mut work) {
         // Give the pool back as it was: the objects this apply wrote are used by no tree
         // (unless the new tree got installed after all, before a late error).

@@ -200,6 +200,9 @@ pub(super) struct Plan {
     /// Bytes of new objects.
     pub(super) bytes: u64,
     pub(super) objects: u64,
+    /// The most bytes of blobs spooled to `tmp/` at once (`write`: blobs over
+    /// `BLOB_IN_MEMORY`, as many at a time as the bytes in flight allow, or one larger one).
+    pub(super) spool: u64,
 }
 
 /// The objects of the base tree that hold the contents the delta refers to (as contents it
@@ -284,9 +287,22 @@ pub(super) fn plan(
         existing: HashMap::new(),
         bytes: 0,
         objects: 0,
+        spool: spooled_at_once(d),
     };
     plan_objects(&mut plan, d, &in_delta, &in_pool)?;
     Ok(plan)
+}
+
+/// The most blob bytes `write` spools at once: the blobs over `BLOB_IN_MEMORY`, no more of
+/// them at a time than the bytes it keeps in flight, or the largest one if that is larger.
+fn spooled_at_once(d: &Delta) -> u64 {
+    let spooled = d
+        .contents
+        .iter()
+        .filter_map(|c| c.blob.map(|(_, n)| n))
+        .filter(|&n| n > super::read::BLOB_IN_MEMORY);
+    let (total, largest) = spooled.fold((0u64, 0u64), |(t, l), n| (t.saturating_add(n), l.max(n)));
+    total.min(largest.max(super::write::IN_FLIGHT_BYTES))
 }
 
 /// Checks every content's references before anything is written: a `base` content must be in
@@ -396,7 +412,7 @@ fn check_space(root: &Root, plan: &Plan, new: &Manifest) -> Result<()> {
 }
 
 /// Refuses, before anything is written, an apply that would not fit: new objects rounded up to
-/// blocks, one block per new directory, the manifest, and a margin of 5% plus 16 MiB; and
+/// blocks, the blobs spooled at once, one block per new directory, the manifest, and a margin of 5% plus 16 MiB; and
 /// about one inode per new object and per four entries, where the file system counts inodes.
 /// `free` is what `fs::sys::free_bytes` says of the file system at `path`.
 fn check_fits(
@@ -410,6 +426,7 @@ fn check_fits(
     let round = |n: u64| n.div_ceil(block).saturating_mul(block);
     let dirs = new.entries.iter().filter(|e| e.is_dir()).count() as u64;
     let mut need: u64 = round(plan.bytes)
+        .saturating_add(round(plan.spool))
         .saturating_add(plan.objects.saturating_mul(block))
         .saturating_add(dirs.saturating_mul(block))
         .saturating_add(new.entries.len() as u64 * 200);
@@ -932,6 +949,7 @@ mod tests {
             existing: HashMap::new(),
             bytes: 1000,
             objects: 1,
+            spool: 0,
         };
         let new = manifest(&[dir(".")]);
         // 4096-byte blocks: 3 blocks (content, object, directory), 200 bytes of manifest, 5%

@@ -1,9 +1,9 @@
 //! Reading a delta: its tar stream, the manifest and signature members (the signature checked
 //! on the exact bytes before they are parsed), each blob member, and the installed base.
 
-use std::io::Read;
+use std::io::{Read, Seek, Write};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::bad;
@@ -13,8 +13,12 @@ use crate::core::object::Hash;
 use crate::core::tar;
 use crate::store::root::Root;
 
-/// The largest delta manifest accepted (a million changed entries take about 200 MB).
-const MAX_MANIFEST: u64 = 1 << 30;
+/// The largest delta manifest accepted (a million changed entries take about 200 MB); it is
+/// spooled to disk, never held in memory.
+pub(super) const MAX_MANIFEST: u64 = 1 << 30;
+/// Blobs up to this size are read into memory; larger ones are spooled to an anonymous file
+/// in `tmp/` while their hash is checked, and decoded from there.
+pub(super) const BLOB_IN_MEMORY: u64 = 8 << 20;
 /// The largest signature member accepted: a minisign signature is four short lines (its
 /// trusted comment names two versions of at most 128 characters).
 const MAX_SIGNATURE: u64 = 8 << 10;
@@ -63,24 +67,66 @@ fn read_small(members: &mut Members, want: &str, limit: u64) -> Result<Vec<u8>> 
     Ok(data)
 }
 
-/// Reads the first two members of a delta, checks the signature, and parses the manifest.
+/// Copies the `size` bytes of the current member `name` to `out` through a fixed buffer,
+/// feeding them to `seen` as well; a member that ends early makes the delta invalid.
+fn spool_member(
+    members: &mut Members,
+    name: &str,
+    size: u64,
+    out: &mut std::fs::File,
+    seen: &mut dyn FnMut(&[u8]),
+) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = members
+            .read(&mut buf[..want])
+            .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
+        if n == 0 {
+            return Err(bad(format!("member `{name}` is truncated")));
+        }
+        seen(&buf[..n]);
+        out.write_all(&buf[..n])
+            .context("cannot write a temporary file in `tmp/`")?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads the first two members of a delta, checks the signature, and parses the manifest. The
+/// manifest is spooled to `spool` (an anonymous file) as it streams in and its signature is
+/// checked there, before a byte of it is parsed; memory depends on neither its size nor on a
+/// size it declares, only on the entries it holds, at most `max_entries` of each kind.
 pub(super) fn read_manifest(
     members: &mut Members,
     policy: crate::ops::trust::Policy,
+    mut spool: std::fs::File,
+    max_entries: u64,
 ) -> Result<Delta> {
-    let text = read_small(members, MANIFEST_MEMBER, MAX_MANIFEST)?;
+    let size = next_member(members, MANIFEST_MEMBER, MAX_MANIFEST)?;
+    spool_member(members, MANIFEST_MEMBER, size, &mut spool, &mut |_| {})?;
     let sig = read_small(members, SIGNATURE_MEMBER, MAX_SIGNATURE)?;
     let sig = String::from_utf8(sig).map_err(|_| bad("its signature is not text"))?;
-    // The signature is checked on the exact bytes, before they are parsed.
-    crate::ops::trust::check(&text, &sig, policy)?;
-    let text = String::from_utf8(text).map_err(|_| bad("its manifest is not UTF-8"))?;
-    delta::parse(&text).map_err(|e| bad(format!("{e:#}")))
+    crate::ops::trust::check(&mut spool, size, &sig, policy)?;
+    spool
+        .seek(std::io::SeekFrom::Start(0))
+        .context("cannot read the delta's manifest back")?;
+    let text = std::io::BufReader::with_capacity(1 << 16, spool.take(size));
+    delta::parse_reader(text, max_entries).map_err(|e| bad(format!("{e:#}")))
 }
 
 /// Reads and parses the head of a delta (manifest and signature member) from a stream, with no
-/// trusted keys and no state root: the entry point of the delta-reader fuzz target.
+/// trusted keys and no state root (the manifest is spooled in the system's temporary
+/// directory): the entry point of the delta-reader fuzz target.
 pub fn read_delta_head(input: impl Read) -> Result<Delta> {
-    read_manifest(&mut members(input)?, crate::ops::trust::Policy::Keys(&[]))
+    let spool = crate::fs::file::spool_in(&std::env::temp_dir())?;
+    read_manifest(
+        &mut members(input)?,
+        crate::ops::trust::Policy::Keys(&[]),
+        spool,
+        delta::DEFAULT_MAX_ENTRIES,
+    )
 }
 
 /// The version whose stored manifest has `digest`, preferring `current`.
@@ -136,8 +182,12 @@ fn wrong_base(root: &Root, d: &Delta, current: Option<&str>) -> Result<anyhow::E
 /// zstd frames start with these bytes; a delta is a plain tar or a zstd-compressed one.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// The delta's tar stream, decompressed if it is zstd-compressed. The outer window is capped
-/// at zstd's default limit (128 MiB), whatever a frame header asks for.
+/// The largest window of a zstd-compressed delta, as a log (FORMAT.md): 16 MiB, more than
+/// `zstd` uses at any level up to 19 and `diff` at its levels; `--long` streams are refused.
+const OUTER_WINDOW_LOG_MAX: u32 = 24;
+
+/// The delta's tar stream, decompressed if it is zstd-compressed, with a window of at most
+/// [`OUTER_WINDOW_LOG_MAX`] whatever a frame header asks for.
 fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
     use std::io::BufRead;
     let mut input = std::io::BufReader::with_capacity(1 << 16, input);
@@ -146,15 +196,43 @@ fn tar_stream<'a>(input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
         .map_err(|e| bad(format!("cannot read it: {e}")))?;
     if head.starts_with(&ZSTD_MAGIC) {
         let mut dec = zstd::stream::read::Decoder::with_buffer(input).map_err(bad)?;
-        dec.window_log_max(27).map_err(bad)?;
+        dec.window_log_max(OUTER_WINDOW_LOG_MAX).map_err(bad)?;
         Ok(Box::new(dec))
     } else {
         Ok(Box::new(input))
     }
 }
 
-/// Reads the blob member of `c` from the stream and checks its hash.
-pub(super) fn read_blob(members: &mut Members, c: &Content) -> Result<Vec<u8>> {
+/// A blob read from the stream and checked against its hash.
+pub(super) enum Blob {
+    Memory(Vec<u8>),
+    /// Larger than [`BLOB_IN_MEMORY`]: in an anonymous file.
+    Spooled(std::fs::File),
+}
+
+impl Blob {
+    /// The blob's bytes from the start.
+    pub(super) fn reader(&self) -> Box<dyn std::io::BufRead + '_> {
+        match self {
+            Blob::Memory(b) => Box::new(&b[..]),
+            Blob::Spooled(f) => Box::new(std::io::BufReader::with_capacity(
+                1 << 16,
+                crate::fs::hash::FdReader {
+                    fd: std::os::fd::AsFd::as_fd(f),
+                    off: 0,
+                },
+            )),
+        }
+    }
+}
+
+/// Reads the blob member of `c` from the stream and checks its hash, in memory when it is
+/// small, else spooled to a file from `spool`.
+pub(super) fn read_blob(
+    members: &mut Members,
+    c: &Content,
+    spool: &dyn Fn() -> Result<std::fs::File>,
+) -> Result<Blob> {
     let (want_sha, want_size) = c.blob.expect("blob");
     let name = Delta::blob_member(c);
     if next_member(members, &name, want_size)? != want_size {
@@ -162,15 +240,24 @@ pub(super) fn read_blob(members: &mut Members, c: &Content) -> Result<Vec<u8>> {
             "member `{name}` does not have its declared size {want_size}"
         )));
     }
-    // No allocation ahead of the bytes: the vector grows as they arrive.
-    let mut blob = Vec::new();
-    members
-        .read_to_end(&mut blob)
-        .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
-    if blob.len() as u64 != want_size {
-        return Err(bad(format!("member `{name}` is truncated")));
-    }
-    let got: Hash = Sha256::digest(&blob).into();
+    let mut h = Sha256::new();
+    let blob = if want_size <= BLOB_IN_MEMORY {
+        // No allocation ahead of the bytes: the vector grows as they arrive.
+        let mut blob = Vec::new();
+        members
+            .read_to_end(&mut blob)
+            .map_err(|e| bad(format!("cannot read member `{name}`: {e}")))?;
+        if blob.len() as u64 != want_size {
+            return Err(bad(format!("member `{name}` is truncated")));
+        }
+        h.update(&blob);
+        Blob::Memory(blob)
+    } else {
+        let mut f = spool()?;
+        spool_member(members, &name, want_size, &mut f, &mut |b| h.update(b))?;
+        Blob::Spooled(f)
+    };
+    let got: Hash = h.finalize().into();
     if got != want_sha {
         return Err(Fail::Integrity(format!(
             "member `{name}` does not match its sha256 (the delta is corrupt or was tampered with)"

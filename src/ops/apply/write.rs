@@ -11,7 +11,8 @@ use anyhow::{Context, Result, anyhow};
 use sha2::{Digest, Sha256};
 
 use super::plan::{BasePaths, Plan};
-use super::read::{Members, expect_end, read_blob};
+use super::read::{Blob, Members, expect_end, read_blob};
+use crate::core::codec::{MAX_REFERENCE, WINDOW_LOG_MAX};
 use crate::core::config::Config;
 use crate::core::delta::{Content, Delta, Source};
 use crate::core::error::Fail;
@@ -74,8 +75,9 @@ pub(super) fn write_objects(
     pool: &Pool,
     base_tree: Option<&OwnedFd>,
     members: &mut Members,
+    spool: &dyn Fn() -> Result<std::fs::File>,
 ) -> Result<()> {
-    materialize(d, plan, pool, base_tree, members)?;
+    materialize(d, plan, pool, base_tree, members, spool)?;
     log::debug!("wrote the new objects");
     crate::core::failpoint::hit("apply-after-objects");
     expect_end(members)
@@ -84,6 +86,7 @@ pub(super) fn write_objects(
 /// Reads a whole object's bytes and checks them against the content hash they must have.
 fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
     let fd = pool.open_object(id)?;
+    check_reference_size(sys::fstat(fd.as_fd())?.st_size as u64, sha)?;
     let data = read_all(fd.as_fd()).context("cannot read a patch base")?;
     let got: Hash = Sha256::digest(&data).into();
     if &got != sha {
@@ -94,6 +97,18 @@ fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
         .into());
     }
     Ok(data)
+}
+
+/// A patch reference must be at most [`MAX_REFERENCE`] bytes (FORMAT.md): it is held whole.
+fn check_reference_size(size: u64, sha: &Hash) -> Result<()> {
+    if size > MAX_REFERENCE {
+        return Err(Fail::BadDelta(format!(
+            "invalid delta: a patch names reference {}, of {size} bytes, over the limit of {MAX_REFERENCE}",
+            hex::encode(sha)
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn read_all(fd: BorrowedFd) -> std::io::Result<Vec<u8>> {
@@ -122,7 +137,11 @@ impl BaseFiles<'_> {
     /// The bytes of content `sha` from the base tree's file, if it has them: anything else
     /// (no such file, another content there) is `None`, and the caller reads the pool.
     fn read(&self, sha: &Hash) -> Option<Vec<u8>> {
-        let data = read_all(self.open(sha)?.as_fd()).ok()?;
+        let fd = self.open(sha)?;
+        if sys::fstat(fd.as_fd()).ok()?.st_size as u64 > MAX_REFERENCE {
+            return None;
+        }
+        let data = read_all(fd.as_fd()).ok()?;
         let got: Hash = Sha256::digest(&data).into();
         if &got != sha {
             log::debug!(
@@ -140,9 +159,10 @@ impl BaseFiles<'_> {
     }
 }
 
-/// The contents being decoded at once hold at most this many bytes (blobs plus results),
-/// unless one content alone is larger.
-const IN_FLIGHT_BYTES: u64 = 64 << 20;
+/// The contents being decoded at once hold at most this many bytes of memory (blobs held in
+/// memory, references, decoding windows) and of spooled blobs, unless one content alone
+/// needs more.
+pub(super) const IN_FLIGHT_BYTES: u64 = 64 << 20;
 
 /// Writes every new object. Blobs are read from the stream in delta order, and each content
 /// is decoded and written by a worker thread as soon as its blob is in, so that the cold reads
@@ -155,12 +175,13 @@ fn materialize(
     pool: &Pool,
     base_tree: Option<&OwnedFd>,
     members: &mut Members,
+    spool: &dyn Fn() -> Result<std::fs::File>,
 ) -> Result<()> {
     let w = Writer::new(d, plan, pool, base_tree);
     let threads = worker_threads(base_tree.is_some())?;
     let mut next = 0;
     while next < d.contents.len() {
-        threads.in_place_scope(|s| w.round(s, members, &mut next))?;
+        threads.in_place_scope(|s| w.round(s, members, &mut next, spool))?;
         if let Some(e) = w.failed.lock().expect("poisoned").take() {
             return Err(e);
         }
@@ -233,6 +254,7 @@ impl<'a> Writer<'a> {
         s: &rayon::Scope<'s>,
         members: &mut Members,
         next: &mut usize,
+        spool: &dyn Fn() -> Result<std::fs::File>,
     ) -> Result<()> {
         let mut in_flight: HashSet<Hash> = HashSet::new();
         let mut bytes = 0u64;
@@ -241,12 +263,13 @@ impl<'a> Writer<'a> {
                 break;
             }
             let waits = c.source.base().is_some_and(|r| in_flight.contains(r));
-            if !in_flight.is_empty() && (waits || bytes >= IN_FLIGHT_BYTES) {
+            let cost = self.cost(c);
+            if !in_flight.is_empty() && (waits || bytes.saturating_add(cost) > IN_FLIGHT_BYTES) {
                 break;
             }
             *next += 1;
             let blob = match c.blob {
-                Some(_) => Some(read_blob(members, c)?),
+                Some(_) => Some(read_blob(members, c, spool)?),
                 None => None,
             };
             let Some(metas) = self.plan.metas.get(&c.sha256).filter(|m| !m.is_empty()) else {
@@ -254,13 +277,27 @@ impl<'a> Writer<'a> {
                 continue;
             };
             self.prefetch(c);
-            bytes = bytes
-                .saturating_add(blob.as_ref().map_or(0, |b| b.len() as u64))
-                .saturating_add(c.size);
+            bytes = bytes.saturating_add(cost);
             in_flight.insert(c.sha256);
-            s.spawn(move |_| self.write_one(c, blob.as_deref(), metas));
+            s.spawn(move |_| self.write_one(c, blob.as_ref(), metas));
         }
         Ok(())
+    }
+
+    /// What decoding `c` may hold at once, as the format bounds it: its blob (in memory or
+    /// spooled), its reference, and the decoder's window.
+    fn cost(&self, c: &Content) -> u64 {
+        let blob = c.blob.map_or(0, |(_, n)| n);
+        let reference = if c.source.base().is_some() {
+            MAX_REFERENCE.min(c.size.max(1 << 20))
+        } else {
+            0
+        };
+        let window = match c.source {
+            Source::Base => 0,
+            _ => c.size.min(1 << WINDOW_LOG_MAX),
+        };
+        blob.saturating_add(reference).saturating_add(window)
     }
 
     /// A content every object of which is in the pool already: nothing to write, but later
@@ -293,7 +330,7 @@ impl<'a> Writer<'a> {
     }
 
     /// On a worker: writes content `c` and records its object, or the failure.
-    fn write_one(&self, c: &Content, blob: Option<&[u8]>, metas: &[(Meta, ObjectId)]) {
+    fn write_one(&self, c: &Content, blob: Option<&Blob>, metas: &[(Meta, ObjectId)]) {
         match self.write_content(c, blob, metas) {
             Ok(id) => {
                 self.have.lock().expect("poisoned").insert(c.sha256, id);
@@ -310,27 +347,19 @@ impl<'a> Writer<'a> {
     fn write_content(
         &self,
         c: &Content,
-        blob: Option<&[u8]>,
+        blob: Option<&Blob>,
         metas: &[(Meta, ObjectId)],
     ) -> Result<ObjectId> {
         let ((meta0, id0), rest) = metas.split_first().expect("an object to make");
         match &c.source {
             Source::Base => self.copy_base_content(c, meta0)?,
-            Source::Zstd | Source::ZstdPatch { .. } => {
+            Source::Zstd | Source::ZstdPatch { .. } | Source::Bsdiff { .. } => {
                 let reference = c.source.base().map(|r| self.reference(r)).transpose()?;
-                let blob = blob.expect("blob");
+                let blob = blob.expect("blob").reader();
                 let mut dec =
-                    crate::core::codec::stream(&c.source, blob, reference.as_deref(), c.size)?;
+                    crate::core::codec::decoder(&c.source, blob, reference.as_deref(), c.size)?;
                 self.pool
                     .store(&mut dec, meta0, c.size, &c.sha256)
-                    .with_context(|| what(c))?;
-            }
-            Source::Bsdiff { base } => {
-                let reference = self.reference(base)?;
-                let out =
-                    crate::core::codec::bsdiff_apply(&reference, blob.expect("blob"), c.size)?;
-                self.pool
-                    .store(&mut &out[..], meta0, c.size, &c.sha256)
                     .with_context(|| what(c))?;
             }
         }

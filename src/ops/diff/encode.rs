@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use super::compare::{Base, names};
-use crate::core::codec::{SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
+use crate::core::codec::{MAX_REFERENCE, SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
 use crate::core::delta::{Content, Source};
 use crate::core::manifest::{Entry, Kind};
 use crate::core::object::Hash;
@@ -252,7 +252,8 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
         bail!("it changed while the delta was being made");
     }
     let mut bases: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(cands.len());
-    for c in cands {
+    // A patch may name a reference of at most `MAX_REFERENCE` bytes (FORMAT.md).
+    for c in cands.iter().filter(|c| size_of(c.entry) <= MAX_REFERENCE) {
         let base = read(sides.of(c.side), c.entry)?;
         bases.push((content_of(c.entry).expect("file"), base));
     }
