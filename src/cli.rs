@@ -110,8 +110,14 @@ pub enum Command {
     /// Run at boot before the guests start: repair interrupted work, count the boot, and
     /// revert a pending tree that used up its tries.
     Boot,
-    /// Mark the current tree good (run by a health check once the guests are up).
-    MarkGood,
+    /// Mark the pending tree good, so that boot counting stops for it.
+    MarkGood {
+        /// Only if it is healthy: it runs in this boot, its guests were all restarted onto
+        /// it, and every configured check (each guest's `check`, `[health] command`) passes;
+        /// else it stays pending (exit 3).
+        #[arg(long)]
+        check: bool,
+    },
     /// Remove trees that are not current, previous, pending or pinned, then unused objects.
     Gc {
         /// Keep the N newest of the other trees.
@@ -270,10 +276,12 @@ pub fn run(cli: &Cli) -> Result<()> {
         }
         Command::Pin { version } => gc::pin(&cx.root(Lock::Exclusive, false)?, version, true)?,
         Command::Unpin { version } => gc::pin(&cx.root(Lock::Exclusive, false)?, version, false)?,
-        Command::MarkGood => match boot::mark_good(&cx.root(Lock::Exclusive, false)?)? {
-            Some(v) => log::info!("`{v}` is marked good"),
-            None => log::info!("nothing pending: the current tree is already good"),
-        },
+        Command::MarkGood { check } => {
+            match boot::mark_good(&cx.root(Lock::Exclusive, false)?, &cx.cfg, *check)? {
+                Some(v) => log::info!("`{v}` is marked good"),
+                None => log::info!("nothing pending: the current tree is already good"),
+            }
+        }
     }
     Ok(())
 }

@@ -1099,9 +1099,19 @@ fn stub(t: &Setup, name: &str, code: i32) -> PathBuf {
     p
 }
 
+/// A config with `tries` boot tries and `extra` appended (a `[health]` table, guests).
+fn health_config(t: &Setup, tries: u32, extra: &str) {
+    t.set_config(&format!("[boot]\ntries = {tries}\n{extra}"));
+}
+
+/// `[health] command` running `check`.
+fn health_command(check: &Path) -> String {
+    format!("[health]\ncommand = [\"{}\"]\n", s(check))
+}
+
 /// Runs the ExecStart= lines of a unit the way systemd does for a oneshot service: in order,
 /// stopping at the first that fails. Returns the exit code of the last one run.
-fn run_unit(t: &Setup, unit: &str, health_check: &Path) -> i32 {
+fn run_unit(t: &Setup, unit: &str) -> i32 {
     let text = fs::read_to_string(script(unit)).unwrap();
     let ok: Vec<i32> = unit_values(&text, "SuccessExitStatus")
         .iter()
@@ -1116,7 +1126,6 @@ fn run_unit(t: &Setup, unit: &str, health_check: &Path) -> i32 {
             .split_whitespace()
             .map(|w| match w {
                 "/usr/sbin/treeswap" => BIN.to_owned(),
-                "/usr/lib/treeswap/health-check" => s(health_check).to_owned(),
                 w => w.to_owned(),
             })
             .collect();
@@ -1137,50 +1146,195 @@ fn run_unit(t: &Setup, unit: &str, health_check: &Path) -> i32 {
     code
 }
 
+/// Sets the boot id the state file records for the pending tree, as if it had last run in
+/// another boot.
+fn set_pending_boot_id(t: &Setup, id: &str) {
+    let p = t.root().join("state.toml");
+    let text = fs::read_to_string(&p).unwrap();
+    let mut v: toml::Table = toml::from_str(&text).unwrap();
+    v["pending"]
+        .as_table_mut()
+        .expect("a pending tree")
+        .insert("boot_id".into(), toml::Value::String(id.into()));
+    fs::write(&p, toml::to_string(&v).unwrap()).unwrap();
+}
+
+/// Regression (issue 19): the shipped health check ran `vserver NAME running`, which exists
+/// on no machine without VServer, so every update was reverted after three boots. The units
+/// now run `treeswap mark-good --check`: the site's checks come from the config, and with
+/// none, "it runs in this boot and its guests were restarted onto it" is the check.
 #[test]
 fn the_systemd_units_count_boots_and_mark_good() {
     let t = Setup::new();
-    t.set_config("[boot]\ntries = 2\n");
+    let failing = stub(&t, "failing-check", 1);
+    let passing = stub(&t, "passing-check", 0);
+    health_config(&t, 2, &health_command(&failing));
     t.import_v1_active(&t.config);
     t.apply().success();
-    let health = script("health-check");
-    let failing = stub(&t, "failing-check", 1);
 
-    assert_eq!(run_unit(&t, "treeswap-boot.service", &health), 0);
+    assert_eq!(run_unit(&t, "treeswap-boot.service"), 0);
     assert_eq!(boot_state(&t), ("pending".into(), 1.into(), 1.into()));
-    // A failing health check stops the unit before mark-good.
-    assert_eq!(run_unit(&t, "treeswap-mark-good.service", &failing), 1);
+    // A failing health check: exit 3, the tree stays pending; the timer tries again.
+    assert_eq!(run_unit(&t, "treeswap-mark-good.service"), 3);
     assert_eq!(boot_state(&t).0, "pending");
-    // The shipped health check passes without guests; then the tree is good.
-    assert_eq!(run_unit(&t, "treeswap-mark-good.service", &health), 0);
+    health_config(&t, 2, &health_command(&passing));
+    assert_eq!(run_unit(&t, "treeswap-mark-good.service"), 0);
     assert_eq!(boot_state(&t).0, "good");
     assert_eq!(t.current().as_deref(), Some("2"));
+    // With nothing pending, a timer run does nothing and succeeds.
+    assert_eq!(run_unit(&t, "treeswap-mark-good.service"), 0);
 
     // A pending tree never marked good: the third boot reverts, with an exit code the unit
     // counts as success.
+    health_config(&t, 2, "");
     t.ts(["--revert"]).success();
     t.ts(["switch", "2"]).success();
     let unit = fs::read_to_string(script("treeswap-boot.service")).unwrap();
     assert_eq!(unit_values(&unit, "SuccessExitStatus"), ["5"]);
-    assert_eq!(run_unit(&t, "treeswap-boot.service", &health), 0);
-    assert_eq!(run_unit(&t, "treeswap-boot.service", &health), 0);
+    assert_eq!(run_unit(&t, "treeswap-boot.service"), 0);
+    assert_eq!(run_unit(&t, "treeswap-boot.service"), 0);
     assert_eq!(t.current().as_deref(), Some("2"));
     assert_eq!(
-        run_unit(&t, "treeswap-boot.service", &health),
+        run_unit(&t, "treeswap-boot.service"),
         5,
         "a reverting boot should exit with the unit's SuccessExitStatus"
     );
     assert_eq!(t.current().as_deref(), Some("1"));
     assert_eq!(boot_state(&t).0, "good");
+
+    // Nothing in the shipped files assumes VServer, skips silently or hard-codes the root.
+    for f in names(&script("")) {
+        let text = fs::read_to_string(script(std::str::from_utf8(&f).unwrap())).unwrap();
+        for bad in [
+            "vserver",
+            "ConditionPathExists",
+            "/versions",
+            "health-check",
+        ] {
+            assert!(!text.contains(bad), "{}: mentions `{bad}`", show(&f));
+        }
+    }
 }
 
-fn run_init(t: &Setup, action: &str, health_check: &Path) -> Run {
+/// `mark-good --check` marks a tree good only when it runs in this boot, no guest restart is
+/// left, and every guest's `check` and `[health] command` pass within their timeouts; each
+/// failure says why, exits 3, and leaves the tree pending.
+#[test]
+fn mark_good_check_runs_every_configured_check() {
+    let t = Setup::new();
+    let failing = stub(&t, "failing-check", 1);
+    let passing = stub(&t, "passing-check", 0);
+    let slow = t.env.path("slow-check");
+    fs::write(&slow, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    fs::set_permissions(&slow, fs::Permissions::from_mode(0o755)).unwrap();
+    health_config(&t, 3, "");
+    t.import_v1_active(&t.config);
+    t.apply().success();
+    let guest = |check: &Path, timeout: u32| {
+        format!(
+            "[[guest]]\nname = \"web\"\nrestart = [\"true\"]\ncheck = [\"{}\"]\ncheck_timeout = {timeout}\n",
+            s(check)
+        )
+    };
+    let refused = |why: &str| {
+        let r = t.ts(["mark-good", "--check"]);
+        r.exit(3).stderr_has("`2` stays pending").stderr_has(why);
+        r.one_line_error();
+        assert_eq!(boot_state(&t).0, "pending");
+    };
+    // Flipped to in another boot and not yet counted in this one.
+    set_pending_boot_id(&t, "00000000-0000-0000-0000-000000000000");
+    refused("has not run in this boot");
+    t.ts(["boot"]).success();
+    health_config(&t, 3, &guest(&failing, 5));
+    refused("guest `web`: check");
+    health_config(&t, 3, &guest(&slow, 1));
+    let start = Instant::now();
+    refused("did not finish within 1 s");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    health_config(
+        &t,
+        3,
+        &format!("{}{}", guest(&passing, 5), health_command(&failing)),
+    );
+    refused("health check");
+    // Every check passes: good.
+    health_config(
+        &t,
+        3,
+        &format!("{}{}", guest(&passing, 5), health_command(&passing)),
+    );
+    t.ts(["mark-good", "--check"]).success();
+    assert_eq!(boot_state(&t).0, "good");
+    // A config that names no program is refused.
+    health_config(&t, 3, "[health]\ncommand = []\n");
+    t.ts(["mark-good", "--check"])
+        .failure()
+        .stderr_has("health.command is empty");
+}
+
+/// The units as `scripts/install-boot.sh` installs them name the binary it was given and
+/// pass `systemd-analyze verify`; the environment file holds the root.
+#[test]
+fn install_boot_writes_the_binary_path_and_the_units_verify() {
+    if !Path::new("/usr/bin/systemd-analyze").exists() && skip("no systemd-analyze") {
+        return;
+    }
+    let env = Env::new();
+    let dest = env.path("units");
+    let defaults = env.path("defaults");
+    let r = run(
+        Command::new(Path::new(REPO).join("scripts/install-boot.sh"))
+            .args(["--bin", BIN, "--root", "/srv/treeswap", "--dest"])
+            .arg(&dest)
+            .arg("--defaults")
+            .arg(&defaults),
+    );
+    r.success().stdout_has("systemctl enable");
+    for u in [
+        "treeswap-boot.service",
+        "treeswap-mark-good.service",
+        "treeswap-mark-good.timer",
+    ] {
+        let text = fs::read_to_string(dest.join(u)).unwrap();
+        assert!(!text.contains("/usr/sbin/treeswap"), "{u}: {text}");
+        for line in unit_values(&text, "ExecStart") {
+            assert!(line.starts_with(BIN), "{u}: {line}");
+        }
+    }
+    assert!(
+        fs::read_to_string(&defaults)
+            .unwrap()
+            .contains("TREESWAP_ROOT=/srv/treeswap")
+    );
+    let r = run(Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dest.join("treeswap-boot.service"))
+        .arg(dest.join("treeswap-mark-good.service"))
+        .arg(dest.join("treeswap-mark-good.timer")));
+    r.success();
+    assert!(r.stderr().trim().is_empty(), "{}", r.stderr());
+    let sysv = env.path("init.d");
+    run(
+        Command::new(Path::new(REPO).join("scripts/install-boot.sh"))
+            .args(["--bin", BIN, "--sysv", "--dest"])
+            .arg(&sysv),
+    )
+    .success();
+    let text = fs::read_to_string(sysv.join("treeswap")).unwrap();
+    assert!(
+        text.contains(&format!("TREESWAP=${{TREESWAP:-{BIN}}}")),
+        "{text}"
+    );
+}
+
+fn run_init(t: &Setup, action: &str) -> Run {
     run(Command::new("sh")
         .arg(script("treeswap.init"))
         .arg(action)
         .env_remove("TREESWAP_FAILPOINT")
         .env("TREESWAP", BIN)
-        .env("HEALTH_CHECK", health_check)
+        .env("TREESWAP_DEFAULTS", "/nonexistent")
         .env("TREESWAP_ROOT", t.root())
         .env("TREESWAP_CONFIG", &t.config))
 }
@@ -1188,30 +1342,32 @@ fn run_init(t: &Setup, action: &str, health_check: &Path) -> Run {
 #[test]
 fn the_init_script_counts_boots_and_marks_good() {
     let t = Setup::new();
-    t.set_config("[boot]\ntries = 2\n");
-    t.import_v1_active(&t.config);
-    t.apply().success();
     let passing = stub(&t, "passing-check", 0);
     let failing = stub(&t, "failing-check", 1);
+    health_config(&t, 2, &health_command(&failing));
+    t.import_v1_active(&t.config);
+    t.apply().success();
 
-    run_init(&t, "start", &passing).success();
+    run_init(&t, "start").success();
     assert_eq!(boot_state(&t), ("pending".into(), 1.into(), 1.into()));
-    run_init(&t, "mark-good", &failing);
+    run_init(&t, "mark-good").exit(3);
     assert_eq!(
         boot_state(&t).0,
         "pending",
         "marked good despite a failing health check"
     );
-    run_init(&t, "mark-good", &passing).success();
+    health_config(&t, 2, &health_command(&passing));
+    run_init(&t, "mark-good").success();
     assert_eq!(boot_state(&t).0, "good");
 
     // A reverting boot still lets the machine boot.
+    health_config(&t, 2, "");
     t.ts(["--revert"]).success();
     t.ts(["switch", "2"]).success();
-    run_init(&t, "start", &passing).success();
-    run_init(&t, "start", &passing).success();
+    run_init(&t, "start").success();
+    run_init(&t, "start").success();
     assert_eq!(t.current().as_deref(), Some("2"));
-    run_init(&t, "start", &passing).success();
+    run_init(&t, "start").success();
     assert_eq!(t.current().as_deref(), Some("1"));
     assert_eq!(boot_state(&t).0, "good");
     // A real error is not hidden.
@@ -1219,10 +1375,11 @@ fn the_init_script_counts_boots_and_marks_good() {
         .arg(script("treeswap.init"))
         .arg("start")
         .env("TREESWAP", BIN)
+        .env("TREESWAP_DEFAULTS", "/nonexistent")
         .env("TREESWAP_ROOT", t.root())
         .env("TREESWAP_CONFIG", t.env.path("no-such.toml")))
     .exit(1);
-    run_init(&t, "bogus", &passing).exit(3);
+    run_init(&t, "bogus").exit(3);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ pub struct Config {
     pub guests: Vec<Guest>,
     #[serde(default)]
     pub trust: Trust,
+    /// What `mark-good --check` runs before it marks a tree good.
+    #[serde(default)]
+    pub health: Health,
     /// Run `gc` before an apply that does not fit in the free space.
     #[serde(default)]
     pub gc_before_apply: bool,
@@ -72,6 +75,31 @@ impl Default for Trust {
     }
 }
 
+/// The `[health]` table: the site's own health check.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// An argv (no shell) that must exit 0 for the current tree to be healthy; none by default.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Seconds the command may take before it counts as failed.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: u64,
+}
+
+fn default_check_timeout() -> u64 {
+    60
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            command: None,
+            timeout: default_check_timeout(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Boot {
@@ -102,6 +130,12 @@ pub struct Guest {
     /// Seconds a restart may take before it counts as failed.
     #[serde(default = "default_timeout")]
     pub timeout: u64,
+    /// An argv (no shell) that must exit 0 for the guest to be healthy (`mark-good --check`),
+    /// within `check_timeout` seconds; none by default.
+    #[serde(default)]
+    pub check: Option<Vec<String>>,
+    #[serde(default = "default_check_timeout")]
+    pub check_timeout: u64,
 }
 
 fn default_timeout() -> u64 {
@@ -152,6 +186,21 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
             );
         }
     }
+    for g in &cfg.guests {
+        let name = crate::core::path::quote(&g.name);
+        check_argv(
+            origin,
+            &format!("guest `{name}`: check"),
+            g.check.as_deref(),
+        )?;
+        check_seconds(
+            origin,
+            &format!("guest `{name}`: check_timeout"),
+            g.check_timeout,
+        )?;
+    }
+    check_argv(origin, "health.command", cfg.health.command.as_deref())?;
+    check_seconds(origin, "health.timeout", cfg.health.timeout)?;
     if !(1..=MAX_ENTRIES).contains(&cfg.trust.max_entries) {
         bail!(
             "{origin}: trust.max_entries = {} is out of range (1 to {MAX_ENTRIES})",
@@ -165,6 +214,21 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
         );
     }
     Ok(cfg)
+}
+
+/// An argv from the config must name a program.
+fn check_argv(origin: &str, what: &str, argv: Option<&[String]>) -> Result<()> {
+    if argv.is_some_and(|a| a.first().is_none_or(|p| p.is_empty())) {
+        bail!("{origin}: {what} is empty (give an argv: a program and its arguments)");
+    }
+    Ok(())
+}
+
+fn check_seconds(origin: &str, what: &str, n: u64) -> Result<()> {
+    if !(1..=MAX_TIMEOUT).contains(&n) {
+        bail!("{origin}: {what} = {n} is out of range (1 to {MAX_TIMEOUT} seconds)");
+    }
+    Ok(())
 }
 
 /// Loads the configuration: `explicit` (from `--config` or the environment) must exist; the

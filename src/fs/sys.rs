@@ -967,3 +967,10 @@ pub(crate) fn zero_times(fd: BorrowedFd) -> Result<()> {
     )
     .context("cannot set timestamps")
 }
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): tells one boot from the next.
+pub(crate) fn boot_id() -> Result<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .context("cannot read /proc/sys/kernel/random/boot_id")?;
+    Ok(id.trim().to_owned())
+}

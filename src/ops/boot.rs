@@ -87,6 +87,7 @@ fn count(root: &Root, cfg: &Config, opts: Options, mut st: State) -> Result<Boot
         return Ok(BootOutcome::Ok);
     };
     p.boots += 1;
+    p.boot_id = Some(sys::boot_id()?);
     if p.boots <= cfg.boot.tries {
         log::info!(
             "`{}` is pending: boot {} of {} before it must be marked good",
@@ -174,12 +175,45 @@ impl Link {
     }
 }
 
-/// Marks the pending tree good: boot counting stops for it.
-pub(crate) fn mark_good(root: &Root) -> Result<Option<String>> {
+/// Marks the pending tree good: boot counting stops for it. With `check`, only if it is
+/// healthy (see [`check_health`]); a failed check leaves it pending and says why.
+pub(crate) fn mark_good(root: &Root, cfg: &Config, check: bool) -> Result<Option<String>> {
     let mut st = state::load(root.fd())?;
     let Some(p) = st.pending.take() else {
         return Ok(None);
     };
+    if check {
+        check_health(cfg, &p, &st)?;
+    }
     state::save(root.fd(), &st)?;
     Ok(Some(p.version))
+}
+
+/// Whether the pending tree `p` is healthy: it runs in this boot (it was flipped to in this
+/// boot, or `treeswap boot` counted this boot of it), every guest was restarted onto it (no
+/// restart is left to finish), and every configured check passes: each guest's `check`,
+/// then `[health] command`. With no check configured, the first two are the health check.
+fn check_health(cfg: &Config, p: &state::Pending, st: &State) -> Result<()> {
+    let unhealthy = |why: String| -> anyhow::Error {
+        crate::core::error::Fail::Verify(format!("`{}` stays pending: {why}", p.version)).into()
+    };
+    if p.boot_id.as_deref() != Some(sys::boot_id()?.as_str()) {
+        return Err(unhealthy(
+            "it has not run in this boot yet (`treeswap boot` did not count this boot)".into(),
+        ));
+    }
+    if let Some(r) = &st.restart {
+        return Err(unhealthy(format!(
+            "guest restarts onto it are unfinished ({} left)",
+            r.guests.len()
+        )));
+    }
+    for g in &cfg.guests {
+        crate::ops::guests::check(g).map_err(|e| unhealthy(format!("{e:#}")))?;
+    }
+    if let Some(argv) = &cfg.health.command {
+        crate::ops::guests::run("health check", argv, cfg.health.timeout)
+            .map_err(|e| unhealthy(format!("{e:#}")))?;
+    }
+    Ok(())
 }

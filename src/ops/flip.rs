@@ -68,6 +68,8 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         st.pending = (cfg.boot.tries > 0).then(|| Pending {
             version: version.to_owned(),
             boots: 0,
+            // The tree runs from this boot on: its guests are restarted onto it now.
+            boot_id: crate::fs::sys::boot_id().ok(),
         });
     }
     // A flip back to a good tree clears the pending mark only once `current` has changed: a

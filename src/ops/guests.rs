@@ -14,11 +14,28 @@ use crate::fs::sys;
 
 /// Runs a guest's restart command and waits for it, at most its timeout.
 pub(crate) fn restart(g: &Guest) -> Result<()> {
-    let argv = g.argv();
-    // For messages: the config's name and command, quoted briefly.
-    let shown = crate::core::path::quote_at_most(argv.join(" "), 160);
     let name = crate::core::path::quote(&g.name);
-    log::info!("restarting guest `{name}`: {shown}");
+    run(&format!("guest `{name}`"), &g.argv(), g.timeout)
+}
+
+/// Runs a guest's health check, if it has one.
+pub(crate) fn check(g: &Guest) -> Result<()> {
+    match &g.check {
+        Some(argv) => run(
+            &format!("guest `{}`: check", crate::core::path::quote(&g.name)),
+            argv,
+            g.check_timeout,
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Runs `argv` (no shell; `what` names it in messages) and waits for it, at most `timeout`
+/// seconds; its output goes to the log. Fails unless it exits 0 in time.
+pub(crate) fn run(what: &str, argv: &[String], timeout: u64) -> Result<()> {
+    // For messages: the config's command, quoted briefly.
+    let shown = crate::core::path::quote_at_most(argv.join(" "), 160);
+    log::info!("{what}: running {shown}");
     // Output goes to a file, not a pipe: a restart script may leave a daemon holding it open.
     let mut out = tempfile::tempfile().context("cannot create a file for guest output")?;
     let mut child = Command::new(&argv[0])
@@ -28,8 +45,8 @@ pub(crate) fn restart(g: &Guest) -> Result<()> {
         .stderr(out.try_clone()?)
         .process_group(0)
         .spawn()
-        .with_context(|| format!("guest `{name}`: cannot run `{shown}`"))?;
-    let deadline = Instant::now() + Duration::from_secs(g.timeout);
+        .with_context(|| format!("{what}: cannot run `{shown}`"))?;
+    let deadline = Instant::now() + Duration::from_secs(timeout);
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break Some(status);
@@ -45,14 +62,11 @@ pub(crate) fn restart(g: &Guest) -> Result<()> {
     out.rewind()?;
     let _ = out.take(1 << 20).read_to_string(&mut text);
     for line in text.lines() {
-        log::info!("guest `{name}`: {line}");
+        log::info!("{what}: {line}");
     }
     match status {
-        None => bail!(
-            "guest `{name}`: `{shown}` did not finish within {} s",
-            g.timeout
-        ),
-        Some(s) if !s.success() => bail!("guest `{name}`: `{shown}` failed ({s})"),
+        None => bail!("{what}: `{shown}` did not finish within {timeout} s"),
+        Some(s) if !s.success() => bail!("{what}: `{shown}` failed ({s})"),
         Some(_) => Ok(()),
     }
 }

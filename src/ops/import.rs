@@ -70,7 +70,7 @@ pub(crate) fn activate(
     let st = state::load(root.fd())?;
     flip::switch(root, cfg, version, opts)?;
     if st.pending.is_none() && root.link("previous")?.is_none() {
-        boot::mark_good(root)?;
+        boot::mark_good(root, cfg, false)?;
     }
     Ok(())
 }

@@ -39,6 +39,11 @@ pub(crate) struct State {
 pub(crate) struct Pending {
     pub version: String,
     pub boots: u32,
+    /// The last boot that ran this tree (its `boot_id`): the one in which it was flipped to,
+    /// or the last one `treeswap boot` counted. `mark-good --check` marks a tree good only in
+    /// such a boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -158,6 +163,7 @@ mod tests {
             pending: Some(Pending {
                 version: "2".into(),
                 boots: 1,
+                boot_id: Some("5e3b1c2a-0d4f-4a7e-9f2b-1c3d5e7f9a0b".into()),
             }),
             restart: Some(Restart {
                 target: "2".into(),
