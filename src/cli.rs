@@ -79,13 +79,19 @@ pub enum Command {
         #[arg(long)]
         full: bool,
     },
-    /// Show installed versions, current, previous and the pool.
+    /// Show installed versions, current, previous, the pool, boot counting, and what a
+    /// writer is doing now (it never waits for one).
     Status {
+        /// Print JSON (its schema is in FORMAT.md).
         #[arg(long)]
         json: bool,
     },
     /// List installed versions (`*` current, `-` previous).
-    List,
+    List {
+        /// Print the installed trees as JSON (the `trees` of `status --json`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a hardlink farm of installed version V at DEST (which must not exist).
     Checkout { version: String, dest: PathBuf },
     /// Make a delta from one tree to another.
@@ -130,6 +136,30 @@ pub enum Command {
     Unpin { version: String },
 }
 
+impl Command {
+    /// The command's name on the command line.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Init => "init",
+            Command::Import { .. } => "import",
+            Command::Manifest { .. } => "manifest",
+            Command::Verify { .. } => "verify",
+            Command::Status { .. } => "status",
+            Command::List { .. } => "list",
+            Command::Checkout { .. } => "checkout",
+            Command::Diff(_) => "diff",
+            Command::Apply { .. } => "apply",
+            Command::Switch { .. } => "switch",
+            Command::Revert => "revert",
+            Command::Boot => "boot",
+            Command::MarkGood { .. } => "mark-good",
+            Command::Gc { .. } => "gc",
+            Command::Pin { .. } => "pin",
+            Command::Unpin { .. } => "unpin",
+        }
+    }
+}
+
 /// The arguments of `treeswap diff`.
 #[derive(clap::Args)]
 pub struct DiffArgs {
@@ -170,6 +200,8 @@ pub struct DiffArgs {
 struct Env<'a> {
     cli: &'a Cli,
     cfg: Config,
+    /// The command's name, which a writer records in the lock for `status`.
+    op: &'static str,
 }
 
 impl Env<'_> {
@@ -189,7 +221,7 @@ impl Env<'_> {
         } else {
             Root::open(&path)?
         };
-        root.lock(how, self.cli.wait)?;
+        root.lock(how, self.cli.wait, self.op)?;
         Ok(root)
     }
 
@@ -203,11 +235,6 @@ impl Env<'_> {
 
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli) -> Result<()> {
-    // Read the config up front, so that a broken one is reported by every command.
-    let cx = Env {
-        cli,
-        cfg: config::load(cli.config.as_deref())?,
-    };
     let command = match (&cli.command, cli.revert) {
         (Some(_), true) => {
             return Err(Fail::Usage("--revert cannot be combined with a command".into()).into());
@@ -217,6 +244,12 @@ pub fn run(cli: &Cli) -> Result<()> {
         (None, false) => {
             return Err(Fail::Usage("no command given; see `treeswap --help`".into()).into());
         }
+    };
+    // Read the config up front, so that a broken one is reported by every command.
+    let cx = Env {
+        cli,
+        cfg: config::load(cli.config.as_deref())?,
+        op: command.name(),
     };
     match command {
         Command::Init => drop(cx.root(Lock::Exclusive, true)?),
@@ -234,9 +267,12 @@ pub fn run(cli: &Cli) -> Result<()> {
                 false => print!("{}", s.to_text()),
             }
         }
-        Command::List => {
+        Command::List { json } => {
             let s = status::status(&cx.root(Lock::Shared, false)?, &cx.cfg)?;
-            print!("{}", s.to_list());
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&s.list_json())?),
+                false => print!("{}", s.to_list()),
+            }
         }
         Command::Checkout { version, dest } => {
             // A writer: in immutable mode, it records that objects are briefly unprotected.
@@ -399,14 +435,18 @@ fn diff_command(cx: &Env, a: &DiffArgs) -> Result<()> {
 fn apply_command(cx: &Env, file: &Path, opts: apply::Options) -> Result<()> {
     let root = cx.root(Lock::Exclusive, true)?;
     let outcome = if file.as_os_str() == "-" {
-        apply::apply(&root, &cx.cfg, std::io::stdin().lock(), opts)?
+        apply::apply(&root, &cx.cfg, std::io::stdin().lock(), opts)
     } else {
-        let f = fs_err::File::open(file)?;
-        let r = std::io::BufReader::with_capacity(1 << 20, f);
-        apply::apply(&root, &cx.cfg, r, opts)
-            .with_context(|| format!("cannot apply `{}`", file.display()))?
+        fs_err::File::open(file)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| {
+                let r = std::io::BufReader::with_capacity(1 << 20, f);
+                apply::apply(&root, &cx.cfg, r, opts)
+            })
+            .with_context(|| format!("cannot apply `{}`", file.display()))
     };
-    match outcome {
+    record_last_apply(&root, &outcome);
+    match outcome? {
         apply::Outcome::Applied { from, to } => {
             log::info!("applied: `{from}` -> `{to}`; current is `{to}`")
         }
@@ -416,4 +456,33 @@ fn apply_command(cx: &Env, file: &Path, opts: apply::Options) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Records what an apply that held the lock came to, for `status` (a failure to record is
+/// only logged).
+fn record_last_apply(root: &Root, outcome: &Result<apply::Outcome>) {
+    let (result, to, code, error) = match outcome {
+        Ok(apply::Outcome::Applied { to, .. }) => ("applied", Some(to.clone()), 0, None),
+        Ok(apply::Outcome::Staged { to }) => ("staged", Some(to.clone()), 0, None),
+        Ok(apply::Outcome::Switched { to }) => ("switched", Some(to.clone()), 0, None),
+        Err(e) => {
+            let code = crate::core::error::exit_code(e);
+            let result = match code == crate::core::error::EXIT_NOTHING {
+                true => "nothing",
+                false => "failed",
+            };
+            let msg = crate::core::path::quote_at_most(format!("{e:#}"), 300);
+            (result, None, code, Some(msg))
+        }
+    };
+    let last = crate::store::root::LastApply {
+        time: crate::store::root::now(),
+        result: result.into(),
+        code,
+        to,
+        error,
+    };
+    if let Err(e) = root.record_last_apply(&last) {
+        log::warn!("cannot record the apply's outcome: {e:#}");
+    }
 }

@@ -1431,6 +1431,127 @@ fn status_json_reports_boot_and_guests_pending() {
     t.ts(["status"]).success().stdout_has("pending");
 }
 
+/// Regression (issue 19): `status --json` exited 6 ("busy") with no JSON while any apply,
+/// switch or guest restart ran. Readers take no lock now: during an apply whose guest
+/// restart takes seconds, `status --json`, `list --json` and `verify` answer at once, and
+/// status names the writer and its command; afterwards it reports the apply's outcome and,
+/// per tree, its digest, entries, install time, unique bytes and marks.
+#[test]
+fn status_answers_during_a_write_and_reports_each_tree() {
+    let t = Setup::new();
+    let marker = t.env.path("restarting");
+    t.set_config(&format!(
+        "[[guest]]\nname = \"slow\"\nrestart = [\"sh\", \"-c\", \"touch {} && sleep 4\"]\n",
+        s(&marker)
+    ));
+    t.import_v1_active(&t.write_config("none.toml", ""));
+    let mut apply = t.cmd_with(&t.config);
+    apply
+        .args(["apply", s(&t.delta)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = apply.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the guest restart never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    let st = t.status();
+    let list = json_of(&t.ts(["list", "--json"]));
+    t.ts(["verify", "1"]).success();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the readers waited for the writer"
+    );
+    assert_eq!(st["activity"]["op"], "apply", "{st}");
+    assert_eq!(st["activity"]["pid"], child.id(), "{st}");
+    assert_eq!(list["schema"], 1);
+    t.ts(["status"]).success().stdout_has("working:  `apply`");
+    // A writer meanwhile is busy, and says who holds the lock.
+    t.ts(["gc"]).exit(6).stderr_has("(`apply`, pid");
+    assert!(child.wait().unwrap().success());
+
+    let st = t.status();
+    assert_eq!(st["schema"], 1);
+    assert_eq!(st["activity"], Value::Null);
+    assert_eq!(st["last_apply"]["result"], "applied", "{st}");
+    assert_eq!(st["last_apply"]["to"], "2");
+    assert_eq!(st["last_apply"]["code"], 0);
+    let trees = st["trees"].as_array().expect("trees");
+    assert_eq!(trees.len(), 2, "{st}");
+    for (tree, v) in trees.iter().zip(["1", "2"]) {
+        assert_eq!(tree["version"], v);
+        let digest = t
+            .ts(["manifest", s(&t.root().join("trees").join(v))])
+            .stdout()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("digest = ")
+                    .map(|d| d.trim_matches('"').to_owned())
+            })
+            .unwrap();
+        assert_eq!(tree["digest"], digest.as_str());
+        assert!(tree["installed"].as_u64().unwrap() > 1_700_000_000);
+        assert!(tree["entries"].as_u64().unwrap() > 3);
+    }
+    assert_eq!(trees[1]["current"], true);
+    assert_eq!(trees[0]["previous"], true);
+    assert_eq!(trees[1]["pending"], true);
+    // Unique bytes: what only that tree's objects hold, from the manifests.
+    let unique = |v: &str| -> u64 {
+        let other = if v == "1" { "2" } else { "1" };
+        let files = |v: &str| -> std::collections::BTreeMap<String, u64> {
+            let m: toml::Table = toml::from_str(
+                &fs::read_to_string(t.root().join(format!("manifests/{v}.toml"))).unwrap(),
+            )
+            .unwrap();
+            m["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"].as_str() == Some("file"))
+                .map(|e| {
+                    let key = format!(
+                        "{} {} {} {} {:?}",
+                        e["sha256"],
+                        e["mode"],
+                        e["uid"],
+                        e["gid"],
+                        e.get("xattrs")
+                    );
+                    (key, e["size"].as_integer().unwrap() as u64)
+                })
+                .collect()
+        };
+        let (mine, theirs) = (files(v), files(other));
+        mine.iter()
+            .filter(|(k, _)| !theirs.contains_key(*k))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    assert_eq!(trees[0]["unique_bytes"], unique("1"));
+    assert_eq!(trees[1]["unique_bytes"], unique("2"));
+    assert!(trees[1]["unique_bytes"].as_u64().unwrap() > 0);
+    t.ts(["pin", "1"]).success();
+    assert_eq!(
+        json_of(&t.ts(["list", "--json"]))["trees"][0]["pinned"],
+        true
+    );
+
+    // A failed apply is reported too.
+    t.ts(["apply", s(&t.env.path("no-such.delta"))]).exit(1);
+    let st = t.status();
+    assert_eq!(st["last_apply"]["result"], "failed", "{st}");
+    assert_eq!(st["last_apply"]["code"], 1);
+    assert!(
+        st["last_apply"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such.delta")
+    );
+}
+
 /// Under systemd (stderr is the stream `JOURNAL_STREAM` names), every line carries its syslog
 /// priority for the journal; elsewhere lines start with `treeswap:`.
 #[test]

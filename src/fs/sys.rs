@@ -974,3 +974,37 @@ pub(crate) fn boot_id() -> Result<String> {
         .context("cannot read /proc/sys/kernel/random/boot_id")?;
     Ok(id.trim().to_owned())
 }
+
+/// The pid of the process holding an exclusive `flock` on the file open as `fd`, from
+/// `/proc/locks`, without taking or testing the lock (a reader that tried it would make a
+/// writer's non-blocking attempt fail).
+pub(crate) fn flock_writer(fd: BorrowedFd) -> Result<Option<u32>> {
+    let st = fstat(fd)?;
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(st.st_dev),
+        rustix::fs::minor(st.st_dev),
+        st.st_ino
+    );
+    let locks = std::fs::read_to_string("/proc/locks").context("cannot read /proc/locks")?;
+    for line in locks.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 2661 fe:00:5431388 0 EOF"; blocked waiters have "->".
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 6 && f[1] == "FLOCK" && f[3] == "WRITE" && f[5] == want {
+            return Ok(f[4].parse().ok());
+        }
+    }
+    Ok(None)
+}
+
+/// Replaces the whole content of the open file `fd` with `data` (truncate, then write at
+/// offset 0): for small informational files, not crash-safe.
+pub(crate) fn replace_contents(fd: BorrowedFd, data: &[u8]) -> Result<()> {
+    ftruncate(fd, 0)?;
+    let mut off = 0;
+    while off < data.len() {
+        let n = rustix::io::pwrite(fd, &data[off..], off as u64).context("cannot write")?;
+        off += n;
+    }
+    Ok(())
+}

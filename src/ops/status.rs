@@ -1,13 +1,21 @@
-//! `treeswap status` and `treeswap list`.
+//! `treeswap status` and `treeswap list`. Both read without the lock (what writers replace
+//! atomically), so they answer while a writer works, and say what it is doing.
+
+use std::collections::HashMap;
 
 use anyhow::Result;
 use serde::Serialize;
 
 use crate::core::config::Config;
-use crate::store::root::Root;
+use crate::core::object::ObjectId;
+use crate::store::root::{Activity, LastApply, Root};
+
+/// The version of the JSON that `status --json` and `list --json` print (FORMAT.md).
+pub(crate) const SCHEMA: u32 = 1;
 
 #[derive(Serialize)]
 pub(crate) struct Status {
+    pub schema: u32,
     pub root: String,
     pub current: Option<String>,
     pub previous: Option<String>,
@@ -21,6 +29,29 @@ pub(crate) struct Status {
     pub pinned: Vec<String>,
     /// The copy-on-write protection new trees get (`immutable`, `reflink` or `hardlink`).
     pub protect: &'static str,
+    /// Each installed tree.
+    pub trees: Vec<Tree>,
+    /// The writer holding the lock, if one is working now.
+    pub activity: Option<Activity>,
+    /// The outcome of the last `apply` that got the lock.
+    pub last_apply: Option<LastApply>,
+}
+
+/// One installed tree, as `status --json` and `list --json` show it.
+#[derive(Serialize)]
+pub(crate) struct Tree {
+    pub version: String,
+    pub digest: Option<String>,
+    /// Entries of its manifest.
+    pub entries: u64,
+    /// When it was installed (its manifest was published), in seconds since the epoch.
+    pub installed: Option<u64>,
+    /// Bytes of the objects no other installed tree uses: what removing it frees.
+    pub unique_bytes: u64,
+    pub current: bool,
+    pub previous: bool,
+    pub pending: bool,
+    pub pinned: bool,
 }
 
 #[derive(Serialize)]
@@ -50,11 +81,16 @@ pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
             tries_left: None,
         },
     };
+    let current = root.link("current")?;
+    let previous = root.link("previous")?;
+    let versions = root.versions()?;
+    let trees = trees(root, &versions, &current, &previous, &st)?;
     Ok(Status {
+        schema: SCHEMA,
         root: root.path.display().to_string(),
-        current: root.link("current")?,
-        previous: root.link("previous")?,
-        versions: root.versions()?,
+        current,
+        previous,
+        versions,
         pool_objects: objects.len() as u64,
         pool_bytes: objects.iter().map(|o| o.1).sum(),
         boot,
@@ -65,14 +101,66 @@ pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
             .pool_for(cfg)
             .map(|p| p.mode().name())
             .unwrap_or("unknown"),
+        trees,
+        activity: root.activity()?,
+        last_apply: root.last_apply()?,
     })
+}
+
+/// Each installed tree, from its manifest: digest, entries, install time, and the bytes of
+/// the objects only it uses. A tree removed meanwhile (by a `gc` running now) is left out.
+fn trees(
+    root: &Root,
+    versions: &[String],
+    current: &Option<String>,
+    previous: &Option<String>,
+    st: &crate::store::state::State,
+) -> Result<Vec<Tree>> {
+    // Each object's first tree, whether another tree uses it too, and its size.
+    let mut users: HashMap<ObjectId, (usize, bool, u64)> = HashMap::new();
+    let mut out = Vec::new();
+    for v in versions {
+        let m = match root.load_manifest_unverified(v) {
+            Ok(m) => m,
+            Err(e) if !root.is_installed(v)? => {
+                log::debug!("`{v}` went away while it was read: {e:#}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for e in &m.entries {
+            if let (Some(id), crate::core::manifest::Kind::File { size, .. }) =
+                (e.object(), &e.kind)
+            {
+                let u = users.entry(id).or_insert((out.len(), false, *size));
+                u.1 |= u.0 != out.len();
+            }
+        }
+        out.push(Tree {
+            version: v.clone(),
+            digest: root.manifest_digest(v)?.map(hex::encode),
+            entries: m.entries.len() as u64,
+            installed: root.installed_at(v)?,
+            unique_bytes: 0,
+            current: current.as_ref() == Some(v),
+            previous: previous.as_ref() == Some(v),
+            pending: st.pending.as_ref().is_some_and(|p| &p.version == v),
+            pinned: st.pins.contains(v),
+        });
+    }
+    for &(first, shared, size) in users.values() {
+        if !shared {
+            out[first].unique_bytes += size;
+        }
+    }
+    Ok(out)
 }
 
 impl Status {
     pub(crate) fn to_text(&self) -> String {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\nprotect:  {}\n",
+            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\nprotect:  {}\n{}{}",
             self.root,
             show(&self.current),
             show(&self.previous),
@@ -90,8 +178,26 @@ impl Status {
                 ),
                 None => "good".to_string(),
             },
-            self.protect
+            self.protect,
+            match &self.activity {
+                Some(a) => format!("working:  `{}` (pid {}) since {}\n", a.op, a.pid, a.since),
+                None => String::new(),
+            },
+            match &self.last_apply {
+                Some(l) => format!(
+                    "last apply: {}{} at {}\n",
+                    l.result,
+                    l.to.as_ref().map(|t| format!(" `{t}`")).unwrap_or_default(),
+                    l.time
+                ),
+                None => String::new(),
+            }
         )
+    }
+
+    /// What `list --json` prints: the schema version and the trees.
+    pub(crate) fn list_json(&self) -> serde_json::Value {
+        serde_json::json!({ "schema": self.schema, "trees": self.trees })
     }
 
     /// One line per installed version, marked `*` for current and `-` for previous.

@@ -56,10 +56,49 @@ pub struct Root {
 /// How a command holds the lock.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lock {
-    /// Readers (status, verify) share it.
+    /// Readers (status, list, verify, diff of installed versions) take no lock and never wait:
+    /// they read what writers replace atomically (links, the state file, published
+    /// manifests), and [`Root::activity`] says what a writer is doing meanwhile.
     Shared,
     /// Writers hold it alone.
     Exclusive,
+}
+
+/// The outcome of the last `apply` that got the lock (`last-apply.toml`; `status` shows it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LastApply {
+    /// When it ended, in seconds since the epoch.
+    pub time: u64,
+    /// `applied`, `staged`, `switched`, `nothing` or `failed`.
+    pub result: String,
+    /// The exit code.
+    pub code: i32,
+    /// The version it made current or staged, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The error, briefly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The seconds since the epoch now.
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The file that records the last apply's outcome.
+const LAST_APPLY: &str = "last-apply.toml";
+
+/// What the writer holding the lock is doing (`status` shows it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Activity {
+    pub pid: u32,
+    /// The command: `apply`, `switch`, `gc`, ...
+    pub op: String,
+    /// Since when, in seconds since the epoch.
+    pub since: u64,
 }
 
 impl Root {
@@ -134,45 +173,79 @@ impl Root {
     /// interrupted writer left in `tmp/` and `staging/` (nothing else can be using it) and
     /// retry `trash/`; what cannot be removed never fails the command (see
     /// [`Root::remove_or_set_aside`]).
-    pub fn lock(&mut self, how: Lock, wait: bool) -> Result<()> {
-        let mut flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    pub fn lock(&mut self, how: Lock, wait: bool, op: &str) -> Result<()> {
         if how == Lock::Shared {
-            flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+            return Ok(());
         }
-        let fd = match sys::openat(self.fd.as_fd(), b"lock", flags, Mode::from_raw_mode(0o644)) {
-            Ok(fd) => fd,
-            // A reader on a root that no writer has touched yet, or on a read-only medium.
-            Err(Errno::NOENT) | Err(Errno::ROFS) if how == Lock::Shared => return Ok(()),
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot open `{}/lock`", self.path.display()));
-            }
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let fd = sys::openat(self.fd.as_fd(), b"lock", flags, Mode::from_raw_mode(0o644))
+            .with_context(|| format!("cannot open `{}/lock`", self.path.display()))?;
+        let op_flag = match wait {
+            true => FlockOperation::LockExclusive,
+            false => FlockOperation::NonBlockingLockExclusive,
         };
-        let op = match (how, wait) {
-            (Lock::Shared, true) => FlockOperation::LockShared,
-            (Lock::Shared, false) => FlockOperation::NonBlockingLockShared,
-            (Lock::Exclusive, true) => FlockOperation::LockExclusive,
-            (Lock::Exclusive, false) => FlockOperation::NonBlockingLockExclusive,
-        };
-        match sys::flock(fd.as_fd(), op) {
+        match sys::flock(fd.as_fd(), op_flag) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => {
+                let doing = match self.activity() {
+                    Ok(Some(a)) => format!(" (`{}`, pid {})", a.op, a.pid),
+                    _ => String::new(),
+                };
                 return Err(Fail::Busy(format!(
-                    "busy: another treeswap is working on `{}` (use --wait to wait for it)",
+                    "busy: another treeswap is working on `{}`{doing} (use --wait to wait for it)",
                     self.path.display()
                 ))
                 .into());
             }
             Err(e) => return Err(e).context("cannot lock the state root"),
         }
+        // For readers: who holds the lock and for what (not synced: it only informs).
+        let activity = Activity {
+            pid: std::process::id(),
+            op: op.to_owned(),
+            since: now(),
+        };
+        let text = toml::to_string(&activity).expect("serializable");
+        sys::replace_contents(fd.as_fd(), text.as_bytes()).context("cannot write `lock`")?;
         self.lock = Some(fd);
         // A writer may have migrated the root while this one waited for the lock.
         self.format = read_format(self.fd.as_fd(), &self.path)?;
-        if how == Lock::Exclusive {
-            self.migrate()?;
-            self.clear_leftovers()?;
-        }
+        self.migrate()?;
+        self.clear_leftovers()?;
         Ok(())
+    }
+
+    /// What the writer holding the lock is doing, if one holds it: found in `/proc/locks`
+    /// (no lock is taken), described by what it wrote into `lock`.
+    pub fn activity(&self) -> Result<Option<Activity>> {
+        let fd = match sys::openat(
+            self.fd.as_fd(),
+            b"lock",
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e).context("cannot open `lock`"),
+        };
+        let Some(pid) = sys::flock_writer(fd.as_fd())? else {
+            return Ok(None);
+        };
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(std::fs::File::from(fd), 4096),
+            &mut text,
+        )
+        .context("cannot read `lock`")?;
+        // The text is the holder's unless it has not written it yet (or it is another pid).
+        Ok(Some(match toml::from_str::<Activity>(&text) {
+            Ok(a) if a.pid == pid => a,
+            _ => Activity {
+                pid,
+                op: "unknown".into(),
+                since: 0,
+            },
+        }))
     }
 
     /// Brings a format-1 root to format 2, under the exclusive lock. Format 1 kept each layout
@@ -524,6 +597,39 @@ impl Root {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    /// When `version` was installed: its manifest's modification time, in seconds since the
+    /// epoch (`None` if it has no manifest).
+    pub fn installed_at(&self, version: &str) -> Result<Option<u64>> {
+        match std::fs::metadata(self.manifest_path(version)) {
+            Ok(m) => Ok(m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context("cannot read a manifest's time"),
+        }
+    }
+
+    /// Records the outcome of an apply in `last-apply.toml` (written to a temporary name and
+    /// renamed; not synced: it only informs). Only a holder of the lock records.
+    pub fn record_last_apply(&self, last: &LastApply) -> Result<()> {
+        let text = toml::to_string(last).expect("serializable");
+        let tmp = self.path.join(".last-apply.toml.tmp");
+        fs_err::write(&tmp, text)?;
+        fs_err::rename(&tmp, self.path.join(LAST_APPLY))?;
+        Ok(())
+    }
+
+    /// The outcome of the last apply, if one was recorded.
+    pub fn last_apply(&self) -> Result<Option<LastApply>> {
+        match std::fs::read_to_string(self.path.join(LAST_APPLY)) {
+            Ok(text) => Ok(toml::from_str(&text).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context("cannot read `last-apply.toml`"),
+        }
     }
 
     pub fn manifest_path(&self, version: &str) -> PathBuf {
