@@ -4,7 +4,8 @@
 # revert, and verify again. Usage: scripts/demo.sh   (as root, for owners and device nodes)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
+echo "demo: building treeswap (cargo build --release; the first build takes a few minutes)" >&2
+cargo build --release --manifest-path "$repo/Cargo.toml"
 ts="$repo/target/release/treeswap"
 work=$(mktemp -d)
 # Objects may carry the immutable flag (protect = "immutable"); clear it to clean up.

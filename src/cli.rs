@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::core::config::{self, Config};
 use crate::core::error::{EXIT_CODES_HELP, Fail};
 use crate::core::{manifest, version};
-use crate::ops::{apply, boot, checkout, diff, flip, gc, import, status, verify};
+use crate::ops::{apply, boot, checkout, diff, flip, gc, import, show, status, verify};
 use crate::store::root::{DEFAULT_ROOT, Lock, Root};
 use crate::tree::scan;
 
@@ -40,14 +40,22 @@ pub struct Cli {
     /// Flip `current` back to `previous` (the same as the `revert` command).
     #[arg(long)]
     pub revert: bool,
-    /// Do not restart the guests after a flip.
-    #[arg(long, global = true)]
-    pub no_restart: bool,
-    /// If a guest fails to restart on the new tree, leave the new tree current and only report.
-    #[arg(long, global = true)]
-    pub no_auto_revert: bool,
+    #[command(flatten)]
+    pub flip: FlipArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// How the commands that flip `current` treat the guests.
+#[derive(clap::Args, Clone, Copy, Default)]
+pub struct FlipArgs {
+    /// Do not restart the guests after the flip.
+    #[arg(long)]
+    pub no_restart: bool,
+    /// If a guest fails to restart on the new tree, leave the new tree current and only
+    /// report (exit 5) instead of flipping back.
+    #[arg(long)]
+    pub no_auto_revert: bool,
 }
 
 #[derive(Subcommand)]
@@ -56,12 +64,17 @@ pub enum Command {
     Init,
     /// Hash a directory into the pool and install it as version V.
     Import {
+        /// The directory to import (it is read, never changed).
         dir: PathBuf,
+        /// The version name to install it as.
         #[arg(long)]
         version: String,
-        /// Point `current` at it.
+        /// Point `current` at it: the guests are restarted onto it, and unless it is the
+        /// root's first tree it is pending until marked good.
         #[arg(long)]
         activate: bool,
+        #[command(flatten)]
+        flip: FlipArgs,
     },
     /// Print a directory's manifest, or check a manifest file with --load.
     Manifest {
@@ -74,6 +87,7 @@ pub enum Command {
     },
     /// Check an installed tree (default: current) against its manifest.
     Verify {
+        /// The installed version to check [default: current].
         version: Option<String>,
         /// Also re-hash every pool object the tree uses.
         #[arg(long)]
@@ -93,11 +107,17 @@ pub enum Command {
         json: bool,
     },
     /// Build a hardlink farm of installed version V at DEST (which must not exist).
-    Checkout { version: String, dest: PathBuf },
+    Checkout {
+        /// The installed version.
+        version: String,
+        /// Where to build it (must not exist).
+        dest: PathBuf,
+    },
     /// Make a delta from one tree to another.
     Diff(DiffArgs),
     /// Apply a delta (`-` reads standard input): stage, verify, flip.
     Apply {
+        /// The delta file, or `-` for standard input.
         file: PathBuf,
         /// Stop after staging and verifying the new tree.
         #[arg(long)]
@@ -108,14 +128,40 @@ pub enum Command {
         /// Accept a delta whose result is older than the current version.
         #[arg(long)]
         allow_downgrade: bool,
+        /// Check everything that can be checked before writing (signature, base, result,
+        /// free space), say what it would do, and write nothing; exits as `apply` would.
+        #[arg(long, conflicts_with = "stage_only")]
+        dry_run: bool,
+        #[command(flatten)]
+        flip: FlipArgs,
+    },
+    /// Describe a delta (`-` reads standard input): its versions, signature, what changes and
+    /// how many bytes; reads only its head, with every limit `apply` has, and changes nothing.
+    Show {
+        /// The delta file, or `-` for standard input.
+        file: PathBuf,
+        /// Print JSON (its schema is in FORMAT.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Point `current` at an installed version.
-    Switch { version: String },
+    Switch {
+        /// The installed version to make current.
+        version: String,
+        #[command(flatten)]
+        flip: FlipArgs,
+    },
     /// Flip `current` back to `previous`.
-    Revert,
+    Revert {
+        #[command(flatten)]
+        flip: FlipArgs,
+    },
     /// Run at boot before the guests start: repair interrupted work, count the boot, and
     /// revert a pending tree that used up its tries.
-    Boot,
+    Boot {
+        #[command(flatten)]
+        flip: FlipArgs,
+    },
     /// Mark the pending tree good, so that boot counting stops for it.
     MarkGood {
         /// Only if it is healthy: it runs in this boot, its guests were all restarted onto
@@ -131,12 +177,30 @@ pub enum Command {
         keep: usize,
     },
     /// Protect an installed version from gc.
-    Pin { version: String },
+    Pin {
+        /// The installed version.
+        version: String,
+    },
     /// Let gc remove a pinned version again.
-    Unpin { version: String },
+    Unpin {
+        /// The installed version.
+        version: String,
+    },
 }
 
 impl Command {
+    /// How this command, if it flips, treats the guests.
+    fn flip_args(&self) -> Option<FlipArgs> {
+        match self {
+            Command::Import { flip, .. }
+            | Command::Apply { flip, .. }
+            | Command::Switch { flip, .. }
+            | Command::Revert { flip }
+            | Command::Boot { flip } => Some(*flip),
+            _ => None,
+        }
+    }
+
     /// The command's name on the command line.
     fn name(&self) -> &'static str {
         match self {
@@ -149,9 +213,10 @@ impl Command {
             Command::Checkout { .. } => "checkout",
             Command::Diff(_) => "diff",
             Command::Apply { .. } => "apply",
+            Command::Show { .. } => "show",
             Command::Switch { .. } => "switch",
-            Command::Revert => "revert",
-            Command::Boot => "boot",
+            Command::Revert { .. } => "revert",
+            Command::Boot { .. } => "boot",
             Command::MarkGood { .. } => "mark-good",
             Command::Gc { .. } => "gc",
             Command::Pin { .. } => "pin",
@@ -202,6 +267,8 @@ struct Env<'a> {
     cfg: Config,
     /// The command's name, which a writer records in the lock for `status`.
     op: &'static str,
+    /// How a flip treats the guests.
+    flip: FlipArgs,
 }
 
 impl Env<'_> {
@@ -225,22 +292,71 @@ impl Env<'_> {
         Ok(root)
     }
 
+    /// The one line a command that changed something prints on success (`-q` silences it).
+    fn say(&self, line: &str) {
+        if !self.cli.quiet {
+            // A summary that cannot be written is no reason to fail what was done.
+            let _ = out(&format!("{line}\n"));
+        }
+    }
+
+    /// The line that says a flip happened: to `to` from `was`, the guests restarted, and
+    /// whether the new tree is pending.
+    fn flipped(&self, root: &Root, to: &str, was: Option<&str>) -> Result<String> {
+        let from = was.map(|w| format!(" (was `{w}`)")).unwrap_or_default();
+        let guests = match (self.flip.no_restart, self.cfg.guests.len()) {
+            (_, 0) => String::new(),
+            (true, _) => "; guests not restarted (--no-restart)".into(),
+            (false, n) => format!("; {n} guest(s) restarted"),
+        };
+        let st = crate::store::state::load(root.fd())?;
+        let pending = match st.pending {
+            Some(p) if p.version == to => format!(
+                "; pending until marked good ({} boot tries)",
+                self.cfg.boot.tries
+            ),
+            _ => String::new(),
+        };
+        Ok(format!("current is `{to}`{from}{guests}{pending}"))
+    }
+
     fn flip(&self) -> flip::Options {
         flip::Options {
-            restart: !self.cli.no_restart,
-            auto_revert: !self.cli.no_auto_revert,
+            restart: !self.flip.no_restart,
+            auto_revert: !self.flip.no_auto_revert,
         }
     }
 }
 
+/// Writes `text` to standard output. A reader that went away (`treeswap status | head`) is
+/// no error: the output was for it alone.
+fn out(text: &str) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to standard output")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `e` is a write to a pipe whose reader went away.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Runs the command `cli` names.
 pub fn run(cli: &Cli) -> Result<()> {
+    let revert = Command::Revert { flip: cli.flip };
     let command = match (&cli.command, cli.revert) {
         (Some(_), true) => {
             return Err(Fail::Usage("--revert cannot be combined with a command".into()).into());
         }
         (Some(c), false) => c,
-        (None, true) => &Command::Revert,
+        (None, true) => &revert,
         (None, false) => {
             return Err(Fail::Usage("no command given; see `treeswap --help`".into()).into());
         }
@@ -250,34 +366,49 @@ pub fn run(cli: &Cli) -> Result<()> {
         cli,
         cfg: config::load(cli.config.as_deref())?,
         op: command.name(),
+        flip: command.flip_args().unwrap_or(cli.flip),
     };
     match command {
-        Command::Init => drop(cx.root(Lock::Exclusive, true)?),
+        Command::Init => {
+            let root = cx.root(Lock::Exclusive, true)?;
+            cx.say(&format!("state root `{}` is ready", root.path.display()));
+        }
         Command::Import {
             dir,
             version,
             activate,
+            ..
         } => import_command(&cx, dir, version, *activate)?,
-        Command::Manifest { dir, load } => manifest_command(dir.as_deref(), load.as_deref())?,
+        Command::Manifest { dir, load } => {
+            match manifest_command(dir.as_deref(), load.as_deref()) {
+                // `manifest DIR | head`: the reader has what it wanted.
+                Err(e) if broken_pipe(&e) => {}
+                r => r?,
+            }
+        }
         Command::Verify { version, full } => verify_command(&cx, version.as_deref(), *full)?,
         Command::Status { json } => {
             let s = status::status(&cx.root(Lock::Shared, false)?, &cx.cfg)?;
             match json {
-                true => println!("{}", serde_json::to_string_pretty(&s)?),
-                false => print!("{}", s.to_text()),
+                true => out(&format!("{}\n", serde_json::to_string_pretty(&s)?))?,
+                false => out(&s.to_text())?,
             }
         }
         Command::List { json } => {
             let s = status::status(&cx.root(Lock::Shared, false)?, &cx.cfg)?;
             match json {
-                true => println!("{}", serde_json::to_string_pretty(&s.list_json())?),
-                false => print!("{}", s.to_list()),
+                true => out(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&s.list_json())?
+                ))?,
+                false => out(&s.to_list())?,
             }
         }
         Command::Checkout { version, dest } => {
             // A writer: in immutable mode, it records that objects are briefly unprotected.
             let root = cx.root(Lock::Exclusive, false)?;
             checkout::checkout(&root, &cx.cfg, version, dest)?;
+            cx.say(&format!("checked out `{version}` at `{}`", dest.display()));
         }
         Command::Diff(args) => diff_command(&cx, args)?,
         Command::Apply {
@@ -285,37 +416,53 @@ pub fn run(cli: &Cli) -> Result<()> {
             stage_only,
             insecure,
             allow_downgrade,
+            dry_run,
+            ..
         } => {
             let opts = apply::Options {
                 stage_only: *stage_only,
                 flip: cx.flip(),
                 insecure: *insecure,
                 allow_downgrade: *allow_downgrade,
+                dry_run: *dry_run,
             };
             apply_command(&cx, file, opts)?
         }
-        Command::Switch { version } => {
+        Command::Show { file, json } => show_command(&cx, file, *json)?,
+        Command::Switch { version, .. } => {
             let root = cx.root(Lock::Exclusive, false)?;
+            let was = root.link("current")?;
             flip::switch(&root, &cx.cfg, version, cx.flip())?;
+            cx.say(&cx.flipped(&root, version, was.as_deref())?);
         }
-        Command::Revert => {
+        Command::Revert { .. } => {
             let root = cx.root(Lock::Exclusive, false)?;
+            let was = root.link("current")?;
             let v = flip::revert(&root, &cx.cfg, cx.flip())?;
-            log::info!("reverted to `{v}`");
+            cx.say(&format!(
+                "reverted: {}",
+                cx.flipped(&root, &v, was.as_deref())?
+            ));
         }
-        Command::Boot => boot_command(&cx)?,
+        Command::Boot { .. } => boot_command(&cx)?,
         Command::Gc { keep } => {
             let root = cx.root(Lock::Exclusive, false)?;
             root.warn_stuck();
             let r = gc::gc(&root, *keep, &[])?;
-            println!("{}", r.summary());
+            cx.say(&r.summary());
         }
-        Command::Pin { version } => gc::pin(&cx.root(Lock::Exclusive, false)?, version, true)?,
-        Command::Unpin { version } => gc::pin(&cx.root(Lock::Exclusive, false)?, version, false)?,
+        Command::Pin { version } => {
+            gc::pin(&cx.root(Lock::Exclusive, false)?, version, true)?;
+            cx.say(&format!("pinned `{version}`: gc keeps it"));
+        }
+        Command::Unpin { version } => {
+            gc::pin(&cx.root(Lock::Exclusive, false)?, version, false)?;
+            cx.say(&format!("unpinned `{version}`"));
+        }
         Command::MarkGood { check } => {
             match boot::mark_good(&cx.root(Lock::Exclusive, false)?, &cx.cfg, *check)? {
-                Some(v) => log::info!("`{v}` is marked good"),
-                None => log::info!("nothing pending: the current tree is already good"),
+                Some(v) => cx.say(&format!("`{v}` is marked good")),
+                None => cx.say("nothing pending: the current tree is already good"),
             }
         }
     }
@@ -345,7 +492,14 @@ fn import_command(cx: &Env, dir: &Path, version: &str, activate: bool) -> Result
     let root = cx.root(Lock::Exclusive, true)?;
     import::import(&root, &cx.cfg, dir, version)?;
     if activate {
+        let was = root.link("current")?;
         import::activate(&root, &cx.cfg, version, cx.flip())?;
+        cx.say(&format!(
+            "imported `{version}`; {}",
+            cx.flipped(&root, version, was.as_deref())?
+        ));
+    } else {
+        cx.say(&format!("imported `{version}`"));
     }
     Ok(())
 }
@@ -382,7 +536,11 @@ fn verify_command(cx: &Env, version: Option<&str>, full: bool) -> Result<()> {
         .into());
     }
     let how = if full { " in full" } else { "" };
-    log::info!("`{}` verified{how}: {} entries", r.version, r.entries);
+    // A check that passes says so: silence would look like nothing was done.
+    cx.say(&format!(
+        "`{}` verified{how}: {} entries",
+        r.version, r.entries
+    ));
     Ok(())
 }
 
@@ -432,28 +590,91 @@ fn diff_command(cx: &Env, a: &DiffArgs) -> Result<()> {
     Ok(())
 }
 
+fn show_command(cx: &Env, file: &Path, json: bool) -> Result<()> {
+    // The root, if there is one, tells whether the base is installed; none is needed.
+    let root = Root::open(&cx.root_path()).ok();
+    let shown = if file.as_os_str() == "-" {
+        show::show(std::io::stdin().lock(), root.as_ref(), &cx.cfg)?
+    } else {
+        let f = open_delta(file)?;
+        show::show(
+            std::io::BufReader::with_capacity(1 << 20, f),
+            root.as_ref(),
+            &cx.cfg,
+        )
+        .with_context(|| format!("cannot read `{}`", file.display()))?
+    };
+    match json {
+        true => out(&format!("{}\n", serde_json::to_string_pretty(&shown)?))?,
+        false => out(&shown.to_text())?,
+    }
+    Ok(())
+}
+
+/// Opens a delta file: a directory or anything but a regular file, FIFO or character device
+/// is refused as an error of the command line's (exit 1), not as a malformed delta.
+fn open_delta(file: &Path) -> Result<fs_err::File> {
+    let f = fs_err::File::open(file)?;
+    let ft = f.metadata()?.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if !(ft.is_file() || ft.is_fifo() || ft.is_char_device()) {
+        bail!(
+            "`{}` is not a delta file (it is a {})",
+            file.display(),
+            if ft.is_dir() {
+                "directory"
+            } else {
+                "special file"
+            }
+        );
+    }
+    Ok(f)
+}
+
 fn apply_command(cx: &Env, file: &Path, opts: apply::Options) -> Result<()> {
-    let root = cx.root(Lock::Exclusive, true)?;
+    // A dry run is a reader: no lock, no root made, nothing recorded.
+    let root = match opts.dry_run {
+        true => Root::open(&cx.root_path())?,
+        false => cx.root(Lock::Exclusive, true)?,
+    };
     let outcome = if file.as_os_str() == "-" {
         apply::apply(&root, &cx.cfg, std::io::stdin().lock(), opts)
     } else {
-        fs_err::File::open(file)
-            .map_err(anyhow::Error::from)
+        open_delta(file)
             .and_then(|f| {
                 let r = std::io::BufReader::with_capacity(1 << 20, f);
                 apply::apply(&root, &cx.cfg, r, opts)
             })
             .with_context(|| format!("cannot apply `{}`", file.display()))
     };
-    record_last_apply(&root, &outcome);
+    if !opts.dry_run {
+        record_last_apply(&root, &outcome);
+    }
     match outcome? {
         apply::Outcome::Applied { from, to } => {
-            log::info!("applied: `{from}` -> `{to}`; current is `{to}`")
+            cx.say(&format!("applied `{from}` -> `{to}`; current is `{to}`"))
         }
-        apply::Outcome::Staged { to } => log::info!("staged `{to}`; current is unchanged"),
-        apply::Outcome::Switched { to } => {
-            log::info!("`{to}` was already installed; current is now `{to}`")
-        }
+        apply::Outcome::Staged { to } => cx.say(&format!("staged `{to}`; current is unchanged")),
+        apply::Outcome::Switched { to } => cx.say(&format!(
+            "`{to}` was already installed; current is now `{to}`"
+        )),
+        apply::Outcome::WouldApply {
+            from,
+            to,
+            objects,
+            bytes,
+            need,
+            free,
+        } => out(&format!(
+            "would apply: `{from}` -> `{to}` (the base `{from}` is installed)\n\
+             new objects: {objects} ({bytes} bytes)\n\
+             space: needs {} MiB, {} MiB are free\n",
+            need.div_ceil(1 << 20),
+            free >> 20
+        ))?,
+        apply::Outcome::WouldSwitch { to } => out(&format!(
+            "would switch: `{to}` is installed already; it would become current\n"
+        ))?,
     }
     Ok(())
 }
@@ -465,6 +686,7 @@ fn record_last_apply(root: &Root, outcome: &Result<apply::Outcome>) {
         Ok(apply::Outcome::Applied { to, .. }) => ("applied", Some(to.clone()), 0, None),
         Ok(apply::Outcome::Staged { to }) => ("staged", Some(to.clone()), 0, None),
         Ok(apply::Outcome::Switched { to }) => ("switched", Some(to.clone()), 0, None),
+        Ok(apply::Outcome::WouldApply { .. } | apply::Outcome::WouldSwitch { .. }) => return,
         Err(e) => {
             let code = crate::core::error::exit_code(e);
             let result = match code == crate::core::error::EXIT_NOTHING {

@@ -826,7 +826,12 @@ fn global_options_go_anywhere_and_come_from_the_environment() {
     let verbose_after = run(ts_cmd()
         .env("TREESWAP_ROOT", root)
         .args(["verify", "1", "-v"]));
-    verbose_after.success().stderr_has("verified");
+    verbose_after.success().stdout_has("verified");
+    // `-q` after the command silences its summary line.
+    let quiet_after = run(ts_cmd()
+        .env("TREESWAP_ROOT", root)
+        .args(["verify", "1", "-q"]));
+    assert_eq!(quiet_after.success().stdout(), "");
     // --root beats the environment.
     let both = run(ts_cmd()
         .env("TREESWAP_ROOT", env.path("nowhere"))

@@ -47,3 +47,19 @@ impl Progress {
         self.0.finish_and_clear();
     }
 }
+
+impl Drop for Progress {
+    /// A bar that ends early (an error) leaves nothing behind on the screen.
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Says on a terminal which phase a command has reached (`verifying`, `syncing`, `flipping`),
+/// the steps that have no bar; nothing when quiet or when stderr is not a terminal (the log
+/// says it with `-v`).
+pub fn phase(what: &str) {
+    if !QUIET.load(Ordering::Relaxed) && std::io::stderr().is_terminal() {
+        eprintln!("treeswap: {what}");
+    }
+}

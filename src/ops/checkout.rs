@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use rustix::io::Errno;
 
 use crate::core::config::Config;
@@ -20,6 +20,12 @@ use crate::tree::stage;
 /// which is recorded. On an error, what was built is removed (nothing, if `dest` existed).
 pub(crate) fn checkout(root: &Root, cfg: &Config, version: &str, dest: &Path) -> Result<()> {
     version::validate(version)?;
+    if !root.is_installed(version)? {
+        bail!(
+            "version `{version}` is not installed in `{}`",
+            root.path.display()
+        );
+    }
     let m = root.load_manifest(version)?;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),

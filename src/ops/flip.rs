@@ -84,6 +84,7 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
     });
     state::save(root.fd(), &st)?;
     failpoint::hit("flip-before-rename");
+    crate::core::progress::phase(&format!("flipping `current` to `{version}`"));
     root.set_link("current", version)?;
     failpoint::hit("flip-after-rename");
     if let Some(old) = &old {

@@ -59,6 +59,7 @@ pub(crate) fn install(
     let res = (|| -> Result<()> {
         if verify {
             let staged = sys::open_dir_beneath(staging.as_fd(), version.as_bytes())?;
+            crate::core::progress::phase(&format!("verifying the staged tree `{version}`"));
             let problems = verify::verify_tree(staged.as_fd(), m, pool, &layout, false)?;
             if !problems.is_empty() {
                 return Err(Fail::Verify(format!(
@@ -121,6 +122,7 @@ fn commit(
         fs_err::write(root.layout_path(version), layout.to_toml())?;
         log::debug!("wrote the manifest");
         failpoint::check("stage-before-syncfs")?;
+        crate::core::progress::phase("syncing to disk");
         root.syncfs()?;
         log::debug!("wrote the manifest and synced the file system");
         failpoint::check("stage-after-syncfs")?;

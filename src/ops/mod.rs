@@ -7,6 +7,7 @@ pub(crate) mod gc;
 pub(crate) mod guests;
 pub(crate) mod import;
 pub(crate) mod install;
+pub(crate) mod show;
 pub(crate) mod status;
 pub(crate) mod trust;
 pub(crate) mod verify;

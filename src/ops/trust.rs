@@ -101,6 +101,7 @@ fn parse_secret_key(text: &str) -> Result<SecretKey> {
 }
 
 /// How strictly to check.
+#[derive(Clone, Copy)]
 pub(crate) enum Policy<'a> {
     /// `--insecure`: no check at all.
     Insecure,
@@ -138,6 +139,20 @@ pub(crate) fn check(
         }
         return Ok(());
     }
+    verify(data, len, sig, keys).map(|path| {
+        log::info!("delta signature verified with `{}`", path.display());
+    })
+}
+
+/// Checks the signature `sig` over the `len` bytes `data` holds from its start against the
+/// trusted `keys` (at least one); returns the key file that verifies it, else fails
+/// ([`Fail::Untrusted`]) saying why.
+pub(crate) fn verify(
+    data: &mut (impl std::io::Read + std::io::Seek),
+    len: u64,
+    sig: &str,
+    keys: &[(PathBuf, PublicKey)],
+) -> Result<PathBuf> {
     if sig.trim().is_empty() {
         return Err(Fail::Untrusted(
             "the delta is not signed, and signed deltas are required".into(),
@@ -165,8 +180,7 @@ pub(crate) fn check(
             minisign::verify(key, &sbox, Cursor::new(whole), true, false, true)
         };
         if checked.is_ok() {
-            log::info!("delta signature verified with `{}`", path.display());
-            return Ok(());
+            return Ok(path.clone());
         }
     }
     Err(Fail::Untrusted(format!(

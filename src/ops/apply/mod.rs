@@ -8,7 +8,7 @@
 //! checked against its hash before it is published.
 
 mod plan;
-mod read;
+pub(crate) mod read;
 mod write;
 
 use std::io::Read;
@@ -33,6 +33,9 @@ pub struct Options {
     pub insecure: bool,
     /// Accept a delta whose result is older than the current version.
     pub allow_downgrade: bool,
+    /// Check everything that can be checked before writing (signature, base, result, space)
+    /// and stop: nothing is written.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -43,6 +46,18 @@ pub enum Outcome {
     Staged { to: String },
     /// The delta's result was already installed; it is now current.
     Switched { to: String },
+    /// `dry_run`: the delta would apply to `from`, making `objects` new objects of `bytes`
+    /// bytes; the update needs `need` bytes of the `free` ones.
+    WouldApply {
+        from: String,
+        to: String,
+        objects: u64,
+        bytes: u64,
+        need: u64,
+        free: u64,
+    },
+    /// `dry_run`: the result is installed; applying would only make it current.
+    WouldSwitch { to: String },
 }
 
 /// A failure of the delta itself (exit code of `Fail::BadDelta`).
@@ -78,11 +93,22 @@ pub fn apply(root: &Root, cfg: &Config, input: impl Read, opts: Options) -> Resu
     let base_version = read::base_version(root, &d, current.as_deref())?;
     let in_pool = plan::start_lookup(root, &d)?;
     let (new, base_content, base_paths) = plan::compose_from(root, &base_version, &d)?;
-    let pool = root.pool_for(cfg)?;
     let in_pool = plan::finish_lookup(in_pool)?;
     let plan = plan::plan(base_content, base_paths, &d, in_pool)?;
     log::debug!("planned {} new objects, {} bytes", plan.objects, plan.bytes);
+    if opts.dry_run {
+        let (need, free) = plan::check_space(root, &plan, &new)?;
+        return Ok(Outcome::WouldApply {
+            from: base_version,
+            to,
+            objects: plan.objects,
+            bytes: plan.bytes,
+            need,
+            free,
+        });
+    }
     plan::ensure_space(root, cfg, &plan, &new, &base_version)?;
+    let pool = root.pool_for(cfg)?;
 
     let base_tree = write::open_base_tree(root, &pool, &base_version)?;
     let spool = || root.spool();
@@ -124,6 +150,9 @@ fn switch_to_installed(
     }
     if current == Some(to.as_str()) {
         return Err(Fail::Nothing(format!("nothing to do: `{to}` is already current")).into());
+    }
+    if opts.dry_run {
+        return Ok(Outcome::WouldSwitch { to });
     }
     if opts.stage_only {
         return Ok(Outcome::Staged { to });

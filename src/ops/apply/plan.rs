@@ -402,11 +402,12 @@ pub(super) fn ensure_space(
     log::warn!("{e:#}; running gc first (gc_before_apply = true)");
     let r = crate::ops::gc::gc(root, 0, &[base_version])?;
     log::warn!("gc: {}", r.summary());
-    check_space(root, plan, new)
+    check_space(root, plan, new).map(drop)
 }
 
-/// `check_fits` on the free space of the root's file system.
-fn check_space(root: &Root, plan: &Plan, new: &Manifest) -> Result<()> {
+/// `check_fits` on the free space of the root's file system; returns the bytes needed and
+/// free.
+pub(super) fn check_space(root: &Root, plan: &Plan, new: &Manifest) -> Result<(u64, u64)> {
     let free = crate::fs::sys::free_bytes(root.fd())?;
     check_fits(&root.path, free, plan, new)
 }
@@ -420,7 +421,7 @@ fn check_fits(
     free: (u64, u64, Option<u64>),
     plan: &Plan,
     new: &Manifest,
-) -> Result<()> {
+) -> Result<(u64, u64)> {
     let (free, frsize, free_inodes) = free;
     let block = frsize.max(512);
     let round = |n: u64| n.div_ceil(block).saturating_mul(block);
@@ -451,7 +452,7 @@ fn check_fits(
         ))
         .into());
     }
-    Ok(())
+    Ok((need, free))
 }
 
 #[cfg(test)]
@@ -979,6 +980,10 @@ mod tests {
         ];
         for (frsize, free, free_inodes, want) in cases {
             let got = check_fits(Path::new("/r"), (free, frsize, free_inodes), &plan, &new)
+                .map(|(need, free_then)| {
+                    assert_eq!(free_then, free);
+                    assert!(need <= free, "{need} > {free}");
+                })
                 .map_err(|e| format!("{e:#}"));
             assert_eq!(
                 got, want,

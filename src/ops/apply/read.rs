@@ -25,10 +25,10 @@ const MAX_SIGNATURE: u64 = 8 << 10;
 
 /// The delta's members, read in order from its tar stream (`core::tar`: every header checked,
 /// every extension and member kind but a regular file refused before its data is read).
-pub(super) type Members<'a> = tar::Reader<Box<dyn Read + 'a>>;
+pub(crate) type Members<'a> = tar::Reader<Box<dyn Read + 'a>>;
 
 /// The members of the delta read from `input` (plain tar or zstd-compressed).
-pub(super) fn members<'a>(input: impl Read + 'a) -> Result<Members<'a>> {
+pub(crate) fn members<'a>(input: impl Read + 'a) -> Result<Members<'a>> {
     Ok(tar::Reader::new(tar_stream(input)?))
 }
 
@@ -101,14 +101,27 @@ fn spool_member(
 pub(super) fn read_manifest(
     members: &mut Members,
     policy: crate::ops::trust::Policy,
+    spool: std::fs::File,
+    max_entries: u64,
+) -> Result<Delta> {
+    read_head(members, spool, max_entries, &mut |data, len, sig| {
+        crate::ops::trust::check(data, len, sig, policy)
+    })
+}
+
+/// [`read_manifest`] with the signature check `check` (given the spooled manifest, its length
+/// and the signature's text), which may refuse the delta or only note what it found.
+pub(crate) fn read_head(
+    members: &mut Members,
     mut spool: std::fs::File,
     max_entries: u64,
+    check: &mut dyn FnMut(&mut std::fs::File, u64, &str) -> Result<()>,
 ) -> Result<Delta> {
     let size = next_member(members, MANIFEST_MEMBER, MAX_MANIFEST)?;
     spool_member(members, MANIFEST_MEMBER, size, &mut spool, &mut |_| {})?;
     let sig = read_small(members, SIGNATURE_MEMBER, MAX_SIGNATURE)?;
     let sig = String::from_utf8(sig).map_err(|_| bad("its signature is not text"))?;
-    crate::ops::trust::check(&mut spool, size, &sig, policy)?;
+    check(&mut spool, size, &sig)?;
     spool
         .seek(std::io::SeekFrom::Start(0))
         .context("cannot read the delta's manifest back")?;
