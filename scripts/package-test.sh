@@ -17,8 +17,8 @@
 #   - installing enabled nothing and started nothing: no new link in /etc/systemd/system or
 #     /etc/rc?.d, no process left running in the chroot, and no maintainer script that enables,
 #     starts or invokes a unit or an init script;
-#   - `dpkg --purge` removes every file, a link left by an administrator's `enable`, and leaves
-#     the state root alone.
+#   - `dpkg --purge` removes every file and the links an administrator's `systemctl enable` or
+#     `update-rc.d` made, and leaves the state root alone.
 #
 # man-db is not in minbase: its packages are downloaded once (apt-get in a scratch copy of the
 # tree, from the Debian mirror of the machine's apt sources; see lib.sh) into
@@ -192,15 +192,18 @@ fi
 # root stays.
 mkdir -p "$root/etc/systemd/system/sysinit.target.wants"
 ln -s /usr/lib/systemd/system/treeswap-boot.service "$root/etc/systemd/system/sysinit.target.wants/"
+ln -s ../init.d/treeswap "$root/etc/rcS.d/S01treeswap"
 log "dpkg --purge treeswap (in the chroot)"
 in_root dpkg --purge treeswap >&2 || fail "dpkg --purge failed"
 left=$(while read -r f; do [ -e "$root$f" ] && echo "$f"; done <<<"$files" || true)
 if [ -z "$left" ]; then pass "dpkg --purge removed every file of the package"; else fail "left after purge: $(echo "$left" | tr '\n' ' ')"; fi
-if [ ! -L "$root/etc/systemd/system/sysinit.target.wants/treeswap-boot.service" ]; then
-    pass "dpkg --purge removed the administrator's dangling enable link"
-else
-    fail "dpkg --purge left sysinit.target.wants/treeswap-boot.service"
-fi
+for l in systemd/system/sysinit.target.wants/treeswap-boot.service rcS.d/S01treeswap; do
+    if [ ! -L "$root/etc/$l" ]; then
+        pass "dpkg --purge removed the dangling link /etc/$l an administrator's enable made"
+    else
+        fail "dpkg --purge left /etc/$l"
+    fi
+done
 if [ -d "$root/srv/treeswap-test/trees" ]; then pass "dpkg --purge left the state root alone"; else fail "dpkg --purge touched the state root"; fi
 
 umount_all
