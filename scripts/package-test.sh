@@ -10,7 +10,7 @@
 #   - `treeswap --version` runs there and names Cargo.toml's version; `treeswap init` and
 #     `status` work with the shipped /etc/treeswap.toml;
 #   - `man -w treeswap` finds the page, and it and one command's page render without warnings;
-#   - the bash completion loads;
+#   - the bash completion completes a command's name;
 #   - `dpkg -L treeswap` lists exactly what the README's "Install" section names (its table's
 #     `/...` paths, `*` matching any characters), and every file in scripts/boot/ is in the
 #     package; /etc/treeswap.toml and /etc/init.d/treeswap are conffiles;
@@ -119,10 +119,16 @@ for p in treeswap treeswap-apply; do
     warnings=$(in_root env MANWIDTH=80 man --warnings -P cat "$p" 2>&1 >/dev/null || echo "man $p failed")
     if [ -z "$warnings" ]; then pass "man $p renders without warnings"; else fail "man $p: $warnings"; fi
 done
-if in_root bash -c '. /usr/share/bash-completion/completions/treeswap && complete -p treeswap' >/dev/null; then
-    pass "the bash completion loads"
+# Bash calls the completion function with the command, the word and the word before it.
+# shellcheck disable=SC2016  # expanded by the chroot's bash
+words=$(in_root bash -c '. /usr/share/bash-completion/completions/treeswap
+    COMP_WORDS=(treeswap ap); COMP_CWORD=1; COMP_LINE="treeswap ap"; COMP_POINT=${#COMP_LINE}
+    "$(complete -p treeswap | sed -n "s/.*-F \([^ ]*\).*/\1/p")" treeswap ap treeswap
+    echo "${COMPREPLY[*]}"' || true)
+if [ "$words" = apply ]; then
+    pass "the bash completion completes 'treeswap ap' to '$words'"
 else
-    fail "the bash completion does not load"
+    fail "the bash completion completed 'treeswap ap' to '$words', not 'apply'"
 fi
 
 # What dpkg -L lists against the README's Install section.
