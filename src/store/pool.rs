@@ -81,6 +81,11 @@ fn object_rel(shape: Shape, id: &ObjectId, copy: u32) -> String {
     }
 }
 
+/// The first 16 hex digits of a digest, for messages that also name it in full elsewhere.
+fn short_hex(digest: &[u8]) -> String {
+    hex::encode(&digest[..8])
+}
+
 /// The shape of the pool open as `dir`: sharded if it has the shard `00`.
 fn shape_of(dir: BorrowedFd) -> Result<Shape> {
     Ok(match sys::lstatat(dir, b"00")? {
@@ -271,11 +276,12 @@ impl Pool {
         })?;
         let got: Hash = h.finalize().into();
         if written != size || &got != sha256 {
+            // No object id, digests by a prefix: the caller names the content (or the file)
+            // in full, and the four full digests this named made a line of 450 characters.
             return Err(Fail::Integrity(format!(
-                "object {}: got {written} bytes with sha256 {}, expected {size} bytes with sha256 {}",
-                hex::encode(id),
-                hex::encode(got),
-                hex::encode(sha256)
+                "got {written} bytes with sha256 {}…, expected {size} bytes with sha256 {}…",
+                short_hex(&got),
+                short_hex(sha256)
             ))
             .into());
         }
