@@ -746,6 +746,46 @@ fn decode_fuzz_oom_inputs() {
     }
 }
 
+/// The `patch_apply` fuzz target's entry point, `ops::fuzz::decode_into_pool`, on the
+/// production path: a zstd blob of the declared bytes and sha256 is published in the pool as
+/// exactly that object; the same blob declared with another sha256, or one byte short, is
+/// refused and leaves nothing in `pool/` or `tmp/`.
+#[test]
+fn the_fuzz_entry_point_publishes_exactly_the_declared_object() {
+    use sha2::Digest as _;
+    use treeswap::core::delta::Source;
+    use treeswap::core::object::{Meta, object_id};
+    let env = Env::new();
+    let root = env.path("r");
+    for d in ["pool", "tmp"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let data = noise(300 << 10, 5);
+    // As `diff` writes a blob (`zstd::bulk`: the frame declares its size, so its window fits).
+    let blob = zstd::bulk::compress(&data, 3).unwrap();
+    let sha: [u8; 32] = sha2::Sha256::digest(&data).into();
+    let md = fs::metadata(&root).unwrap();
+    let meta = Meta {
+        mode: 0o644,
+        uid: std::os::unix::fs::MetadataExt::uid(&md),
+        gid: std::os::unix::fs::MetadataExt::gid(&md),
+        xattrs: Default::default(),
+    };
+    let size = data.len() as u64;
+    let store = |size: u64, sha: &[u8; 32]| {
+        treeswap::ops::fuzz::decode_into_pool(&root, &Source::Zstd, &blob, &[], size, sha, &meta)
+    };
+    assert!(store(size - 1, &sha).is_err(), "one byte short");
+    assert!(store(size, &[0; 32]).is_err(), "another sha256");
+    assert!(names(&root.join("pool")).is_empty() && names(&root.join("tmp")).is_empty());
+    assert!(store(size, &sha).unwrap(), "published");
+    let id = hex::encode(object_id(&meta, size, &sha));
+    assert_eq!(names(&root.join("pool")), [id.clone().into_bytes()]);
+    assert_eq!(fs::read(root.join("pool").join(&id)).unwrap(), data);
+    assert!(names(&root.join("tmp")).is_empty());
+    assert!(!store(size, &sha).unwrap(), "already there");
+}
+
 /// A small base and result: a delta of 10 tar blocks (5 KiB) with a `base` content, a
 /// `zstd-patch` blob and a `zstd` blob.
 fn tiny_trees(env: &Env) -> (PathBuf, PathBuf) {
