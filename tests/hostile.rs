@@ -746,6 +746,39 @@ fn decode_fuzz_oom_inputs() {
     }
 }
 
+/// The listing `check` compares sees what a tree comparison does not: a file replaced by an
+/// identical copy (another inode), a link count, and an inode flag (append-only, set with
+/// `chattr` on the scratch directory's file system, where it takes flags).
+#[test]
+fn the_root_listing_sees_inodes_links_and_flags() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let dir = env.tree(
+        "t",
+        &TreeSpec::new()
+            .file("a", "same\n")
+            .file("b", "other\n")
+            .file("c", "flags\n"),
+    );
+    let (tree, list) = (snapshot(&dir), listing(&dir));
+    assert!(list[&b"c"[..]].flags.is_some(), "no inode flags here");
+    fs::copy(dir.join("a"), dir.join("a.new")).unwrap();
+    fs::rename(dir.join("a.new"), dir.join("a")).unwrap();
+    fs::hard_link(dir.join("b"), env.path("b-elsewhere")).unwrap();
+    assert!(diff_trees(&tree, &snapshot(&dir), Links::Exact).is_empty());
+    let st = Command::new("chattr").arg("+a").arg(dir.join("c")).status();
+    assert!(st.unwrap().success());
+    let d = diff_listings(&list, &listing(&dir));
+    let st = Command::new("chattr").arg("-a").arg(dir.join("c")).status();
+    assert!(st.unwrap().success());
+    assert_eq!(d.len(), 3, "{d:#?}");
+    for (d, name) in d.iter().zip(["a", "b", "c"]) {
+        assert!(d.starts_with(&format!("{name}: ")), "{d}");
+    }
+}
+
 /// The `patch_apply` fuzz target's entry point, `ops::fuzz::decode_into_pool`, on the
 /// production path: a zstd blob of the declared bytes and sha256 is published in the pool as
 /// exactly that object; the same blob declared with another sha256, or one byte short, is
@@ -1509,6 +1542,7 @@ fn long_config_and_state_inputs_are_quoted_briefly() {
             TIGHT_ADDRESS_SPACE_KIB,
         );
         check_line(what, &a.r, &mut problems);
+        eprintln!("{what}: peak {} MiB", a.peak_rss_kib >> 10);
         problems.extend(check_peak(what, a.peak_rss_kib).map(|p| format!("{what}: {p}")));
         let d = diff_trees(&was.tree, &snapshot(&current_dir(&root)), Links::Exact);
         if !d.is_empty() || fs::read_link(root.join("current")).unwrap() != was.current {
@@ -1538,6 +1572,7 @@ fn long_config_and_state_inputs_are_quoted_briefly() {
     );
     let m = run_measured(c, None);
     check_line("state-pin-8m", &m.run, &mut problems);
+    eprintln!("state-pin-8m: peak {} MiB", m.peak_rss_kib >> 10);
     problems
         .extend(check_peak("state-pin-8m", m.peak_rss_kib).map(|p| format!("state-pin-8m: {p}")));
     for d in diff_listings(&was, &listing(&root)) {
