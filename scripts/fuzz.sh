@@ -82,6 +82,8 @@ EOF
 
 # --- run ----------------------------------------------------------------------------------
 cargo fuzz build -O >/dev/null 2>&1 || cargo fuzz build -O
+# Where patch_apply keeps its pool (one directory per process), removed with the seeds.
+export TREESWAP_FUZZ_DIR=$seeds
 failed=0
 printf '%-16s %12s %8s  %s\n' target executions crashes artifacts
 for t in "${targets[@]}"; do

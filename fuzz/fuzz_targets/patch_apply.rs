@@ -26,16 +26,25 @@ use treeswap::core::object::{Meta, object_id};
 
 const MAX_SIZE: u64 = 1 << 20;
 
-/// A directory with `pool/` and `tmp/`, made once per process (and kept: libFuzzer exits
-/// without running destructors; it holds nothing between inputs).
+/// A directory with `pool/` and `tmp/`, made once per process: in `$TREESWAP_FUZZ_DIR`
+/// (`scripts/fuzz.sh` gives one it removes afterwards; libFuzzer exits without running
+/// destructors), else a new temporary directory that is kept. It holds nothing between
+/// inputs.
 fn root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("treeswap-fuzz-")
-            .tempdir()
-            .expect("a temporary directory")
-            .keep();
+        let dir = match std::env::var_os("TREESWAP_FUZZ_DIR") {
+            Some(d) => tempfile::Builder::new()
+                .prefix("patch_apply-")
+                .tempdir_in(d)
+                .expect("a directory in $TREESWAP_FUZZ_DIR")
+                .keep(),
+            None => tempfile::Builder::new()
+                .prefix("treeswap-fuzz-")
+                .tempdir()
+                .expect("a temporary directory")
+                .keep(),
+        };
         for sub in ["pool", "tmp"] {
             std::fs::create_dir(dir.join(sub)).expect("mkdir");
         }
