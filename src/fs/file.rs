@@ -81,6 +81,7 @@ impl<'a> TmpFile<'a> {
     /// kept (no temporary name is left to remove) and stays open.
     ///
     /// [renameat2(2)]: https://man7.org/linux/man-pages/man2/renameat2.2.html
+    /// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
     pub(crate) fn publish(&mut self, dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<()> {
         crate::core::failpoint::hit("tmpfile-before-publish");
         match &self.name {
