@@ -25,7 +25,7 @@ if ! command -v cargo-fuzz >/dev/null; then
   cargo install -q cargo-fuzz --locked
 fi
 cargo build -q
-bin=$repo/target/debug/treeswap
+bin=${CARGO_TARGET_DIR:-$repo/target}/debug/treeswap
 
 # --- seeds --------------------------------------------------------------------------------
 seeds=$(mktemp -d)
@@ -41,8 +41,10 @@ mkdir -p "$seeds"/{manifest_parse,delta_read,patch_apply}
   -o "$seeds/delta_read/v1-v2-zstd.delta"
 tar -xOf "$seeds/delta_read/v1-v2.delta" delta.toml >"$seeds/delta_read/delta.toml"
 head -c 2048 "$seeds/delta_read/v1-v2.delta" >"$seeds/delta_read/head-only.delta"
-# patch_apply inputs: source byte, size (3 bytes LE), reference length (2 bytes LE),
-# reference, blob; see fuzz/fuzz_targets/patch_apply.rs.
+# patch_apply inputs: source byte (bit 7: a sha256 follows), size (3 bytes LE), reference
+# length (2 bytes LE), [sha256,] reference, blob; see fuzz/fuzz_targets/patch_apply.rs. Seeds
+# of real blobs carry their content's sha256, so that fuzzing starts from objects that are
+# published, and a copy without it.
 python3 - "$seeds" "$seeds/delta_read/v1-v2.delta" fixtures/v1 <<'EOF'
 import hashlib, io, os, struct, subprocess, sys, tarfile, tomllib
 seeds, delta, v1 = sys.argv[1:4]
@@ -53,9 +55,11 @@ for dirpath, _, files in os.walk(v1):
         if os.path.isfile(p) and not os.path.islink(p):
             b = open(p, "rb").read()
             by_sha[hashlib.sha256(b).hexdigest()] = b
-def seed(name, source, size, ref, blob):
-    data = bytes([source]) + struct.pack("<I", size)[:3] + struct.pack("<H", len(ref)) + ref + blob
-    open(os.path.join(seeds, "patch_apply", name), "wb").write(data)
+def seed(name, source, size, ref, blob, sha):
+    head = struct.pack("<I", size)[:3] + struct.pack("<H", len(ref))
+    for suffix, data in (("", bytes([source]) + head + ref + blob),
+                         ("-sha", bytes([source | 0x80]) + head + sha + ref + blob)):
+        open(os.path.join(seeds, "patch_apply", name + suffix), "wb").write(data)
 with tarfile.open(delta) as t:
     m = tomllib.loads(t.extractfile("delta.toml").read().decode())
     for i, c in enumerate(m["contents"]):
@@ -63,20 +67,23 @@ with tarfile.open(delta) as t:
             continue
         blob = t.extractfile("blobs/" + c["sha256"]).read()
         ref = by_sha.get(c.get("base", ""), b"")
-        seed("%s-%d" % (c["source"], i), {"zstd": 1, "zstd-patch": 2}[c["source"]], c["size"], ref, blob)
+        seed("%s-%d" % (c["source"], i), {"zstd": 1, "zstd-patch": 2}[c["source"]], c["size"], ref, blob,
+             bytes.fromhex(c["sha256"]))
 # bsdiff: one control triple (add the whole reference, copy 5 extra bytes), then the
 # difference bytes and the extra bytes, zstd-compressed.
 ref = b"hello, world\n" * 20
 new = bytes((b + (1 if i % 7 == 0 else 0)) % 256 for i, b in enumerate(ref)) + b"extra"
 body = struct.pack("<QQQ", len(ref), 5, 0) + bytes((n - o) % 256 for n, o in zip(new, ref)) + b"extra"
 z = subprocess.run(["zstd", "-q", "-c"], input=body, capture_output=True, check=True).stdout
-seed("bsdiff", 3, len(new), ref, z)
+seed("bsdiff", 3, len(new), ref, z, hashlib.sha256(new).digest())
 z = subprocess.run(["zstd", "-q", "-c"], input=new, capture_output=True, check=True).stdout
-seed("zstd-cli", 1, len(new), b"", z)
+seed("zstd-cli", 1, len(new), b"", z, hashlib.sha256(new).digest())
 EOF
 
 # --- run ----------------------------------------------------------------------------------
 cargo fuzz build -O >/dev/null 2>&1 || cargo fuzz build -O
+# Where patch_apply keeps its pool (one directory per process), removed with the seeds.
+export TREESWAP_FUZZ_DIR=$seeds
 failed=0
 printf '%-16s %12s %8s  %s\n' target executions crashes artifacts
 for t in "${targets[@]}"; do

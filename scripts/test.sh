@@ -10,6 +10,8 @@ command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
 command -v minisign >/dev/null || need+=(minisign)
 command -v chattr >/dev/null || need+=(e2fsprogs)
 command -v zstd >/dev/null || need+=(zstd)
+[ -x /usr/bin/time ] || need+=(time)
+command -v fuse2fs >/dev/null || need+=(fuse2fs)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi

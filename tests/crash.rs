@@ -340,7 +340,10 @@ enum Op {
 
 /// Failpoints that the matrix (which runs in hardlink mode) never meets, with the test file
 /// that interrupts at them instead.
-const ELSEWHERE: &[(&str, &str)] = &[("pool-link-unprotected", "tests/protect.rs")];
+const ELSEWHERE: &[(&str, &str)] = &[
+    ("pool-link-unprotected", "tests/protect.rs"),
+    ("tmpfile-before-publish", "tests/no_tmpfile.rs"),
+];
 
 /// Every failpoint, with the operations that are interrupted at it.
 const MATRIX: &[(Op, &[&str])] = &[

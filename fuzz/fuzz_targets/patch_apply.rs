@@ -1,41 +1,62 @@
-//! The decoding `apply` does, on an arbitrary blob, reference and declared size (at most
-//! 1 MiB): `codec::stream` for `zstd` and `zstd-patch` blobs, read the way `Pool::store` reads
-//! it (in pieces, refused as soon as it gives more than the declared size), and
-//! `codec::bsdiff_apply` for `bsdiff` blobs. It must never panic, `bsdiff_apply` must never
-//! return other than `size` bytes, and nothing may allocate absurdly (libFuzzer's
-//! `-malloc_limit_mb` and `-rss_limit_mb` catch that; `scripts/fuzz.sh` sets them).
+//! The decoding and storing `apply` does, on an arbitrary blob, reference and declared size
+//! (at most 1 MiB), through the production path: `treeswap::ops::fuzz::decode_into_pool`,
+//! which decodes with `codec::stream` (`zstd`, `zstd-patch`) or `codec::bsdiff_apply`
+//! (`bsdiff`) into `Pool::store` of a real pool in a temporary directory. It must never
+//! panic; an object it publishes must be exactly `size` bytes with the declared sha256; a
+//! refused one leaves nothing in the pool; no temporary file is ever left in `tmp/`; and
+//! nothing may allocate absurdly (libFuzzer's `-malloc_limit_mb` and `-rss_limit_mb` catch
+//! that; `scripts/fuzz.sh` sets them).
 //!
-//! Input layout: byte 0 picks the source, bytes 1..4 the size (little-endian, modulo 1 MiB + 1),
-//! bytes 4..6 the reference length, then the reference, then the blob. As in `apply`, a source
-//! gets the reference only if it is a patch.
+//! Input layout: byte 0 picks the source (`% 4`); if its bit 7 is set, the 32 bytes after the
+//! reference length are the declared sha256 (seeds of real blobs carry theirs, so that the
+//! publishing path is reached), else it is all zeros (which nothing decodes to). Bytes 1..4
+//! are the size (little-endian, modulo 1 MiB + 1), then 2 bytes of reference length, [the
+//! sha256,] the reference, the blob. As in `apply`, a source gets the reference only if it is
+//! a patch.
 #![no_main]
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use treeswap::core::codec;
+use sha2::{Digest, Sha256};
 use treeswap::core::delta::Source;
+use treeswap::core::object::{Meta, object_id};
 
 const MAX_SIZE: u64 = 1 << 20;
 
-/// How `Pool::store` reads a decoder (src/store/pool.rs; a copy, since that loop writes to
-/// the pool): pieces of its I/O buffer, refused as soon as the total passes `size`, then
-/// unless it is exactly `size` (and has the content's sha256, which is not checked here: an
-/// arbitrary input cannot have it). Returns the bytes read, if accepted.
-fn read_like_pool_store(src: &mut dyn Read, size: u64) -> Option<u64> {
-    let mut buf = vec![0u8; 256 << 10];
-    let mut written = 0u64;
-    loop {
-        let n = src.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
+/// A directory with `pool/` and `tmp/`, made once per process: in `$TREESWAP_FUZZ_DIR`
+/// (`scripts/fuzz.sh` gives one it removes afterwards; libFuzzer exits without running
+/// destructors), else a new temporary directory that is kept. It holds nothing between
+/// inputs.
+fn root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = match std::env::var_os("TREESWAP_FUZZ_DIR") {
+            Some(d) => tempfile::Builder::new()
+                .prefix("patch_apply-")
+                .tempdir_in(d)
+                .expect("a directory in $TREESWAP_FUZZ_DIR")
+                .keep(),
+            None => tempfile::Builder::new()
+                .prefix("treeswap-fuzz-")
+                .tempdir()
+                .expect("a temporary directory")
+                .keep(),
+        };
+        for sub in ["pool", "tmp"] {
+            std::fs::create_dir(dir.join(sub)).expect("mkdir");
         }
-        written += n as u64;
-        if written > size {
-            return None;
-        }
-    }
-    (written == size).then_some(written)
+        dir
+    })
+}
+
+fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .expect("readdir")
+        .map(|e| e.expect("readdir").file_name())
+        .collect()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -50,21 +71,60 @@ fuzz_target!(|data: &[u8]| {
     };
     let size = u64::from(u32::from_le_bytes([data[1], data[2], data[3], 0])) % (MAX_SIZE + 1);
     let ref_len = usize::from(u16::from_le_bytes([data[4], data[5]]));
-    let rest = &data[6..];
-    let (reference, blob) = rest.split_at(ref_len.min(rest.len()));
-    match &source {
-        // `apply` copies a `base` content from the base tree or the pool: nothing to decode.
-        Source::Base => {}
-        Source::Zstd | Source::ZstdPatch { .. } => {
-            let reference = source.base().map(|_| reference);
-            if let Ok(mut dec) = codec::stream(&source, blob, reference, size) {
-                let _ = read_like_pool_store(&mut dec, size);
-            }
-        }
-        Source::Bsdiff { .. } => {
-            if let Ok(out) = codec::bsdiff_apply(reference, blob, size) {
-                assert_eq!(out.len() as u64, size, "bsdiff_apply returned the wrong length");
-            }
-        }
+    let mut rest = &data[6..];
+    let mut sha = [0u8; 32];
+    if data[0] & 0x80 != 0 {
+        let Some((s, r)) = rest.split_first_chunk::<32>() else {
+            return;
+        };
+        sha = *s;
+        rest = r;
     }
+    let (reference, blob) = rest.split_at(ref_len.min(rest.len()));
+    let meta = Meta {
+        mode: 0o644,
+        uid: rustix::process::geteuid().as_raw(),
+        gid: rustix::process::getegid().as_raw(),
+        xattrs: Default::default(),
+    };
+    let root = root();
+    let id = hex::encode(object_id(&meta, size, &sha));
+    let object = root.join("pool").join(&id);
+    let r =
+        treeswap::ops::fuzz::decode_into_pool(root, &source, blob, reference, size, &sha, &meta);
+    match r {
+        Ok(true) => {
+            // Published: exactly the declared bytes.
+            let mut f = std::fs::File::open(&object).expect("the published object");
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n = 0u64;
+            loop {
+                let k = f.read(&mut buf).expect("read the object");
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+                h.update(&buf[..k]);
+            }
+            assert_eq!(n, size, "a published object has the wrong size");
+            assert_eq!(
+                <[u8; 32]>::from(h.finalize()),
+                sha,
+                "a published object has the wrong sha256"
+            );
+            std::fs::remove_file(&object).expect("remove the object");
+        }
+        Ok(false) => assert!(
+            matches!(source, Source::Base),
+            "nothing was published, yet no error: only `base` stores nothing"
+        ),
+        Err(_) => assert!(!object.exists(), "a refused object was published"),
+    }
+    assert!(
+        names(&root.join("pool")).is_empty(),
+        "the pool holds something"
+    );
+    let left = names(&root.join("tmp"));
+    assert!(left.is_empty(), "temporary files left in tmp/: {left:?}");
 });

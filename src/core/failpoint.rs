@@ -30,6 +30,7 @@ pub const ALL: &[&str] = &[
     "stage-after-syncfs",
     "stage-before-commit",
     "stage-after-commit",
+    "tmpfile-before-publish",
     "pool-link-unprotected",
     "apply-after-object",
     "apply-after-objects",

@@ -51,6 +51,12 @@ pub fn object_id(meta: &Meta, size: u64, sha256: &Hash) -> ObjectId {
     Sha256::digest(&buf).into()
 }
 
+/// The first 16 hex digits of a digest and `…`: enough to tell digests apart in a message,
+/// which stays one short line (the full ones are in the manifests, `show` and `status`).
+pub(crate) fn short_hex(digest: &[u8]) -> String {
+    format!("{}…", hex::encode(&digest[..digest.len().min(8)]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,13 +76,27 @@ impl<'a> TmpFile<'a> {
 
     /// Gives the file the name `name` in `dir`, never replacing a file there (`EEXIST` if
     /// taken, as the bare `Errno`): [renameat2(2)] with `RENAME_NOREPLACE` from its temporary
-    /// name, or for an unnamed file [`link_unnamed`]. After success the file is kept (no
-    /// temporary name is left to remove) and stays open.
+    /// name (where the file system has no such flag, [linkat(2)] and an unlink of the
+    /// temporary name), or for an unnamed file [`link_unnamed`]. After success the file is
+    /// kept (no temporary name is left to remove) and stays open.
     ///
     /// [renameat2(2)]: https://man7.org/linux/man-pages/man2/renameat2.2.html
+    /// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
     pub(crate) fn publish(&mut self, dir: BorrowedFd, name: &[u8]) -> rustix::io::Result<()> {
+        crate::core::failpoint::hit("tmpfile-before-publish");
         match &self.name {
-            Some(tmp) => super::sys::renameat_noreplace(self.dir, tmp.as_bytes(), dir, name),
+            Some(tmp) => {
+                match super::sys::renameat_noreplace(self.dir, tmp.as_bytes(), dir, name) {
+                    // No RENAME_NOREPLACE here (FUSE file systems, which often lack O_TMPFILE
+                    // too): a hardlink never replaces either; then the temporary name goes.
+                    Err(Errno::INVAL) => {
+                        super::sys::linkat(self.dir, tmp.as_bytes(), dir, name)?;
+                        let _ = rustix::fs::unlinkat(self.dir, tmp.as_str(), AtFlags::empty());
+                        Ok(())
+                    }
+                    r => r,
+                }
+            }
             None => link_unnamed(self.fd(), dir, name),
         }?;
         self.published = true;

@@ -3,6 +3,7 @@ pub(crate) mod boot;
 pub(crate) mod checkout;
 pub(crate) mod diff;
 pub(crate) mod flip;
+pub mod fuzz;
 pub(crate) mod gc;
 pub(crate) mod guests;
 pub(crate) mod import;

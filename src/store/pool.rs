@@ -271,11 +271,12 @@ impl Pool {
         })?;
         let got: Hash = h.finalize().into();
         if written != size || &got != sha256 {
+            // No object id, digests by a prefix: the caller names the content (or the file)
+            // in full, and the four full digests this named made a line of 450 characters.
             return Err(Fail::Integrity(format!(
-                "object {}: got {written} bytes with sha256 {}, expected {size} bytes with sha256 {}",
-                hex::encode(id),
-                hex::encode(got),
-                hex::encode(sha256)
+                "got {written} bytes with sha256 {}, expected {size} bytes with sha256 {}",
+                crate::core::object::short_hex(&got),
+                crate::core::object::short_hex(sha256)
             ))
             .into());
         }

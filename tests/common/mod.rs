@@ -1174,3 +1174,182 @@ pub fn diff_from_dirs(a: &Path, b: &Path, from: &str, to: &str, out: &Path) -> R
         .arg(out);
     run(&mut c)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Peak memory of a run
+
+/// What a run's standard input is fed: called on a thread of its own while the run goes on.
+pub type Feed<'a> = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'a>;
+
+/// A finished run and the most resident memory it used.
+pub struct Measured {
+    pub run: Run,
+    /// `ru_maxrss` of the program run (KiB): its peak resident set, its threads included, or
+    /// that of what it `exec`ed (`sh -c 'ulimit ... && exec treeswap ...'` measures
+    /// treeswap).
+    pub peak_rss_kib: u64,
+}
+
+/// A command whose peak resident memory [`run_measured`] reports: `PROGRAM` run by GNU
+/// `time -f %M` (Debian package `time`), which reaps it with `wait4` and writes its
+/// `ru_maxrss` to a file.
+///
+/// Why not `wait4` on the child here: the test process is large (it holds whole deltas), and
+/// a process's `ru_maxrss` keeps the high-water mark of the memory it `exec`ed from, which for
+/// a direct child (forked, or `vfork`ed as `std` does) is this process's. GNU time is small,
+/// and the program it forks starts from its few hundred KiB.
+pub struct MeasuredCmd {
+    pub cmd: Command,
+    peak: tempfile::NamedTempFile,
+}
+
+impl MeasuredCmd {
+    /// `time -q -f %M -o PEAKFILE PROGRAM`: add PROGRAM's arguments to `cmd`.
+    pub fn new(program: impl AsRef<OsStr>) -> MeasuredCmd {
+        let peak = tempfile::NamedTempFile::new().expect("a temporary file");
+        let mut cmd = Command::new("/usr/bin/time");
+        cmd.args(["-q", "-f", "%M", "-o"])
+            .arg(peak.path())
+            .arg(program);
+        MeasuredCmd { cmd, peak }
+    }
+}
+
+/// Runs a [`MeasuredCmd`], captures its output, feeds its standard input from `feed` on a
+/// thread of its own (or gives it none), and reads its peak resident memory. A program killed
+/// by a signal exits `128 + signal` (GNU time's way).
+pub fn run_measured(mut m: MeasuredCmd, feed: Option<Feed<'_>>) -> Measured {
+    use std::process::Stdio;
+    let cmdline = format!("{:?}", m.cmd);
+    m.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    m.cmd.stdin(if feed.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = m
+        .cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmdline}: {e}"));
+    let stdin = child.stdin.take();
+    let out = std::thread::scope(|s| {
+        if let (Some(feed), Some(mut stdin)) = (feed, stdin) {
+            // The program may stop reading once it refuses the input: the rest fails with
+            // EPIPE, which is not a failure of the test.
+            s.spawn(move || drop(feed(&mut stdin)));
+        }
+        child.wait_with_output()
+    })
+    .unwrap_or_else(|e| panic!("wait for {cmdline}: {e}"));
+    let text = fs::read_to_string(m.peak.path()).expect("read GNU time's output");
+    let peak_rss_kib = text
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("GNU time wrote no peak for {cmdline}: {text:?}"));
+    Measured {
+        run: Run { cmdline, out },
+        peak_rss_kib,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing every path, inode and flag
+
+/// One path of a [`Listing`]: what `lstat` says of its inode, and its inode flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub ino: u64,
+    /// `st_mode`: the type and the permission bits.
+    pub mode: u32,
+    pub size: u64,
+    pub nlink: u64,
+    pub uid: u32,
+    pub gid: u32,
+    /// `FS_IOC_GETFLAGS` ([ioctl_iflags(2)]: immutable, append-only, ...) of regular files and
+    /// directories; `None` for other types (never opened) and where the file system has none.
+    ///
+    /// [ioctl_iflags(2)]: https://man7.org/linux/man-pages/man2/ioctl_iflags.2.html
+    pub flags: Option<u32>,
+}
+
+/// Every path under a directory (`.` for itself), never following a symlink, with its
+/// inode number, type and mode, size, link count, owner and inode flags: two listings taken
+/// before and after a command that must change nothing must be equal. Timestamps are left
+/// out (reading a file changes its atime).
+pub type Listing = BTreeMap<Vec<u8>, Listed>;
+
+/// The [`Listing`] of `dir`. Regular files and directories are opened (read-only,
+/// `O_NOFOLLOW | O_NONBLOCK`) to read their flags; nothing else is opened.
+pub fn listing(dir: &Path) -> Listing {
+    let mut out = Listing::new();
+    let mut pending = vec![b".".to_vec()];
+    while let Some(rel) = pending.pop() {
+        let full = join(dir, &rel);
+        let md =
+            fs::symlink_metadata(&full).unwrap_or_else(|e| panic!("lstat {}: {e}", full.display()));
+        let ft = FileType::from_raw_mode(md.mode());
+        let flags = match ft {
+            FileType::RegularFile | FileType::Directory => inode_flags(&full),
+            _ => None,
+        };
+        if ft == FileType::Directory {
+            for ent in
+                fs::read_dir(&full).unwrap_or_else(|e| panic!("readdir {}: {e}", full.display()))
+            {
+                let name = ent.unwrap().file_name();
+                pending.push(if rel == b"." {
+                    name.as_bytes().to_vec()
+                } else {
+                    [&rel[..], b"/", name.as_bytes()].concat()
+                });
+            }
+        }
+        out.insert(
+            rel,
+            Listed {
+                ino: md.ino(),
+                mode: md.mode(),
+                size: md.len(),
+                nlink: md.nlink(),
+                uid: md.uid(),
+                gid: md.gid(),
+                flags,
+            },
+        );
+    }
+    out
+}
+
+/// The inode flags of a regular file or directory (`None` where the file system has none).
+fn inode_flags(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    match rustix::fs::ioctl_getflags(&f) {
+        Ok(fl) => Some(fl.bits()),
+        Err(rustix::io::Errno::NOTTY | rustix::io::Errno::NOTSUP) => None,
+        Err(e) => panic!("FS_IOC_GETFLAGS {}: {e}", path.display()),
+    }
+}
+
+/// The differences between two listings, one line each (empty if they are equal).
+pub fn diff_listings(before: &Listing, after: &Listing) -> Vec<String> {
+    let mut out = Vec::new();
+    for (p, a) in before {
+        match after.get(p) {
+            None => out.push(format!("{}: gone", show(p))),
+            Some(b) if a != b => out.push(format!("{}: {a:?} became {b:?}", show(p))),
+            Some(_) => {}
+        }
+    }
+    for (p, b) in after {
+        if !before.contains_key(p) {
+            out.push(format!("{}: new {b:?}", show(p)));
+        }
+    }
+    out
+}

@@ -14,7 +14,7 @@ use crate::core::config::Config;
 use crate::core::delta::{Delta, Source};
 use crate::core::error::Fail;
 use crate::core::manifest::{Entry, Kind, Manifest, check_tree, tree_digest};
-use crate::core::object::{Hash, Meta, ObjectId};
+use crate::core::object::{Hash, Meta, ObjectId, short_hex};
 use crate::store::pool::Pool;
 use crate::store::root::Root;
 
@@ -325,8 +325,8 @@ fn check_references(
             if !earlier && !base_content.contains_key(r) {
                 return Err(bad(format!(
                     "content {} is a patch against {}, which is neither in the base tree nor earlier in the delta",
-                    hex::encode(c.sha256),
-                    hex::encode(r)
+                    short_hex(&c.sha256),
+                    short_hex(r)
                 )));
             }
         }
@@ -792,8 +792,8 @@ mod tests {
             format!(
                 "invalid delta: content {} is a patch against {}, which is neither in the base \
                  tree nor earlier in the delta",
-                hex(n),
-                hex(r)
+                short_hex(&sha(n)),
+                short_hex(&sha(r))
             )
         };
         type Case = (

@@ -176,7 +176,7 @@ fn wrong_base(root: &Root, d: &Delta, current: Option<&str>) -> Result<anyhow::E
         Some(c) => format!(
             "current `{c}` has digest {}",
             root.manifest_digest(c)?
-                .map(hex::encode)
+                .map(|d| crate::core::object::short_hex(&d))
                 .unwrap_or_default()
         ),
         None => "no version is current".to_string(),
