@@ -14,7 +14,6 @@ use crate::core::config::Config;
 use crate::core::manifest::Manifest;
 use crate::core::object::object_id;
 use crate::core::version;
-use crate::fs::hash::FdReader;
 use crate::ops::install::{install, while_linking};
 use crate::ops::{boot, flip};
 use crate::store::root::Root;
@@ -39,7 +38,7 @@ pub(crate) fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Re
         if pool.has(&object_id(meta, size, sha))? {
             return Ok(());
         }
-        pool.store(&mut FdReader { fd, off: 0 }, meta, size, sha)
+        pool.store_file(fd, meta, size, sha)
             .context("the file changed while it was being imported")?;
         Ok(())
     };
