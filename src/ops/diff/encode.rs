@@ -2,7 +2,7 @@
 //! the smallest blob for each, on every core.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -245,15 +245,21 @@ fn encode_sparse(e: &Entry, fd: BorrowedFd, size: u64, level: i32) -> Result<(So
     Ok((Source::Zstd, enc.finish()?))
 }
 
-/// The whole content of a file entry, open as `fd`.
+/// The whole content of a file entry, open as `fd`; its holes are not read.
 fn read(fd: OwnedFd, e: &Entry) -> Result<Vec<u8>> {
     let size = size_of(e);
     let mut v = Vec::with_capacity(size as usize);
     // No further than one byte past the entry's size: a file that grows is read no longer.
-    std::fs::File::from(fd)
-        .take(size.saturating_add(1))
-        .read_to_end(&mut v)
-        .with_context(|| format!("cannot read `{}`", e.display()))?;
+    hash::with_io_buffer(|buf| {
+        sparse::read_runs(fd.as_fd(), size.saturating_add(1), buf, &mut |run| {
+            match run {
+                sparse::Run::Data(d) => v.extend_from_slice(d),
+                sparse::Run::Hole(n) => v.resize(v.len() + n as usize, 0),
+            }
+            Ok(())
+        })
+    })
+    .with_context(|| format!("cannot read `{}`", e.display()))?;
     if v.len() as u64 != size {
         bail!("`{}` changed while it was being read", e.display());
     }
