@@ -345,3 +345,29 @@ fn private_copies_onto_another_file_system_keep_holes() {
     assert_eq!(fs::read(co.join("etc/conf")).unwrap(), b"setting = 1\n");
     drop(mnt);
 }
+
+/// Regression (issue 15, item 10): an import that filled the disk (as a sparse file expanded
+/// in the pool did) said "the file changed while it was being imported: cannot write object:
+/// No space left on device". Only an integrity error says the file changed; a full disk is
+/// reported as one, with exit code 9.
+#[test]
+fn an_import_that_fills_the_disk_says_so() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("big"), noise(24 << 20, 3)).unwrap();
+    let mnt = Mount::tmpfs(&env.path("small"), "16m");
+    let root = mnt.path.join("root");
+    ts(
+        &root,
+        [os("import"), src.as_os_str(), os("--version"), os("1")],
+    )
+    .exit(9)
+    .one_line_error()
+    .stderr_has("No space left on device")
+    .stderr_lacks("changed");
+    drop(mnt);
+}

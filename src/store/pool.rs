@@ -345,8 +345,7 @@ impl Pool {
                 }
                 Ok(())
             })
-        })
-        .context("cannot read object data")?;
+        })?;
         if written > size {
             return Err(too_long(&id, size));
         }
