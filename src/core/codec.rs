@@ -40,6 +40,21 @@ pub(crate) fn zstd_whole(data: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(c.compress(data)?)
 }
 
+/// A streaming encoder of a whole `zstd` blob of a content of `size` bytes into `out`, with
+/// the same window limit as [`zstd_whole`] and the size in the frame header.
+pub(crate) fn whole_encoder<W: Write>(
+    out: W,
+    level: i32,
+    size: u64,
+) -> Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc = zstd::stream::write::Encoder::new(out, level)?;
+    if level > 19 {
+        enc.window_log(WINDOW_LOG_MAX)?;
+    }
+    enc.set_pledged_src_size(Some(size))?;
+    Ok(enc)
+}
+
 /// A `zstd-patch` blob: `data` compressed with `base` (at most [`MAX_REFERENCE`] bytes) as
 /// reference prefix.
 pub(crate) fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>> {

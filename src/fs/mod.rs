@@ -2,4 +2,5 @@ pub(crate) mod btrfs;
 pub(crate) mod file;
 pub(crate) mod hash;
 pub(crate) mod iflags;
+pub(crate) mod sparse;
 pub(crate) mod sys;

@@ -383,6 +383,44 @@ pub(crate) fn write_all(fd: BorrowedFd, mut buf: &[u8]) -> rustix::io::Result<()
     Ok(())
 }
 
+/// Writes all of `buf` to the open file `fd` at offset `off` ([pwrite(2)] until done), with
+/// the bare `Errno`, as [`write_all`].
+///
+/// [pwrite(2)]: https://man7.org/linux/man-pages/man2/pwrite.2.html
+#[inline]
+pub(crate) fn pwrite_all(fd: BorrowedFd, mut buf: &[u8], mut off: u64) -> rustix::io::Result<()> {
+    while !buf.is_empty() {
+        let n = rustix::io::pwrite(fd, buf, off)?;
+        buf = &buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// The offset of the first byte of data at or after `off` in the open file `fd` ([lseek(2)]
+/// with `SEEK_DATA`); `None` if there is none (`ENXIO`: only a hole, or the end, follows),
+/// with the bare `Errno` otherwise (`EINVAL` where the file system cannot tell). Moves the
+/// descriptor's offset, which no reader of treeswap's uses (they read with `pread`).
+///
+/// [lseek(2)]: https://man7.org/linux/man-pages/man2/lseek.2.html
+#[inline]
+pub(crate) fn seek_data(fd: BorrowedFd, off: u64) -> rustix::io::Result<Option<u64>> {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(off)) {
+        Ok(n) => Ok(Some(n)),
+        Err(Errno::NXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The offset of the first hole at or after `off` in the open file `fd` ([lseek(2)] with
+/// `SEEK_HOLE`); the end of the file counts as a hole. The bare `Errno`, as [`seek_data`].
+///
+/// [lseek(2)]: https://man7.org/linux/man-pages/man2/lseek.2.html
+#[inline]
+pub(crate) fn seek_hole(fd: BorrowedFd, off: u64) -> rustix::io::Result<u64> {
+    rustix::fs::seek(fd, rustix::fs::SeekFrom::Hole(off))
+}
+
 /// [ftruncate(2)]: sets the size of an open file.
 ///
 /// [ftruncate(2)]: https://man7.org/linux/man-pages/man2/ftruncate.2.html
@@ -478,12 +516,33 @@ pub(crate) fn flock(fd: BorrowedFd, op: rustix::fs::FlockOperation) -> rustix::i
 }
 
 /// Asks the kernel to start reading the whole file open as `fd` ([posix_fadvise(2)] with
-/// `POSIX_FADV_WILLNEED`). Only a hint: errors are ignored.
+/// `POSIX_FADV_WILLNEED`). Only a hint: errors are ignored. A file with holes (fewer blocks
+/// than its size needs) is advised run of data by run of data ([`seek_data`],
+/// [`seek_hole`]): read ahead, a hole would become pages of zeros in the page cache.
 ///
 /// [posix_fadvise(2)]: https://man7.org/linux/man-pages/man2/posix_fadvise.2.html
-#[inline]
 pub(crate) fn fadvise_willneed(fd: BorrowedFd) {
-    let _ = rustix::fs::fadvise(fd, 0, None, rustix::fs::Advice::WillNeed);
+    use rustix::fs::Advice;
+    let Ok(st) = fstat(fd) else { return };
+    let size = st.st_size as u64;
+    if (st.st_blocks as u64).saturating_mul(512) >= size {
+        let _ = rustix::fs::fadvise(fd, 0, None, Advice::WillNeed);
+        return;
+    }
+    let mut off = 0;
+    while off < size {
+        let Ok(Some(start)) = seek_data(fd, off) else {
+            return;
+        };
+        let Ok(stop) = seek_hole(fd, start) else {
+            return;
+        };
+        let Some(len) = std::num::NonZeroU64::new(stop.saturating_sub(start)) else {
+            return;
+        };
+        let _ = rustix::fs::fadvise(fd, start, Some(len), Advice::WillNeed);
+        off = stop;
+    }
 }
 
 /// Sends `SIGKILL` to the process group `pgid` ([killpg(3)]); errors (the group is gone)
@@ -935,21 +994,26 @@ pub(crate) fn free_bytes(fd: BorrowedFd) -> Result<(u64, u64, Option<u64>)> {
     Ok((st.f_bavail.saturating_mul(st.f_frsize), st.f_frsize, inodes))
 }
 
-/// Copies the first `size` bytes of `src` to the end of `dst` in the kernel
-/// ([copy_file_range(2)]).
+/// Copies `len` bytes at offset `off` of `src` to the same offset of `dst` in the kernel
+/// ([copy_file_range(2)]), with the bare `Errno` (`EXDEV`, `EOPNOTSUPP` or `EINVAL` where the
+/// kernel cannot copy between these files); `Ok(false)` if `src` ended first.
 ///
 /// [copy_file_range(2)]: https://man7.org/linux/man-pages/man2/copy_file_range.2.html
-pub(crate) fn copy_range(src: BorrowedFd, dst: BorrowedFd, size: u64) -> Result<()> {
-    let mut off_in = 0u64;
-    while off_in < size {
-        let len = (size - off_in).min(1 << 30) as usize;
-        let n = rustix::fs::copy_file_range(src, Some(&mut off_in), dst, None, len)
-            .context("copy_file_range failed")?;
-        if n == 0 {
-            bail!("the source is shorter than {size} bytes");
+pub(crate) fn copy_range_at(
+    src: BorrowedFd,
+    dst: BorrowedFd,
+    off: u64,
+    len: u64,
+) -> rustix::io::Result<bool> {
+    let (mut off_in, mut off_out) = (off, off);
+    let end = off.saturating_add(len);
+    while off_in < end {
+        let n = (end - off_in).min(1 << 30) as usize;
+        if rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), n)? == 0 {
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Sets atime and mtime of an open file to the epoch (FORMAT.md, "Timestamps").

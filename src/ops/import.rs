@@ -8,13 +8,13 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::core::config::Config;
+use crate::core::error::Fail;
 use crate::core::manifest::Manifest;
 use crate::core::object::object_id;
 use crate::core::version;
-use crate::fs::hash::FdReader;
 use crate::ops::install::{install, while_linking};
 use crate::ops::{boot, flip};
 use crate::store::root::Root;
@@ -39,9 +39,13 @@ pub(crate) fn import(root: &Root, cfg: &Config, dir: &Path, version: &str) -> Re
         if pool.has(&object_id(meta, size, sha))? {
             return Ok(());
         }
-        pool.store(&mut FdReader { fd, off: 0 }, meta, size, sha)
-            .context("the file changed while it was being imported")?;
-        Ok(())
+        // Only an integrity error says the file changed; a full disk says so itself.
+        match pool.store_file(fd, meta, size, sha) {
+            Err(e) if matches!(e.downcast_ref::<Fail>(), Some(Fail::Integrity(_))) => {
+                Err(e.context("the file changed while it was being imported"))
+            }
+            r => r.map(drop),
+        }
     };
     // In immutable mode a new object is in the pool before its flag is set: that is recorded
     // (as while staging), so that a crash in between makes `boot` re-protect the pool.

@@ -28,7 +28,7 @@ use crate::core::object::Hash;
 use crate::core::object::{Meta, ObjectId, object_id};
 use crate::fs::file::TmpFile;
 use crate::fs::hash;
-use crate::fs::{iflags, sys};
+use crate::fs::{iflags, sparse, sys};
 use crate::store::protect::Protection;
 
 /// The most extra copies of one object made when its links run out (ext4 allows 65 000 links
@@ -79,6 +79,44 @@ fn object_rel(shape: Shape, id: &ObjectId, copy: u32) -> String {
     } else {
         format!("{shard}{slash}{h}.{copy}")
     }
+}
+
+/// Reads from `src` until `buf` is full or `src` ends; returns how much was read.
+fn fill(src: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The error of an object's source that has more than `size` bytes.
+fn too_long(id: &ObjectId, size: u64) -> anyhow::Error {
+    Fail::Integrity(format!(
+        "object {} has more than its declared {size} bytes",
+        hex::encode(id)
+    ))
+    .into()
+}
+
+/// Checks that an object's source gave `written` bytes hashing to `got`, as declared.
+fn check_stored(written: u64, got: Hash, size: u64, sha256: &Hash) -> Result<()> {
+    if written != size || &got != sha256 {
+        // No object id, digests by a prefix: the caller names the content (or the file)
+        // in full, and the four full digests this named made a line of 450 characters.
+        return Err(Fail::Integrity(format!(
+            "got {written} bytes with sha256 {}, expected {size} bytes with sha256 {}",
+            crate::core::object::short_hex(&got),
+            crate::core::object::short_hex(sha256)
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// The shape of the pool open as `dir`: sharded if it has the shard `00`.
@@ -200,7 +238,7 @@ impl Pool {
         .with_context(|| format!("cannot create `{}`", crate::core::path::display(name)))?;
         if sys::ioctl_ficlone(dst.as_fd(), src.as_fd()).is_err() {
             let size = sys::fstat(src.as_fd())?.st_size as u64;
-            sys::copy_range(src.as_fd(), dst.as_fd(), size)
+            sparse::copy(src.as_fd(), dst.as_fd(), size)
                 .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         }
         sys::apply_meta_fd(dst.as_fd(), meta)?;
@@ -242,7 +280,8 @@ impl Pool {
 
     /// Stores an object from `src`, which must yield exactly `size` bytes hashing to
     /// `sha256`; anything else is an integrity error and nothing is published. Returns whether
-    /// the object was new.
+    /// the object was new. The object is written sparse: every aligned block of zeros is left
+    /// a hole (`sparse::Writer`); its bytes, and so its id, are those `src` yields.
     pub fn store(&self, src: &mut dyn Read, meta: &Meta, size: u64, sha256: &Hash) -> Result<bool> {
         let id = object_id(meta, size, sha256);
         if self.has(&id)? {
@@ -250,36 +289,69 @@ impl Pool {
         }
         let tmp = TmpFile::create(self.tmp.as_fd(), TMP_PREFIX).context("in `tmp/`")?;
         let mut h = Sha256::new();
+        let mut out = sparse::Writer::new(tmp.fd());
         let mut written = 0u64;
         hash::with_io_buffer(|buf| -> Result<()> {
             loop {
-                let n = src.read(buf).context("cannot read object data")?;
+                // Whole buffers, so that the writer sees whole aligned blocks.
+                let n = fill(src, buf).context("cannot read object data")?;
                 if n == 0 {
                     return Ok(());
                 }
                 written += n as u64;
                 if written > size {
-                    return Err(Fail::Integrity(format!(
-                        "object {} has more than its declared {size} bytes",
-                        hex::encode(id)
-                    ))
-                    .into());
+                    return Err(too_long(&id, size));
                 }
                 h.update(&buf[..n]);
-                sys::write_all(tmp.fd(), &buf[..n]).context("cannot write object")?;
+                out.write(&buf[..n]).context("cannot write object")?;
+                if n < buf.len() {
+                    return Ok(());
+                }
             }
         })?;
-        let got: Hash = h.finalize().into();
-        if written != size || &got != sha256 {
-            // No object id, digests by a prefix: the caller names the content (or the file)
-            // in full, and the four full digests this named made a line of 450 characters.
-            return Err(Fail::Integrity(format!(
-                "got {written} bytes with sha256 {}, expected {size} bytes with sha256 {}",
-                crate::core::object::short_hex(&got),
-                crate::core::object::short_hex(sha256)
-            ))
-            .into());
+        check_stored(written, h.finalize().into(), size, sha256)?;
+        out.finish().context("cannot write object")?;
+        self.publish(tmp, meta, &id, 0)
+    }
+
+    /// [`Pool::store`] from the open regular file `fd`, as `import` does: its holes are not
+    /// read (`sparse::read_runs`) and stay holes, its aligned blocks of zeros become holes.
+    /// The file must hold exactly `size` bytes hashing to `sha256`, or nothing is published
+    /// (an integrity error: it changed since it was hashed).
+    pub fn store_file(
+        &self,
+        fd: BorrowedFd,
+        meta: &Meta,
+        size: u64,
+        sha256: &Hash,
+    ) -> Result<bool> {
+        let id = object_id(meta, size, sha256);
+        if self.has(&id)? {
+            return Ok(false);
         }
+        let tmp = TmpFile::create(self.tmp.as_fd(), TMP_PREFIX).context("in `tmp/`")?;
+        let mut h = Sha256::new();
+        let mut out = sparse::Writer::new(tmp.fd());
+        let written = hash::with_io_buffer(|buf| {
+            sparse::read_runs(fd, size.saturating_add(1), buf, &mut |run| {
+                match run {
+                    sparse::Run::Data(d) => {
+                        h.update(d);
+                        out.write(d).context("cannot write object")?;
+                    }
+                    sparse::Run::Hole(n) => {
+                        hash::hash_zeros(&mut h, n);
+                        out.skip(n);
+                    }
+                }
+                Ok(())
+            })
+        })?;
+        if written > size {
+            return Err(too_long(&id, size));
+        }
+        check_stored(written, h.finalize().into(), size, sha256)?;
+        out.finish().context("cannot write object")?;
         self.publish(tmp, meta, &id, 0)
     }
 
@@ -385,7 +457,7 @@ impl Pool {
         let st = sys::fstat(src.as_fd())?;
         let meta = sys::meta_of(&st, sys::fd_xattrs(src.as_fd())?);
         let tmp = TmpFile::create(self.tmp.as_fd(), TMP_PREFIX).context("in `tmp/`")?;
-        sys::copy_range(src.as_fd(), tmp.fd(), st.st_size as u64)
+        sparse::copy(src.as_fd(), tmp.fd(), st.st_size as u64)
             .with_context(|| format!("cannot copy object {}", hex::encode(id)))?;
         self.publish(tmp, &meta, id, n)?;
         Ok(())

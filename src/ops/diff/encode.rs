@@ -2,8 +2,8 @@
 //! the smallest blob for each, on every core.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,13 +16,16 @@ use crate::core::delta::{Content, Source};
 use crate::core::manifest::{Entry, Kind};
 use crate::core::object::Hash;
 use crate::core::progress::Progress;
-use crate::fs::sys;
+use crate::fs::{hash, sparse, sys};
 
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
 /// size, where it can win.
 const BSDIFF_MAX: u64 = 2 << 20;
 /// bsdiff is tried only where the best zstd blob is over 1/this of the content's size.
 const BSDIFF_MIN_GAIN: u64 = 64;
+/// Contents over this size that are mostly holes are encoded without being held in memory
+/// (see [`mostly_holes`]).
+const SPARSE_MIN: u64 = 64 << 20;
 /// Reference candidates tried per content.
 const MAX_CANDIDATES: usize = 3;
 
@@ -207,15 +210,56 @@ fn prefetch(jobs: &[Job], order: &[usize], taken: &AtomicUsize, sides: &Sides) {
     }
 }
 
-/// The whole content of a file entry.
-fn read(open: Opener, e: &Entry) -> Result<Vec<u8>> {
+/// Whether the file of a content of `size` bytes, open as `fd`, is encoded without being held
+/// in memory ([`encode_sparse`]): over [`SPARSE_MIN`], with data in less than half of it, the
+/// rest holes. Whole in memory, the 16 KiB of a 10 GiB `lastlog` took 10 GiB (and 20 GiB with
+/// its old version as the reference, which a device would then hold whole too).
+fn mostly_holes(fd: BorrowedFd, size: u64) -> Result<bool> {
+    Ok(size > SPARSE_MIN && sparse::data_bytes(fd, size)? < size / 2)
+}
+
+/// A content whose file is mostly holes, as whole zstd, read run by run (holes are not read;
+/// zstd is fed zeros for them, which cost it an RLE block of 4 bytes per 128 KiB). The blob is
+/// what [`zstd_whole`] makes of the same bytes, give or take zstd's choices.
+fn encode_sparse(e: &Entry, fd: BorrowedFd, size: u64, level: i32) -> Result<(Source, Vec<u8>)> {
+    let mut enc = crate::core::codec::whole_encoder(Vec::new(), level, size)?;
+    let n = hash::with_io_buffer(|buf| {
+        sparse::read_runs(fd, size.saturating_add(1), buf, &mut |run| {
+            match run {
+                sparse::Run::Data(d) => enc.write_all(d)?,
+                sparse::Run::Hole(mut n) => {
+                    while n > 0 {
+                        let k = n.min(sparse::ZEROS.len() as u64) as usize;
+                        enc.write_all(&sparse::ZEROS[..k])?;
+                        n -= k as u64;
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .with_context(|| format!("cannot read `{}`", e.display()))?;
+    if n != size {
+        bail!("it changed while the delta was being made");
+    }
+    Ok((Source::Zstd, enc.finish()?))
+}
+
+/// The whole content of a file entry, open as `fd`; its holes are not read.
+fn read(fd: OwnedFd, e: &Entry) -> Result<Vec<u8>> {
     let size = size_of(e);
     let mut v = Vec::with_capacity(size as usize);
     // No further than one byte past the entry's size: a file that grows is read no longer.
-    std::fs::File::from(open(e)?)
-        .take(size.saturating_add(1))
-        .read_to_end(&mut v)
-        .with_context(|| format!("cannot read `{}`", e.display()))?;
+    hash::with_io_buffer(|buf| {
+        sparse::read_runs(fd.as_fd(), size.saturating_add(1), buf, &mut |run| {
+            match run {
+                sparse::Run::Data(d) => v.extend_from_slice(d),
+                sparse::Run::Hole(n) => v.resize(v.len() + n as usize, 0),
+            }
+            Ok(())
+        })
+    })
+    .with_context(|| format!("cannot read `{}`", e.display()))?;
     if v.len() as u64 != size {
         bail!("`{}` changed while it was being read", e.display());
     }
@@ -247,17 +291,26 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
         Kind::File { size, sha256 } => (*size, *sha256),
         _ => bail!("not a file"),
     };
-    let data = read(sides.to, e)?;
-    if data.len() as u64 != size {
-        bail!("it changed while the delta was being made");
-    }
-    let mut bases: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(cands.len());
-    // A patch may name a reference of at most `MAX_REFERENCE` bytes (FORMAT.md).
-    for c in cands.iter().filter(|c| size_of(c.entry) <= MAX_REFERENCE) {
-        let base = read(sides.of(c.side), c.entry)?;
-        bases.push((content_of(c.entry).expect("file"), base));
-    }
-    let (source, blob) = choose(&data, &bases, level)?;
+    let fd = (sides.to)(e)?;
+    let (source, blob) = if mostly_holes(fd.as_fd(), size)? {
+        encode_sparse(e, fd.as_fd(), size, level)?
+    } else {
+        let data = read(fd, e)?;
+        if data.len() as u64 != size {
+            bail!("it changed while the delta was being made");
+        }
+        let mut bases: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(cands.len());
+        // A patch may name a reference of at most `MAX_REFERENCE` bytes (FORMAT.md).
+        for c in cands.iter().filter(|c| size_of(c.entry) <= MAX_REFERENCE) {
+            let fd = sides.of(c.side)(c.entry)?;
+            // A reference that is mostly holes is not read whole, here or on the device.
+            if mostly_holes(fd.as_fd(), size_of(c.entry))? {
+                continue;
+            }
+            bases.push((content_of(c.entry).expect("file"), read(fd, c.entry)?));
+        }
+        choose(&data, &bases, level)?
+    };
     let blob_sha: Hash = Sha256::digest(&blob).into();
     let content = Content {
         sha256,
@@ -453,5 +506,46 @@ mod tests {
             blob.len() <= zstd_whole(&data, 3).unwrap().len(),
             "{source:?}"
         );
+    }
+
+    /// A content that is mostly holes is encoded from its runs of data and zeros, never held
+    /// in memory, into a blob that decodes to all its bytes; a file with less of a hole is
+    /// not taken for one.
+    #[test]
+    fn a_mostly_hole_content_is_streamed_whole() {
+        use std::os::unix::fs::FileExt;
+        let size = SPARSE_MIN * 2;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        let (head, mid) = (noise(10_000, 5), noise(4096, 6));
+        f.write_all_at(&head, 0).unwrap();
+        f.write_all_at(&mid, SPARSE_MIN + 8192).unwrap();
+        assert!(mostly_holes(f.as_fd(), size).unwrap());
+        let e = Entry {
+            path: (*b"var/log/lastlog").into(),
+            meta: Default::default(),
+            kind: Kind::File {
+                size,
+                sha256: [0; 32],
+            },
+        };
+        let (source, blob) = encode_sparse(&e, f.as_fd(), size, 3).unwrap();
+        assert_eq!(source, Source::Zstd);
+        assert!(blob.len() < 64 << 10, "{} bytes", blob.len());
+        let mut want = vec![0u8; size as usize];
+        want[..head.len()].copy_from_slice(&head);
+        let at = (SPARSE_MIN + 8192) as usize;
+        want[at..at + mid.len()].copy_from_slice(&mid);
+        assert!(decode(&source, &blob, &[], size as usize) == want);
+        // A shorter file than its entry says: it changed.
+        assert!(encode_sparse(&e, f.as_fd(), size + 1, 3).is_err());
+
+        let dense = tempfile::tempfile().unwrap();
+        dense.set_len(size).unwrap();
+        dense
+            .write_all_at(&vec![1u8; (size / 2) as usize + 4096], 0)
+            .unwrap();
+        assert!(!mostly_holes(dense.as_fd(), size).unwrap());
+        assert!(!mostly_holes(f.as_fd(), SPARSE_MIN).unwrap(), "small");
     }
 }
