@@ -72,6 +72,7 @@ ts() { "$TREESWAP" --config "$CFG" -q "$@"; }
 
 # The base root and the delta.
 t0=$(ts_now)
+ts --root "$W/base" init
 ts --root "$W/base" import "$old_tree" --version 1 --activate
 "$TREESWAP" -q diff --from-dir "$old_tree" --to-dir "$new_tree" \
     --from-version 1 --to-version 2 -o "$W/1-2.delta"

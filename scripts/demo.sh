@@ -27,6 +27,7 @@ fi
 
 run() { echo "\$ treeswap $*"; "$ts" "$@"; }
 export TREESWAP_ROOT="$work/versions"
+run init
 run import "$work/v1" --version 1 --activate
 run verify --full
 run diff --from-dir "$work/v1" --to-dir "$work/v2" --from-version 1 --to-version 2 -o "$work/2.delta" -v

@@ -56,6 +56,7 @@ fi
 
 step "import $base as version 1 (--activate)"
 t0=$(ts_now)
+ts init
 ts import "$base" --version 1 --activate
 echo "import: $(ts_elapsed "$t0" "$(ts_now)") s"
 compare "imported tree == base" "$base" "$R/current/"

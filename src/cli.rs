@@ -489,7 +489,7 @@ fn import_command(cx: &Env, dir: &Path, version: &str, activate: bool) -> Result
     if !dir.is_dir() {
         bail!("cannot import `{}`: not a directory", dir.display());
     }
-    let root = cx.root(Lock::Exclusive, true)?;
+    let root = cx.root(Lock::Exclusive, false)?;
     import::import(&root, &cx.cfg, dir, version)?;
     if activate {
         let was = root.link("current")?;
@@ -635,7 +635,7 @@ fn apply_command(cx: &Env, file: &Path, opts: apply::Options) -> Result<()> {
     // A dry run is a reader: no lock, no root made, nothing recorded.
     let root = match opts.dry_run {
         true => Root::open(&cx.root_path())?,
-        false => cx.root(Lock::Exclusive, true)?,
+        false => cx.root(Lock::Exclusive, false)?,
     };
     let outcome = if file.as_os_str() == "-" {
         apply::apply(&root, &cx.cfg, std::io::stdin().lock(), opts)

@@ -146,12 +146,15 @@ impl Lab {
     }
 
     /// A fresh state root at `root` (not yet created).
+    /// A rig on a new state root at `root` (made with `init`).
     fn rig(&self, root: PathBuf) -> Rig<'_> {
-        Rig {
+        let rig = Rig {
             lab: self,
             root,
             config: self.config.clone(),
-        }
+        };
+        rig.ts(["init"]).success();
+        rig
     }
 
     fn src(&self, version: &str) -> &Path {

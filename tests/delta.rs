@@ -181,6 +181,7 @@ fn scratch() -> Env {
         .tempdir_in(shm)
         .expect("tempdir");
     let root = dir.path().join("root");
+    init_root(&root);
     Env { dir, root }
 }
 
@@ -959,6 +960,7 @@ fn round_trip(seed: u64) {
     )
     .success();
     let root2 = env.path("root2");
+    init_root(&root2);
     import_active(&root2, &a, "1");
     apply(&root2, &delta2).success();
     assert_links(&root2, "2", Some("1"));
@@ -1079,6 +1081,7 @@ impl Fixture {
     /// A fresh root with A imported as version 1 and current.
     fn root(&self, name: &str) -> PathBuf {
         let root = self.env.path(name);
+        init_root(&root);
         import_active(&root, &self.a, "1");
         root
     }
@@ -1240,6 +1243,8 @@ fn a_pool_made_with_shards_keeps_them() {
     for i in 0..=255u8 {
         fs::create_dir_all(old.join("pool").join(format!("{i:02x}"))).unwrap();
     }
+    // `init` makes the rest of the root around the old pool.
+    init_root(&old);
     import_active(&old, &f.a, "1");
     let junk_id = "ab".repeat(32);
     for (root, junk) in [(&flat, junk_id.clone()), (&old, format!("ab/{junk_id}"))] {
@@ -1977,6 +1982,7 @@ fn not_enough_space_exits_9_and_writes_nothing() {
 
     let mnt = Mount::tmpfs(&env.path("mnt"), "24m");
     let root = mnt.path.join("root");
+    init_root(&root);
     import_active(&root, &a, "1");
     let before = capture(&root);
     let r = apply(&root, &delta);
@@ -2161,6 +2167,8 @@ fn large_blobs_are_spooled_and_references_are_bounded() {
     );
 
     let root = env.path("root");
+
+    init_root(&root);
     import_active(&root, &a, "1");
     let mut cmd = ts_cmd();
     cmd.arg("--root")
@@ -2181,6 +2189,7 @@ fn large_blobs_are_spooled_and_references_are_bounded() {
     // The same change as a patch against the 72 MiB file: refused before anything is
     // written, whatever the blob says.
     let root2 = env.path("root2");
+    init_root(&root2);
     import_active(&root2, &a, "1");
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 3, &old).unwrap();
     enc.window_log(26).unwrap();

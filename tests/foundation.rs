@@ -632,14 +632,16 @@ fn import_of_an_unreadable_file_fails_cleanly() {
             .file("sub/other", "fine too")
             .owner(NOBODY, NOBODY),
     );
-    fs::create_dir(&env.root).unwrap();
-    lchown(&env.root, Some(NOBODY), Some(NOBODY)).unwrap();
+    // A root of nobody's own, which nobody makes with `init`.
+    let root = env.path("nobody-root");
+    fs::create_dir(&root).unwrap();
+    lchown(&root, Some(NOBODY), Some(NOBODY)).unwrap();
     let as_nobody = |args: &[&str]| {
         let mut c = ts_cmd();
         c.uid(NOBODY)
             .gid(NOBODY)
             .arg("--root")
-            .arg(&env.root)
+            .arg(&root)
             .args(args);
         run(&mut c)
     };
@@ -648,11 +650,11 @@ fn import_of_an_unreadable_file_fails_cleanly() {
         .exit(1)
         .one_line_error()
         .stderr_has("sub/secret");
-    assert_clean(&env.root, "1");
+    assert_clean(&root, "1");
 
     fs::set_permissions(src.join("sub/secret"), fs::Permissions::from_mode(0o400)).unwrap();
     as_nobody(&["import", s(&src), "--version", "1"]).success();
-    assert_same_dirs(&src, &env.tree_dir("1"));
+    assert_same_dirs(&src, &root.join("trees/1"));
     as_nobody(&["verify", "1", "--full"]).success();
 }
 
@@ -665,6 +667,7 @@ fn import_onto_a_read_only_root_fails_cleanly() {
     let src = small_tree(&env, "src");
     let mnt = Mount::tmpfs(&env.path("ro"), "16m");
     let root = mnt.path.join("root");
+    init_root(&root);
     ts(&root, ["init"]).success();
     mnt.remount("ro");
     ts(&root, ["import", s(&src), "--version", "1"])
@@ -692,6 +695,7 @@ fn import_without_space_for_objects_fails_cleanly() {
     );
     let mnt = Mount::tmpfs(&env.path("small-fs"), "1m");
     let root = mnt.path.join("root");
+    init_root(&root);
     ts(&root, ["init"]).success();
     ts(&root, ["import", s(&src), "--version", "1"])
         .exit(9)
@@ -726,6 +730,7 @@ fn import_without_inodes_for_staging_fails_cleanly() {
         &env.path("few-inodes"),
     );
     let root = mnt.path.join("root");
+    init_root(&root);
     ts(&root, ["init"]).success();
     ts(&root, ["import", s(&src), "--version", "1"])
         .exit(9)
@@ -885,34 +890,42 @@ fn init_is_idempotent() {
     env.ts(["verify", "--full"]).success();
 }
 
+/// Regression (issue 19): a mistyped `--root` made `import` (and even a failed `apply`)
+/// create a new state root. Every command but `init` refuses a directory that is not a state
+/// root, naming it and saying to run `init`, and makes nothing; `init` makes one, at any
+/// depth.
 #[test]
-fn import_creates_a_missing_root() {
+fn only_init_makes_a_root() {
     let env = Env::new();
     let src = small_tree(&env, "src");
     let root = env.path("deep/er/root");
+    for args in [
+        vec!["import", s(&src), "--version", "1"],
+        vec!["apply", s(&src)],
+        vec!["switch", "1"],
+        vec!["gc"],
+        vec!["status"],
+    ] {
+        let r = ts(&root, &args);
+        r.failure()
+            .one_line_error()
+            .stderr_has("no treeswap state root at")
+            .stderr_has("init`");
+        assert!(!env.path("deep").exists(), "{args:?} made a directory");
+    }
+    // A directory that exists but is no state root is refused the same way, and left alone.
+    let plain = env.path("plain");
+    fs::create_dir(&plain).unwrap();
+    ts(&plain, ["import", s(&src), "--version", "1"])
+        .failure()
+        .one_line_error()
+        .stderr_has("is not a treeswap state root");
+    assert!(names(&plain).is_empty());
+    ts(&root, ["init"]).success();
     ts(&root, ["import", s(&src), "--version", "1"]).success();
     assert_same_dirs(&src, &root.join("trees/1"));
     ts(&root, ["verify", "1", "--full"]).success();
     assert_eq!(ts(&root, ["list"]).success().stdout(), "  1\n");
-
-    // A relative root and a relative DIR are relative to the working directory.
-    let r = run(ts_cmd().current_dir(env.dir.path()).args([
-        "--root",
-        "rel/root",
-        "import",
-        "src",
-        "--version",
-        "1",
-        "--activate",
-    ]));
-    r.success();
-    let rel_root = env.path("rel/root");
-    assert_same_dirs(&src, &rel_root.join("trees/1"));
-    assert_eq!(
-        fs::read_link(rel_root.join("current")).unwrap(),
-        Path::new("trees/1")
-    );
-    ts(&rel_root, ["verify", "--full"]).success();
 }
 
 #[test]
@@ -1022,6 +1035,7 @@ fn link_limit_makes_extra_copies() {
     // trees want room too.
     let mnt = Mount::ext4_loop(&mem.path.join("ext4.img"), 128, 100_000, &env.path("ext4"));
     let root = mnt.path.join("root");
+    init_root(&root);
     eprintln!(
         "made {FILES} files and the file system in {:?}",
         t0.elapsed()

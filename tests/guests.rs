@@ -319,6 +319,7 @@ fn config_comes_from_the_option_or_the_environment_and_sets_the_root() {
 
     // --root overrides it.
     let other = t.env.path("other");
+    init_root(&other);
     run(ts_cmd().env("TREESWAP_CONFIG", &cfg).args([
         "--root",
         s(&other),

@@ -219,6 +219,7 @@ fn apply_dry_run_checks_everything_and_writes_nothing() {
     if !skip_unless_root() {
         let mnt = Mount::tmpfs(&p.env.path("small"), "2m");
         let root = mnt.path.join("root");
+        init_root(&root);
         ts(
             &root,
             [

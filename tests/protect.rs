@@ -113,6 +113,7 @@ fn immutable_on_ext4_refuses_writes_through_a_tree() {
     let env = Env::new();
     let mnt = loop_fs(&env, "ext4");
     let root = mnt.path.join("root");
+    init_root(&root);
     let (t1, t2) = two_versions(&env, &root, "auto", None);
     assert_eq!(mode_of(&root), "immutable");
     assert_eq!(
@@ -151,6 +152,7 @@ fn many_names_of_one_immutable_object_are_linked_at_once() {
     let env = Env::new();
     let mnt = loop_fs(&env, "ext4");
     let root = mnt.path.join("root");
+    init_root(&root);
     let mut spec = TreeSpec::new();
     for d in 0..40 {
         spec = spec.dir(format!("d{d}"));
@@ -194,6 +196,7 @@ fn a_kill_while_an_object_is_unprotected_is_repaired_by_boot() {
     let env = Env::new();
     let mnt = loop_fs(&env, "ext4");
     let root = mnt.path.join("root");
+    init_root(&root);
     two_versions(&env, &root, "immutable", None);
     assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
     let v3 = env.tree(
@@ -346,6 +349,7 @@ fn reflink_on_xfs_and_btrfs_keeps_writes_private() {
         let env = Env::new();
         let mnt = loop_fs(&env, kind);
         let root = mnt.path.join("root");
+        init_root(&root);
         let (t1, t2) = two_versions_with(&env, &root, "auto", None, &tool);
         assert_eq!(mode_of(&root), "reflink", "{kind}");
         // Separate inodes, sharing blocks.
@@ -410,6 +414,7 @@ fn private_paths_get_writable_copies() {
     let env = Env::new();
     let mnt = loop_fs(&env, "ext4");
     let root = mnt.path.join("root");
+    init_root(&root);
     let cfg = env.path("treeswap.toml");
     fs::write(&cfg, "private = [\"/etc/**\"]\n").unwrap();
     let (t1, t2) = two_versions(&env, &root, "immutable", Some(&cfg));
@@ -459,6 +464,7 @@ fn gc_before_apply_makes_room() {
     // blob spooled while it is decoded, and the margin) needs about 37 MiB; gc frees 10.
     let mnt = Mount::tmpfs(&env.path("small"), "62m");
     let root = mnt.path.join("root");
+    init_root(&root);
     let random = |n: usize, seed: u64| -> Vec<u8> {
         let mut x = seed * 2 + 1;
         (0..n)

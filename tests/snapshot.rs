@@ -135,6 +135,7 @@ fn lab() -> Lab {
     let env = Env::new();
     let mnt = Mount::btrfs_loop(&env.path("btrfs.img"), 320, &env.path("mnt"));
     let root = mnt.path.join("root");
+    init_root(&root);
     let (v1, v2) = trees(&env);
     let delta = env.path("d.delta");
     diff(&v1, &v2, &delta, &[]);
@@ -389,6 +390,7 @@ fn patch_references_come_from_the_base_snapshot_and_from_the_pool_if_it_differs(
     );
     for tamper in [false, true] {
         let root = mnt.path.join(format!("root-{tamper}"));
+        init_root(&root);
         tsr(
             &root,
             &[],

@@ -153,6 +153,7 @@ fn sparse_files_keep_their_holes_on_ext4_xfs_and_btrfs() {
         let env = Env::new();
         let mnt = loop_fs(&env, kind);
         let root = mnt.path.join("root");
+        init_root(&root);
         let cfg = env.path("treeswap.toml");
         fs::write(&cfg, "private = [\"/var/log/**\"]\n").unwrap();
         let src = mnt.path.join("src");
@@ -265,6 +266,7 @@ fn deltas_of_sparse_files_ship_and_write_no_zeros() {
         let env = Env::new();
         let mnt = big_loop_fs(&env, kind);
         let root = mnt.path.join("root");
+        init_root(&root);
         let (v1, v2): (PathBuf, PathBuf) = (mnt.path.join("v1"), mnt.path.join("v2"));
         delta_tree(&v1, 1);
         let b2 = delta_tree(&v2, 2);
@@ -361,6 +363,7 @@ fn an_import_that_fills_the_disk_says_so() {
     fs::write(src.join("big"), noise(24 << 20, 3)).unwrap();
     let mnt = Mount::tmpfs(&env.path("small"), "16m");
     let root = mnt.path.join("root");
+    init_root(&root);
     ts(
         &root,
         [os("import"), src.as_os_str(), os("--version"), os("1")],

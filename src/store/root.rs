@@ -149,13 +149,15 @@ impl Root {
     pub fn open(path: &Path) -> Result<Root> {
         let fd = sys::open_dir(path).with_context(|| {
             format!(
-                "no treeswap state root at `{}` (run `treeswap init` or give --root)",
+                "no treeswap state root at `{}` (make one with `treeswap --root {} init`)",
+                path.display(),
                 path.display()
             )
         })?;
         if sys::lstatat(fd.as_fd(), b"pool")?.is_none() {
             bail!(
-                "`{}` is not a treeswap state root (it has no pool/; run `treeswap init`)",
+                "`{}` is not a treeswap state root: it has no pool/ (make one with `treeswap --root {} init`)",
+                path.display(),
                 path.display()
             );
         }

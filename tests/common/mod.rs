@@ -760,7 +760,13 @@ where
     run(&mut c)
 }
 
-/// A test's own scratch directory, with a state root inside it.
+/// Makes a state root at `root` (`treeswap init`): every other command refuses a directory
+/// that is not one.
+pub fn init_root(root: &Path) {
+    ts(root, ["init"]).success();
+}
+
+/// A test's own scratch directory, with a state root inside it (made).
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
@@ -786,6 +792,7 @@ impl Env {
             .tempdir()
             .expect("tempdir");
         let root = dir.path().join("root");
+        init_root(&root);
         Env { dir, root }
     }
     /// A path in the scratch directory.
