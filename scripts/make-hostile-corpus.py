@@ -170,7 +170,10 @@ class Delta:
         out.append("]")
         out.append("contents = [")
         for c in self.contents:
-            s = '{ sha256 = "%s", size = %d, source = "%s"' % (c["sha256"], c["size"], c["source"])
+            s = '{ sha256 = "%s", size = %d' % (c["sha256"], c["size"])
+            if "data" in c:
+                s += ', data = %d' % c["data"]
+            s += ', source = "%s"' % c["source"]
             if "base" in c:
                 s += ', base = "%s"' % c["base"]
             if "blob_sha256" in c:
@@ -496,6 +499,16 @@ def main():
     body = struct.pack("<QQQ", 0, 1 << 62, 0)
     d.set_blob(patch_c["sha256"], zstd_frame_raw(body))
     emit("bsdiff-huge-extra", d, "3,8", "a bsdiff control triple that copies 2^62 extra bytes")
+
+    # -- a content's data (the bytes outside its holes): what the free-space check counts
+    d = good.copy()
+    big_c = max(blob_contents, key=lambda c: c["size"])
+    assert big_c["size"] > 8192, "the fixtures need a content of more than two blocks"
+    next(c for c in d.contents if c["sha256"] == big_c["sha256"])["data"] = 1
+    emit("data-understated", d, "3", "a content of %d bytes declaring 1 byte of data outside holes" % big_c["size"])
+    d = good.copy()
+    next(c for c in d.contents if c["sha256"] == big_c["sha256"])["data"] = big_c["size"] + 1
+    emit("data-over-size", d, "8", "a content declaring more data than its size")
 
     # -- duplicates and contradictions
     d = good.copy()

@@ -59,6 +59,10 @@ impl Source {
 pub struct Content {
     pub sha256: Hash,
     pub size: u64,
+    /// For a content with holes: the bytes of it outside them (at most `size`), which is
+    /// what its object takes on disk at most; `None` means all of `size`. A delta that writes
+    /// more is refused as it is written.
+    pub data: Option<u64>,
     pub source: Source,
     /// sha256 and size of the blob member, for every source but `base`.
     pub blob: Option<(Hash, u64)>,
@@ -104,11 +108,14 @@ impl Delta {
         for c in &self.contents {
             let _ = write!(
                 out,
-                "{{ sha256 = \"{}\", size = {}, source = \"{}\"",
+                "{{ sha256 = \"{}\", size = {}",
                 hex::encode(c.sha256),
                 c.size,
-                c.source.name()
             );
+            if let Some(n) = c.data {
+                let _ = write!(out, ", data = {n}");
+            }
+            let _ = write!(out, ", source = \"{}\"", c.source.name());
             if let Some(b) = c.source.base() {
                 let _ = write!(out, ", base = \"{}\"", hex::encode(b));
             }
@@ -140,6 +147,14 @@ pub(crate) fn max_blob_size(size: u64) -> u64 {
 fn content_from_fields(mut f: Fields) -> Result<Content> {
     let sha256 = f.hash("sha256")?;
     let size = f.int("size")?;
+    let data = f.opt_int("data")?;
+    if data.is_some_and(|n| n > size) {
+        bail!(
+            "content {}: data = {} is more than its size {size}",
+            hex::encode(sha256),
+            data.unwrap_or_default()
+        );
+    }
     let source = match &*f.str("source")? {
         "base" => Source::Base,
         "zstd" => Source::Zstd,
@@ -170,6 +185,7 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
     Ok(Content {
         sha256,
         size,
+        data,
         source,
         blob,
     })
@@ -409,12 +425,14 @@ mod tests {
                 Content {
                     sha256: [3; 32],
                     size: 5,
+                    data: Some(4),
                     source: Source::ZstdPatch { base: [4; 32] },
                     blob: Some(([5; 32], 9)),
                 },
                 Content {
                     sha256: [6; 32],
                     size: 1,
+                    data: None,
                     source: Source::Base,
                     blob: None,
                 },

@@ -136,11 +136,23 @@ pub(crate) struct Writer<'a> {
     off: u64,
     /// The size the file has now.
     len: u64,
+    /// The bytes written (not left as holes).
+    data: u64,
 }
 
 impl<'a> Writer<'a> {
     pub(crate) fn new(fd: BorrowedFd<'a>) -> Self {
-        Writer { fd, off: 0, len: 0 }
+        Writer {
+            fd,
+            off: 0,
+            len: 0,
+            data: 0,
+        }
+    }
+
+    /// The bytes written so far, holes not counted.
+    pub(crate) fn data(&self) -> u64 {
+        self.data
     }
 
     /// Appends `data`; of its blocks, those that are whole, aligned and zero are skipped. A
@@ -175,6 +187,7 @@ impl<'a> Writer<'a> {
         let at = self.off + from as u64;
         sys::pwrite_all(self.fd, bytes, at)?;
         self.len = self.len.max(at + bytes.len() as u64);
+        self.data += bytes.len() as u64;
         Ok(())
     }
 
@@ -218,6 +231,7 @@ pub(crate) fn copy(src: BorrowedFd, dst: BorrowedFd, size: u64) -> Result<()> {
             fd: dst,
             off: start,
             len: 0,
+            data: 0,
         };
         let (to, end) = super::hash::with_io_buffer(|buf| {
             read_plain(src, start, stop, buf, &mut |run| {

@@ -283,7 +283,22 @@ impl Pool {
     /// the object was new. The object is written sparse: every aligned block of zeros is left
     /// a hole (`sparse::Writer`); its bytes, and so its id, are those `src` yields.
     pub fn store(&self, src: &mut dyn Read, meta: &Meta, size: u64, sha256: &Hash) -> Result<bool> {
+        self.store_bounded(src, meta, size, sha256, None)
+    }
+
+    /// [`Pool::store`] of a content that declares `data` bytes outside its holes (a delta's
+    /// `data`): writing more than that (whole 4 KiB blocks of zeros are holes) is an integrity
+    /// error, so a delta cannot take more space than the free-space check counted.
+    pub fn store_bounded(
+        &self,
+        src: &mut dyn Read,
+        meta: &Meta,
+        size: u64,
+        sha256: &Hash,
+        data: Option<u64>,
+    ) -> Result<bool> {
         let id = object_id(meta, size, sha256);
+        let most = data.map_or(u64::MAX, |n| n.div_ceil(4096).saturating_mul(4096));
         if self.has(&id)? {
             return Ok(false);
         }
@@ -304,6 +319,13 @@ impl Pool {
                 }
                 h.update(&buf[..n]);
                 out.write(&buf[..n]).context("cannot write object")?;
+                if out.data() > most {
+                    return Err(Fail::Integrity(format!(
+                        "it has more than the {} bytes of data it declares",
+                        data.unwrap_or_default()
+                    ))
+                    .into());
+                }
                 if n < buf.len() {
                     return Ok(());
                 }

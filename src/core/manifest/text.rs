@@ -352,6 +352,14 @@ impl<'a> Fields<'a> {
             None => bail!("missing `{k}`"),
         }
     }
+    /// An optional integer key.
+    pub(crate) fn opt_int(&mut self, k: &str) -> Result<Option<u64>> {
+        match self.take(k) {
+            Some(Value::Int(n)) => Ok(Some(n)),
+            Some(_) => bail!("`{k}` must be an integer"),
+            None => Ok(None),
+        }
+    }
     pub(crate) fn u32(&mut self, k: &str) -> Result<u32> {
         u32::try_from(self.int(k)?).with_context(|| format!("`{k}` out of range"))
     }

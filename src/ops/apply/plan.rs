@@ -378,7 +378,13 @@ fn plan_objects(
             .entry(*sha256)
             .or_default()
             .push((e.meta.clone(), id));
-        plan.bytes = plan.bytes.saturating_add(*size);
+        // A content with holes takes its data, not its size (`Pool::store_bounded` holds it
+        // to that).
+        let takes = in_delta
+            .get(sha256)
+            .and_then(|&k| d.contents[k].data)
+            .map_or(*size, |n| n.min(*size));
+        plan.bytes = plan.bytes.saturating_add(takes);
         plan.objects += 1;
     }
     Ok(())
@@ -505,6 +511,7 @@ mod tests {
         Content {
             sha256: sha(n),
             size: 10 * u64::from(n),
+            data: None,
             source,
             blob,
         }

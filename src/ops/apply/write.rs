@@ -359,7 +359,7 @@ impl<'a> Writer<'a> {
                 let mut dec =
                     crate::core::codec::decoder(&c.source, blob, reference.as_deref(), c.size)?;
                 self.pool
-                    .store(&mut dec, meta0, c.size, &c.sha256)
+                    .store_bounded(&mut dec, meta0, c.size, &c.sha256, c.data)
                     .with_context(|| what(c))?;
             }
         }

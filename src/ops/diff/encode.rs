@@ -90,6 +90,7 @@ pub(super) fn contents<'a>(base: &Base, changed: &'a [Entry]) -> (Vec<Content>, 
             from_base.push(Content {
                 sha256: *sha256,
                 size: *size,
+                data: None,
                 source: Source::Base,
                 blob: None,
             });
@@ -292,6 +293,8 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
         _ => bail!("not a file"),
     };
     let fd = (sides.to)(e)?;
+    // The bytes outside holes: what the object takes at most, for the device's space check.
+    let data_bytes = sparse::data_bytes(fd.as_fd(), size)?;
     let (source, blob) = if mostly_holes(fd.as_fd(), size)? {
         encode_sparse(e, fd.as_fd(), size, level)?
     } else {
@@ -315,6 +318,7 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
     let content = Content {
         sha256,
         size,
+        data: (data_bytes < size).then_some(data_bytes),
         source,
         blob: Some((blob_sha, blob.len() as u64)),
     };
