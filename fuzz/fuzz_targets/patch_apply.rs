@@ -1,11 +1,12 @@
 //! The decoding `apply` does, on an arbitrary blob, reference and declared size (at most
 //! 1 MiB): `codec::stream` for `zstd` and `zstd-patch` blobs, read the way `Pool::store` reads
 //! it (in pieces, refused as soon as it gives more than the declared size), and
-//! `codec::bsdiff_apply` for `bsdiff` blobs. It must never panic, `bsdiff_apply` must never
+//! `codec::bsdiff_apply` for `bsdiff` blobs, `codec::xz_decoder` (read the same way) for
+//! `xz` blobs. It must never panic, `bsdiff_apply` must never
 //! return other than `size` bytes, and nothing may allocate absurdly (libFuzzer's
 //! `-malloc_limit_mb` and `-rss_limit_mb` catch that; `scripts/fuzz.sh` sets them).
 //!
-//! Input layout: byte 0 picks the source, bytes 1..4 the size (little-endian, modulo 1 MiB + 1),
+//! Input layout: byte 0 picks the source (0xf0 and above: `xz`, else modulo 4), bytes 1..4 the size (little-endian, modulo 1 MiB + 1),
 //! bytes 4..6 the reference length, then the reference, then the blob. As in `apply`, a source
 //! gets the reference only if it is a patch.
 #![no_main]
@@ -38,8 +39,20 @@ fn read_like_pool_store(src: &mut dyn Read, size: u64) -> Option<u64> {
     (written == size).then_some(written)
 }
 
+/// The declared size: bytes 1..4, modulo `MAX_SIZE + 1`.
+fn size_of(data: &[u8]) -> u64 {
+    u64::from(u32::from_le_bytes([data[1], data[2], data[3], 0])) % (MAX_SIZE + 1)
+}
+
 fuzz_target!(|data: &[u8]| {
     if data.len() < 6 {
+        return;
+    }
+    if data[0] >= 0xf0 {
+        // An `xz` blob: a whole content, no reference.
+        if let Ok(mut dec) = codec::xz_decoder(Box::new(&data[6..]), size_of(data)) {
+            let _ = read_like_pool_store(&mut dec, size_of(data));
+        }
         return;
     }
     let source = match data[0] % 4 {
@@ -48,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
         2 => Source::ZstdPatch { base: [0; 32] },
         _ => Source::Bsdiff { base: [0; 32] },
     };
-    let size = u64::from(u32::from_le_bytes([data[1], data[2], data[3], 0])) % (MAX_SIZE + 1);
+    let size = size_of(data);
     let ref_len = usize::from(u16::from_le_bytes([data[4], data[5]]));
     let rest = &data[6..];
     let (reference, blob) = rest.split_at(ref_len.min(rest.len()));

@@ -28,7 +28,8 @@ pub(crate) const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
 pub enum Source {
     /// The base tree already has this content (a metadata-only change): no bytes shipped.
     Base,
-    /// The blob is the whole content, zstd-compressed.
+    /// The blob is the whole content, compressed: with zstd (`source = "zstd"`), or with xz
+    /// when the content's [`Codec`] is [`Codec::Xz`] (`source = "xz"`).
     Zstd,
     /// The blob is a zstd frame compressed with the content `base` as reference prefix.
     ZstdPatch { base: Hash },
@@ -54,14 +55,35 @@ impl Source {
     }
 }
 
+/// The compressor of a blob. Patches are always zstd; a whole content may be either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Codec {
+    #[default]
+    Zstd,
+    /// One .xz stream (FORMAT.md): `source = "xz"`, with [`Source::Zstd`] (whole).
+    Xz,
+}
+
 /// A content (file bytes, identified by their sha256) the result needs and the base lacks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Content {
     pub sha256: Hash,
     pub size: u64,
     pub source: Source,
+    /// How the blob is compressed; [`Codec::Xz`] only with [`Source::Zstd`].
+    pub codec: Codec,
     /// sha256 and size of the blob member, for every source but `base`.
     pub blob: Option<(Hash, u64)>,
+}
+
+impl Content {
+    /// The `source` the manifest gives it.
+    pub(crate) fn source_name(&self) -> &'static str {
+        match (&self.source, self.codec) {
+            (Source::Zstd, Codec::Xz) => "xz",
+            (s, _) => s.name(),
+        }
+    }
 }
 
 /// The delta manifest.
@@ -107,7 +129,7 @@ impl Delta {
                 "{{ sha256 = \"{}\", size = {}, source = \"{}\"",
                 hex::encode(c.sha256),
                 c.size,
-                c.source.name()
+                c.source_name()
             );
             if let Some(b) = c.source.base() {
                 let _ = write!(out, ", base = \"{}\"", hex::encode(b));
@@ -140,9 +162,14 @@ pub(crate) fn max_blob_size(size: u64) -> u64 {
 fn content_from_fields(mut f: Fields) -> Result<Content> {
     let sha256 = f.hash("sha256")?;
     let size = f.int("size")?;
+    let mut codec = Codec::Zstd;
     let source = match &*f.str("source")? {
         "base" => Source::Base,
         "zstd" => Source::Zstd,
+        "xz" => {
+            codec = Codec::Xz;
+            Source::Zstd
+        }
         "zstd-patch" => Source::ZstdPatch {
             base: f.hash("base")?,
         },
@@ -171,6 +198,7 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
         sha256,
         size,
         source,
+        codec,
         blob,
     })
 }
@@ -410,13 +438,22 @@ mod tests {
                     sha256: [3; 32],
                     size: 5,
                     source: Source::ZstdPatch { base: [4; 32] },
+                    codec: Codec::Zstd,
                     blob: Some(([5; 32], 9)),
                 },
                 Content {
                     sha256: [6; 32],
                     size: 1,
                     source: Source::Base,
+                    codec: Codec::Zstd,
                     blob: None,
+                },
+                Content {
+                    sha256: [7; 32],
+                    size: 300_000,
+                    source: Source::Zstd,
+                    codec: Codec::Xz,
+                    blob: Some(([8; 32], 1000)),
                 },
             ],
         }

@@ -505,6 +505,7 @@ mod tests {
             sha256: sha(n),
             size: 10 * u64::from(n),
             source,
+            codec: Default::default(),
             blob,
         }
     }
