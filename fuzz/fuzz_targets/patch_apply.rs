@@ -6,7 +6,8 @@
 //! return other than `size` bytes, and nothing may allocate absurdly (libFuzzer's
 //! `-malloc_limit_mb` and `-rss_limit_mb` catch that; `scripts/fuzz.sh` sets them).
 //!
-//! Input layout: byte 0 picks the source (0xf0 and above: `xz`, else modulo 4), bytes 1..4 the size (little-endian, modulo 1 MiB + 1),
+//! Input layout: byte 0 picks the source (0xf0 and above: `xz`, whose blob is everything
+//! from byte 6 on; else modulo 4), bytes 1..4 the size (little-endian, modulo 1 MiB + 1),
 //! bytes 4..6 the reference length, then the reference, then the blob. As in `apply`, a source
 //! gets the reference only if it is a patch.
 #![no_main]

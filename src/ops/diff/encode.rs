@@ -31,9 +31,13 @@ const BSDIFF_MIN_GAIN: u64 = 64;
 const XZ_MIN: u64 = 256 << 10;
 /// ...at `--level` this or higher.
 pub(crate) const XZ_FROM_LEVEL: i32 = 12;
-/// The xz preset: 6 (the xz default) is within 0.2% of 9 on apt's caches, with an 8 MiB
-/// dictionary instead of 64.
-const XZ_PRESET: u32 = 6;
+/// The xz preset for `level`. On apt's 40 MB `pkgcache.bin`: preset 0 gives 10.6 MB in
+/// about 1.5 s, preset 6 (the xz default) 9.5 MB in about 15 s, preset 9 no better than 6.
+fn xz_preset(level: i32) -> u32 {
+    if level >= XZ_SLOW_FROM_LEVEL { 6 } else { 0 }
+}
+/// `--level` from which xz runs at preset 6.
+const XZ_SLOW_FROM_LEVEL: i32 = 19;
 
 /// A zstd patch's decoder holds its reference and a window buffer as large as the content
 /// (up to 64 MiB); where the two come to more than this, bsdiff, whose patch `apply` streams
@@ -343,12 +347,24 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
     Ok((content, blob))
 }
 
-/// An `xz` blob (FORMAT.md): `data` as one .xz stream, LZMA2 at [`XZ_PRESET`] with a
-/// dictionary of at most [`xz_dict`] of its size, CRC32 check.
-pub(super) fn xz_whole(data: &[u8]) -> Result<Vec<u8>> {
-    let mut opts = xz2::stream::LzmaOptions::new_preset(XZ_PRESET)?;
-    let preset_dict = 8 << 20;
-    opts.dict_size(xz_dict(data.len() as u64).min(preset_dict));
+/// An `xz` blob (FORMAT.md): `data` as one .xz stream, LZMA2 at `preset` (0 to 6) with the
+/// preset's dictionary, no larger than [`xz_dict`] of its size; CRC32 check. (A larger
+/// dictionary than the preset's makes the fast presets worse: 10.72 MB instead of 10.62 on
+/// apt's `pkgcache.bin` at preset 0.)
+pub(super) fn xz_whole(data: &[u8], preset: u32) -> Result<Vec<u8>> {
+    // liblzma's dictionary of presets 0 to 6.
+    const PRESET_DICT: [u32; 7] = [
+        256 << 10,
+        1 << 20,
+        2 << 20,
+        4 << 20,
+        4 << 20,
+        8 << 20,
+        8 << 20,
+    ];
+    let preset = preset.min(6);
+    let mut opts = xz2::stream::LzmaOptions::new_preset(preset)?;
+    opts.dict_size(xz_dict(data.len() as u64).min(PRESET_DICT[preset as usize]));
     let mut filters = xz2::stream::Filters::new();
     filters.lzma2(&opts);
     let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32)?;
@@ -369,9 +385,10 @@ pub(super) fn choose(
     level: i32,
 ) -> Result<(Source, Codec, Vec<u8>)> {
     let size = data.len() as u64;
+    // The reference to use, and its patch's size at the scout level if that was measured.
     let pick = match bases.len() {
         0 => None,
-        1 => Some(0),
+        1 => Some((0, None)),
         _ => {
             let mut best = (0, usize::MAX);
             for (k, (_, base)) in bases.iter().enumerate() {
@@ -380,42 +397,34 @@ pub(super) fn choose(
                     best = (k, n);
                 }
             }
-            Some(best.0)
+            Some((best.0, Some(best.1)))
         }
     };
-    let whole = |best: &mut (Source, Codec, Vec<u8>)| -> Result<()> {
-        if size >= XZ_MIN && level >= XZ_FROM_LEVEL {
-            let xz = xz_whole(data)?;
-            if xz.len() < best.2.len() {
-                *best = (Source::Zstd, Codec::Xz, xz);
-            }
-        }
-        Ok(())
-    };
-    let Some(k) = pick else {
-        let mut best = (Source::Zstd, Codec::Zstd, zstd_whole(data, level)?);
-        whole(&mut best)?;
-        return Ok(best);
+    let Some((k, scouted)) = pick else {
+        return whole(data, level);
     };
     let (sha, base) = &bases[k];
+    if (base.len() as u64).saturating_add(size) > PATCH_MEMORY {
+        let scout = match scouted {
+            Some(n) => n,
+            None => zstd_patch(base, data, SCOUT_LEVEL)?.len(),
+        };
+        if scout as u64 * 2 <= size {
+            let p = bsdiff_patch(base, data)?;
+            if p.len() <= scout * BSDIFF_MEMORY_TRADE + BSDIFF_SLACK {
+                return Ok((Source::Bsdiff { base: *sha }, Codec::Zstd, p));
+            }
+        }
+    }
     let mut best = (
         Source::ZstdPatch { base: *sha },
         Codec::Zstd,
         zstd_patch(base, data, level)?,
     );
     if best.2.len() as u64 * 2 > size {
-        let z = zstd_whole(data, level)?;
-        if z.len() < best.2.len() {
-            best = (Source::Zstd, Codec::Zstd, z);
-        }
-        whole(&mut best)?;
-    }
-    if matches!(best.0, Source::ZstdPatch { .. })
-        && (base.len() as u64).saturating_add(size) > PATCH_MEMORY
-    {
-        let p = bsdiff_patch(base, data)?;
-        if p.len() <= best.2.len() * BSDIFF_MEMORY_TRADE + BSDIFF_SLACK {
-            return Ok((Source::Bsdiff { base: *sha }, Codec::Zstd, p));
+        let w = whole(data, level)?;
+        if w.2.len() < best.2.len() {
+            best = w;
         }
     }
     if size <= BSDIFF_MAX
@@ -429,6 +438,26 @@ pub(super) fn choose(
         }
     }
     Ok(best)
+}
+
+/// The smaller of whole zstd at `level` and, for a big content from [`XZ_FROM_LEVEL`] on,
+/// xz. When xz beats zstd at the scout level by a fifth, zstd at `level` is not tried: it
+/// does not gain that much over the scout level, and on a big content it costs seconds.
+fn whole(data: &[u8], level: i32) -> Result<(Source, Codec, Vec<u8>)> {
+    if (data.len() as u64) < XZ_MIN || level < XZ_FROM_LEVEL {
+        return Ok((Source::Zstd, Codec::Zstd, zstd_whole(data, level)?));
+    }
+    let xz = xz_whole(data, xz_preset(level))?;
+    let fast = zstd_whole(data, SCOUT_LEVEL)?;
+    if xz.len() as u64 * 5 < fast.len() as u64 * 4 {
+        return Ok((Source::Zstd, Codec::Xz, xz));
+    }
+    let z = zstd_whole(data, level)?;
+    Ok(if xz.len() < z.len() {
+        (Source::Zstd, Codec::Xz, xz)
+    } else {
+        (Source::Zstd, Codec::Zstd, z)
+    })
 }
 
 #[cfg(test)]
@@ -483,7 +512,7 @@ mod tests {
         let text: Vec<u8> = (0..40_000)
             .flat_map(|i| format!("record {} {}\n", i, i % 7).into_bytes())
             .collect();
-        let blob = xz_whole(&text).unwrap();
+        let blob = xz_whole(&text, 0).unwrap();
         assert!(blob.len() < text.len() / 5);
         let size = text.len() as u64;
         assert_eq!(
