@@ -320,3 +320,33 @@ ts_verdict() {
         ok = (r != "inf") && (op == "lt" ? r + 0 < g + 0 : r + 0 <= g + 0)
         print ok ? "PASS" : "FAIL" }'
 }
+# ts_spread "X Y Z ...": the samples' relative spread, (max - min) / median, 2 decimals
+# (0.00 for one sample).
+ts_spread() {
+    tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {
+        m = a[int((NR+1)/2)]; if (NR < 2 || m <= 0) { print "0.00"; exit }
+        printf "%.2f", (a[NR] - a[1]) / m }'
+}
+# ts_judge VALUE GOAL: PASS if VALUE <= GOAL, else FAIL: for exact figures (sizes, memory).
+ts_judge() {
+    awk -v r="$1" -v g="$2" 'BEGIN { print (r != "inf" && r + 0 <= g + 0) ? "PASS" : "FAIL" }'
+}
+# ts_judge_times "A-SAMPLES" "B-SAMPLES" GOAL: judges the time ratio A/B (medians) against
+# GOAL with the samples' noise: PASS if even the worst ratio the samples allow (slowest A
+# over fastest B) meets GOAL, FAIL if even the best one (fastest A over slowest B) misses
+# it, MARGINAL otherwise. The range is at least 10% either side of the median ratio, as one
+# sample says nothing of the noise of a shared machine. Prints "VERDICT (best-worst)".
+ts_judge_times() {
+    local a b
+    a=$(tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | tr '\n' ' ')
+    b=$(tr ' ' '\n' <<<"$2" | sed '/^$/d' | sort -g | tr '\n' ' ')
+    awk -v a="$a" -v b="$b" -v g="$3" 'BEGIN {
+        na = split(a, x, " "); nb = split(b, y, " ")
+        if (na == 0 || nb == 0 || y[1] <= 0) { print "FAIL (no samples)"; exit }
+        r = x[int((na+1)/2)] / y[int((nb+1)/2)]
+        worst = x[na] / y[1]; best = x[1] / y[nb]
+        if (worst < r * 1.1) worst = r * 1.1
+        if (best > r * 0.9) best = r * 0.9
+        v = worst <= g ? "PASS" : (best > g ? "FAIL" : "MARGINAL")
+        printf "%s (range %.2f-%.2f)", v, best, worst }'
+}
