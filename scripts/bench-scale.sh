@@ -37,12 +37,14 @@ for n in "${sizes[@]}"; do
     log "$n entries: copying and mutating 1%"
     cp -a "$base" "$work/b"
     python3 "$TS_SCRIPTS/gen-tree.py" --mutate 1 --seed 2 "$work/b" >&2
+    "$TREESWAP" -q --root "$work/r" init
     measure "import" "$TREESWAP" --root "$work/r" import "$base" --version 1 --activate --no-restart
     printf '%-9s %-12s %9s %9s\n' "$n" import "$WALL" "$RSS" >> "$table"
     measure "import-b" "$TREESWAP" --root "$work/r" import "$work/b" --version 2 --no-restart
     measure "diff" "$TREESWAP" --root "$work/r" diff --from 1 --to 2 -o "$work/d.delta"
     printf '%-9s %-12s %9s %9s\n' "$n" "diff 1%" "$WALL" "$RSS" >> "$table"
     # A second device that has only version 1.
+    "$TREESWAP" -q --root "$work/r2" init
     measure "import-c" "$TREESWAP" --root "$work/r2" import "$base" --version 1 --activate --no-restart
     measure "apply" "$TREESWAP" --root "$work/r2" apply "$work/d.delta" --no-restart
     printf '%-9s %-12s %9s %9s\n' "$n" "apply 1%" "$WALL" "$RSS" >> "$table"

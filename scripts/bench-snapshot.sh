@@ -73,6 +73,8 @@ check() {
 
 for ((i = 1; i <= REPS; i++)); do
     log "round $i/$REPS"
+    "$TREESWAP" -q --root "$M/s$i" init
+    "$TREESWAP" -q --root "$M/f$i" init
     "$TREESWAP" -q --root "$M/s$i" import "$base" --version 1 --activate
     "$TREESWAP" -q --root "$M/f$i" import "$base" --version 1 --activate
     timed snap "$TREESWAP" -v --root "$M/s$i" apply "$W/delta" --no-restart

@@ -46,7 +46,7 @@ head -c 2048 "$seeds/delta_read/v1-v2.delta" >"$seeds/delta_read/head-only.delta
 # of real blobs carry their content's sha256, so that fuzzing starts from objects that are
 # published, and a copy without it.
 python3 - "$seeds" "$seeds/delta_read/v1-v2.delta" fixtures/v1 <<'EOF'
-import hashlib, io, os, struct, subprocess, sys, tarfile, tomllib
+import hashlib, io, lzma, os, struct, subprocess, sys, tarfile, tomllib
 seeds, delta, v1 = sys.argv[1:4]
 by_sha = {}
 for dirpath, _, files in os.walk(v1):
@@ -67,7 +67,7 @@ with tarfile.open(delta) as t:
             continue
         blob = t.extractfile("blobs/" + c["sha256"]).read()
         ref = by_sha.get(c.get("base", ""), b"")
-        seed("%s-%d" % (c["source"], i), {"zstd": 1, "zstd-patch": 2}[c["source"]], c["size"], ref, blob,
+        seed("%s-%d" % (c["source"], i), {"zstd": 1, "zstd-patch": 2, "bsdiff": 3, "xz": 0xf0}[c["source"]], c["size"], ref, blob,
              bytes.fromhex(c["sha256"]))
 # bsdiff: one control triple (add the whole reference, copy 5 extra bytes), then the
 # difference bytes and the extra bytes, zstd-compressed.
@@ -78,6 +78,9 @@ z = subprocess.run(["zstd", "-q", "-c"], input=body, capture_output=True, check=
 seed("bsdiff", 3, len(new), ref, z, hashlib.sha256(new).digest())
 z = subprocess.run(["zstd", "-q", "-c"], input=new, capture_output=True, check=True).stdout
 seed("zstd-cli", 1, len(new), b"", z, hashlib.sha256(new).digest())
+# xz (byte 0 from 0xf0): one .xz stream, its dictionary the 4 KiB a small content allows.
+z = lzma.compress(new, format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 4096}])
+seed("xz", 0xf0, len(new), b"", z, hashlib.sha256(new).digest())
 EOF
 
 # --- run ----------------------------------------------------------------------------------

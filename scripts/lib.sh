@@ -164,14 +164,15 @@ _ts_locked() {
     ) 9>"$TS_CACHE/.lock"
 }
 
-# Downloaded .debs, package lists and apt's binary caches are leftovers of the
-# apt run, not part of the installed system; both cached trees drop them, so the
-# base and the upgraded tree differ only in what the upgrade installed.
+# Downloaded .debs, the package lists and lock files are what an image builder removes
+# after an apt run; both cached trees drop them. apt's binary caches
+# (var/cache/apt/pkgcache.bin, srcpkgcache.bin) stay: an image builder leaves them, so a
+# benchmark runs on the trees as users have them (issue 17; they were deleted before,
+# which hid 31 MB of a point release's delta).
 _ts_clean_apt() {
     local root=$1
     find "$root/var/lib/apt/lists" -mindepth 1 -maxdepth 1 ! -name partial -exec rm -rf -- {} +
-    find "$root/var/cache/apt" -maxdepth 2 -type f \( -name '*.deb' -o -name '*.bin' -o -name lock \) \
-        -delete
+    find "$root/var/cache/apt" -maxdepth 2 -type f \( -name '*.deb' -o -name lock \) -delete
 }
 
 _ts_build_bookworm() {
@@ -198,11 +199,11 @@ bookworm_tree() {
 # chroot's file systems whatever happens, without touching the caller's traps.
 _ts_build_upgraded() (
     set -euo pipefail
-    local base="$TS_CACHE/bookworm-minbase" final="$TS_CACHE/bookworm-upgraded"
+    local base="$TS_CACHE/bookworm-minbase" final="$TS_CACHE/$_TS_UPGRADED"
     local tmp mirror secmirror
     [ -d "$final" ] && exit 0
-    _ts_remove_stale bookworm-upgraded
-    tmp="$TS_CACHE/bookworm-upgraded.tmp.$$"
+    _ts_remove_stale "$_TS_UPGRADED"
+    tmp="$TS_CACHE/$_TS_UPGRADED.tmp.$$"
     mirror=$(ts_mirror)
     secmirror=$(ts_security_mirror)
     mounted=()
@@ -235,7 +236,7 @@ EOF
         sh -c 'apt-get update && apt-get -y upgrade && apt list --upgradable 2>/dev/null' >&2
     # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
     chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/bookworm-upgraded.versions"
+        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/$_TS_UPGRADED.versions"
     umount_all
     rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/apt/sources.list.d/treeswap-upgrade.list"
     _ts_clean_apt "$tmp"
@@ -243,21 +244,25 @@ EOF
     # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
     chroot "$base" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
         dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/bookworm-minbase.versions"
-    if cmp -s "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/bookworm-upgraded.versions"; then
+    if cmp -s "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$_TS_UPGRADED.versions"; then
         die "apt-get upgrade changed no package: the mirror has no updates over the \
 debootstrapped point release; left $tmp for inspection"
     fi
     log "upgraded packages:"
-    diff "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/bookworm-upgraded.versions" \
+    diff "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$_TS_UPGRADED.versions" \
         | sed -n 's/^> /  /p' >&2 || true
     mv -T "$tmp" "$final"
     log "cached $final"
 )
 
+# The upgraded tree's cache name. `bookworm-upgraded` (without a suffix) was made by an
+# older lib.sh that deleted apt's binary caches: never reused. (The base never had them:
+# debootstrap does not run apt.)
+_TS_UPGRADED=bookworm-upgraded-apt-caches
 bookworm_upgraded_tree() {
     bookworm_tree > /dev/null
     _ts_locked _ts_build_upgraded
-    echo "$TS_CACHE/bookworm-upgraded"
+    echo "$TS_CACHE/$_TS_UPGRADED"
 }
 
 _ts_build_gen_tree() {
@@ -314,4 +319,34 @@ ts_verdict() {
     awk -v r="$1" -v g="$2" -v op="${3:-le}" 'BEGIN {
         ok = (r != "inf") && (op == "lt" ? r + 0 < g + 0 : r + 0 <= g + 0)
         print ok ? "PASS" : "FAIL" }'
+}
+# ts_spread "X Y Z ...": the samples' relative spread, (max - min) / median, 2 decimals
+# (0.00 for one sample).
+ts_spread() {
+    tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {
+        m = a[int((NR+1)/2)]; if (NR < 2 || m <= 0) { print "0.00"; exit }
+        printf "%.2f", (a[NR] - a[1]) / m }'
+}
+# ts_judge VALUE GOAL: PASS if VALUE <= GOAL, else FAIL: for exact figures (sizes, memory).
+ts_judge() {
+    awk -v r="$1" -v g="$2" 'BEGIN { print (r != "inf" && r + 0 <= g + 0) ? "PASS" : "FAIL" }'
+}
+# ts_judge_times "A-SAMPLES" "B-SAMPLES" GOAL: judges the time ratio A/B (medians) against
+# GOAL with the samples' noise: PASS if even the worst ratio the samples allow (slowest A
+# over fastest B) meets GOAL, FAIL if even the best one (fastest A over slowest B) misses
+# it, MARGINAL otherwise. The range is at least 10% either side of the median ratio, as one
+# sample says nothing of the noise of a shared machine. Prints "VERDICT (best-worst)".
+ts_judge_times() {
+    local a b
+    a=$(tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | tr '\n' ' ')
+    b=$(tr ' ' '\n' <<<"$2" | sed '/^$/d' | sort -g | tr '\n' ' ')
+    awk -v a="$a" -v b="$b" -v g="$3" 'BEGIN {
+        na = split(a, x, " "); nb = split(b, y, " ")
+        if (na == 0 || nb == 0 || y[1] <= 0) { print "FAIL (no samples)"; exit }
+        r = x[int((na+1)/2)] / y[int((nb+1)/2)]
+        worst = x[na] / y[1]; best = x[1] / y[nb]
+        if (worst < r * 1.1) worst = r * 1.1
+        if (best > r * 0.9) best = r * 0.9
+        v = worst <= g ? "PASS" : (best > g ? "FAIL" : "MARGINAL")
+        printf "%s (range %.2f-%.2f)", v, best, worst }'
 }

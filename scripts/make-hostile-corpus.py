@@ -19,6 +19,8 @@ hashes are recomputed: blob sha256 and size, and the result's `to_digest` and `t
 
 import hashlib
 import io
+import lzma
+import binascii
 import os
 import struct
 import subprocess
@@ -509,6 +511,53 @@ def main():
     d = good.copy()
     next(c for c in d.contents if c["sha256"] == big_c["sha256"])["data"] = big_c["size"] + 1
     emit("data-over-size", d, "8", "a content declaring more data than its size")
+
+    # -- `xz` blobs (issue 17): a whole content as one .xz stream, decoded with a memory
+    # limit of the dictionary its size needs
+    def as_xz(sha, blob):
+        d = good.copy()
+        c = next(c for c in d.contents if c["sha256"] == sha)
+        c["source"] = "xz"
+        c.pop("base", None)
+        d.set_blob(sha, blob)
+        return d
+
+    real = good.blobs["blobs/" + zstd_c["sha256"]]
+    plain = subprocess.run(["zstd", "-dc"], input=real, stdout=subprocess.PIPE, check=True).stdout
+    # The dictionary at most the power of two that covers the content, from 4 KiB (FORMAT.md).
+    dict_size = max(4096, 1 << max(0, len(plain) - 1).bit_length())
+    good_xz = lzma.compress(plain, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
+                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": dict_size}])
+    emit("xz-dict-too-large", as_xz(zstd_c["sha256"], lzma.compress(
+        plain, format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 20}])),
+         "8", "an xz blob whose dictionary is larger than its content needs")
+    emit("xz-good", as_xz(zstd_c["sha256"], good_xz), "ok", "a whole content as a valid xz blob")
+    emit("xz-garbage", as_xz(zstd_c["sha256"], b"\xfd7zXZ\x00" + b"\x55" * 200), "8",
+         "an xz blob with a valid magic and garbage after it")
+    emit("xz-truncated", as_xz(zstd_c["sha256"], good_xz[: len(good_xz) // 2]), "8",
+         "an xz blob cut in half")
+    bomb = lzma.compress(bytes(64 << 20), format=lzma.FORMAT_XZ, preset=1)
+    emit("xz-bomb", as_xz(zstd_c["sha256"], bomb), "3,8",
+         "an xz blob that expands to 64 MiB for a small declared size")
+    # The LZMA2 filter's dictionary property set to 40 (4 GiB - 1): a decoder that believed it
+    # would reserve 4 GiB. Stream header 12 bytes; the block header then holds its size, flags,
+    # the filter id 0x21, properties size 1, the property byte, padding and a CRC32.
+    hb = bytearray(good_xz)
+    hsize = (hb[12] + 1) * 4
+    header = hb[12 : 12 + hsize]
+    at = header.index(b"\x21\x01", 2) + 2
+    header[at] = 40
+    header[-4:] = struct.pack("<I", binascii.crc32(bytes(header[:-4])))
+    hb[12 : 12 + hsize] = header
+    emit("xz-dict-4g", as_xz(zstd_c["sha256"], bytes(hb)), "3,8",
+         "an xz blob whose LZMA2 dictionary is declared as 4 GiB")
+    d = as_xz(zstd_c["sha256"], good_xz)
+    next(c for c in d.contents if c["sha256"] == zstd_c["sha256"])["base"] = patch_c["sha256"]
+    emit("xz-with-base", d, "8", "an xz content that names a patch base (unknown key)")
+    d = good.copy()
+    c = next(c for c in d.contents if c["sha256"] == patch_c["sha256"])
+    c["source"] = "xz"
+    emit("xz-patch-blob", d, "8", "a patch's zstd blob declared as xz")
 
     # -- duplicates and contradictions
     d = good.copy()

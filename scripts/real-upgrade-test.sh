@@ -46,10 +46,10 @@ compare() {
 step() { echo; echo "== $*"; }
 
 step "packages the upgrade changed"
-if [ -r "$TS_CACHE/bookworm-minbase.versions" ] && [ -r "$TS_CACHE/bookworm-upgraded.versions" ]; then
+if [ -r "$TS_CACHE/bookworm-minbase.versions" ] && [ -r "$TS_CACHE/bookworm-upgraded-apt-caches.versions" ]; then
     awk 'NR == FNR { v[$1] = $2; next }
          v[$1] != $2 { printf "  %-20s %s -> %s\n", $1, ($1 in v) ? v[$1] : "(new)", $2 }' \
-        "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/bookworm-upgraded.versions"
+        "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/bookworm-upgraded-apt-caches.versions"
 else
     echo "  (no .versions files in $TS_CACHE)"
 fi

@@ -255,7 +255,8 @@ pub struct DiffArgs {
     /// Write a plain tar instead of a zstd-compressed one.
     #[arg(long)]
     pub uncompressed: bool,
-    /// zstd level of the blobs (1-22): higher is smaller and slower to make.
+    /// zstd level of the blobs (1-22): higher is smaller and slower to make. From 12 (the
+    /// default) on, a content of 256 KiB or more that no reference serves is also tried as xz.
     #[arg(long, default_value_t = crate::core::codec::LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub level: i32,
 }

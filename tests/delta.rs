@@ -741,7 +741,7 @@ fn mutate(m: &mut Model, rng: &mut Rng) -> String {
     let pick_from = |rng: &mut Rng, v: Vec<Vec<u8>>| -> Option<Vec<u8>> {
         (!v.is_empty()).then(|| rng.pick(&v).clone())
     };
-    match rng.below(11) {
+    match rng.below(14) {
         0 => {
             // A small edit of a larger file.
             let p = pick_from(
@@ -898,6 +898,85 @@ fn mutate(m: &mut Model, rng: &mut Rng) -> String {
             };
             m.remove(&p);
             format!("remove {}", show(&p))
+        }
+        11 => {
+            // Two new files, the second an edited copy of the first under an unrelated name:
+            // a patch against a content earlier in the same delta, found by content.
+            let data = rng.some_bytes(5000, 20_000);
+            let p = m.new_path(rng, "fresh");
+            let q = m.new_path(rng, "other");
+            let edited = rng.edit(&data);
+            m.insert(item(&p, Node::File(data)));
+            m.insert(item(&q, Node::File(edited)));
+            format!("similar new files {} {}", show(&p), show(&q))
+        }
+        12 => {
+            // A rename with an edit: a patch against a removed file of another name.
+            let p = pick_from(
+                rng,
+                m.paths_where(|i| matches!(&i.node, Node::File(c) if c.len() > 4096)),
+            );
+            let Some(p) = p else {
+                return "no big file".into();
+            };
+            let mut it = m.items[&p].clone();
+            let Node::File(c) = &it.node else {
+                unreachable!()
+            };
+            it.node = Node::File(rng.edit(c));
+            m.remove(&p);
+            let q = m.new_path(rng, "renamed");
+            it.path = q.clone();
+            m.insert(it);
+            format!("rename with edit {} -> {}", show(&p), show(&q))
+        }
+        13 => {
+            // A moved directory, one of its files edited.
+            let p = pick_from(
+                rng,
+                m.paths_where(|i| i.path != b"." && matches!(i.node, Node::Dir)),
+            );
+            let Some(p) = p else {
+                return "no directory".into();
+            };
+            let under: Vec<u8> = [&p[..], b"/"].concat();
+            let inside = |k: &[u8]| k == p.as_slice() || k.starts_with(&under);
+            let outside: Vec<Vec<u8>> = m.dirs().into_iter().filter(|d| !inside(d)).collect();
+            let parent = rng.pick(&outside).clone();
+            let name = m.name(rng, "moveddir");
+            let q = child(&parent, &name);
+            let rebase = |k: &[u8]| -> Vec<u8> { [&q[..], &k[p.len()..]].concat() };
+            let moved: Vec<Item> = m
+                .items
+                .values()
+                .filter(|i| inside(&i.path))
+                .cloned()
+                .collect();
+            for it in &moved {
+                m.items.remove(&it.path);
+            }
+            let mut edited = false;
+            for mut it in moved {
+                it.path = rebase(&it.path);
+                match &it.node {
+                    Node::Hardlink(t) if inside(t) => it.node = Node::Hardlink(rebase(t)),
+                    Node::File(c) if !edited && c.len() > 100 => {
+                        it.node = Node::File(rng.edit(c));
+                        edited = true;
+                    }
+                    _ => {}
+                }
+                m.insert(it);
+            }
+            // Hardlinks from elsewhere to a moved file follow it.
+            for it in m.items.values_mut() {
+                if let Node::Hardlink(t) = &it.node
+                    && inside(t)
+                {
+                    it.node = Node::Hardlink(rebase(t));
+                }
+            }
+            format!("move directory {} -> {}", show(&p), show(&q))
         }
         _ => {
             // A renamed library with a small edit: a patch against a file of another name.
@@ -1198,6 +1277,55 @@ fn delta_lists_only_what_changed_and_ships_each_content_once() {
     let root = f.root("root");
     apply(&root, &f.delta).success();
     assert_current_is(&root, &f.sb);
+    verify_full(&root);
+}
+
+/// Issue 17: a tree that gains two large, nearly identical new files of unrelated names (apt's
+/// `pkgcache.bin` and `srcpkgcache.bin`, 40 MB each) ships the second as a patch against the
+/// first, found by content, not twice whole.
+#[test]
+fn regression_issue_17_a_new_file_like_another_new_file_ships_as_a_patch_against_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut rng = Rng(17);
+    // Incompressible, so that only a reference makes the second small.
+    let first = rng.bytes(1 << 20);
+    let mut second = first.clone();
+    for k in 0..20 {
+        second[k * 50_000 + 7] ^= 0xa5;
+    }
+    second.splice(300_000..300_000, rng.bytes(100));
+    let a_spec = TreeSpec::new().top().file("var/cache/apt/x", "x\n");
+    let b_spec = TreeSpec::new()
+        .top()
+        .file("var/cache/apt/x", "x\n")
+        .file("var/cache/apt/pkgcache.bin", &first)
+        .file("var/cache/apt/srcpkgcache.bin", &second);
+    let env = scratch();
+    let a = env.tree("a", &a_spec);
+    let b = env.tree("b", &b_spec);
+    let delta = env.path("d.tar");
+    diff_dirs(&a, &b, "2", &delta).success();
+    let t = toml_of(&DeltaTar::read(&delta).manifest());
+    let c = content(&t, &sha256_hex(&second)).expect("the second file is listed");
+    assert!(
+        matches!(c["source"].as_str(), Some("zstd-patch" | "bsdiff")),
+        "the second file ships as a patch: {c:?}"
+    );
+    assert_eq!(c["base"].as_str(), Some(sha256_hex(&first).as_str()));
+    let blob = c["blob_size"].as_integer().unwrap() as usize;
+    assert!(blob < first.len() / 50, "a {blob}-byte patch");
+    let total = fs::metadata(&delta).unwrap().len() as usize;
+    assert!(
+        total < first.len() + first.len() / 10,
+        "the delta ({total} bytes) holds the bytes of about one file ({})",
+        first.len()
+    );
+    let root = env.path("root");
+    import_active(&root, &a, "1");
+    apply(&root, &delta).success();
+    assert_current_is(&root, &snapshot(&b));
     verify_full(&root);
 }
 

@@ -759,7 +759,7 @@ fn the_root_listing_sees_inodes_links_and_flags() {
 #[test]
 fn the_fuzz_entry_point_publishes_exactly_the_declared_object() {
     use sha2::Digest as _;
-    use treeswap::core::delta::Source;
+    use treeswap::core::delta::{Codec, Source};
     use treeswap::core::object::{Meta, object_id};
     let env = Env::new();
     let root = env.path("r");
@@ -779,7 +779,16 @@ fn the_fuzz_entry_point_publishes_exactly_the_declared_object() {
     };
     let size = data.len() as u64;
     let store = |size: u64, sha: &[u8; 32]| {
-        treeswap::ops::fuzz::decode_into_pool(&root, &Source::Zstd, &blob, &[], size, sha, &meta)
+        treeswap::ops::fuzz::decode_into_pool(
+            &root,
+            &Source::Zstd,
+            Codec::Zstd,
+            &blob,
+            &[],
+            size,
+            sha,
+            &meta,
+        )
     };
     assert!(store(size - 1, &sha).is_err(), "one byte short");
     assert!(store(size, &[0; 32]).is_err(), "another sha256");

@@ -7,7 +7,8 @@
 //! nothing may allocate absurdly (libFuzzer's `-malloc_limit_mb` and `-rss_limit_mb` catch
 //! that; `scripts/fuzz.sh` sets them).
 //!
-//! Input layout: byte 0 picks the source (`% 4`); if its bit 7 is set, the 32 bytes after the
+//! Input layout: byte 0 picks the source (0xf0 and above: an `xz` blob of a whole content;
+//! else `% 4`); if its bit 7 is set, the 32 bytes after the
 //! reference length are the declared sha256 (seeds of real blobs carry theirs, so that the
 //! publishing path is reached), else it is all zeros (which nothing decodes to). Bytes 1..4
 //! are the size (little-endian, modulo 1 MiB + 1), then 2 bytes of reference length, [the
@@ -21,7 +22,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
-use treeswap::core::delta::Source;
+use treeswap::core::delta::{Codec, Source};
 use treeswap::core::object::{Meta, object_id};
 
 const MAX_SIZE: u64 = 1 << 20;
@@ -59,17 +60,25 @@ fn names(dir: &Path) -> Vec<std::ffi::OsString> {
         .collect()
 }
 
+/// The declared size: bytes 1..4, modulo `MAX_SIZE + 1`.
+fn size_of(data: &[u8]) -> u64 {
+    u64::from(u32::from_le_bytes([data[1], data[2], data[3], 0])) % (MAX_SIZE + 1)
+}
+
 fuzz_target!(|data: &[u8]| {
     if data.len() < 6 {
         return;
     }
+    // From 0xf0: an `xz` blob of a whole content.
+    let codec = if data[0] >= 0xf0 { Codec::Xz } else { Codec::Zstd };
     let source = match data[0] % 4 {
+        _ if codec == Codec::Xz => Source::Zstd,
         0 => Source::Base,
         1 => Source::Zstd,
         2 => Source::ZstdPatch { base: [0; 32] },
         _ => Source::Bsdiff { base: [0; 32] },
     };
-    let size = u64::from(u32::from_le_bytes([data[1], data[2], data[3], 0])) % (MAX_SIZE + 1);
+    let size = size_of(data);
     let ref_len = usize::from(u16::from_le_bytes([data[4], data[5]]));
     let mut rest = &data[6..];
     let mut sha = [0u8; 32];
@@ -90,8 +99,9 @@ fuzz_target!(|data: &[u8]| {
     let root = root();
     let id = hex::encode(object_id(&meta, size, &sha));
     let object = root.join("pool").join(&id);
-    let r =
-        treeswap::ops::fuzz::decode_into_pool(root, &source, blob, reference, size, &sha, &meta);
+    let r = treeswap::ops::fuzz::decode_into_pool(
+        root, &source, codec, blob, reference, size, &sha, &meta,
+    );
     match r {
         Ok(true) => {
             // Published: exactly the declared bytes.

@@ -1,12 +1,12 @@
-//! The encodings of delta blobs: whole zstd, zstd with a reference prefix ("patch-from"), and
-//! zstd-compressed bsdiff. Pure functions over byte slices, shared by `diff` (encoding),
+//! The encodings of delta blobs: whole zstd, whole xz, zstd with a reference prefix
+//! ("patch-from"), and zstd-compressed bsdiff. Pure functions over byte slices, shared by `diff` (encoding),
 //! `apply` (decoding: [`stream`] and [`bsdiff_apply`]) and the `patch_apply` fuzz target.
 
 use std::io::{BufRead, Read, Write};
 
 use anyhow::{Result, bail};
 
-use crate::core::delta::Source;
+use crate::core::delta::{Codec, Content, Source};
 use crate::core::error::Fail;
 
 /// zstd level of the blobs a delta ships. Measured on a Debian point release: level 12 makes
@@ -63,6 +63,9 @@ pub(crate) fn zstd_patch(base: &[u8], data: &[u8], level: i32) -> Result<Vec<u8>
         "a patch reference is larger than {MAX_REFERENCE} bytes"
     );
     let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, base)?;
+    // The content's size in the frame header: a decoder's window buffer is then no larger
+    // than the content (issue 17: 40 MB instead of 64 MiB for apt's srcpkgcache.bin).
+    enc.set_pledged_src_size(Some(data.len() as u64))?;
     enc.window_log(window_log(base.len() as u64, data.len() as u64))?;
     // Long-distance matching finds the reference's long runs even at low levels, whose
     // small hash tables would otherwise lose most of a big reference.
@@ -124,6 +127,57 @@ pub fn decoder<'a>(
         }
         _ => bail!("no decoder for a `{}` blob", source.name()),
     }
+}
+
+/// The largest memory an xz blob's decoder may use beyond its dictionary (liblzma's own
+/// state: well under 1 MiB for the LZMA2 filter).
+const XZ_OVERHEAD: u64 = 1 << 20;
+
+/// The dictionary an xz encoder uses for `size` bytes of content: what covers the content, a
+/// power of two from 4 KiB on, at most `2^WINDOW_LOG_MAX` (FORMAT.md). A decoder allows
+/// no more than this plus [`XZ_OVERHEAD`].
+pub fn xz_dict(size: u64) -> u32 {
+    1u32 << window_log(0, size).max(12)
+}
+
+/// A streaming decoder of an `xz` blob (one .xz stream, FORMAT.md) of a content of `size`
+/// bytes. Its memory is limited by liblzma to [`xz_dict`] of the size plus [`XZ_OVERHEAD`],
+/// whatever the stream's headers declare: a stream that needs more fails, as malformed.
+pub fn xz_decoder<'a>(blob: Box<dyn BufRead + 'a>, size: u64) -> Result<Box<dyn Read + 'a>> {
+    let limit = u64::from(xz_dict(size)) + XZ_OVERHEAD;
+    let stream = xz2::stream::Stream::new_stream_decoder(limit, 0).map_err(bad)?;
+    Ok(Box::new(Tagged(xz2::bufread::XzDecoder::new_stream(
+        blob, stream,
+    ))))
+}
+
+/// The decoder of content `c`'s blob: [`decoder`], or [`xz_decoder`] for an `xz` blob.
+pub fn decoder_of<'a>(
+    c: &Content,
+    blob: Box<dyn BufRead + 'a>,
+    reference: Option<&'a [u8]>,
+) -> Result<Box<dyn Read + 'a>> {
+    match (&c.source, c.codec) {
+        (Source::Zstd, Codec::Xz) => xz_decoder(blob, c.size),
+        (_, Codec::Xz) => bail!("no decoder for an xz `{}` blob", c.source.name()),
+        (source, Codec::Zstd) => decoder(source, blob, reference, c.size),
+    }
+}
+
+/// Decodes an `xz` blob whole, as [`decode_all`] does.
+pub fn xz_decode_all(blob: &[u8], size: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    xz_decoder(Box::new(blob), size)?
+        .take(size.saturating_add(1))
+        .read_to_end(&mut out)?;
+    if out.len() as u64 != size {
+        return Err(bad(format!(
+            "it decodes to {}{} bytes, the manifest says {size}",
+            out.len(),
+            if out.len() as u64 > size { "+" } else { "" }
+        )));
+    }
+    Ok(out)
 }
 
 /// [`decoder`] of a blob held in memory.

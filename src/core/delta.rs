@@ -28,7 +28,8 @@ pub(crate) const SIGNATURE_MEMBER: &str = "delta.toml.minisig";
 pub enum Source {
     /// The base tree already has this content (a metadata-only change): no bytes shipped.
     Base,
-    /// The blob is the whole content, zstd-compressed.
+    /// The blob is the whole content, compressed: with zstd (`source = "zstd"`), or with xz
+    /// when the content's [`Codec`] is [`Codec::Xz`] (`source = "xz"`).
     Zstd,
     /// The blob is a zstd frame compressed with the content `base` as reference prefix.
     ZstdPatch { base: Hash },
@@ -54,6 +55,15 @@ impl Source {
     }
 }
 
+/// The compressor of a blob. Patches are always zstd; a whole content may be either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Codec {
+    #[default]
+    Zstd,
+    /// One .xz stream (FORMAT.md): `source = "xz"`, with [`Source::Zstd`] (whole).
+    Xz,
+}
+
 /// A content (file bytes, identified by their sha256) the result needs and the base lacks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Content {
@@ -64,8 +74,20 @@ pub struct Content {
     /// more is refused as it is written.
     pub data: Option<u64>,
     pub source: Source,
+    /// How the blob is compressed; [`Codec::Xz`] only with [`Source::Zstd`].
+    pub codec: Codec,
     /// sha256 and size of the blob member, for every source but `base`.
     pub blob: Option<(Hash, u64)>,
+}
+
+impl Content {
+    /// The `source` the manifest gives it.
+    pub(crate) fn source_name(&self) -> &'static str {
+        match (&self.source, self.codec) {
+            (Source::Zstd, Codec::Xz) => "xz",
+            (s, _) => s.name(),
+        }
+    }
 }
 
 /// The delta manifest.
@@ -115,7 +137,7 @@ impl Delta {
             if let Some(n) = c.data {
                 let _ = write!(out, ", data = {n}");
             }
-            let _ = write!(out, ", source = \"{}\"", c.source.name());
+            let _ = write!(out, ", source = \"{}\"", c.source_name());
             if let Some(b) = c.source.base() {
                 let _ = write!(out, ", base = \"{}\"", hex::encode(b));
             }
@@ -155,9 +177,14 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
             data.unwrap_or_default()
         );
     }
+    let mut codec = Codec::Zstd;
     let source = match &*f.str("source")? {
         "base" => Source::Base,
         "zstd" => Source::Zstd,
+        "xz" => {
+            codec = Codec::Xz;
+            Source::Zstd
+        }
         "zstd-patch" => Source::ZstdPatch {
             base: f.hash("base")?,
         },
@@ -187,6 +214,7 @@ fn content_from_fields(mut f: Fields) -> Result<Content> {
         size,
         data,
         source,
+        codec,
         blob,
     })
 }
@@ -427,6 +455,7 @@ mod tests {
                     size: 5,
                     data: Some(4),
                     source: Source::ZstdPatch { base: [4; 32] },
+                    codec: Codec::Zstd,
                     blob: Some(([5; 32], 9)),
                 },
                 Content {
@@ -434,7 +463,16 @@ mod tests {
                     size: 1,
                     data: None,
                     source: Source::Base,
+                    codec: Codec::Zstd,
                     blob: None,
+                },
+                Content {
+                    sha256: [7; 32],
+                    size: 300_000,
+                    data: None,
+                    source: Source::Zstd,
+                    codec: Codec::Xz,
+                    blob: Some(([8; 32], 1000)),
                 },
             ],
         }

@@ -513,6 +513,7 @@ mod tests {
             size: 10 * u64::from(n),
             data: None,
             source,
+            codec: Default::default(),
             blob,
         }
     }

@@ -356,8 +356,7 @@ impl<'a> Writer<'a> {
             Source::Zstd | Source::ZstdPatch { .. } | Source::Bsdiff { .. } => {
                 let reference = c.source.base().map(|r| self.reference(r)).transpose()?;
                 let blob = blob.expect("blob").reader();
-                let mut dec =
-                    crate::core::codec::decoder(&c.source, blob, reference.as_deref(), c.size)?;
+                let mut dec = crate::core::codec::decoder_of(c, blob, reference.as_deref())?;
                 self.pool
                     .store_bounded(&mut dec, meta0, c.size, &c.sha256, c.data)
                     .with_context(|| what(c))?;

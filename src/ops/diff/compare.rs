@@ -10,16 +10,17 @@ use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::object::Hash;
 use crate::store::root::Root;
 
-/// The name of a path without its directories, and the same with digits removed (so that
-/// `libfoo.so.1.2` finds `libfoo.so.1.3`).
-pub(super) fn names(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
+/// The keys under which a path finds similar files of other paths, best first: the whole path
+/// with digits removed (so that `usr/lib/python3.11/os.py` finds `python3.13/os.py` and
+/// `perl/5.36/…` finds `perl/5.40/…`), the name without its directories, and that name with
+/// digits removed (so that `libfoo.so.1.2` finds `libfoo.so.1.3`). A name never holds `/`,
+/// a path below the top always does, so the kinds of key never meet.
+pub(super) fn names(path: &[u8]) -> [Vec<u8>; 3] {
+    let strip =
+        |s: &[u8]| -> Vec<u8> { s.iter().copied().filter(|b| !b.is_ascii_digit()).collect() };
     let base = crate::core::path::split_parent(path).1.to_vec();
-    let stem: Vec<u8> = base
-        .iter()
-        .copied()
-        .filter(|b| !b.is_ascii_digit())
-        .collect();
-    (base, stem)
+    let stem = strip(&base);
+    [strip(path), base, stem]
 }
 
 /// How the new tree differs from the base: its changed entries (new paths included), the
@@ -126,7 +127,7 @@ pub(super) fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Change
 }
 
 /// What a diff needs of the base tree, kept from its entries as they go by: its entries at
-/// the changed paths, and those that may serve the changed files (the same content, or the
+/// the changed paths, its files at the removed paths, and those that may serve the changed files (the same content, or the
 /// same name or name without digits). Nothing else: a map of a whole base would take
 /// hundreds of MB at a million entries.
 pub(crate) struct Base {
@@ -135,7 +136,9 @@ pub(crate) struct Base {
     want_path: HashSet<Box<[u8]>>,
     want_sha: HashSet<Hash>,
     want_name: HashSet<Vec<u8>>,
+    want_removed: HashSet<Box<[u8]>>,
     kept: Vec<Entry>,
+    removed_files: Vec<usize>,
     at_path: HashMap<Box<[u8]>, usize>,
     by_sha: HashMap<Hash, Vec<usize>>,
     by_name: HashMap<Vec<u8>, Vec<usize>>,
@@ -149,7 +152,9 @@ impl Base {
             want_path: HashSet::new(),
             want_sha: HashSet::new(),
             want_name: HashSet::new(),
+            want_removed: changes.removed.iter().cloned().collect(),
             kept: Vec::new(),
+            removed_files: Vec::new(),
             at_path: HashMap::new(),
             by_sha: HashMap::new(),
             by_name: HashMap::new(),
@@ -158,9 +163,9 @@ impl Base {
             if let Kind::File { sha256, .. } = &e.kind {
                 b.want_path.insert(e.path.clone());
                 b.want_sha.insert(*sha256);
-                let (n, s) = names(&e.path);
-                b.want_name.insert(n);
-                b.want_name.insert(s);
+                for k in names(&e.path) {
+                    b.want_name.insert(k);
+                }
             }
         }
         b
@@ -171,18 +176,31 @@ impl Base {
         let Kind::File { sha256, .. } = &e.kind else {
             return;
         };
-        let (n, s) = names(&e.path);
         let by_path = self.want_path.contains(&e.path);
+        // A removed file serves by its content only (`sketch`): not one too small to sketch or
+        // too large to be a reference.
+        let sketchable =
+            (super::sketch::MIN_SIZE..=crate::core::codec::MAX_REFERENCE).contains(&match e.kind {
+                Kind::File { size, .. } => size,
+                _ => 0,
+            });
+        let gone = sketchable && self.want_removed.contains(&e.path);
         let by_sha = self.want_sha.contains(sha256);
-        let names: Vec<Vec<u8>> = [n, s]
+        let mut names: Vec<Vec<u8>> = names(&e.path)
             .into_iter()
             .filter(|k| self.want_name.contains(k))
             .collect();
-        if !by_path && !by_sha && names.is_empty() {
+        // A top-level file's path and name without digits are the same key: once.
+        names.sort_unstable();
+        names.dedup();
+        if !by_path && !gone && !by_sha && names.is_empty() {
             return;
         }
         let i = self.kept.len();
         self.kept.push(e.clone());
+        if gone {
+            self.removed_files.push(i);
+        }
         if by_path {
             self.at_path.insert(e.path.clone(), i);
         }
@@ -194,6 +212,11 @@ impl Base {
         }
     }
 
+    /// The base's files at the paths the new tree lacks: where a renamed or moved file that
+    /// was also edited comes from.
+    pub(super) fn removed_files(&self) -> impl Iterator<Item = &Entry> {
+        self.removed_files.iter().map(|&i| &self.kept[i])
+    }
     pub(super) fn at_path(&self, path: &[u8]) -> Option<&Entry> {
         self.at_path.get(path).map(|&i| &self.kept[i])
     }
@@ -392,5 +415,23 @@ mod tests {
         );
         assert_eq!(b.with_sha(&[3; 32]).count(), 0, "nothing wants `unrelated`");
         assert_eq!(b.kept.len(), 3);
+        assert_eq!(
+            b.removed_files().count(),
+            0,
+            "removed, but too small to sketch"
+        );
+        // A removed file large enough to sketch is kept: a renamed and edited file's source.
+        let mut big = file("gone/big.dat", 4);
+        big.kind = Kind::File {
+            size: 1 << 20,
+            sha256: [4; 32],
+        };
+        let changes = compare(
+            &manifest(vec![dir("."), big.clone()]),
+            manifest(vec![dir(".")]),
+        );
+        let mut b = Base::new(None, [0; 32], &changes);
+        b.keep(&big);
+        assert_eq!(b.removed_files().collect::<Vec<_>>(), vec![&big]);
     }
 }

@@ -11,8 +11,10 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use super::compare::{Base, names};
+use super::sketch;
+use crate::core::codec::xz_dict;
 use crate::core::codec::{MAX_REFERENCE, SCOUT_LEVEL, bsdiff_patch, zstd_patch, zstd_whole};
-use crate::core::delta::{Content, Source};
+use crate::core::delta::{Codec, Content, Source};
 use crate::core::manifest::{Entry, Kind};
 use crate::core::object::Hash;
 use crate::core::progress::Progress;
@@ -26,8 +28,35 @@ const BSDIFF_MIN_GAIN: u64 = 64;
 /// Contents over this size that are mostly holes are encoded without being held in memory
 /// (see [`mostly_holes`]).
 const SPARSE_MIN: u64 = 64 << 20;
+/// Whole contents of at least this size are also tried with xz, whose literal and repeated
+/// offset models beat zstd's on structured binary data (apt's `pkgcache.bin`: xz 9.5 MB,
+/// `zstd -19 --long` 12.8 MB).
+const XZ_MIN: u64 = 256 << 10;
+/// ...at `--level` this or higher.
+pub(crate) const XZ_FROM_LEVEL: i32 = 12;
+/// The xz preset for `level`. On apt's 40 MB `pkgcache.bin`: preset 0 gives 10.6 MB in
+/// about 1.5 s, preset 6 (the xz default) 9.5 MB in about 15 s, preset 9 no better than 6.
+fn xz_preset(level: i32) -> u32 {
+    if level >= XZ_SLOW_FROM_LEVEL { 6 } else { 0 }
+}
+/// `--level` from which xz runs at preset 6.
+const XZ_SLOW_FROM_LEVEL: i32 = 19;
+
+/// A zstd patch's decoder holds its reference and a window buffer as large as the content
+/// (up to 64 MiB); where the two come to more than this, bsdiff, whose patch `apply` streams
+/// and so holds only the reference, is tried as well, and wins unless it is much larger
+/// (apt's `srcpkgcache.bin` against `pkgcache.bin`, 40 MB each: 80 MB for zstd, 40 for
+/// bsdiff), so that `apply` stays well under 100 MB.
+const PATCH_MEMORY: u64 = 48 << 20;
+/// ...bsdiff wins such a case when its blob is at most this many times the zstd patch's,
+/// plus [`BSDIFF_SLACK`] bytes.
+const BSDIFF_MEMORY_TRADE: usize = 2;
+const BSDIFF_SLACK: usize = 64 << 10;
+
 /// Reference candidates tried per content.
-const MAX_CANDIDATES: usize = 3;
+const MAX_CANDIDATES: usize = 4;
+/// Of which found by similarity of content ([`sketch`]), at most:
+const MAX_SIMILAR: usize = 2;
 
 /// Opens a file entry of one side for reading.
 pub(crate) type Opener<'a> = &'a (dyn Fn(&Entry) -> Result<OwnedFd> + Sync);
@@ -92,6 +121,7 @@ pub(super) fn contents<'a>(base: &Base, changed: &'a [Entry]) -> (Vec<Content>, 
                 size: *size,
                 data: None,
                 source: Source::Base,
+                codec: Codec::Zstd,
                 blob: None,
             });
         } else {
@@ -101,14 +131,63 @@ pub(super) fn contents<'a>(base: &Base, changed: &'a [Entry]) -> (Vec<Content>, 
     (from_base, needed)
 }
 
+/// The sketch ([`sketch::sketch`]) of each entry of at least [`sketch::MIN_SIZE`] and at
+/// most [`MAX_REFERENCE`] bytes (empty for the others), read with `open` on every core.
+pub(super) fn sketches(entries: &[&Entry], open: Opener) -> Result<Vec<Vec<u64>>> {
+    use rayon::prelude::*;
+    entries
+        .par_iter()
+        .map(|e| {
+            if !(sketch::MIN_SIZE..=MAX_REFERENCE).contains(&size_of(e)) {
+                return Ok(Vec::new());
+            }
+            let fd = open(e)?;
+            // A file that is mostly holes is never a reference (see `mostly_holes`).
+            if mostly_holes(fd.as_fd(), size_of(e))? {
+                return Ok(Vec::new());
+            }
+            let data = read(fd, e)?;
+            Ok(sketch::sketch(&data))
+        })
+        .collect()
+}
+
+/// What the similarity search looks through: the base's removed files with their sketches,
+/// and the sketch of each needed content.
+pub(super) struct Similar<'a> {
+    pub removed: Vec<&'a Entry>,
+    pub removed_sketches: Vec<Vec<u64>>,
+    pub needed_sketches: Vec<Vec<u64>>,
+}
+
 /// The reference candidates of each needed content: contents the device will have when it
-/// applies this one. The base's file at the same path first, then files of the same name or
-/// the same name without digits, in the base and among contents shipped earlier.
-pub(super) fn candidates<'a>(base: &'a Base, needed: &[&'a Entry]) -> Vec<Job<'a>> {
+/// applies this one. The base's file at the same path first; then the base's removed files
+/// and the contents shipped earlier in this delta that share the most chunks with it (by
+/// their sketches, whatever their names); then files of the same path without digits, the same name,
+/// or the same name without digits, in the base and among contents shipped earlier.
+pub(super) fn candidates<'a>(
+    base: &'a Base,
+    needed: &[&'a Entry],
+    similar: &Similar<'a>,
+) -> Vec<Job<'a>> {
     let mut shipped_by_name: HashMap<Vec<u8>, Vec<&Entry>> = HashMap::new();
+    // Sketch `k` is the base's removed file `k`, then needed content `k - removed`.
+    let mut index = sketch::Index::default();
+    for sk in &similar.removed_sketches {
+        index.add(sk);
+    }
+    let r = similar.removed.len();
     let mut jobs = Vec::with_capacity(needed.len());
-    for &e in needed {
+    for (i, &e) in needed.iter().enumerate() {
         let mut cands: Vec<Candidate> = Vec::new();
+        let add = |cands: &mut Vec<Candidate<'a>>, c: &'a Entry, side: Side| {
+            if cands.len() < MAX_CANDIDATES
+                && !cands.iter().any(|x| content_of(x.entry) == content_of(c))
+                && similar_size(c, e)
+            {
+                cands.push(Candidate { entry: c, side });
+            }
+        };
         if let Some(old) = base.at_path(&e.path)
             && matches!(old.kind, Kind::File { .. })
         {
@@ -117,25 +196,29 @@ pub(super) fn candidates<'a>(base: &'a Base, needed: &[&'a Entry]) -> Vec<Job<'a
                 side: Side::Base,
             });
         }
-        let (n, s) = names(&e.path);
-        for key in [&n, &s] {
+        let sk = similar.needed_sketches.get(i).map_or(&[][..], |s| &s[..]);
+        for k in index.similar(sk, MAX_SIMILAR) {
+            match k.checked_sub(r) {
+                None => add(&mut cands, similar.removed[k], Side::Base),
+                Some(k) => add(&mut cands, needed[k], Side::New),
+            }
+        }
+        index.add(sk);
+        let keys = names(&e.path);
+        for key in &keys {
             let sources = [
                 (base.named(key), Side::Base),
                 (shipped_by_name.get(key).cloned(), Side::New),
             ];
             for (src, side) in sources {
                 for &c in src.iter().flatten().rev() {
-                    if cands.len() < MAX_CANDIDATES
-                        && !cands.iter().any(|x| content_of(x.entry) == content_of(c))
-                        && similar_size(c, e)
-                    {
-                        cands.push(Candidate { entry: c, side });
-                    }
+                    add(&mut cands, c, side);
                 }
             }
         }
-        shipped_by_name.entry(n).or_default().push(e);
-        shipped_by_name.entry(s).or_default().push(e);
+        for key in keys {
+            shipped_by_name.entry(key).or_default().push(e);
+        }
         jobs.push((e, cands));
     }
     jobs
@@ -295,8 +378,9 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
     let fd = (sides.to)(e)?;
     // The bytes outside holes: what the object takes at most, for the device's space check.
     let data_bytes = sparse::data_bytes(fd.as_fd(), size)?;
-    let (source, blob) = if mostly_holes(fd.as_fd(), size)? {
-        encode_sparse(e, fd.as_fd(), size, level)?
+    let (source, codec, blob) = if mostly_holes(fd.as_fd(), size)? {
+        let (source, blob) = encode_sparse(e, fd.as_fd(), size, level)?;
+        (source, Codec::Zstd, blob)
     } else {
         let data = read(fd, e)?;
         if data.len() as u64 != size {
@@ -320,25 +404,54 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
         size,
         data: (data_bytes < size).then_some(data_bytes),
         source,
+        codec,
         blob: Some((blob_sha, blob.len() as u64)),
     };
     Ok((content, blob))
 }
 
+/// An `xz` blob (FORMAT.md): `data` as one .xz stream, LZMA2 at `preset` (0 to 6) with the
+/// preset's dictionary, no larger than [`xz_dict`] of its size; CRC32 check. (A larger
+/// dictionary than the preset's makes the fast presets worse: 10.72 MB instead of 10.62 on
+/// apt's `pkgcache.bin` at preset 0.)
+pub(super) fn xz_whole(data: &[u8], preset: u32) -> Result<Vec<u8>> {
+    // liblzma's dictionary of presets 0 to 6.
+    const PRESET_DICT: [u32; 7] = [
+        256 << 10,
+        1 << 20,
+        2 << 20,
+        4 << 20,
+        4 << 20,
+        8 << 20,
+        8 << 20,
+    ];
+    let preset = preset.min(6);
+    let mut opts = xz2::stream::LzmaOptions::new_preset(preset)?;
+    opts.dict_size(xz_dict(data.len() as u64).min(PRESET_DICT[preset as usize]));
+    let mut filters = xz2::stream::Filters::new();
+    filters.lzma2(&opts);
+    let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32)?;
+    let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+    std::io::Write::write_all(&mut enc, data)?;
+    Ok(enc.finish()?)
+}
+
 /// The smallest blob for `data`, given reference contents `bases` (sha256, bytes), in
 /// candidate order. The references are ranked with a fast level when there is a choice, and
 /// only the winner is encoded at `level`; the whole content is tried too when the patch
-/// saves less than half. bsdiff is tried against the winner for small executables, whose
-/// code moves by a few bytes everywhere, unless the zstd blob is already tiny.
+/// saves less than half (with xz as well for a big one, from [`XZ_FROM_LEVEL`] on). bsdiff is
+/// tried against the winner for small executables, whose code moves by a few bytes
+/// everywhere, unless the zstd blob is already tiny.
 pub(super) fn choose(
     data: &[u8],
     bases: &[(Hash, Vec<u8>)],
     level: i32,
-) -> Result<(Source, Vec<u8>)> {
+) -> Result<(Source, Codec, Vec<u8>)> {
     let size = data.len() as u64;
+    // The reference to use, and its patch's size at the scout level if that was measured.
     let pick = match bases.len() {
         0 => None,
-        1 => Some(0),
+        1 => Some((0, None)),
         _ => {
             let mut best = (0, usize::MAX);
             for (k, (_, base)) in bases.iter().enumerate() {
@@ -347,34 +460,67 @@ pub(super) fn choose(
                     best = (k, n);
                 }
             }
-            Some(best.0)
+            Some((best.0, Some(best.1)))
         }
     };
-    let Some(k) = pick else {
-        return Ok((Source::Zstd, zstd_whole(data, level)?));
+    let Some((k, scouted)) = pick else {
+        return whole(data, level);
     };
     let (sha, base) = &bases[k];
+    if (base.len() as u64).saturating_add(size) > PATCH_MEMORY {
+        let scout = match scouted {
+            Some(n) => n,
+            None => zstd_patch(base, data, SCOUT_LEVEL)?.len(),
+        };
+        if scout as u64 * 2 <= size {
+            let p = bsdiff_patch(base, data)?;
+            if p.len() <= scout * BSDIFF_MEMORY_TRADE + BSDIFF_SLACK {
+                return Ok((Source::Bsdiff { base: *sha }, Codec::Zstd, p));
+            }
+        }
+    }
     let mut best = (
         Source::ZstdPatch { base: *sha },
+        Codec::Zstd,
         zstd_patch(base, data, level)?,
     );
-    if best.1.len() as u64 * 2 > size {
-        let whole = zstd_whole(data, level)?;
-        if whole.len() < best.1.len() {
-            best = (Source::Zstd, whole);
+    if best.2.len() as u64 * 2 > size {
+        let w = whole(data, level)?;
+        if w.2.len() < best.2.len() {
+            best = w;
         }
     }
     if size <= BSDIFF_MAX
-        && best.1.len() as u64 > size / BSDIFF_MIN_GAIN
+        && best.2.len() as u64 > size / BSDIFF_MIN_GAIN
         && data.starts_with(b"\x7fELF")
         && base.len() as u64 <= BSDIFF_MAX
     {
         let p = bsdiff_patch(base, data)?;
-        if p.len() < best.1.len() {
-            best = (Source::Bsdiff { base: *sha }, p);
+        if p.len() < best.2.len() {
+            best = (Source::Bsdiff { base: *sha }, Codec::Zstd, p);
         }
     }
     Ok(best)
+}
+
+/// The smaller of whole zstd at `level` and, for a big content from [`XZ_FROM_LEVEL`] on,
+/// xz. When xz beats zstd at the scout level by a fifth, zstd at `level` is not tried: it
+/// does not gain that much over the scout level, and on a big content it costs seconds.
+fn whole(data: &[u8], level: i32) -> Result<(Source, Codec, Vec<u8>)> {
+    if (data.len() as u64) < XZ_MIN || level < XZ_FROM_LEVEL {
+        return Ok((Source::Zstd, Codec::Zstd, zstd_whole(data, level)?));
+    }
+    let xz = xz_whole(data, xz_preset(level))?;
+    let fast = zstd_whole(data, SCOUT_LEVEL)?;
+    if xz.len() as u64 * 5 < fast.len() as u64 * 4 {
+        return Ok((Source::Zstd, Codec::Xz, xz));
+    }
+    let z = zstd_whole(data, level)?;
+    Ok(if xz.len() < z.len() {
+        (Source::Zstd, Codec::Xz, xz)
+    } else {
+        (Source::Zstd, Codec::Zstd, z)
+    })
 }
 
 #[cfg(test)]
@@ -422,6 +568,34 @@ mod tests {
             v.extend_from_slice(&((i.wrapping_mul(2_654_435_761) >> 12) + shift).to_le_bytes());
         }
         v
+    }
+
+    #[test]
+    fn xz_blobs_round_trip_within_their_dictionary_limit() {
+        let text: Vec<u8> = (0..40_000)
+            .flat_map(|i| format!("record {} {}\n", i, i % 7).into_bytes())
+            .collect();
+        let blob = xz_whole(&text, 0).unwrap();
+        assert!(blob.len() < text.len() / 5);
+        let size = text.len() as u64;
+        assert_eq!(
+            crate::core::codec::xz_decode_all(&blob, size).unwrap(),
+            text
+        );
+        // A declared size that is smaller than the content: refused, not expanded.
+        assert!(crate::core::codec::xz_decode_all(&blob, 1000).is_err());
+        // A stream whose dictionary is larger than the content needs: refused.
+        let mut opts = xz2::stream::LzmaOptions::new_preset(6).unwrap();
+        opts.dict_size(64 << 20);
+        let mut filters = xz2::stream::Filters::new();
+        filters.lzma2(&opts);
+        let stream =
+            xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32).unwrap();
+        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+        std::io::Write::write_all(&mut enc, &text[..5000]).unwrap();
+        let big_dict = enc.finish().unwrap();
+        assert!(crate::core::codec::xz_decode_all(&big_dict, 5000).is_err());
+        assert!(crate::core::codec::xz_decode_all(b"\xfd7zXZ\0garbage", 10).is_err());
     }
 
     #[test]
@@ -489,7 +663,7 @@ mod tests {
                 .enumerate()
                 .map(|(k, b)| ([k as u8; 32], b))
                 .collect();
-            let (source, blob) = choose(&data, &bases, 3).unwrap();
+            let (source, _, blob) = choose(&data, &bases, 3).unwrap();
             let got = match source {
                 Source::Zstd => "zstd".to_owned(),
                 Source::ZstdPatch { base } => format!("patch {}", base[0]),
@@ -505,7 +679,7 @@ mod tests {
         }
         // An unrelated reference saves nothing: never bigger than the whole content.
         let data = noise(50_000, 4);
-        let (source, blob) = choose(&data, &[([0; 32], other)], 3).unwrap();
+        let (source, _, blob) = choose(&data, &[([0; 32], other)], 3).unwrap();
         assert!(
             blob.len() <= zstd_whole(&data, 3).unwrap().len(),
             "{source:?}"

@@ -4,11 +4,14 @@
 //! a move, a copy) ships no bytes. Every other content ships once, as the smallest of: the
 //! whole content zstd-compressed; a zstd frame with a similar base content as reference prefix
 //! ("patch-from"); a zstd-compressed bsdiff patch (small files only, where it can win).
-//! Similar contents are looked for at the same path, then among files of the same name or the
-//! same name without digits, in the base and among contents shipped earlier in this delta.
+//! Similar contents are looked for at the same path, then by content among the base's removed
+//! files and the contents shipped earlier in this delta (sketches of their chunks), then among files of the same path
+//! without digits, the same name or the same name without digits, in the base and among
+//! contents shipped earlier in this delta.
 
 mod compare;
 mod encode;
+mod sketch;
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -34,6 +37,7 @@ pub(crate) struct Stats {
     pub removed: usize,
     pub contents: usize,
     pub whole: usize,
+    pub xz: usize,
     pub zstd_patch: usize,
     pub bsdiff: usize,
     pub from_base: usize,
@@ -44,12 +48,13 @@ impl Stats {
     /// One line for the log.
     pub(crate) fn summary(&self) -> String {
         format!(
-            "{} changed, {} removed, {} contents ({} from the base, {} whole, {} zstd patches, {} bsdiff), {} bytes of blobs",
+            "{} changed, {} removed, {} contents ({} from the base, {} whole, {} of them xz, {} zstd patches, {} bsdiff), {} bytes of blobs",
             self.changed,
             self.removed,
             self.contents,
             self.from_base,
             self.whole,
+            self.xz,
             self.zstd_patch,
             self.bsdiff,
             self.bytes
@@ -208,7 +213,14 @@ pub(crate) fn diff<'a>(
         d.removed.len()
     );
     let (from_base, needed) = encode::contents(base, &d.changed);
-    let jobs = encode::candidates(base, &needed);
+    let removed: Vec<&Entry> = base.removed_files().collect();
+    let similar = encode::Similar {
+        removed_sketches: encode::sketches(&removed, read_from)?,
+        removed,
+        needed_sketches: encode::sketches(&needed, read_to)?,
+    };
+    let jobs = encode::candidates(base, &needed, &similar);
+    drop(similar);
     let sides = Sides {
         from: read_from,
         to: read_to,
@@ -226,7 +238,10 @@ pub(crate) fn diff<'a>(
     let mut blobs = Vec::with_capacity(encoded.len());
     for (c, blob) in encoded {
         match c.source {
-            Source::Zstd => stats.whole += 1,
+            Source::Zstd => {
+                stats.whole += 1;
+                stats.xz += usize::from(c.codec == crate::core::delta::Codec::Xz);
+            }
             Source::ZstdPatch { .. } => stats.zstd_patch += 1,
             Source::Bsdiff { .. } => stats.bsdiff += 1,
             Source::Base => {}
