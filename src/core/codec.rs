@@ -166,10 +166,14 @@ pub fn decoder_of<'a>(
 
 /// Decodes an `xz` blob whole, as [`decode_all`] does.
 pub fn xz_decode_all(blob: &[u8], size: u64) -> Result<Vec<u8>> {
+    read_exactly(xz_decoder(Box::new(blob), size)?, size)
+}
+
+/// What `dec` gives, read to at most `size + 1` bytes (the pool refuses more than `size`),
+/// which must be exactly `size`.
+fn read_exactly(dec: Box<dyn Read + '_>, size: u64) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    xz_decoder(Box::new(blob), size)?
-        .take(size.saturating_add(1))
-        .read_to_end(&mut out)?;
+    dec.take(size.saturating_add(1)).read_to_end(&mut out)?;
     if out.len() as u64 != size {
         return Err(bad(format!(
             "it decodes to {}{} bytes, the manifest says {size}",
@@ -198,18 +202,7 @@ pub fn decode_all(
     reference: Option<&[u8]>,
     size: u64,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    stream(source, blob, reference, size)?
-        .take(size.saturating_add(1))
-        .read_to_end(&mut out)?;
-    if out.len() as u64 != size {
-        return Err(bad(format!(
-            "it decodes to {}{} bytes, the manifest says {size}",
-            out.len(),
-            if out.len() as u64 > size { "+" } else { "" }
-        )));
-    }
-    Ok(out)
+    read_exactly(stream(source, blob, reference, size)?, size)
 }
 
 /// Applies a zstd-compressed bsdiff patch whole ([`decode_all`] of a `bsdiff` blob).
