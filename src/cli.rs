@@ -594,22 +594,27 @@ fn diff_command(cx: &Env, a: &DiffArgs) -> Result<()> {
 fn show_command(cx: &Env, file: &Path, json: bool) -> Result<()> {
     // The root, if there is one, tells whether the base is installed; none is needed.
     let root = Root::open(&cx.root_path()).ok();
-    let shown = if file.as_os_str() == "-" {
-        show::show(std::io::stdin().lock(), root.as_ref(), &cx.cfg)?
-    } else {
-        let f = open_delta(file)?;
-        show::show(
-            std::io::BufReader::with_capacity(1 << 20, f),
-            root.as_ref(),
-            &cx.cfg,
-        )
-        .with_context(|| format!("cannot read `{}`", file.display()))?
-    };
+    let shown = with_delta(file, "read", |r| show::show(r, root.as_ref(), &cx.cfg))?;
     match json {
         true => out(&format!("{}\n", serde_json::to_string_pretty(&shown)?))?,
         false => out(&shown.to_text())?,
     }
     Ok(())
+}
+
+/// Runs `f` on the delta `file` (`-`: standard input), read through a 1 MiB buffer; its
+/// errors say "cannot `what` FILE" (for a file).
+fn with_delta<T>(
+    file: &Path,
+    what: &str,
+    f: impl FnOnce(&mut dyn std::io::Read) -> Result<T>,
+) -> Result<T> {
+    if file.as_os_str() == "-" {
+        return f(&mut std::io::stdin().lock());
+    }
+    open_delta(file)
+        .and_then(|d| f(&mut std::io::BufReader::with_capacity(1 << 20, d)))
+        .with_context(|| format!("cannot {what} `{}`", file.display()))
 }
 
 /// Opens a delta file: a directory or anything but a regular file, FIFO or character device
@@ -638,16 +643,7 @@ fn apply_command(cx: &Env, file: &Path, opts: apply::Options) -> Result<()> {
         true => Root::open(&cx.root_path())?,
         false => cx.root(Lock::Exclusive, false)?,
     };
-    let outcome = if file.as_os_str() == "-" {
-        apply::apply(&root, &cx.cfg, std::io::stdin().lock(), opts)
-    } else {
-        open_delta(file)
-            .and_then(|f| {
-                let r = std::io::BufReader::with_capacity(1 << 20, f);
-                apply::apply(&root, &cx.cfg, r, opts)
-            })
-            .with_context(|| format!("cannot apply `{}`", file.display()))
-    };
+    let outcome = with_delta(file, "apply", |r| apply::apply(&root, &cx.cfg, r, opts));
     if !opts.dry_run {
         record_last_apply(&root, &outcome);
     }

@@ -178,16 +178,8 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
                 crate::core::path::quote(&g.name)
             );
         }
-        if !(1..=MAX_TIMEOUT).contains(&g.timeout) {
-            bail!(
-                "{origin}: guest `{}`: timeout = {} is out of range (1 to {MAX_TIMEOUT} seconds)",
-                crate::core::path::quote(&g.name),
-                g.timeout
-            );
-        }
-    }
-    for g in &cfg.guests {
         let name = crate::core::path::quote(&g.name);
+        check_seconds(origin, &format!("guest `{name}`: timeout"), g.timeout)?;
         check_argv(
             origin,
             &format!("guest `{name}`: check"),

@@ -118,7 +118,7 @@ pub(crate) fn show(input: impl Read, root: Option<&Root>, cfg: &Config) -> Resul
         },
     )?;
     let base_installed = match root {
-        Some(r) => find_base(r, &d.from_digest)?,
+        Some(r) => read::find_base(r, &d.from_digest)?,
         None => None,
     };
     let entries = match (root, &base_installed) {
@@ -138,16 +138,6 @@ fn signature_of(state: &'static str) -> Signature {
         key: None,
         error: None,
     }
-}
-
-/// The installed version whose manifest has `digest`, if any.
-fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
-    for v in root.versions()? {
-        if root.manifest_digest(&v)? == Some(*digest) {
-            return Ok(Some(v));
-        }
-    }
-    Ok(None)
 }
 
 /// Counts the changed entries against the installed base `base`.

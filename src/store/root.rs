@@ -645,9 +645,21 @@ impl Root {
     /// [`Root::load_manifest`] without checking the entries against the stored digest (see
     /// [`manifest::parse_reader_unverified`]); the caller checks them otherwise.
     pub fn load_manifest_unverified(&self, version: &str) -> Result<Manifest> {
-        self.load_manifest_with(version, |r| {
-            manifest::parse_reader_unverified(r).map(|(m, _)| m)
-        })
+        self.load_manifest_declared(version).map(|(m, _)| m)
+    }
+
+    /// [`Root::load_manifest_unverified`] with the digest its header declares.
+    pub fn load_manifest_declared(
+        &self,
+        version: &str,
+    ) -> Result<(Manifest, crate::core::object::Hash)> {
+        let mut digest = [0; 32];
+        let m = self.load_manifest_with(version, |r| {
+            let (m, d) = manifest::parse_reader_unverified(r)?;
+            digest = d;
+            Ok(m)
+        })?;
+        Ok((m, digest))
     }
 
     fn load_manifest_with(

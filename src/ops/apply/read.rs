@@ -143,7 +143,7 @@ pub fn read_delta_head(input: impl Read) -> Result<Delta> {
 }
 
 /// The version whose stored manifest has `digest`, preferring `current`.
-fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
+pub(crate) fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
     let current = root.link("current")?;
     let mut versions = root.versions()?;
     if let Some(c) = &current {
