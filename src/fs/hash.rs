@@ -33,18 +33,18 @@ pub(crate) fn with_io_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
-/// Reads an open file from its start to its end and returns its size and sha256. Holes are
-/// not read (see [`sparse::read_runs`]).
-pub(crate) fn hash_fd(fd: BorrowedFd) -> Result<(u64, Hash)> {
-    hash_fd_upto(fd, u64::MAX)
-}
-
-/// [`hash_fd`] of at most the first `limit` bytes: a file that a guest keeps growing is read
-/// no further than that (a caller that expects `n` bytes passes `n + 1` and compares).
-pub(crate) fn hash_fd_upto(fd: BorrowedFd, limit: u64) -> Result<(u64, Hash)> {
+/// The size and sha256 of an open file, from its start to its end but at most the first
+/// `limit` bytes (holes are not read: see [`sparse::read_runs`]): a file that a guest keeps
+/// growing is read no further than that (a caller that expects `n` bytes passes `n + 1` and
+/// compares). `st` is the file's `fstat`.
+pub(crate) fn hash_fd_upto(
+    fd: BorrowedFd,
+    st: &rustix::fs::Stat,
+    limit: u64,
+) -> Result<(u64, Hash)> {
     let mut h = Sha256::new();
     let size = with_io_buffer(|buf| {
-        sparse::read_runs(fd, limit, buf, &mut |run| {
+        sparse::read_runs(fd, st, limit, buf, &mut |run| {
             match run {
                 Run::Data(d) => h.update(d),
                 Run::Hole(n) => hash_zeros(&mut h, n),
@@ -110,12 +110,14 @@ mod tests {
         let data = vec![7u8; 3 * super::IO_BUFFER + 5];
         f.write_all(&data).unwrap();
         for limit in [0, 1, super::IO_BUFFER as u64 + 1, data.len() as u64] {
-            let (n, h) = super::hash_fd_upto(f.as_fd(), limit).unwrap();
+            let st = crate::fs::sys::fstat(f.as_fd()).unwrap();
+            let (n, h) = super::hash_fd_upto(f.as_fd(), &st, limit).unwrap();
             assert_eq!(n, limit);
             assert_eq!(h, <[u8; 32]>::from(Sha256::digest(&data[..limit as usize])));
         }
-        let whole = super::hash_fd(f.as_fd()).unwrap();
-        assert_eq!(super::hash_fd_upto(f.as_fd(), u64::MAX).unwrap(), whole);
+        let st = crate::fs::sys::fstat(f.as_fd()).unwrap();
+        let whole = super::hash_fd_upto(f.as_fd(), &st, u64::MAX).unwrap();
+        assert_eq!(whole.1, <[u8; 32]>::from(Sha256::digest(&data)));
         assert_eq!(whole.0, data.len() as u64);
     }
 }

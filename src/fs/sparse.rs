@@ -73,14 +73,15 @@ pub(crate) fn data_bytes(fd: BorrowedFd, size: u64) -> Result<u64> {
 /// size, each starting at a multiple of it from the start of its run of data), holes as
 /// their length, never read. Returns the number of bytes handed on. A file whose blocks cover
 /// its size, the common case, costs no `lseek`; whatever a file grows by meanwhile is read
-/// too, so that a caller comparing the count with a size it expects sees the change.
+/// too, so that a caller comparing the count with a size it expects sees the change. `st` is
+/// the file's `fstat`, which callers have at hand.
 pub(crate) fn read_runs(
     fd: BorrowedFd,
+    st: &rustix::fs::Stat,
     limit: u64,
     buf: &mut [u8],
     f: &mut dyn FnMut(Run) -> Result<()>,
 ) -> Result<u64> {
-    let st = sys::fstat(fd).context("cannot stat a file")?;
     let size = (st.st_size as u64).min(limit);
     let mut off = 0;
     if (st.st_blocks as u64).saturating_mul(512) < size {
@@ -295,7 +296,8 @@ mod tests {
         let mut buf = vec![0u8; 256 << 10];
         for limit in [u64::MAX, size, size - 2, 5 << 20, 3, 0] {
             let (mut got, mut data) = (Vec::new(), 0u64);
-            let n = read_runs(f.as_fd(), limit, &mut buf, &mut |run| {
+            let st = sys::fstat(f.as_fd()).unwrap();
+            let n = read_runs(f.as_fd(), &st, limit, &mut buf, &mut |run| {
                 match run {
                     Run::Data(d) => {
                         data += d.len() as u64;

@@ -1065,10 +1065,5 @@ pub(crate) fn flock_writer(fd: BorrowedFd) -> Result<Option<u32>> {
 /// offset 0): for small informational files, not crash-safe.
 pub(crate) fn replace_contents(fd: BorrowedFd, data: &[u8]) -> Result<()> {
     ftruncate(fd, 0)?;
-    let mut off = 0;
-    while off < data.len() {
-        let n = rustix::io::pwrite(fd, &data[off..], off as u64).context("cannot write")?;
-        off += n;
-    }
-    Ok(())
+    pwrite_all(fd, data, 0).context("cannot write")
 }

@@ -81,20 +81,6 @@ fn object_rel(shape: Shape, id: &ObjectId, copy: u32) -> String {
     }
 }
 
-/// Reads from `src` until `buf` is full or `src` ends; returns how much was read.
-fn fill(src: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match src.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// The error of an object's source that has more than `size` bytes.
 fn too_long(id: &ObjectId, size: u64) -> anyhow::Error {
     Fail::Integrity(format!(
@@ -298,7 +284,9 @@ impl Pool {
         data: Option<u64>,
     ) -> Result<bool> {
         let id = object_id(meta, size, sha256);
-        let most = data.map_or(u64::MAX, |n| n.div_ceil(4096).saturating_mul(4096));
+        let most = data.map_or(u64::MAX, |n| {
+            n.div_ceil(sparse::BLOCK).saturating_mul(sparse::BLOCK)
+        });
         if self.has(&id)? {
             return Ok(false);
         }
@@ -309,7 +297,7 @@ impl Pool {
         hash::with_io_buffer(|buf| -> Result<()> {
             loop {
                 // Whole buffers, so that the writer sees whole aligned blocks.
-                let n = fill(src, buf).context("cannot read object data")?;
+                let n = crate::core::tar::read_full(src, buf).context("cannot read object data")?;
                 if n == 0 {
                     return Ok(());
                 }
@@ -354,8 +342,9 @@ impl Pool {
         let tmp = TmpFile::create(self.tmp.as_fd(), TMP_PREFIX).context("in `tmp/`")?;
         let mut h = Sha256::new();
         let mut out = sparse::Writer::new(tmp.fd());
+        let st = sys::fstat(fd).context("cannot stat a file")?;
         let written = hash::with_io_buffer(|buf| {
-            sparse::read_runs(fd, size.saturating_add(1), buf, &mut |run| {
+            sparse::read_runs(fd, &st, size.saturating_add(1), buf, &mut |run| {
                 match run {
                     sparse::Run::Data(d) => {
                         h.update(d);
@@ -574,8 +563,8 @@ impl Pool {
                 continue;
             }
             let meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
-            let (size, sha) =
-                hash::hash_fd(fd.as_fd()).with_context(|| format!("cannot read `pool/{rel}`"))?;
+            let (size, sha) = hash::hash_fd_upto(fd.as_fd(), &st, u64::MAX)
+                .with_context(|| format!("cannot read `pool/{rel}`"))?;
             if object_id(&meta, size, &sha) != *id {
                 problems.push(format!(
                     "object `pool/{rel}` is corrupt: its content or metadata no longer match its id"

@@ -283,7 +283,7 @@ fn hash_one(
         bail!("it changed while it was being read");
     };
     let meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
-    let (size, h) = hash::hash_fd_upto(fd.as_fd(), (st.st_size as u64).saturating_add(1))?;
+    let (size, h) = hash::hash_fd_upto(fd.as_fd(), &st, (st.st_size as u64).saturating_add(1))?;
     if size != st.st_size as u64 {
         bail!("it changed size while it was being read");
     }

@@ -162,14 +162,14 @@ fn check_copy(tree: BorrowedFd, e: &Entry, ino: (u64, u64)) -> Result<Option<Str
     let Kind::File { sha256, size } = &e.kind else {
         return Ok(None);
     };
-    let Some((fd, _)) = scan::open_regular(tree, &e.path, ino)? else {
+    let Some((fd, st)) = scan::open_regular(tree, &e.path, ino)? else {
         return Ok(Some(format!(
             "modified: {} (changed while it was being checked)",
             e.display()
         )));
     };
     // No further than one byte past the entry's size, however long a guest makes it.
-    let (_, got) = crate::fs::hash::hash_fd_upto(fd.as_fd(), size.saturating_add(1))?;
+    let (_, got) = crate::fs::hash::hash_fd_upto(fd.as_fd(), &st, size.saturating_add(1))?;
     if &got != sha256 {
         return Ok(Some(format!("modified: {} (content)", e.display())));
     }

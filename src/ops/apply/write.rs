@@ -375,13 +375,10 @@ impl<'a> Writer<'a> {
         let id = self
             .object_of(&c.sha256)
             .ok_or_else(|| anyhow!("content {} is not available", hex::encode(c.sha256)))?;
-        let from_tree = self.files.open(&c.sha256).map(|fd| {
-            let mut src = FdReader {
-                fd: fd.as_fd(),
-                off: 0,
-            };
-            self.pool.store(&mut src, meta, c.size, &c.sha256)
-        });
+        let from_tree = self
+            .files
+            .open(&c.sha256)
+            .map(|fd| self.pool.store_file(fd.as_fd(), meta, c.size, &c.sha256));
         match from_tree {
             Some(Ok(_)) => self.files.used_one(),
             Some(Err(e)) => {
@@ -408,12 +405,8 @@ impl<'a> Writer<'a> {
     /// Another object of content `c`, with metadata `meta`, copied from object `id`.
     fn copy_of(&self, c: &Content, id: &ObjectId, meta: &Meta) -> Result<()> {
         let src = self.pool.open_object(id)?;
-        let mut src = FdReader {
-            fd: src.as_fd(),
-            off: 0,
-        };
         self.pool
-            .store(&mut src, meta, c.size, &c.sha256)
+            .store_file(src.as_fd(), meta, c.size, &c.sha256)
             .with_context(|| what(c))?;
         Ok(())
     }
