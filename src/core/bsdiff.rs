@@ -157,15 +157,10 @@ impl<'a, R: std::io::Read> Patcher<'a, R> {
                 .ok_or(InvalidData)?;
         }
         let mut h = [0u8; 24];
-        let mut got = 0;
-        while got < h.len() {
-            match self.patch.read(&mut h[got..]) {
-                Ok(0) if got == 0 => return Ok(false),
-                Ok(0) => return Err(UnexpectedEof.into()),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        match crate::core::tar::read_full(&mut self.patch, &mut h)? {
+            0 => return Ok(false),
+            24 => {}
+            _ => return Err(UnexpectedEof.into()),
         }
         let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
         let (add, copy, seek) = (word(0), word(8), word(16));
@@ -180,7 +175,8 @@ impl<'a, R: std::io::Read> Patcher<'a, R> {
         usize::try_from(copy).map_err(|_| InvalidData)?;
         add_len.checked_add(copy as usize).ok_or(InvalidData)?;
         let end = self.pos.checked_add(add_len).ok_or(InvalidData)?;
-        if self.pos > self.old.len() || end > self.old.len() {
+        // `end` is at least `pos`: both lie within the old file.
+        if end > self.old.len() {
             return Err(UnexpectedEof.into());
         }
         (self.add, self.copy, self.seek, self.at_record) = (add, copy, seek, false);

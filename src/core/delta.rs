@@ -294,8 +294,11 @@ struct Header {
 
 impl Reader {
     fn line(&mut self, line: &str) -> Result<()> {
-        let header = &mut self.header;
-        let Some((list, mut c)) = self.top.line(line, &mut |key, c| header.value(key, c))? else {
+        let (header, max) = (&mut self.header, self.max_entries);
+        let Some((list, mut c)) = self
+            .top
+            .line(line, &mut |key, c| header.value(key, c, max))?
+        else {
             return Ok(());
         };
         self.item(list, &mut c)?;
@@ -313,18 +316,10 @@ impl Reader {
             "removed" => (d.removed.len(), self.max_entries),
             "changed" => (
                 d.changed.len(),
-                self.header
-                    .to_count
-                    .map_or(self.max_entries, |n| n.min(self.max_entries)),
+                self.header.to_count.unwrap_or(self.max_entries),
             ),
             _ => (d.contents.len(), self.max_entries),
         };
-        if let Some(n) = self.header.to_count.filter(|&n| n > self.max_entries) {
-            bail!(
-                "to_count = {n} is over the limit of {} entries (`[trust] max_entries`)",
-                self.max_entries
-            );
-        }
         if have as u64 >= most {
             bail!(
                 "`{list}` has more than {most} items (to_count, or the limit `[trust] max_entries`)"
@@ -360,27 +355,28 @@ impl Reader {
             to_count: h.to_count.context("delta manifest has no `to_count`")?,
             ..self.delta
         };
-        if d.to_count > self.max_entries {
-            bail!(
-                "to_count = {} is over the limit of {} entries (`[trust] max_entries`)",
-                d.to_count,
-                self.max_entries
-            );
-        }
         check(&d)?;
         Ok(d)
     }
 }
 
 impl Header {
-    /// Reads the value of a header key.
-    fn value(&mut self, key: &str, c: &mut Cursor) -> Result<()> {
+    /// Reads the value of a header key; `to_count` may be at most `max_entries`.
+    fn value(&mut self, key: &str, c: &mut Cursor, max_entries: u64) -> Result<()> {
         match key {
             "from_version" => self.from_version = Some(c.version()?),
             "to_version" => self.to_version = Some(c.version()?),
             "from_digest" => self.from_digest = Some(c.hash()?),
             "to_digest" => self.to_digest = Some(c.hash()?),
-            "to_count" => self.to_count = Some(c.int()?),
+            "to_count" => {
+                let n = c.int()?;
+                if n > max_entries {
+                    bail!(
+                        "to_count = {n} is over the limit of {max_entries} entries (`[trust] max_entries`)"
+                    );
+                }
+                self.to_count = Some(n);
+            }
             other => bail!("unknown key `{}`", crate::core::path::quote(other)),
         }
         Ok(())

@@ -379,11 +379,11 @@ fn plan_objects(
             .or_default()
             .push((e.meta.clone(), id));
         // A content with holes takes its data, not its size (`Pool::store_bounded` holds it
-        // to that).
+        // to that; the parser refuses `data` over `size`).
         let takes = in_delta
             .get(sha256)
             .and_then(|&k| d.contents[k].data)
-            .map_or(*size, |n| n.min(*size));
+            .unwrap_or(*size);
         plan.bytes = plan.bytes.saturating_add(takes);
         plan.objects += 1;
     }

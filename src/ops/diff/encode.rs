@@ -28,6 +28,8 @@ const BSDIFF_MIN_GAIN: u64 = 64;
 /// Contents over this size that are mostly holes are encoded without being held in memory
 /// (see [`mostly_holes`]).
 const SPARSE_MIN: u64 = 64 << 20;
+// A reference is never mostly holes: references are at most `MAX_REFERENCE` bytes.
+const _: () = assert!(MAX_REFERENCE <= SPARSE_MIN);
 /// Whole contents of at least this size are also tried with xz, whose literal and repeated
 /// offset models beat zstd's on structured binary data (apt's `pkgcache.bin`: xz 9.5 MB,
 /// `zstd -19 --long` 12.8 MB).
@@ -141,12 +143,8 @@ pub(super) fn sketches(entries: &[&Entry], open: Opener) -> Result<Vec<Vec<u64>>
             if !(sketch::MIN_SIZE..=MAX_REFERENCE).contains(&size_of(e)) {
                 return Ok(Vec::new());
             }
-            let fd = open(e)?;
-            // A file that is mostly holes is never a reference (see `mostly_holes`).
-            if mostly_holes(fd.as_fd(), size_of(e))? {
-                return Ok(Vec::new());
-            }
-            let data = read(fd, e)?;
+            // Nothing of at most `MAX_REFERENCE` bytes is "mostly holes" (`SPARSE_MIN`).
+            let data = read(open(e)?, e)?;
             Ok(sketch::sketch(&data))
         })
         .collect()
@@ -294,12 +292,12 @@ fn prefetch(jobs: &[Job], order: &[usize], taken: &AtomicUsize, sides: &Sides) {
     }
 }
 
-/// Whether the file of a content of `size` bytes, open as `fd`, is encoded without being held
-/// in memory ([`encode_sparse`]): over [`SPARSE_MIN`], with data in less than half of it, the
+/// Whether a content of `size` bytes, `data_bytes` of them outside holes, is encoded without
+/// being held in memory ([`encode_sparse`]): over [`SPARSE_MIN`], with data in less than half of it, the
 /// rest holes. Whole in memory, the 16 KiB of a 10 GiB `lastlog` took 10 GiB (and 20 GiB with
 /// its old version as the reference, which a device would then hold whole too).
-fn mostly_holes(fd: BorrowedFd, size: u64) -> Result<bool> {
-    Ok(size > SPARSE_MIN && sparse::data_bytes(fd, size)? < size / 2)
+fn mostly_holes(size: u64, data_bytes: u64) -> bool {
+    size > SPARSE_MIN && data_bytes < size / 2
 }
 
 /// A content whose file is mostly holes, as whole zstd, read run by run (holes are not read;
@@ -307,8 +305,9 @@ fn mostly_holes(fd: BorrowedFd, size: u64) -> Result<bool> {
 /// what [`zstd_whole`] makes of the same bytes, give or take zstd's choices.
 fn encode_sparse(e: &Entry, fd: BorrowedFd, size: u64, level: i32) -> Result<(Source, Vec<u8>)> {
     let mut enc = crate::core::codec::whole_encoder(Vec::new(), level, size)?;
+    let st = sys::fstat(fd).with_context(|| format!("cannot stat `{}`", e.display()))?;
     let n = hash::with_io_buffer(|buf| {
-        sparse::read_runs(fd, size.saturating_add(1), buf, &mut |run| {
+        sparse::read_runs(fd, &st, size.saturating_add(1), buf, &mut |run| {
             match run {
                 sparse::Run::Data(d) => enc.write_all(d)?,
                 sparse::Run::Hole(mut n) => {
@@ -334,8 +333,9 @@ fn read(fd: OwnedFd, e: &Entry) -> Result<Vec<u8>> {
     let size = size_of(e);
     let mut v = Vec::with_capacity(size as usize);
     // No further than one byte past the entry's size: a file that grows is read no longer.
+    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat `{}`", e.display()))?;
     hash::with_io_buffer(|buf| {
-        sparse::read_runs(fd.as_fd(), size.saturating_add(1), buf, &mut |run| {
+        sparse::read_runs(fd.as_fd(), &st, size.saturating_add(1), buf, &mut |run| {
             match run {
                 sparse::Run::Data(d) => v.extend_from_slice(d),
                 sparse::Run::Hole(n) => v.resize(v.len() + n as usize, 0),
@@ -378,22 +378,16 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
     let fd = (sides.to)(e)?;
     // The bytes outside holes: what the object takes at most, for the device's space check.
     let data_bytes = sparse::data_bytes(fd.as_fd(), size)?;
-    let (source, codec, blob) = if mostly_holes(fd.as_fd(), size)? {
+    let (source, codec, blob) = if mostly_holes(size, data_bytes) {
         let (source, blob) = encode_sparse(e, fd.as_fd(), size, level)?;
         (source, Codec::Zstd, blob)
     } else {
         let data = read(fd, e)?;
-        if data.len() as u64 != size {
-            bail!("it changed while the delta was being made");
-        }
         let mut bases: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(cands.len());
-        // A patch may name a reference of at most `MAX_REFERENCE` bytes (FORMAT.md).
+        // A patch may name a reference of at most `MAX_REFERENCE` bytes (FORMAT.md), so never
+        // one that is mostly holes (over `SPARSE_MIN`), which no side could hold whole.
         for c in cands.iter().filter(|c| size_of(c.entry) <= MAX_REFERENCE) {
             let fd = sides.of(c.side)(c.entry)?;
-            // A reference that is mostly holes is not read whole, here or on the device.
-            if mostly_holes(fd.as_fd(), size_of(c.entry))? {
-                continue;
-            }
             bases.push((content_of(c.entry).expect("file"), read(fd, c.entry)?));
         }
         choose(&data, &bases, level)?
@@ -698,7 +692,10 @@ mod tests {
         let (head, mid) = (noise(10_000, 5), noise(4096, 6));
         f.write_all_at(&head, 0).unwrap();
         f.write_all_at(&mid, SPARSE_MIN + 8192).unwrap();
-        assert!(mostly_holes(f.as_fd(), size).unwrap());
+        assert!(mostly_holes(
+            size,
+            sparse::data_bytes(f.as_fd(), size).unwrap()
+        ));
         let e = Entry {
             path: (*b"var/log/lastlog").into(),
             meta: Default::default(),
@@ -723,7 +720,16 @@ mod tests {
         dense
             .write_all_at(&vec![1u8; (size / 2) as usize + 4096], 0)
             .unwrap();
-        assert!(!mostly_holes(dense.as_fd(), size).unwrap());
-        assert!(!mostly_holes(f.as_fd(), SPARSE_MIN).unwrap(), "small");
+        assert!(!mostly_holes(
+            size,
+            sparse::data_bytes(dense.as_fd(), size).unwrap()
+        ));
+        assert!(
+            !mostly_holes(
+                SPARSE_MIN,
+                sparse::data_bytes(f.as_fd(), SPARSE_MIN).unwrap()
+            ),
+            "small"
+        );
     }
 }

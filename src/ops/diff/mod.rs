@@ -156,7 +156,8 @@ fn write_output(delta: &Delta, blobs: &[Vec<u8>], req: &Request) -> Result<()> {
         Ok(m) if m.file_type().is_char_device() || m.file_type().is_fifo() => {
             let f = fs_err::OpenOptions::new().write(true).open(output)?;
             let out = std::io::BufWriter::new(f);
-            return write_delta(delta, blobs, req.sign, req.compress, out);
+            return write_delta(delta, blobs, req.sign, req.compress, out)
+                .with_context(|| format!("cannot write `{}`", output.display()));
         }
         Ok(m) if !m.is_file() => bail!(
             "cannot write the delta to `{}`: it is not a regular file, a character device or a FIFO",
