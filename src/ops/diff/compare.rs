@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
 
-use crate::core::manifest::{Entry, Kind, Manifest};
+use crate::core::manifest::{Entry, Kind};
 use crate::core::object::Hash;
 use crate::store::root::Root;
 
@@ -76,29 +76,38 @@ impl<I: Iterator<Item = T>, T: Borrow<Entry>> Compare<I, T> {
     }
 }
 
-/// The changes from `from` to `to`, both in memory.
-pub(super) fn compare(from: &Manifest, to: Manifest) -> Changes {
-    let (digest, count) = (to.digest(), to.entries.len() as u64);
-    let mut c = Compare::new(from.entries.iter());
-    c.feed(to.entries);
-    c.finish(digest, count)
-}
+/// A reader of a base tree's sorted entries as a stream (it may be called more than once): it
+/// hands them to the sink a block at a time and returns the tree's digest and entry count.
+pub(super) type Stream<'a> =
+    dyn Fn(&mut dyn FnMut(Vec<Entry>) -> Result<()>) -> Result<(Hash, u64)> + Sync + 'a;
 
 /// The changes between two installed versions and what the diff needs of the base, read from
-/// their stored manifests as streams: the base's is read on a second thread, block by block,
-/// while the new one's is merged with it; then the base's once more, keeping only what the
-/// changed files need. Memory depends on the change, not on the trees.
+/// their stored manifests as streams. Memory depends on the change, not on the trees.
 pub(super) fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Changes)> {
+    let base = |sink: &mut dyn FnMut(Vec<Entry>) -> Result<()>| root.stream_manifest(v1, sink);
+    let new = |sink: &mut dyn FnMut(Vec<Entry>) -> Result<()>| root.stream_manifest(v2, sink);
+    streamed(Some(v1.to_owned()), &base, new)
+}
+
+/// The changes from the base to the new tree, both read as streams (the new tree's entries
+/// in order, in blocks): the base's on a second thread, block by block, while the new one's
+/// is merged with it; then the base's once more, keeping only what the changed files need.
+/// Neither tree need be held whole.
+pub(super) fn streamed(
+    version: Option<String>,
+    base: &Stream,
+    new: impl FnOnce(&mut dyn FnMut(Vec<Entry>) -> Result<()>) -> Result<(Hash, u64)>,
+) -> Result<(Base, Changes)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(2);
     let (changes, base_head) = std::thread::scope(|s| -> Result<_> {
         let reader = s.spawn(move || {
-            root.stream_manifest(v1, &mut |block| {
+            base(&mut |block| {
                 tx.send(block)
                     .map_err(|_| anyhow::anyhow!("the comparison stopped"))
             })
         });
         let mut cmp = Compare::new(rx.iter().flatten());
-        let to = root.stream_manifest(v2, &mut |block| {
+        let to = new(&mut |block| {
             cmp.feed(block);
             Ok(())
         });
@@ -116,14 +125,14 @@ pub(super) fn installed(root: &Root, v1: &str, v2: &str) -> Result<(Base, Change
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the manifest reader panicked")));
         Ok((changes?, base_head?))
     })?;
-    let mut base = Base::new(Some(v1.to_owned()), base_head.0, &changes);
-    root.stream_manifest(v1, &mut |block| {
+    let mut kept = Base::new(version, base_head.0, &changes);
+    base(&mut |block| {
         for e in &block {
-            base.keep(e);
+            kept.keep(e);
         }
         Ok(())
     })?;
-    Ok((base, changes))
+    Ok((kept, changes))
 }
 
 /// What a diff needs of the base tree, kept from its entries as they go by: its entries at
@@ -237,6 +246,15 @@ impl Base {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::manifest::Manifest;
+
+    /// The changes from `from` to `to`, both in memory.
+    fn compare(from: &Manifest, to: Manifest) -> Changes {
+        let (digest, count) = (to.digest(), to.entries.len() as u64);
+        let mut c = Compare::new(from.entries.iter());
+        c.feed(to.entries);
+        c.finish(digest, count)
+    }
     use crate::core::object::Meta;
 
     fn file(path: &str, content: u8) -> Entry {
