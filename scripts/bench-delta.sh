@@ -2,10 +2,14 @@
 # bench-delta.sh - making a delta for a real Debian point-release update: treeswap diff
 # against OSTree's static delta, in size and in time.
 #
-# Usage: bench-delta.sh [REPS]        (as root; any cwd; REPS defaults to 3)
+# Usage: bench-delta.sh [REPS] [PAIR]   (as root; any cwd; REPS defaults to 3)
 #
-# The update: the cached debootstrap --variant=minbase bookworm tree and its copy after a
-# real `apt-get upgrade` (lib.sh). OSTree refuses device nodes, so both tools get copies
+# The update (PAIR): `point` (the default), the cached debootstrap --variant=minbase
+# bookworm tree and its copy after a real `apt-get upgrade` with bookworm-updates and
+# bookworm-security; `packages`, the same minbase tree and its copy with lib.sh's
+# TS_PACKAGES installed (new software: mostly new files, no references); `release`, the
+# same minbase tree and a `debootstrap --variant=minbase trixie` tree (a release upgrade)
+# (lib.sh). OSTree refuses device nodes, so both tools get copies
 # of both trees with device nodes, FIFOs and sockets removed (the count is printed).
 # Untimed setup: the two trees imported into a treeswap root as versions 1 and 2, and
 # committed into a bare OSTree repo. Timed, each REPS times:
@@ -33,11 +37,17 @@ source "$(dirname "$0")/lib.sh"
 trap ts_cleanup EXIT
 
 REPS=${1:-3}
-[[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [REPS]" >&2; exit 2; }
+PAIR=${2:-point}
+[[ $REPS =~ ^[1-9][0-9]*$ && $PAIR =~ ^(point|packages|release)$ ]] \
+    || { echo "usage: $0 [REPS] [point|packages|release]" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || die "must run as root (drop_caches, root-owned trees)"
 ensure_pkgs ostree zstd
 base_src=$(bookworm_tree)
-new_src=$(bookworm_upgraded_tree)
+case $PAIR in
+point) new_src=$(bookworm_upgraded_tree) ;;
+packages) new_src=$(bookworm_packages_tree) ;;
+release) new_src=$(trixie_tree) ;;
+esac
 build_treeswap
 ts_mktemp
 W=$TS_TMP
@@ -123,7 +133,7 @@ blobs=$(tar tvf "$W/ts-installed.delta" | awk '$6 ~ /^blobs\// { s += $3; n++ } 
 read -r blob_bytes blob_count <<<"$blobs"
 
 echo
-echo "update: $base_src -> $new_src"
+echo "update ($PAIR): $base_src -> $new_src"
 echo "  both copied without device nodes/fifos/sockets ($n_base removed from the base," \
     "$n_new from the new tree): $(find "$W/new" | wc -l) entries," \
     "$(du -s --apparent-size -B1M "$W/new" | cut -f1) MiB"

@@ -12,6 +12,10 @@
 #                            bookworm` tree, building it on first use
 #   bookworm_upgraded_tree   echo the path of a cached copy of that tree after a real
 #                            `apt-get upgrade` with bookworm-updates and bookworm-security
+#   bookworm_packages_tree   echo the path of a cached copy of that tree with TS_PACKAGES
+#                            installed (no recommends) from the point release
+#   trixie_tree              echo the path of a cached `debootstrap --variant=minbase
+#                            trixie` tree
 #   gen_tree_cached N SEED   echo the path of a cached `gen-tree.py --entries N --seed SEED`
 #                            tree, generating it on first use
 #   build_treeswap           cargo build --release; sets TREESWAP to the binary
@@ -175,15 +179,17 @@ _ts_clean_apt() {
     find "$root/var/cache/apt" -maxdepth 2 -type f \( -name '*.deb' -o -name lock \) -delete
 }
 
-_ts_build_bookworm() {
-    local final="$TS_CACHE/bookworm-minbase" tmp mirror
+# _ts_build_minbase SUITE: $TS_CACHE/SUITE-minbase, `debootstrap --variant=minbase SUITE`.
+_ts_build_minbase() {
+    local suite=$1 final tmp mirror
+    final="$TS_CACHE/$suite-minbase"
     [ -d "$final" ] && return 0
-    _ts_remove_stale bookworm-minbase
+    _ts_remove_stale "$suite-minbase"
     ensure_pkgs debootstrap
     mirror=$(ts_mirror)
-    tmp="$TS_CACHE/bookworm-minbase.tmp.$$"
-    log "debootstrap --variant=minbase bookworm $tmp $mirror (a few minutes)"
-    debootstrap --variant=minbase bookworm "$tmp" "$mirror" >&2 \
+    tmp="$TS_CACHE/$suite-minbase.tmp.$$"
+    log "debootstrap --variant=minbase $suite $tmp $mirror (a few minutes)"
+    debootstrap --variant=minbase "$suite" "$tmp" "$mirror" >&2 \
         || die "debootstrap failed; partial tree left in $tmp (removed on next run)"
     _ts_clean_apt "$tmp"
     mv -T "$tmp" "$final"
@@ -191,21 +197,31 @@ _ts_build_bookworm() {
 }
 
 bookworm_tree() {
-    _ts_locked _ts_build_bookworm
+    _ts_locked _ts_build_minbase bookworm
     echo "$TS_CACHE/bookworm-minbase"
 }
 
+# trixie_tree: a cached `debootstrap --variant=minbase trixie` tree (Debian 13): with
+# bookworm_tree, the pair of a release upgrade.
+trixie_tree() {
+    _ts_locked _ts_build_minbase trixie
+    echo "$TS_CACHE/trixie-minbase"
+}
+
+# _ts_build_apt NAME EXTRA-SUITES SCRIPT: $TS_CACHE/NAME, a copy of the minbase tree after
+# SCRIPT (sh, in a chroot, with the point release's sources plus, when EXTRA-SUITES is
+# "updates", bookworm-updates and bookworm-security). The package versions go to
+# $TS_CACHE/NAME.versions; a SCRIPT that changed no package is an error.
 # Runs in a subshell (note the parentheses) so its EXIT trap can unmount the
 # chroot's file systems whatever happens, without touching the caller's traps.
-_ts_build_upgraded() (
+_ts_build_apt() (
     set -euo pipefail
-    local base="$TS_CACHE/bookworm-minbase" final="$TS_CACHE/$_TS_UPGRADED"
+    local name=$1 extra=$2 script=$3
+    local base="$TS_CACHE/bookworm-minbase" final="$TS_CACHE/$name"
     local tmp mirror secmirror
     [ -d "$final" ] && exit 0
-    _ts_remove_stale "$_TS_UPGRADED"
-    tmp="$TS_CACHE/$_TS_UPGRADED.tmp.$$"
-    mirror=$(ts_mirror)
-    secmirror=$(ts_security_mirror)
+    _ts_remove_stale "$name"
+    tmp="$TS_CACHE/$name.tmp.$$"
     mounted=()
     umount_all() {
         local i
@@ -222,34 +238,36 @@ _ts_build_upgraded() (
     mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
     mount --bind /dev/pts "$tmp/dev/pts"; mounted+=("$tmp/dev/pts")
     # The extra suites go in their own file, removed afterwards, so the two trees
-    # differ only by what the upgrade did.
-    cat > "$tmp/etc/apt/sources.list.d/treeswap-upgrade.list" <<EOF
+    # differ only by what SCRIPT did.
+    if [ "$extra" = updates ]; then
+        mirror=$(ts_mirror)
+        secmirror=$(ts_security_mirror)
+        cat > "$tmp/etc/apt/sources.list.d/treeswap-upgrade.list" <<EOF
 deb $mirror bookworm-updates main
 deb $secmirror bookworm-security main
 EOF
+    fi
     # No daemons may start inside the chroot.
     printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"
     chmod 755 "$tmp/usr/sbin/policy-rc.d"
-    log "apt-get update && apt-get -y upgrade in chroot $tmp"
+    log "in chroot $tmp: $script"
     chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        DEBIAN_FRONTEND=noninteractive LC_ALL=C \
-        sh -c 'apt-get update && apt-get -y upgrade && apt list --upgradable 2>/dev/null' >&2
+        DEBIAN_FRONTEND=noninteractive LC_ALL=C sh -c "$script" >&2
     # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
     chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/$_TS_UPGRADED.versions"
+        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/$name.versions"
     umount_all
     rm -f "$tmp/usr/sbin/policy-rc.d" "$tmp/etc/apt/sources.list.d/treeswap-upgrade.list"
     _ts_clean_apt "$tmp"
-    # An upgrade that changed nothing is useless as a test of a real update.
+    # A script that changed nothing is useless as a test of a real update.
     # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
     chroot "$base" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
         dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/bookworm-minbase.versions"
-    if cmp -s "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$_TS_UPGRADED.versions"; then
-        die "apt-get upgrade changed no package: the mirror has no updates over the \
-debootstrapped point release; left $tmp for inspection"
+    if cmp -s "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$name.versions"; then
+        die "\`$script\` changed no package; left $tmp for inspection"
     fi
-    log "upgraded packages:"
-    diff "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$_TS_UPGRADED.versions" \
+    log "packages changed or added:"
+    diff "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$name.versions" \
         | sed -n 's/^> /  /p' >&2 || true
     mv -T "$tmp" "$final"
     log "cached $final"
@@ -260,9 +278,21 @@ debootstrapped point release; left $tmp for inspection"
 # debootstrap does not run apt.)
 _TS_UPGRADED=bookworm-upgraded-apt-caches
 bookworm_upgraded_tree() {
-    bookworm_tree > /dev/null
-    _ts_locked _ts_build_upgraded
+    _ts_locked _ts_build_apt "$_TS_UPGRADED" updates \
+        'apt-get update && apt-get -y upgrade && apt list --upgradable 2>/dev/null'
     echo "$TS_CACHE/$_TS_UPGRADED"
+}
+
+# The packages of the second real pair (issue 17): what a kiosk image might add to minbase.
+TS_PACKAGES="python3 curl ca-certificates openssh-client less"
+# bookworm_packages_tree: the minbase tree plus TS_PACKAGES (and what they depend on, no
+# recommends), from the point release's own sources: the "new software" pair.
+bookworm_packages_tree() {
+    local name
+    name="bookworm-plus-$(tr ' ' '-' <<<"$TS_PACKAGES")"
+    _ts_locked _ts_build_apt "$name" none \
+        "apt-get update && apt-get -y install --no-install-recommends $TS_PACKAGES"
+    echo "$TS_CACHE/$name"
 }
 
 _ts_build_gen_tree() {
