@@ -974,3 +974,86 @@ fn resumes_after_cuts_stalls_and_kill() {
     assert_same_dirs(&rel.env.path("v1"), &c.join("trees/1"));
     assert!(part().is_none());
 }
+
+/// The repository's top, for the files of `scripts/boot/`.
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// `treeswap-update.service` and `.timer` pass `systemd-analyze verify`; the service's
+/// command and the cron line update a machine, then succeed with nothing to do.
+#[test]
+fn update_units_and_cron_line() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let config = rel.config(
+        "units.toml",
+        &format!("[update]\nurl = \"{}\"\n", rel.file_url()),
+    );
+    let boot = Path::new(REPO).join("scripts/boot");
+    let units = rel.env.path("units");
+    fs::create_dir_all(&units).unwrap();
+    for u in ["treeswap-update.service", "treeswap-update.timer"] {
+        let text = fs::read_to_string(boot.join(u)).unwrap();
+        fs::write(
+            units.join(u),
+            text.replace("/usr/sbin/treeswap ", &format!("{BIN} ")),
+        )
+        .unwrap();
+    }
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        let r = run(Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(units.join("treeswap-update.service"))
+            .arg(units.join("treeswap-update.timer")));
+        r.success();
+        assert!(r.stderr().trim().is_empty(), "{}", r.stderr());
+    }
+    let service = fs::read_to_string(units.join("treeswap-update.service")).unwrap();
+    let value = |key: &str| -> String {
+        service
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}="))
+            .to_owned()
+    };
+    let ok: Vec<i32> = value("SuccessExitStatus")
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .chain([0])
+        .collect();
+    let argv: Vec<String> = value("ExecStart")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let a = rel.client("a");
+    for want in [0, 4] {
+        let r = run(Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("TREESWAP_ROOT", &a)
+            .env("TREESWAP_CONFIG", &config));
+        assert_eq!(r.code(), Some(want), "{}", r.stderr());
+        assert!(ok.contains(&want));
+    }
+    assert_eq!(current(&a), "1");
+    // The cron line, without its random delay.
+    let cron = fs::read_to_string(boot.join("treeswap-update.cron")).unwrap();
+    let line = cron.lines().find(|l| !l.starts_with('#')).unwrap();
+    let fields: Vec<&str> = line.splitn(7, ' ').collect();
+    assert_eq!(fields[5], "root", "{line}");
+    let command = fields[6].replace("/usr/sbin/treeswap ", &format!("{BIN} "));
+    let b = rel.client("b");
+    for _ in 0..2 {
+        let r = run(Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .env("TREESWAP_UPDATE_SPLAY", "0")
+            .env("TREESWAP_ROOT", &b)
+            .env("TREESWAP_CONFIG", &config));
+        r.success();
+        assert_eq!(r.stdout(), "", "cron mails what it prints");
+        assert_eq!(r.stderr(), "", "cron mails what it prints");
+    }
+    assert_eq!(current(&b), "1");
+}
