@@ -491,6 +491,19 @@ fn refused_indexes_change_nothing() {
             assert!(!r.stderr().is_empty(), "{what}");
         }
     }
+    // Oversized: read no further than the caps, one line, nothing changed.
+    for (ix, sig) in [
+        (vec![b'#'; 5 << 20], good.1.clone()),
+        (good.0.clone(), vec![b'x'; 100 << 10]),
+    ] {
+        put(&ix, Some(&sig));
+        let before = root_state(&client);
+        rel.update(&client, "client.toml", &url, &[])
+            .exit(1)
+            .one_line_error()
+            .stderr_has("is larger than");
+        assert_unchanged(&before, &client);
+    }
     // The good index is accepted; then the older one, replayed, is a rollback.
     put(&good.0, Some(&good.1));
     rel.update(&client, "client.toml", &url, &[]).success();
@@ -1056,4 +1069,90 @@ fn update_units_and_cron_line() {
         assert_eq!(r.stderr(), "", "cron mails what it prints");
     }
     assert_eq!(current(&b), "1");
+}
+
+/// A machine that skipped releases, with no delta from its tree to the latest: the chain of
+/// deltas through the version between (fewer bytes than the delta from the empty tree);
+/// the version between is installed, not made current.
+#[test]
+fn a_chain_through_intermediate_versions() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    for n in 1..=3 {
+        rel.publish(&n.to_string(), &rel.tree(n, 200_000), &["--keep", "1"])
+            .success();
+    }
+    let c = rel.client("c");
+    let one = rel.env.path("v1");
+    ts(
+        &c,
+        [
+            OsStr::new("import"),
+            one.as_os_str(),
+            OsStr::new("--version"),
+            OsStr::new("1"),
+            OsStr::new("--activate"),
+        ],
+    )
+    .success();
+    let r = rel.update(&c, "client.toml", &url, &["--json"]);
+    r.success();
+    let j = json(&r);
+    let steps: Vec<(&str, &str)> = j["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["from"].as_str().unwrap(), s["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(steps, [("1", "2"), ("2", "3")], "{j}");
+    let empty = fs::metadata(rel.repo.join("stable/deltas/3/empty.delta"))
+        .unwrap()
+        .len();
+    assert!(j["bytes"].as_u64().unwrap() < empty, "{j}");
+    assert_eq!(current(&c), "3");
+    assert_eq!(
+        fs::read_link(c.join("previous")).unwrap(),
+        Path::new("trees/1")
+    );
+    assert!(c.join("trees/2").is_dir());
+    assert_same_dirs(&rel.env.path("v3"), &c.join("trees/3"));
+}
+
+/// A publish cut short between renaming the new signature and the new index leaves a
+/// complete new pair under temporary names: the next publish puts it in place first.
+#[test]
+fn publish_finishes_an_interrupted_index_write() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let one = (
+        fs::read(dir.join("index.toml")).unwrap(),
+        fs::read(dir.join("index.toml.minisig")).unwrap(),
+    );
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    // The serial-2 pair as the interrupted write left it: the new signature renamed, the
+    // new index still under its temporary name.
+    fs::rename(dir.join("index.toml"), dir.join(".index.toml.new")).unwrap();
+    fs::write(dir.join("index.toml"), &one.0).unwrap();
+    let mut c = ts_cmd();
+    c.arg("--root")
+        .arg(&rel.server)
+        .args(["publish", "--refresh", "--channel", "stable"])
+        .arg("--repo")
+        .arg(&rel.repo)
+        .arg("--sign")
+        .arg(&rel.secret);
+    run(&mut c).success().stdout_has("serial 3");
+    assert!(rel.index().contains("latest = \"2\""));
+    assert!(!dir.join(".index.toml.new").exists());
+    let client = rel.client("client");
+    rel.update(&client, "client.toml", &rel.file_url(), &[])
+        .success();
+    assert_eq!(current(&client), "2");
 }
