@@ -844,7 +844,20 @@ fn http_and_https_from_nginx() {
     rel.publish("1", &rel.tree(1, 200_000), &[]).success();
     let http = Nginx::start(&rel.env, "nginx-http", &rel.repo, None);
     let a = rel.client("a");
-    rel.update(&a, "client.toml", &http.url(), &[]).success();
+    // A mirror that does not have the file (404) is dropped at once, not retried.
+    rel.config(
+        "missing.toml",
+        &format!("[update]\nmirrors = [\"{}/missing\"]\n", http.url()),
+    );
+    let t = Instant::now();
+    rel.update(&a, "missing.toml", &http.url(), &[])
+        .success()
+        .stderr_has("HTTP status 404");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(
+        http.requests("/missing/stable/deltas/1/empty.delta").len(),
+        1
+    );
     assert_same_dirs(&rel.env.path("v1"), &a.join("trees/1"));
     // Up to date: the index is asked for conditionally, and nginx answers 304.
     rel.update(&a, "client.toml", &http.url(), &[]).exit(4);

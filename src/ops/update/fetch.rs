@@ -94,6 +94,19 @@ fn read_ca(p: &Path) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// A source that does not have the file at all (HTTP 404 or 410, no such file): trying it
+/// again would not help, so it is dropped at once.
+#[derive(Debug)]
+struct NotThere(String);
+
+impl std::fmt::Display for NotThere {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotThere {}
+
 /// A small file fetched whole (the index, its signature).
 pub(crate) enum Small {
     Body {
@@ -232,6 +245,9 @@ impl Source for HttpSource<'_> {
                 }
                 offset
             }
+            s @ (404 | 410) => {
+                return Err(NotThere(format!("cannot get `{url}`: HTTP status {s}")).into());
+            }
             s => bail!("cannot get `{url}`: HTTP status {s}"),
         };
         Ok(Opened {
@@ -287,7 +303,7 @@ impl Source for FileSource {
     fn open(&self, rel: &str, offset: u64) -> Result<Opened<'_>> {
         let mut f = self
             .open_file(rel)?
-            .with_context(|| format!("`{}/{rel}` does not exist", self.name))?;
+            .ok_or_else(|| NotThere(format!("`{}/{rel}` does not exist", self.name)))?;
         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))?;
         Ok(Opened {
             start: offset,
@@ -324,6 +340,8 @@ enum Attempt {
     },
     /// The source served bytes that do not match: it is dropped.
     Mismatch(anyhow::Error),
+    /// The source does not have the file: it is dropped.
+    Gone(anyhow::Error),
 }
 
 /// The name of the download of the file whose sha256 is `sha` in `downloads/`.
@@ -416,6 +434,11 @@ pub(crate) fn download(
                     dropped.push(format!("{e:#}"));
                     break;
                 }
+                Attempt::Gone(e) => {
+                    log::info!("dropping `{}` for this run: {e:#}", src.name());
+                    dropped.push(format!("{e:#}"));
+                    break;
+                }
                 Attempt::Failed { error, progress } => {
                     failures = if progress { 0 } else { failures + 1 };
                     if failures > net.retries {
@@ -494,6 +517,7 @@ fn attempt(
     let failed = |error: anyhow::Error, progress: bool| Attempt::Failed { error, progress };
     let opened = match src.open(want.rel, *pos) {
         Ok(o) => o,
+        Err(e) if e.downcast_ref::<NotThere>().is_some() => return Attempt::Gone(e),
         Err(e) => return failed(e, false),
     };
     let mut reader = opened.reader;
