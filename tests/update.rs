@@ -1169,3 +1169,40 @@ fn publish_finishes_an_interrupted_index_write() {
         .success();
     assert_eq!(current(&client), "2");
 }
+
+/// A partial download damaged after it was written (a power cut before the page cache
+/// reached the disk): a bad complete chunk is fetched again, and a bad unfinished one does
+/// not count against the source that finishes it.
+#[test]
+fn a_damaged_partial_download_is_fetched_again() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    rel.publish("1", &rel.tree(1, 3 << 20), &[]).success();
+    let delta = fs::read(rel.repo.join("stable/deltas/1/empty.delta")).unwrap();
+    let ix = rel.index();
+    let sha = ix
+        .split("[[delta]]")
+        .find(|d| d.contains("stable/deltas/1/empty.delta"))
+        .and_then(|d| d.lines().find_map(|l| l.strip_prefix("sha256 = \"")))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    let mib = 1 << 20;
+    for (name, bad_at) in [("first", 1000), ("tail", mib + mib / 4)] {
+        let c = rel.client(name);
+        fs::create_dir_all(c.join("downloads")).unwrap();
+        let mut part = delta[..mib + mib / 2].to_vec();
+        part[bad_at] ^= 0xff;
+        fs::write(c.join("downloads").join(format!("{sha}.part")), &part).unwrap();
+        let r = rel.update(&c, "client.toml", &url, &["--json"]);
+        r.success();
+        let j = json(&r);
+        let kept = if bad_at < mib { 0 } else { part.len() as u64 };
+        assert_eq!(j["resumed"].as_u64().unwrap(), kept, "{name}: {j}");
+        assert_same_dirs(&rel.env.path("v1"), &c.join("trees/1"));
+        assert!(!c.join("downloads").join(format!("{sha}.part")).exists());
+    }
+}

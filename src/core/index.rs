@@ -28,7 +28,7 @@ pub(crate) const MAX_CHUNKS: usize = 1 << 18;
 /// The chunk size `publish` writes, and the bounds a reader accepts.
 pub(crate) const CHUNK_SIZE: u64 = 1 << 20;
 const MIN_CHUNK: u64 = 64 << 10;
-const MAX_CHUNK: u64 = 1 << 30;
+const MAX_CHUNK: u64 = 64 << 20;
 /// The longest path of a delta file in an index.
 const MAX_PATH: usize = 512;
 /// How far in the future an index's `timestamp` may be (clocks differ a little).

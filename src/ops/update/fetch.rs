@@ -378,11 +378,22 @@ pub(crate) fn download(
     // first bad one and everything after it goes.
     let cs = want.chunk_size;
     let mut good = 0;
-    let mut buf = vec![0u8; cs as usize];
+    // Local bytes are hashed through a buffer of at most 1 MiB, whatever the chunk size.
+    let mut buf = vec![0u8; cs.min(1 << 20) as usize];
+    let hash_range = |h: &mut Sha256, buf: &mut [u8], mut at: u64, end: u64| -> Result<()> {
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    };
     while good + cs <= have || (good < have && have == want.size) {
-        let n = (want.size - good).min(cs) as usize;
-        file.read_exact_at(&mut buf[..n], good)?;
-        if Sha256::digest(&buf[..n]).as_slice() != want.chunks[(good / cs) as usize] {
+        let end = (good + cs).min(want.size);
+        let mut h = Sha256::new();
+        hash_range(&mut h, &mut buf, good, end)?;
+        if h.finalize().as_slice() != want.chunks[(good / cs) as usize] {
             log::warn!(
                 "`{}`: chunk {} does not match; fetching it again",
                 path.display(),
@@ -391,14 +402,12 @@ pub(crate) fn download(
             have = good;
             break;
         }
-        good += n as u64;
+        good = end;
     }
     file.set_len(have)?;
     // The tail of an unfinished chunk is kept; it is checked when the chunk completes.
     let mut chunk = Sha256::new();
-    let tail = (have - good) as usize;
-    file.read_exact_at(&mut buf[..tail], good)?;
-    chunk.update(&buf[..tail]);
+    hash_range(&mut chunk, &mut buf, good, have)?;
     drop(buf);
     fetched.resumed += have;
     if have > 0 {
@@ -587,11 +596,18 @@ fn attempt(
                     return failed(anyhow!(e).context("cannot truncate the download"), false);
                 }
                 *pos = back;
-                return Attempt::Mismatch(anyhow!(
+                let e = anyhow!(
                     "`{}/{}`: chunk {i} does not match the index",
                     src.name(),
                     want.rel
-                ));
+                );
+                // A chunk begun before this attempt (kept from an earlier run, which a power
+                // cut may have damaged) is no proof against this source: once more, from the
+                // chunk's start, all from it.
+                if back < start_pos {
+                    return failed(e.context("fetching the chunk again"), true);
+                }
+                return Attempt::Mismatch(e);
             }
         }
         // A trickle is a stall.
