@@ -1206,3 +1206,81 @@ fn a_damaged_partial_download_is_fetched_again() {
         assert!(!c.join("downloads").join(format!("{sha}.part")).exists());
     }
 }
+
+/// `update` under 1 GiB of address space (an allocation for bytes that never come fails
+/// rather than passing unnoticed), its peak resident memory measured.
+fn measured_update(rel: &Rel, root: &Path, config: &str, url: &str) -> Measured {
+    let mut m = MeasuredCmd::new("sh");
+    m.cmd
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .arg("--config")
+        .arg(rel.env.path(config))
+        .arg("--root")
+        .arg(root)
+        .args(["update", "--url", url, "--no-restart"])
+        .env_remove("TREESWAP_ROOT")
+        .env("TREESWAP_PROTECT", "hardlink");
+    run_measured(m, None)
+}
+
+/// Network input at its limits takes bounded memory: an index just under its 4 MiB cap
+/// (some 12 000 deltas, signed), and a server that answers for a delta with endless bytes.
+#[test]
+fn network_input_at_its_limits_takes_bounded_memory() {
+    if skip_unless_root() {
+        return;
+    }
+    const MAX_PEAK_RSS_KIB: u64 = 128 << 10;
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let dir = rel.repo.join("stable");
+    let original = fs::read(dir.join("index.toml")).unwrap();
+    let original_sig = fs::read(dir.join("index.toml.minisig")).unwrap();
+    let mut text = String::from_utf8(original.clone()).unwrap();
+    let h = "ab".repeat(32);
+    let mut i = 0u64;
+    loop {
+        let entry = format!(
+            "\n[[delta]]\nto = \"1\"\nfrom_digest = \"{:064x}\"\npath = \"stable/deltas/1/filler-{i}.delta\"\nsize = 1\nsha256 = \"{h}\"\nchunks = [\"{h}\"]\n",
+            i + 1
+        );
+        if text.len() + entry.len() >= 4 << 20 {
+            break;
+        }
+        text.push_str(&entry);
+        i += 1;
+    }
+    fs::write(dir.join("index.toml"), &text).unwrap();
+    minisign_sign(&rel.secret, &dir.join("index.toml"));
+    let a = rel.client("a");
+    let m = measured_update(&rel, &a, "client.toml", &rel.file_url());
+    m.run.success();
+    assert!(i > 10_000, "{i} deltas");
+    eprintln!("an index of {i} deltas: peak {} KiB", m.peak_rss_kib);
+    assert!(
+        m.peak_rss_kib < MAX_PEAK_RSS_KIB,
+        "peak {} KiB for an index of {i} deltas",
+        m.peak_rss_kib
+    );
+    assert_eq!(current(&a), "1");
+
+    // (publish would carry the filler deltas over, past the cap: it reads what it wrote.)
+    fs::write(dir.join("index.toml"), &original).unwrap();
+    fs::write(dir.join("index.toml.minisig"), &original_sig).unwrap();
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    let (port, _) = endless_server(rel.repo.clone());
+    let before = root_state(&a);
+    let t = Instant::now();
+    let m = measured_update(&rel, &a, "client.toml", &format!("http://127.0.0.1:{port}"));
+    m.run.exit(15).one_line_error();
+    eprintln!("an endless delta: peak {} KiB", m.peak_rss_kib);
+    assert!(
+        m.peak_rss_kib < MAX_PEAK_RSS_KIB,
+        "peak {} KiB",
+        m.peak_rss_kib
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_unchanged(&before, &a);
+}
