@@ -12,6 +12,9 @@ command -v chattr >/dev/null || need+=(e2fsprogs)
 command -v zstd >/dev/null || need+=(zstd)
 [ -x /usr/bin/time ] || need+=(time)
 command -v fuse2fs >/dev/null || need+=(fuse2fs)
+# tests/update.rs (issue 18): a release repository served by nginx, https with an openssl CA.
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi

@@ -11,6 +11,7 @@ use crate::core::config::{self, Config};
 use crate::core::error::{EXIT_CODES_HELP, Fail};
 use crate::core::{manifest, version};
 use crate::ops::{apply, boot, checkout, diff, flip, gc, import, show, status, verify};
+use crate::ops::{publish, update};
 use crate::store::root::{DEFAULT_ROOT, Lock, Root};
 use crate::tree::scan;
 
@@ -186,7 +187,75 @@ pub enum Command {
         /// The installed version.
         version: String,
     },
+    // --- release repository (issue 18) ---
+    /// Publish a version to a release repository (a directory any static web server can
+    /// serve): import it unless installed, write its deltas, then the signed index.
+    Publish(PublishArgs),
+    /// Bring this machine to the latest version of its channel in the release repository:
+    /// fetch and check the signed index, pick the cheapest path, download (resuming) and apply.
+    Update(UpdateArgs),
+    // --- end of release repository ---
 }
+
+// --- release repository (issue 18) ---
+/// The arguments of `treeswap publish`.
+#[derive(clap::Args)]
+pub struct PublishArgs {
+    /// The repository's top directory (made if missing).
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// The channel (its directory in the repository).
+    #[arg(long)]
+    pub channel: String,
+    /// The version to publish.
+    #[arg(long, required_unless_present = "refresh", conflicts_with = "refresh")]
+    pub version: Option<String>,
+    /// The directory to import as the version (not needed if it is installed already).
+    #[arg(long, conflicts_with = "refresh")]
+    pub from_dir: Option<PathBuf>,
+    /// Only write the index again, with a new serial and expiry (for a cron job).
+    #[arg(long)]
+    pub refresh: bool,
+    /// Sign the index and the deltas with this unencrypted minisign secret key.
+    #[arg(long, value_name = "SECRET_KEY_FILE")]
+    pub sign: Option<PathBuf>,
+    /// How many of the versions published before get a delta to the new one (machines that
+    /// skipped releases leapfrog in one step).
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    /// How long the index is valid, like 30d, 12h, 10s.
+    #[arg(long, default_value = "7d")]
+    pub expires: String,
+    /// zstd level of the deltas' blobs (1-22), as for `diff`.
+    #[arg(long, default_value_t = crate::core::codec::LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub level: i32,
+}
+
+/// The arguments of `treeswap update`.
+#[derive(clap::Args)]
+pub struct UpdateArgs {
+    /// The repository's top URL (http://, https://, file://) [default: `[update] url`].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The channel to follow [default: `[update] channel`, else `stable`].
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Only say whether an update exists: exit 0 if one does, 4 if none; writes nothing.
+    #[arg(long, conflicts_with_all = ["dry_run", "stage_only"])]
+    pub check: bool,
+    /// Install the latest version without making it current.
+    #[arg(long)]
+    pub stage_only: bool,
+    /// Print the path that would be taken and its bytes; writes nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the outcome as JSON (its schema is in FORMAT.md).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub flip: FlipArgs,
+}
+// --- end of release repository ---
 
 impl Command {
     /// How this command, if it flips, treats the guests.
@@ -197,6 +266,7 @@ impl Command {
             | Command::Switch { flip, .. }
             | Command::Revert { flip }
             | Command::Boot { flip } => Some(*flip),
+            Command::Update(u) => Some(u.flip),
             _ => None,
         }
     }
@@ -221,6 +291,8 @@ impl Command {
             Command::Gc { .. } => "gc",
             Command::Pin { .. } => "pin",
             Command::Unpin { .. } => "unpin",
+            Command::Publish(_) => "publish",
+            Command::Update(_) => "update",
         }
     }
 }
@@ -460,6 +532,8 @@ pub fn run(cli: &Cli) -> Result<()> {
             gc::pin(&cx.root(Lock::Exclusive, false)?, version, false)?;
             cx.say(&format!("unpinned `{version}`"));
         }
+        Command::Publish(a) => publish_command(&cx, a)?,
+        Command::Update(a) => update_command(&cx, a)?,
         Command::MarkGood { check } => {
             match boot::mark_good(&cx.root(Lock::Exclusive, false)?, &cx.cfg, *check)? {
                 Some(v) => cx.say(&format!("`{v}` is marked good")),
@@ -705,3 +779,76 @@ fn record_last_apply(root: &Root, outcome: &Result<apply::Outcome>) {
         log::warn!("cannot record the apply's outcome: {e:#}");
     }
 }
+
+// --- release repository (issue 18) ---
+fn publish_command(cx: &Env, a: &PublishArgs) -> Result<()> {
+    let expires = crate::core::index::parse_duration(&a.expires)
+        .map_err(|e| Fail::Usage(format!("--expires: {e:#}")))?;
+    let what = match (&a.version, a.refresh) {
+        (_, true) => publish::What::Refresh,
+        (Some(version), false) => publish::What::Version {
+            version,
+            from_dir: a.from_dir.as_deref().unwrap_or(Path::new("")),
+        },
+        (None, false) => return Err(Fail::Usage("give --version or --refresh".into()).into()),
+    };
+    let root = cx.root(Lock::Exclusive, false)?;
+    let r = publish::publish(
+        &root,
+        &cx.cfg,
+        &publish::Request {
+            repo: &a.repo,
+            channel: &a.channel,
+            what,
+            sign: a.sign.as_deref(),
+            keep: a.keep,
+            expires,
+            level: a.level,
+        },
+    )?;
+    cx.say(&format!(
+        "published `{}` on `{}`: serial {}, {} delta(s) written, {} pruned, expires in {} s",
+        r.latest,
+        a.channel,
+        r.serial,
+        r.written,
+        r.pruned,
+        r.expires.saturating_sub(crate::store::root::now())
+    ));
+    Ok(())
+}
+
+fn update_command(cx: &Env, a: &UpdateArgs) -> Result<()> {
+    let url = a
+        .url
+        .clone()
+        .or_else(|| cx.cfg.update.url.clone())
+        .ok_or_else(|| Fail::Usage("no repository: give --url or set `[update] url`".into()))?;
+    let channel = a
+        .channel
+        .clone()
+        .unwrap_or_else(|| cx.cfg.update.channel.clone());
+    // --check and --dry-run are readers: no lock, nothing written.
+    let writer = !(a.check || a.dry_run);
+    let root = match writer {
+        true => cx.root(Lock::Exclusive, false)?,
+        false => Root::open(&cx.root_path())?,
+    };
+    let opts = update::Options {
+        url,
+        channel,
+        check: a.check,
+        dry_run: a.dry_run,
+        stage_only: a.stage_only,
+        flip: cx.flip(),
+        writer,
+    };
+    let report = update::update(&root, &cx.cfg, &opts)?;
+    match (a.json, writer) {
+        (true, _) => out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
+        (false, false) => out(&report.to_text())?,
+        (false, true) => cx.say(report.to_text().trim_end()),
+    }
+    Ok(())
+}
+// --- end of release repository ---

@@ -40,7 +40,63 @@ pub struct Config {
     /// Globs of paths that get private, writable copies instead of links.
     #[serde(default)]
     pub private: Vec<String>,
+    /// Where `treeswap update` gets releases (issue 18).
+    #[serde(default)]
+    pub update: Update,
 }
+
+// --- [update] (issue 18) ---
+/// The `[update]` table: the release repository `treeswap update` follows.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// The repository's top (`http://`, `https://` or `file://`); the index is
+    /// `<url>/<channel>/index.toml`. `--url` overrides it.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The channel followed; `--channel` overrides it.
+    #[serde(default = "default_channel")]
+    pub channel: String,
+    /// Servers that hold copies of the repository's delta files, tried before `url`; the
+    /// index never comes from them.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// A PEM file of the CA certificates that https servers are checked against, instead of
+    /// the built-in web roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Seconds without a byte (or with less than 1 KiB) after which a transfer counts as
+    /// stalled and is retried.
+    #[serde(default = "default_stall")]
+    pub stall_timeout: u64,
+    /// How many times a source is tried again after a failure without progress.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_channel() -> String {
+    "stable".into()
+}
+fn default_stall() -> u64 {
+    30
+}
+fn default_retries() -> u32 {
+    4
+}
+
+impl Default for Update {
+    fn default() -> Self {
+        Update {
+            url: None,
+            channel: default_channel(),
+            mirrors: Vec::new(),
+            ca: None,
+            stall_timeout: default_stall(),
+            retries: default_retries(),
+        }
+    }
+}
+// --- end of [update] ---
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +253,16 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
         bail!(
             "{origin}: trust.max_entries = {} is out of range (1 to {MAX_ENTRIES})",
             cfg.trust.max_entries
+        );
+    }
+    // [update] (issue 18)
+    crate::core::index::validate_channel(&cfg.update.channel)
+        .with_context(|| format!("{origin}: update.channel"))?;
+    check_seconds(origin, "update.stall_timeout", cfg.update.stall_timeout)?;
+    if cfg.update.retries > 100 {
+        bail!(
+            "{origin}: update.retries = {} is out of range (0 to 100)",
+            cfg.update.retries
         );
     }
     if cfg.boot.tries > MAX_TRIES {

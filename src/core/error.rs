@@ -27,6 +27,16 @@ pub const EXIT_NO_SPACE: i32 = 9;
 pub const EXIT_UNTRUSTED: i32 = 10;
 /// The delta would move the device to an older version.
 pub const EXIT_DOWNGRADE: i32 = 11;
+// --- release repository (`update`, issue 18) ---
+/// The release index has expired, or is dated in the future beyond the clock skew allowed.
+pub const EXIT_STALE_INDEX: i32 = 12;
+/// The release index is older (a lower serial) than one this machine accepted.
+pub const EXIT_ROLLBACK: i32 = 13;
+/// The release index is of another channel than the machine follows.
+pub const EXIT_WRONG_CHANNEL: i32 = 14;
+/// A download did not match the size and sha256 the index gives, from every source.
+pub const EXIT_DOWNLOAD_MISMATCH: i32 = 15;
+// --- end of release repository codes ---
 
 /// A table for `--help` and the README.
 pub const EXIT_CODES_HELP: &str = "\
@@ -42,7 +52,11 @@ Exit codes:
   8  the delta is malformed
   9  not enough free space
   10 the delta is not signed by a trusted key
-  11 the delta would downgrade (use --allow-downgrade)";
+  11 the delta would downgrade (use --allow-downgrade)
+  12 the release index expired or is dated in the future
+  13 the release index is older than one accepted before
+  14 the release index is of another channel
+  15 a download does not match the release index";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Fail {
@@ -68,6 +82,14 @@ pub enum Fail {
     Untrusted(String),
     #[error("{0}")]
     Downgrade(String),
+    #[error("{0}")]
+    Stale(String),
+    #[error("{0}")]
+    Rollback(String),
+    #[error("{0}")]
+    WrongChannel(String),
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 impl Fail {
@@ -83,6 +105,10 @@ impl Fail {
             Fail::Usage(_) => EXIT_USAGE,
             Fail::Untrusted(_) => EXIT_UNTRUSTED,
             Fail::Downgrade(_) => EXIT_DOWNGRADE,
+            Fail::Stale(_) => EXIT_STALE_INDEX,
+            Fail::Rollback(_) => EXIT_ROLLBACK,
+            Fail::WrongChannel(_) => EXIT_WRONG_CHANNEL,
+            Fail::Mismatch(_) => EXIT_DOWNLOAD_MISMATCH,
         }
     }
 }

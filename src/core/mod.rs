@@ -4,6 +4,7 @@ pub(crate) mod config;
 pub mod delta;
 pub mod error;
 pub mod failpoint;
+pub(crate) mod index;
 pub mod logging;
 pub mod manifest;
 pub mod object;

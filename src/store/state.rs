@@ -32,6 +32,12 @@ pub(crate) struct State {
     /// Versions `gc` never removes (`treeswap pin`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<String>,
+    // --- release repository (issue 18) ---
+    /// Per channel, the serial of the last release index `update` accepted: an index with a
+    /// lower one is a replay (a rollback) and refused.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub serials: std::collections::BTreeMap<String, u64>,
+    // --- end of release repository ---
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -88,6 +94,9 @@ pub(crate) fn parse(text: &str) -> Result<State> {
     let named = named.chain(s.flip.iter().flat_map(|f| [&f.from, &f.to]));
     for v in named.chain(&s.pins) {
         version::validate(v).context("in the state file")?;
+    }
+    for c in s.serials.keys() {
+        crate::core::index::validate_channel(c).context("in the state file")?;
     }
     Ok(s)
 }
@@ -170,6 +179,7 @@ mod tests {
                 guests: vec!["a".into(), "b".into()],
             }),
             pins: vec!["1".into()],
+            serials: [("stable".to_string(), 7)].into(),
             unprotected: true,
             flip: Some(Flip {
                 from: "1".into(),

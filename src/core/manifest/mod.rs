@@ -85,6 +85,25 @@ impl Entry {
     }
 }
 
+/// The empty tree: its top alone, a directory of mode 0755 owned by root. A delta from it is a
+/// first install (a release repository lists one per version); `apply` takes it as the base
+/// when no installed tree has its digest.
+pub(crate) fn empty_tree() -> Manifest {
+    Manifest {
+        version: None,
+        entries: vec![Entry {
+            path: (*b".").into(),
+            meta: Meta {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                xattrs: Vec::new(),
+            },
+            kind: Kind::Dir,
+        }],
+    }
+}
+
 /// A whole tree: its entries sorted by path bytes, and the version it is installed as.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Manifest {

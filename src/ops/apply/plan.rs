@@ -68,15 +68,21 @@ pub(super) fn compose_from(
     base_version: &str,
     d: &Delta,
 ) -> Result<(Manifest, BaseContent, BasePaths)> {
-    let base = root.load_manifest_unverified(base_version)?;
+    let empty = base_version == super::read::EMPTY_BASE;
+    let base = match empty {
+        true => crate::core::manifest::empty_tree(),
+        false => root.load_manifest_unverified(base_version)?,
+    };
     log::debug!("loaded the manifest of `{base_version}`");
     let (base_content, base_paths) = base_contents(&base, d);
     let new = compose(base, d).map_err(|e| {
         // A result that does not check out may come from a damaged stored base manifest
         // rather than from the delta: say so if it is.
-        match root.load_manifest(base_version) {
-            Err(damaged) => damaged.context("the installed base tree's manifest is damaged"),
-            Ok(_) => e,
+        match (empty, root.load_manifest(base_version)) {
+            (false, Err(damaged)) => {
+                damaged.context("the installed base tree's manifest is damaged")
+            }
+            _ => e,
         }
     })?;
     log::debug!("composed the new manifest: {} entries", new.entries.len());

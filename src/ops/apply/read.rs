@@ -158,9 +158,18 @@ pub(crate) fn find_base(root: &Root, digest: &Hash) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// The installed version the delta applies to; warns when it is not the current one.
+/// The base of a delta from the empty tree that no installed tree matches: not a version name
+/// (it has spaces), so it names no file of the root.
+pub(crate) const EMPTY_BASE: &str = "(the empty tree)";
+
+/// The installed version the delta applies to ([`EMPTY_BASE`] for a delta from the empty
+/// tree); warns when it is not the current one.
 pub(super) fn base_version(root: &Root, d: &Delta, current: Option<&str>) -> Result<String> {
     let Some(base) = find_base(root, &d.from_digest)? else {
+        // A delta from the empty tree (a first install) needs no installed base.
+        if d.from_digest == crate::core::manifest::empty_tree().digest() {
+            return Ok(EMPTY_BASE.into());
+        }
         return Err(wrong_base(root, d, current)?);
     };
     if current != Some(base.as_str()) {

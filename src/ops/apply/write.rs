@@ -34,7 +34,7 @@ pub(super) fn open_base_tree(
     pool: &Pool,
     base_version: &str,
 ) -> Result<Option<OwnedFd>> {
-    if root.snapshots_enabled(pool) {
+    if root.snapshots_enabled(pool) && base_version != super::read::EMPTY_BASE {
         root.open_snapshot(base_version)
     } else {
         Ok(None)
@@ -60,7 +60,9 @@ pub(super) fn stage(
         .filter(|e| matches!(e.kind, Kind::File { .. }))
         .map(|e| &*e.path)
         .collect();
-    if install::install_by_snapshot(root, cfg, pool, new, base_version, d, work)? {
+    if base_version != super::read::EMPTY_BASE
+        && install::install_by_snapshot(root, cfg, pool, new, base_version, d, work)?
+    {
         return Ok(());
     }
     let during = crate::tree::stage::During { late, work };

@@ -73,6 +73,9 @@ pub(crate) enum Trees<'a> {
     },
     /// Two installed versions; the result is `Request::to_version`.
     Installed { root: &'a Root, from: &'a str },
+    /// From the empty tree (`manifest::empty_tree`, a first install) to the installed
+    /// `Request::to_version` (`publish`).
+    FromEmpty { root: &'a Root },
 }
 
 /// What `treeswap diff` is asked to make.
@@ -103,6 +106,17 @@ pub(crate) fn make(req: &Request) -> Result<Stats> {
             let pool = root.pool()?;
             let read = |e: &Entry| pool.open_object(&e.object().context("not a file")?);
             diff(&base, &read, changes, &read, req.to_version, req.level)?
+        }
+        Trees::FromEmpty { root } => {
+            let empty = crate::core::manifest::empty_tree();
+            let changes = compare(&empty, root.load_manifest(req.to_version)?);
+            let base = Base::new(None, empty.digest(), &changes);
+            let pool = root.pool()?;
+            let none = |_: &Entry| -> Result<std::os::fd::OwnedFd> {
+                bail!("the empty tree has no files")
+            };
+            let read = |e: &Entry| pool.open_object(&e.object().context("not a file")?);
+            diff(&base, &none, changes, &read, req.to_version, req.level)?
         }
     };
     write_output(&delta, &blobs, req)?;
