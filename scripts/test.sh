@@ -12,6 +12,9 @@ command -v chattr >/dev/null || need+=(e2fsprogs)
 command -v zstd >/dev/null || need+=(zstd)
 [ -x /usr/bin/time ] || need+=(time)
 command -v fuse2fs >/dev/null || need+=(fuse2fs)
+# Guests (issue 16): real nspawn containers, and nsenter to write inside them.
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v nsenter >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
