@@ -15,6 +15,7 @@ command -v fuse2fs >/dev/null || need+=(fuse2fs)
 # Guests (issue 16): real nspawn containers, and nsenter to write inside them.
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v nsenter >/dev/null || need+=(util-linux)
+command -v lxc-start >/dev/null || need+=(lxc)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi

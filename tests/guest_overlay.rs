@@ -1,7 +1,7 @@
 //! Overlay guests (issue 16) with a plain process as the guest: `fixtures/guest-overlay.sh`
 //! starts a python3 process chrooted into `TREESWAP_ROOTFS` (the guest's overlay) and stops
 //! it. Writes into `guests/<name>/rootfs` are what the guest's own writes are: they go
-//! through its overlay. The nspawn suite (`tests/guest_nspawn.rs`) does the same with a real
+//! through its overlay. The nspawn suite (`tests/guest_containers.rs`) does the same with a real
 //! container on a real Debian tree.
 
 mod common;
