@@ -246,7 +246,6 @@ fn farm(p: &Place, from: u64, to: u64) -> Result<()> {
     let src = sys::open_dir_beneath(p.fd.as_fd(), src_name.as_bytes())?;
     sys::mkdirat(p.fd.as_fd(), dst_name.as_bytes(), 0o700, false)?;
     let dst = sys::open_dir_beneath(p.fd.as_fd(), dst_name.as_bytes())?;
-    let mut result = Ok(());
     scan::walk(src.as_fd(), &mut |e, _| {
         let path: &[u8] = &e.path;
         if path == b"." {
@@ -257,27 +256,25 @@ fn farm(p: &Place, from: u64, to: u64) -> Result<()> {
             Some(i) => (&path[..i], &path[i + 1..]),
             None => (&b"."[..], path),
         };
-        let open = |top: &OwnedFd| -> Result<OwnedFd> {
-            match parent {
-                b"." => Ok(rustix::io::dup(top)?),
-                _ => sys::open_dir_beneath(top.as_fd(), parent),
+        let (subs, subd);
+        let (sp, dp) = match parent {
+            b"." => (src.as_fd(), dst.as_fd()),
+            _ => {
+                subs = sys::open_dir_beneath(src.as_fd(), parent)?;
+                subd = sys::open_dir_beneath(dst.as_fd(), parent)?;
+                (subs.as_fd(), subd.as_fd())
             }
         };
-        let (sp, dp) = (open(&src)?, open(&dst)?);
         if e.is_dir() {
-            sys::mkdirat(dp.as_fd(), name, 0o700, false)?;
-            let fd = sys::open_dir_beneath(dp.as_fd(), name)?;
+            sys::mkdirat(dp, name, 0o700, false)?;
+            let fd = sys::open_dir_beneath(dp, name)?;
             sys::set_meta_exact_fd(fd.as_fd(), &e.meta)?;
-        } else if let Err(err) = sys::linkat(sp.as_fd(), name, dp.as_fd(), name) {
-            result = Err(anyhow::Error::from(err).context(format!(
-                "cannot link `{}` into the new layer",
-                display(path)
-            )));
-            return Ok(false);
+        } else {
+            sys::linkat(sp, name, dp, name)
+                .with_context(|| format!("cannot link `{}` into the new layer", display(path)))?;
         }
         Ok(true)
-    })?;
-    result
+    })
 }
 
 /// Merges layer `n` (see [`merge`]) from `old` onto `new`: drops, sets aside, logs and returns
@@ -306,19 +303,23 @@ fn merge_layer(
             Some(i) => (&path[..i], &path[i + 1..]),
             None => (&b"."[..], &path[..]),
         };
+        let sub;
         let dir = match parent {
-            b"." => rustix::io::dup(&top)?,
-            _ => sys::open_dir_beneath(top.as_fd(), parent)?,
+            b"." => top.as_fd(),
+            _ => {
+                sub = sys::open_dir_beneath(top.as_fd(), parent)?;
+                sub.as_fd()
+            }
         };
         match action {
             merge::Action::Drop => {
                 let is_dir = layer.find(path).is_some_and(|e| e.is_dir());
-                sys::unlinkat_ok(dir.as_fd(), name, is_dir)?;
+                sys::unlinkat_ok(dir, name, is_dir)?;
             }
             merge::Action::SetAside => {
                 let mut aside = name.to_vec();
                 aside.extend_from_slice(merge::LOCAL_SUFFIX);
-                sys::renameat(dir.as_fd(), name, dir.as_fd(), &aside)
+                sys::renameat(dir, name, dir, &aside)
                     .with_context(|| format!("cannot set `{}` aside", display(path)))?;
             }
         }
