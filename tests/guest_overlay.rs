@@ -316,6 +316,10 @@ fn an_overlay_guest_keeps_its_changes_across_an_update_and_a_revert() {
     assert_eq!(g["base"], "2", "{g}");
     assert_eq!(g["conflicts"], serde_json::json!(["etc/hello.conf"]), "{g}");
     t.ts(["status"]).success().stdout_has("1 conflict(s)");
+    t.ts(["guest", "status", "web"])
+        .success()
+        .stdout_has("merged for: `2`")
+        .stdout_has("conflict: etc/hello.conf");
     // The hook's environment.
     let env = read(&t.rundir.join("web.env"));
     for want in [
