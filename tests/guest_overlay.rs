@@ -582,3 +582,36 @@ fn a_guest_without_hooks_is_refused() {
         .one_line_error()
         .stderr_has("overlay guest's name");
 }
+
+/// `--no-restart` leaves an overlay guest on the old tree (its overlay untouched);
+/// `restart-guests NAME` moves it over later, merging its layer then.
+#[test]
+fn no_restart_leaves_the_overlay_on_the_old_tree_until_restart_guests() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("take = [\"/etc/**\"]\n");
+    t.import_v1_active();
+    let pid = t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    t.ts(["apply", s(&t.delta), "--no-restart"]).success();
+    assert_eq!(t.assert_guest_on("web", "1"), pid);
+    let g = t.guest_json("web");
+    assert_eq!(
+        (&g["mounted_on"], &g["base"]),
+        (&"1".into(), &"1".into()),
+        "{g}"
+    );
+    t.ts(["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "2");
+    let root = t.rootfs("web");
+    assert_eq!(
+        read(&root.join("etc/hello.conf")),
+        "greeting = hello, world\n"
+    );
+    assert_eq!(
+        read(&root.join("etc/hello.conf.treeswap-local")),
+        "greeting = kiosk-17\n"
+    );
+    assert_eq!(read(&root.join("var/lib/hello/counter")), "41\n");
+}
