@@ -15,6 +15,10 @@ command -v fuse2fs >/dev/null || need+=(fuse2fs)
 # tests/update.rs (issue 18): a release repository served by nginx, https with an openssl CA.
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v openssl >/dev/null || need+=(openssl)
+# Guests (issue 16): real nspawn containers, and nsenter to write inside them.
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v lxc-start >/dev/null || need+=(lxc)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi

@@ -195,6 +195,17 @@ pub enum Command {
     /// fetch and check the signed index, pick the cheapest path, download (resuming) and apply.
     Update(UpdateArgs),
     // --- end of release repository ---
+    // ---- guests (issue 16) ----
+    /// Overlay guests: what each changed against its tree, its conflicts, and dropping its
+    /// local changes.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Restart guests onto `current` now: the named ones, or (with none named) those whose
+    /// restart an interrupted flip left pending. Counts no boot; flips nothing back.
+    RestartGuests {
+        /// Guests to restart [default: those still pending].
+        names: Vec<String>,
+    },
 }
 
 // --- release repository (issue 18) ---
@@ -257,6 +268,34 @@ pub struct UpdateArgs {
 }
 // --- end of release repository ---
 
+/// `treeswap guest ...`.
+#[derive(Subcommand)]
+pub enum GuestCommand {
+    /// Each configured guest: overlay or tree, its layer, where it is mounted, its conflicts.
+    List {
+        /// Print JSON (the `guests` of `status --json`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// One guest: its layer, the tree it was merged for, the conflicts of its last merge.
+    Status {
+        /// The guest's name.
+        name: String,
+    },
+    /// What a guest's layer changes against its tree: `A` added, `M` changed, `D` deleted,
+    /// `R` a directory replaced whole.
+    Diff {
+        /// The guest's name.
+        name: String,
+    },
+    /// Drop a guest's local changes: stop it, give it an empty layer on `current`, start it.
+    Reset {
+        /// The guest's name.
+        name: String,
+    },
+}
+// ---- end of guests ----
+
 impl Command {
     /// How this command, if it flips, treats the guests.
     fn flip_args(&self) -> Option<FlipArgs> {
@@ -293,6 +332,8 @@ impl Command {
             Command::Unpin { .. } => "unpin",
             Command::Publish(_) => "publish",
             Command::Update(_) => "update",
+            Command::Guest(_) => "guest",
+            Command::RestartGuests { .. } => "restart-guests",
         }
     }
 }
@@ -534,6 +575,12 @@ pub fn run(cli: &Cli) -> Result<()> {
         }
         Command::Publish(a) => publish_command(&cx, a)?,
         Command::Update(a) => update_command(&cx, a)?,
+        Command::Guest(g) => guest_command(&cx, g)?,
+        Command::RestartGuests { names } => {
+            let root = cx.root(Lock::Exclusive, false)?;
+            let n = flip::restart_guests(&root, &cx.cfg, names)?;
+            cx.say(&format!("{n} guest(s) restarted"));
+        }
         Command::MarkGood { check } => {
             match boot::mark_good(&cx.root(Lock::Exclusive, false)?, &cx.cfg, *check)? {
                 Some(v) => cx.say(&format!("`{v}` is marked good")),
@@ -549,15 +596,62 @@ fn boot_command(cx: &Env) -> Result<()> {
     root.warn_stuck();
     match boot::boot(&root, &cx.cfg, cx.flip())? {
         boot::BootOutcome::Ok => log::info!("boot: state root is consistent"),
-        boot::BootOutcome::Reverted(v) => {
+        boot::BootOutcome::Reverted(v, None) => {
             return Err(Fail::GuestsReverted(format!(
                 "the pending tree did not prove healthy (boot tries used up, or its guests failed); reverted to `{v}`"
+            ))
+            .into());
+        }
+        boot::BootOutcome::Reverted(v, Some(why)) => {
+            return Err(Fail::GuestsReverted(format!(
+                "{why}; the pending tree is reverted to `{v}`"
             ))
             .into());
         }
     }
     Ok(())
 }
+
+// ---- guests (issue 16) ----
+fn guest_command(cx: &Env, g: &GuestCommand) -> Result<()> {
+    use crate::ops::guest;
+    match g {
+        GuestCommand::List { json } => {
+            let root = cx.root(Lock::Shared, false)?;
+            let st = crate::store::state::load(root.fd())?;
+            let infos = guest::infos(&root, &cx.cfg, &st)?;
+            match json {
+                true => out(&format!("{}\n", serde_json::to_string_pretty(&infos)?))?,
+                false => out(&infos
+                    .iter()
+                    .map(|i| format!("{}\n", i.line()))
+                    .collect::<String>())?,
+            }
+        }
+        GuestCommand::Status { name } => out(&guest::status_text(
+            &cx.root(Lock::Shared, false)?,
+            &cx.cfg,
+            name,
+        )?)?,
+        GuestCommand::Diff { name } => {
+            let lines = guest::diff(&cx.root(Lock::Shared, false)?, &cx.cfg, name)?;
+            match out(&lines.iter().map(|l| format!("{l}\n")).collect::<String>()) {
+                Err(e) if broken_pipe(&e) => {}
+                r => r?,
+            }
+        }
+        GuestCommand::Reset { name } => {
+            let root = cx.root(Lock::Exclusive, false)?;
+            guest::reset(&root, &cx.cfg, name)?;
+            cx.say(&format!(
+                "guest `{}` reset: it runs on an empty layer",
+                crate::core::path::quote(name)
+            ));
+        }
+    }
+    Ok(())
+}
+// ---- end of guests ----
 
 fn import_command(cx: &Env, dir: &Path, version: &str, activate: bool) -> Result<()> {
     version::validate(version)?;

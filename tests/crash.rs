@@ -346,6 +346,10 @@ enum Op {
 const ELSEWHERE: &[(&str, &str)] = &[
     ("pool-link-unprotected", "tests/protect.rs"),
     ("tmpfile-before-publish", "tests/no_tmpfile.rs"),
+    // Overlay guests' moves (issue 16): killed there, then `boot`.
+    ("guest-before-remount", "tests/guest_overlay.rs"),
+    ("guest-merge-midway", "tests/guest_overlay.rs"),
+    ("guest-before-start", "tests/guest_overlay.rs"),
 ];
 
 /// Every failpoint, with the operations that are interrupted at it.

@@ -176,14 +176,28 @@ fn default_tries() -> u32 {
     3
 }
 
+// ---- guests (issue 16) ------------------------------------------------------------------
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Guest {
     pub name: String,
-    /// The argv that restarts it (no shell); default `["vserver", NAME, "restart"]`.
+    /// What the guest runs on: its own overlay over the tree (the default for a guest with
+    /// `start` and `stop`), or the tree itself (the default for a guest with only `restart`,
+    /// as before overlays existed).
+    #[serde(default)]
+    pub root: Option<GuestRoot>,
+    /// The argv that restarts it in one step (no shell); tree mode only. There is no default:
+    /// treeswap assumes no container tool.
     #[serde(default)]
     pub restart: Option<Vec<String>>,
-    /// Seconds a restart may take before it counts as failed.
+    /// The argv that stops it (no shell); it must succeed when the guest is not running.
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
+    /// The argv that starts it on `TREESWAP_ROOTFS` (no shell).
+    #[serde(default)]
+    pub start: Option<Vec<String>>,
+    /// Seconds each hook may take before it counts as failed.
     #[serde(default = "default_timeout")]
     pub timeout: u64,
     /// An argv (no shell) that must exit 0 for the guest to be healthy (`mark-good --check`),
@@ -192,6 +206,40 @@ pub struct Guest {
     pub check: Option<Vec<String>>,
     #[serde(default = "default_check_timeout")]
     pub check_timeout: u64,
+    /// Globs of paths (from the guest's `/`) whose local copies are always kept, whatever the
+    /// release does: the guest's own data.
+    #[serde(default)]
+    pub state: Vec<String>,
+    /// What a conflict (a file both the guest and the release changed) comes to, unless a
+    /// `keep` or `take` glob says otherwise.
+    #[serde(default)]
+    pub conflict: Policy,
+    /// Globs of paths whose conflicts keep the local copy (checked before `take`).
+    #[serde(default)]
+    pub keep: Vec<String>,
+    /// Globs of paths whose conflicts take the release's copy; the local one is saved beside
+    /// it as `<name>.treeswap-local`.
+    #[serde(default)]
+    pub take: Vec<String>,
+}
+
+/// `[[guest]] root`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestRoot {
+    Overlay,
+    Tree,
+}
+
+/// `[[guest]] conflict`: what a file both the guest and the release changed comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// The guest's copy stays.
+    #[default]
+    Keep,
+    /// The release's copy shows; the guest's is saved as `<name>.treeswap-local`.
+    Take,
 }
 
 fn default_timeout() -> u64 {
@@ -199,17 +247,102 @@ fn default_timeout() -> u64 {
 }
 
 impl Guest {
-    pub fn argv(&self) -> Vec<String> {
-        match &self.restart {
-            Some(v) => v.clone(),
-            None => vec!["vserver".into(), self.name.clone(), "restart".into()],
-        }
+    /// Where the guest runs (see `root`).
+    pub fn root(&self) -> GuestRoot {
+        self.root.unwrap_or(match self.start {
+            Some(_) => GuestRoot::Overlay,
+            None => GuestRoot::Tree,
+        })
+    }
+
+    pub fn is_overlay(&self) -> bool {
+        self.root() == GuestRoot::Overlay
     }
 }
 
+/// The checks of one `[[guest]]` table beyond its types.
+fn check_guest(origin: &str, g: &Guest) -> Result<()> {
+    let name = crate::core::path::quote(&g.name);
+    let what = |k: &str| format!("guest `{name}`: {k}");
+    for (k, argv) in [
+        ("restart", &g.restart),
+        ("stop", &g.stop),
+        ("start", &g.start),
+    ] {
+        check_argv(origin, &what(k), argv.as_deref())?;
+    }
+    match (&g.restart, &g.stop, &g.start) {
+        (None, None, None) => bail!(
+            "{origin}: guest `{name}` has no hook: give `stop` and `start` (or `restart`); \
+             treeswap assumes no container tool (see scripts/guests/)"
+        ),
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            bail!("{origin}: guest `{name}`: give either `restart`, or `stop` and `start`")
+        }
+        (None, Some(_), None) | (None, None, Some(_)) => {
+            bail!("{origin}: guest `{name}`: `stop` and `start` go together")
+        }
+        _ => {}
+    }
+    if g.is_overlay() {
+        if g.start.is_none() {
+            bail!(
+                "{origin}: guest `{name}`: root = \"overlay\" needs `stop` and `start` (its \
+                 overlay is remounted between the two); `restart` alone runs it on the tree"
+            );
+        }
+        // The name is a directory of `<root>/guests/`, and a part of mount options.
+        let plain = g
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !plain || g.name.starts_with('.') || g.name.len() > 64 {
+            bail!(
+                "{origin}: guest `{name}`: an overlay guest's name is at most 64 letters, \
+                 digits, `.`, `_` and `-`, not starting with `.`"
+            );
+        }
+    }
+    for (k, globs) in [("state", &g.state), ("keep", &g.keep), ("take", &g.take)] {
+        for p in globs {
+            if let Err(e) = glob::Pattern::new(p.trim_start_matches('/')) {
+                bail!(
+                    "{origin}: {}: `{}` is not a glob: {e}",
+                    what(k),
+                    crate::core::path::quote(p)
+                );
+            }
+        }
+    }
+    check_seconds(origin, &what("timeout"), g.timeout)?;
+    check_argv(origin, &what("check"), g.check.as_deref())?;
+    check_seconds(origin, &what("check_timeout"), g.check_timeout)?;
+    Ok(())
+}
+
+/// Overlay guests and the pool's protection (see `store::protect`): the immutable flag of a
+/// lower file is copied up and refuses the guest's write, so `auto` leaves it out and an
+/// explicit `immutable` is refused.
+fn check_protect(origin: &str, cfg: &mut Config) -> Result<()> {
+    if !cfg.guests.iter().any(Guest::is_overlay) {
+        return Ok(());
+    }
+    match cfg.protect {
+        Protect::Immutable => bail!(
+            "{origin}: protect = \"immutable\" cannot serve overlay guests (the flag is \
+             copied up and refuses their writes); use auto, reflink or hardlink"
+        ),
+        Protect::Auto => cfg.protect = Protect::AutoUnflagged,
+        _ => {}
+    }
+    Ok(())
+}
+
+// ---- end of guests ---------------------------------------------------------------------
+
 /// Parses configuration text; `origin` names it in errors.
 pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
-    let cfg: Config = toml::from_str(text).map_err(|e| {
+    let mut cfg: Config = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
@@ -228,24 +361,9 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
                 crate::core::path::quote(&g.name)
             );
         }
-        if g.argv().is_empty() {
-            bail!(
-                "{origin}: guest `{}` has an empty `restart`",
-                crate::core::path::quote(&g.name)
-            );
-        }
-        let name = crate::core::path::quote(&g.name);
-        check_seconds(origin, &format!("guest `{name}`: timeout"), g.timeout)?;
-        check_argv(
-            origin,
-            &format!("guest `{name}`: check"),
-            g.check.as_deref(),
-        )?;
-        check_seconds(
-            origin,
-            &format!("guest `{name}`: check_timeout"),
-            g.check_timeout,
-        )?;
+    }
+    for g in &cfg.guests {
+        check_guest(origin, g)?;
     }
     check_argv(origin, "health.command", cfg.health.command.as_deref())?;
     check_seconds(origin, "health.timeout", cfg.health.timeout)?;
@@ -271,6 +389,7 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config> {
             cfg.boot.tries
         );
     }
+    check_protect(origin, &mut cfg)?;
     Ok(cfg)
 }
 
@@ -311,6 +430,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Config> {
                 crate::core::path::quote(&p)
             )
         })?;
+        check_protect("TREESWAP_PROTECT", &mut cfg)?;
     }
     Ok(cfg)
 }
@@ -325,6 +445,9 @@ pub enum Protect {
     Immutable,
     Reflink,
     Hardlink,
+    /// `auto` where overlay guests run: reflink, else hardlink, never the immutable flag.
+    #[serde(skip)]
+    AutoUnflagged,
 }
 
 #[cfg(test)]
@@ -334,13 +457,24 @@ mod tests {
     #[test]
     fn full_example() {
         let c = parse(
-            "root = \"/versions\"\n[boot]\ntries = 2\n[[guest]]\nname = \"web\"\n[[guest]]\nname = \"db\"\nrestart = [\"/bin/true\"]\ntimeout = 5\n",
+            "root = \"/versions\"\n[boot]\ntries = 2\n[[guest]]\nname = \"web\"\nrestart = [\"vserver\", \"web\", \"restart\"]\n[[guest]]\nname = \"db\"\nrestart = [\"/bin/true\"]\ntimeout = 5\n",
             "t",
         )
         .unwrap();
         assert_eq!(c.boot.tries, 2);
-        assert_eq!(c.guests[0].argv(), ["vserver", "web", "restart"]);
-        assert_eq!(c.guests[1].argv(), ["/bin/true"]);
+        // Issue 16: there is no default hook (the old `["vserver", NAME, "restart"]` assumed
+        // a tool no current distribution ships): a guest without one is refused.
+        let e = format!(
+            "{:#}",
+            parse("[[guest]]\nname = \"web\"\n", "t").unwrap_err()
+        );
+        assert!(e.contains("has no hook"), "{e}");
+        assert_eq!(
+            c.guests[0].restart.as_deref().unwrap(),
+            ["vserver", "web", "restart"]
+        );
+        assert_eq!(c.guests[1].restart.as_deref().unwrap(), ["/bin/true"]);
+        assert_eq!(c.guests[1].root(), GuestRoot::Tree);
     }
 
     #[test]
@@ -355,7 +489,9 @@ mod tests {
     /// Regression (issue 15, 8): a huge timeout panicked after `current` had flipped.
     #[test]
     fn numbers_out_of_range_are_refused() {
-        let guest = |timeout: &str| format!("[[guest]]\nname = \"g\"\ntimeout = {timeout}\n");
+        let guest = |timeout: &str| {
+            format!("[[guest]]\nname = \"g\"\nrestart = [\"true\"]\ntimeout = {timeout}\n")
+        };
         let cases = [
             (
                 guest("9223372036854775807"),

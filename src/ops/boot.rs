@@ -15,8 +15,9 @@ use crate::store::state::{self, State};
 pub(crate) enum BootOutcome {
     /// Nothing pending, or the pending tree has boots left.
     Ok,
-    /// The pending tree used up its tries; treeswap flipped back to this version.
-    Reverted(String),
+    /// The pending tree used up its tries, or its guests failed (the error, for the one
+    /// error line); treeswap flipped back to this version.
+    Reverted(String, Option<String>),
 }
 
 /// Repairs the root (see [`repair`]), re-protects the pool if immutable work was cut short,
@@ -38,11 +39,14 @@ pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutco
             if st.pending.is_none() || root.link("previous")?.is_none() {
                 return Err(e);
             }
-            log::error!("{e:#}; reverting the pending tree");
+            // Said once, in the command's error line.
+            log::info!("a guest did not restart on the pending tree; reverting it");
             let prev = flip::revert(root, cfg, no_auto_revert(opts))?;
-            return Ok(BootOutcome::Reverted(prev));
+            return Ok(BootOutcome::Reverted(prev, Some(format!("{e:#}"))));
         }
     }
+    // Overlay guests with nothing mounted (as after a reboot) get their overlay on `current`.
+    crate::ops::guest::mount_all(root, cfg, &mut st)?;
     failpoint::hit("boot-before-count");
     count(root, cfg, opts, st)
 }
@@ -107,7 +111,7 @@ fn count(root: &Root, cfg: &Config, opts: Options, mut st: State) -> Result<Boot
     // Back to the tree that was good; never forward again to the unproven one.
     let prev = flip::revert(root, cfg, no_auto_revert(opts))?;
     failpoint::hit("boot-after-count");
-    Ok(BootOutcome::Reverted(prev))
+    Ok(BootOutcome::Reverted(prev, None))
 }
 
 fn no_auto_revert(opts: Options) -> Options {

@@ -106,7 +106,8 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
                 "the guests did not all restart on `{version}`, which stays current"
             )));
         };
-        log::error!("{e:#}; flipping back to `{old}`");
+        // The error is said once, in the command's error line, which carries `e`.
+        log::info!("a guest did not restart on `{version}`; flipping back to `{old}`");
         let back = flip(
             root,
             cfg,
@@ -131,22 +132,27 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
     Ok(())
 }
 
-/// Restarts the guests the state file still lists, striking each off as it succeeds.
+/// Restarts the guests the state file still lists, striking each off as it succeeds; once
+/// the list is done, the layers overlay guests kept for a flip back go (`guest::settle`).
 pub(crate) fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
+    // What the guests ran on before: told to their hooks as `TREESWAP_PREVIOUS`.
+    let previous = root.link("previous")?;
     while let Some(r) = &st.restart {
+        let target = r.target.clone();
         let Some(name) = r.guests.first().cloned() else {
             st.restart = None;
             state::save(root.fd(), st)?;
+            crate::ops::guest::settle(root, cfg, st)?;
             break;
         };
         match cfg.guests.iter().find(|g| g.name == name) {
             Some(g) => {
                 failpoint::hit("guest-before-restart");
-                crate::ops::guests::restart(g)?;
+                crate::ops::guest::restart(root, g, &target, previous.as_deref(), st)?;
             }
             None => log::warn!(
                 "guest `{}` is no longer configured; not restarting it",
-                crate::core::path::quote(name)
+                crate::core::path::quote(&name)
             ),
         }
         if let Some(r) = &mut st.restart {
@@ -156,4 +162,54 @@ pub(crate) fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Resu
         failpoint::hit("guest-after-restart");
     }
     Ok(())
+}
+
+/// `treeswap restart-guests [NAME…]`: with names, restarts those guests onto `current` now
+/// (recorded first, so that `boot` finishes what a crash cuts short); without, finishes the
+/// restarts the state file records. Counts no boot and flips nothing back. Returns how many
+/// guests it restarted.
+pub(crate) fn restart_guests(root: &Root, cfg: &Config, names: &[String]) -> Result<usize> {
+    let mut st = state::load(root.fd())?;
+    let Some(current) = root.link("current")? else {
+        return Err(Fail::Nothing("there is no current tree to restart guests on".into()).into());
+    };
+    if names.is_empty() {
+        match &st.restart {
+            None => return Err(Fail::Nothing("no guest restarts are pending".into()).into()),
+            Some(r) if r.target != current => {
+                bail!(
+                    "the pending restarts are onto `{}`, not current `{current}`: run `treeswap boot`",
+                    r.target
+                )
+            }
+            Some(_) => {}
+        }
+    } else {
+        for n in names {
+            if !cfg.guests.iter().any(|g| &g.name == n) {
+                bail!(
+                    "no guest is named `{}` in the config",
+                    crate::core::path::quote(n)
+                );
+            }
+        }
+        // Those already pending onto `current` first, then the named ones.
+        let mut guests = match st.restart.take() {
+            Some(r) if r.target == current => r.guests,
+            _ => Vec::new(),
+        };
+        for n in names {
+            if !guests.contains(n) {
+                guests.push(n.clone());
+            }
+        }
+        st.restart = Some(Restart {
+            target: current,
+            guests,
+        });
+        state::save(root.fd(), &st)?;
+    }
+    let n = st.restart.as_ref().map_or(0, |r| r.guests.len());
+    finish_restarts(root, cfg, &mut st)?;
+    Ok(n)
 }

@@ -1,6 +1,7 @@
-//! Restarting guests (vservers, containers, services) after a flip, so that they all run on
-//! the new tree. Each restart is an argv run without a shell, with a timeout; its output goes
-//! to the log.
+//! Guest hooks (vservers, containers, services): `stop`, `start` or `restart` after a flip,
+//! so that every guest runs on the new tree, and health checks. Each is an argv run without a
+//! shell, with a timeout and the `TREESWAP_*` environment ([`HookEnv`]); its output goes to
+//! the log, and the last lines of a failed hook's output into its error.
 
 use std::io::{Read, Seek};
 use std::os::unix::process::CommandExt;
@@ -12,10 +13,34 @@ use anyhow::{Context, Result, bail};
 use crate::core::config::Guest;
 use crate::fs::sys;
 
-/// Runs a guest's restart command and waits for it, at most its timeout.
-pub(crate) fn restart(g: &Guest) -> Result<()> {
+/// What a hook is told, in its environment: `TREESWAP_GUEST`, `TREESWAP_VERSION` (the tree it
+/// is to run on), `TREESWAP_PREVIOUS` (the tree it ran on, if any), `TREESWAP_ROOTFS` (where
+/// to start it: its overlay's mount point, or the tree) and `TREESWAP_STATE_ROOT`.
+pub(crate) struct HookEnv {
+    pub version: String,
+    pub previous: Option<String>,
+    pub rootfs: std::path::PathBuf,
+    pub state_root: std::path::PathBuf,
+}
+
+/// Runs one of a guest's hooks (`stop`, `start`, `restart`) and waits for it, at most the
+/// guest's timeout.
+pub(crate) fn hook(g: &Guest, which: &str, argv: &[String], env: &HookEnv) -> Result<()> {
     let name = crate::core::path::quote(&g.name);
-    run(&format!("guest `{name}`"), &g.argv(), g.timeout)
+    let vars = [
+        ("TREESWAP_GUEST", g.name.clone().into()),
+        ("TREESWAP_VERSION", env.version.clone().into()),
+        (
+            "TREESWAP_PREVIOUS",
+            env.previous.clone().unwrap_or_default().into(),
+        ),
+        ("TREESWAP_ROOTFS", env.rootfs.clone().into_os_string()),
+        (
+            "TREESWAP_STATE_ROOT",
+            env.state_root.clone().into_os_string(),
+        ),
+    ];
+    run_with(&format!("guest `{name}`: {which}"), argv, g.timeout, &vars)
 }
 
 /// Runs a guest's health check, if it has one.
@@ -33,6 +58,19 @@ pub(crate) fn check(g: &Guest) -> Result<()> {
 /// Runs `argv` (no shell; `what` names it in messages) and waits for it, at most `timeout`
 /// seconds; its output goes to the log. Fails unless it exits 0 in time.
 pub(crate) fn run(what: &str, argv: &[String], timeout: u64) -> Result<()> {
+    run_with(what, argv, timeout, &[])
+}
+
+/// The last lines of a failed hook's output that its error quotes.
+const TAIL_LINES: usize = 3;
+
+/// [`run`] with `vars` added to the environment.
+fn run_with(
+    what: &str,
+    argv: &[String],
+    timeout: u64,
+    vars: &[(&str, std::ffi::OsString)],
+) -> Result<()> {
     // For messages: the config's command, quoted briefly.
     let shown = crate::core::path::quote_at_most(argv.join(" "), 160);
     log::info!("{what}: running {shown}");
@@ -43,6 +81,7 @@ pub(crate) fn run(what: &str, argv: &[String], timeout: u64) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out.try_clone()?)
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .process_group(0)
         .spawn()
         .with_context(|| format!("{what}: cannot run `{shown}`"))?;
@@ -64,9 +103,23 @@ pub(crate) fn run(what: &str, argv: &[String], timeout: u64) -> Result<()> {
     for line in text.lines() {
         log::info!("{what}: {line}");
     }
+    // The one error line says why: the last lines of the output, each quoted briefly.
+    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &tail[tail.len().saturating_sub(TAIL_LINES)..];
+    let said = match tail {
+        [] => String::new(),
+        lines => format!(
+            "; its output ends: {}",
+            lines
+                .iter()
+                .map(|l| format!("`{}`", crate::core::path::quote_at_most(l.trim(), 200)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ),
+    };
     match status {
-        None => bail!("{what}: `{shown}` did not finish within {timeout} s"),
-        Some(s) if !s.success() => bail!("{what}: `{shown}` failed ({s})"),
+        None => bail!("{what}: `{shown}` did not finish within {timeout} s{said}"),
+        Some(s) if !s.success() => bail!("{what}: `{shown}` failed ({s}){said}"),
         Some(_) => Ok(()),
     }
 }

@@ -5,6 +5,7 @@ pub(crate) mod diff;
 pub(crate) mod flip;
 pub mod fuzz;
 pub(crate) mod gc;
+pub(crate) mod guest;
 pub(crate) mod guests;
 pub(crate) mod import;
 pub(crate) mod install;

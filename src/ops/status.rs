@@ -35,6 +35,10 @@ pub(crate) struct Status {
     pub activity: Option<Activity>,
     /// The outcome of the last `apply` that got the lock.
     pub last_apply: Option<LastApply>,
+    // ---- guests (issue 16) ----
+    /// Each configured guest: overlay or tree, its layer, where it is mounted, the conflicts
+    /// of its last merge.
+    pub guests: Vec<crate::ops::guest::Info>,
 }
 
 /// One installed tree, as `status --json` and `list --json` show it.
@@ -85,6 +89,7 @@ pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
     let previous = root.link("previous")?;
     let versions = root.versions()?;
     let trees = trees(root, &versions, &current, &previous, &st)?;
+    let guests = crate::ops::guest::infos(root, cfg, &st)?;
     Ok(Status {
         schema: SCHEMA,
         root: root.path.display().to_string(),
@@ -104,6 +109,7 @@ pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
         trees,
         activity: root.activity()?,
         last_apply: root.last_apply()?,
+        guests,
     })
 }
 
@@ -192,7 +198,11 @@ impl Status {
                 ),
                 None => String::new(),
             }
-        )
+        ) + &self
+            .guests
+            .iter()
+            .map(|g| format!("guest:    {}\n", g.line()))
+            .collect::<String>()
     }
 
     /// What `list --json` prints: the schema version and the trees.

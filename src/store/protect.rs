@@ -12,6 +12,13 @@
 //!
 //! `auto` (the default) picks reflink where the file system can clone, else immutable where it
 //! supports the flag, else hardlink. Paths matching `private` globs get copies in every mode.
+//!
+//! Overlay guests (`[[guest]] root = "overlay"`) never see a tree: they run on an overlay
+//! whose lower layer is the tree, read-only, and whose upper layer is their own. A write
+//! copies the file up first, so the tree and the pool stay as installed whatever the guest
+//! does. But overlayfs copies the immutable flag up with the file, and the copy then refuses
+//! the write: with overlay guests `auto` is `AutoUnflagged` (reflink, else hardlink) and an
+//! explicit `immutable` is refused when the config is loaded.
 
 use std::os::fd::BorrowedFd;
 
@@ -46,7 +53,8 @@ pub(crate) fn resolve(setting: Protect, tmp: BorrowedFd) -> Result<Protection> {
     let mode = match setting {
         Protect::Auto if can_clone => Protection::Reflink,
         Protect::Auto if can_flag => Protection::Immutable,
-        Protect::Auto | Protect::Hardlink => Protection::Hardlink,
+        Protect::AutoUnflagged if can_clone => Protection::Reflink,
+        Protect::Auto | Protect::AutoUnflagged | Protect::Hardlink => Protection::Hardlink,
         Protect::Reflink if can_clone => Protection::Reflink,
         Protect::Reflink => {
             bail!("protect = \"reflink\": this file system cannot clone files (FICLONE)")

@@ -38,7 +38,68 @@ pub(crate) struct State {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub serials: std::collections::BTreeMap<String, u64>,
     // --- end of release repository ---
+    // ---- guest records (issue 16) ----
+    /// Overlay guests: which layer of `guests/<name>/` each runs on, and for which tree it
+    /// was merged.
+    #[serde(default, rename = "guest", skip_serializing_if = "Vec::is_empty")]
+    pub guests: Vec<GuestRecord>,
 }
+
+/// An overlay guest's layer (`guests/<name>/layer-<layer>`), merged for the tree `base`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GuestRecord {
+    pub name: String,
+    pub layer: u64,
+    /// The tree the layer was last merged for (what it is mounted on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The layer before the last merge, kept until every guest of the flip has started, so
+    /// that a flip back gives the guest exactly the layer it had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<GuestUndo>,
+    /// The conflicts of the last merge (at most `MAX_CONFLICTS` paths) and how many more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conflicts_more: u64,
+}
+
+/// The most conflict paths a guest record keeps.
+pub(crate) const MAX_CONFLICTS: usize = 100;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GuestUndo {
+    pub layer: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+}
+
+impl State {
+    /// The record of guest `name`, made if missing.
+    pub(crate) fn guest_mut(&mut self, name: &str) -> &mut GuestRecord {
+        match self.guests.iter().position(|g| g.name == name) {
+            Some(i) => &mut self.guests[i],
+            None => {
+                self.guests.push(GuestRecord {
+                    name: name.to_owned(),
+                    ..Default::default()
+                });
+                self.guests.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    pub(crate) fn guest(&self, name: &str) -> Option<&GuestRecord> {
+        self.guests.iter().find(|g| g.name == name)
+    }
+}
+// ---- end of guest records ----
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +158,19 @@ pub(crate) fn parse(text: &str) -> Result<State> {
     }
     for c in s.serials.keys() {
         crate::core::index::validate_channel(c).context("in the state file")?;
+    }
+    // Guest records: names are directories of `guests/`, bases are versions.
+    for g in &s.guests {
+        if g.name.is_empty() || g.name.starts_with('.') || g.name.contains('/') {
+            bail!(
+                "invalid state file: guest `{}` is not a guest name",
+                crate::core::path::quote(&g.name)
+            );
+        }
+        let bases = g.base.iter().chain(g.undo.iter().flat_map(|u| &u.base));
+        for v in bases {
+            version::validate(v).context("in the state file")?;
+        }
     }
     Ok(s)
 }
@@ -185,6 +259,17 @@ mod tests {
                 from: "1".into(),
                 to: "2".into(),
             }),
+            guests: vec![GuestRecord {
+                name: "web".into(),
+                layer: 2,
+                base: Some("2".into()),
+                undo: Some(GuestUndo {
+                    layer: 1,
+                    base: Some("1".into()),
+                }),
+                conflicts: vec!["etc/hostname".into()],
+                conflicts_more: 0,
+            }],
         };
         let text = toml::to_string(&s).unwrap();
         assert_eq!(parse(&text).unwrap(), s);
@@ -195,6 +280,7 @@ mod tests {
             "[pending]\nversion = \"a/b\"\nboots = 0\n",
             "[restart]\ntarget = \"..\"\nguests = []\n",
             "pins = [\"\"]\n",
+            "[[guest]]\nname = \"g\"\nlayer = 1\nbase = \"../x\"\n",
         ] {
             let err = parse(&format!("format = 1\n{bad}")).unwrap_err();
             assert!(

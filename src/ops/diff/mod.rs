@@ -108,9 +108,17 @@ pub(crate) fn make(req: &Request) -> Result<Stats> {
             diff(&base, &read, changes, &read, req.to_version, req.level)?
         }
         Trees::FromEmpty { root } => {
+            // The new tree's manifest is streamed, as for two installed versions.
             let empty = crate::core::manifest::empty_tree();
-            let changes = compare(&empty, root.load_manifest(req.to_version)?);
-            let base = Base::new(None, empty.digest(), &changes);
+            let head = (empty.digest(), empty.entries.len() as u64);
+            let from = |sink: &mut dyn FnMut(Vec<Entry>) -> Result<()>| {
+                sink(empty.entries.clone())?;
+                Ok(head)
+            };
+            let to = |sink: &mut dyn FnMut(Vec<Entry>) -> Result<()>| {
+                root.stream_manifest(req.to_version, sink)
+            };
+            let (base, changes) = streamed(None, &from, to)?;
             let pool = root.pool()?;
             let none = |_: &Entry| -> Result<std::os::fd::OwnedFd> {
                 bail!("the empty tree has no files")

@@ -1,0 +1,175 @@
+//! Mounts for overlay guests: [mount(2)] of an overlay, [umount2(2)], and what
+//! `/proc/self/mountinfo` says is mounted at a path. Paths here are absolute, by name: the
+//! kernel takes mount points and overlay layers by path.
+//!
+//! [mount(2)]: https://man7.org/linux/man-pages/man2/mount.2.html
+//! [umount2(2)]: https://man7.org/linux/man-pages/man2/umount2.2.html
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::core::path::display;
+
+/// `path` made absolute and free of symlinks ([realpath(3)]): overlay options and mount
+/// points are names, and what `mountinfo` shows must match them.
+///
+/// [realpath(3)]: https://man7.org/linux/man-pages/man3/realpath.3.html
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path)
+        .with_context(|| format!("cannot resolve `{}`", display(path.as_os_str().as_bytes())))
+}
+
+/// A path that can go into overlay mount options as it is: the options are separated by `,`,
+/// lower layers by `:`, and `\` escapes; such names are refused rather than escaped.
+fn option_path(p: &Path) -> Result<&str> {
+    let s = p.to_str().filter(|s| {
+        !s.bytes()
+            .any(|b| matches!(b, b',' | b':' | b'\\' | b'\n' | b'=' | 0) || b < 0x20)
+    });
+    match s {
+        Some(s) => Ok(s),
+        None => bail!(
+            "`{}` cannot be an overlay layer: its path holds `,`, `:`, `=`, `\\` or a control \
+             character",
+            display(p.as_os_str().as_bytes())
+        ),
+    }
+}
+
+/// Mounts an overlay at `target` ([mount(2)]): `lower` read-only below, `upper` and `work`
+/// (empty, on the same file system as `upper`) for the writes.
+///
+/// [mount(2)]: https://man7.org/linux/man-pages/man2/mount.2.html
+pub(crate) fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<()> {
+    let data = format!(
+        // The lower layer changes under the upper one at every flip, which overlayfs allows
+        // only without these features (overlayfs.rst, "Changes to underlying filesystems").
+        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off,xino=off",
+        option_path(lower)?,
+        option_path(upper)?,
+        option_path(work)?
+    );
+    let data = CString::new(data).expect("no NUL: checked");
+    rustix::mount::mount(
+        "overlay",
+        target,
+        "overlay",
+        MountFlags::empty(),
+        Some(data.as_c_str()),
+    )
+    .with_context(|| {
+        format!(
+            "cannot mount an overlay of `{}` at `{}`",
+            display(lower.as_os_str().as_bytes()),
+            display(target.as_os_str().as_bytes())
+        )
+    })
+}
+
+/// Unmounts what is mounted at `target` ([umount2(2)], `UMOUNT_NOFOLLOW`); `false` if nothing
+/// is (`EINVAL`).
+///
+/// [umount2(2)]: https://man7.org/linux/man-pages/man2/umount2.2.html
+pub(crate) fn unmount(target: &Path) -> Result<bool> {
+    match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+        Ok(()) => Ok(true),
+        Err(Errno::INVAL) | Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot unmount `{}` (is the guest still running on it?)",
+                display(target.as_os_str().as_bytes())
+            )
+        }),
+    }
+}
+
+/// What is mounted at a mount point, from one line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mounted {
+    pub fs_type: String,
+    /// The super block options (`lowerdir=…,upperdir=…` for an overlay).
+    pub options: String,
+}
+
+impl Mounted {
+    /// The value of the super block option `key` (`lowerdir`, …).
+    pub(crate) fn option(&self, key: &str) -> Option<&str> {
+        self.options
+            .split(',')
+            .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// The mount on top at `target` (the last line of `/proc/self/mountinfo` whose mount point is
+/// `target`), if any. `target` must be absolute and free of symlinks ([`absolute`]).
+pub(crate) fn mounted_at(target: &Path) -> Result<Option<Mounted>> {
+    let text = std::fs::read("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    Ok(parse_mountinfo(&text, target.as_os_str().as_bytes()))
+}
+
+/// proc(5): `ID PARENT MAJ:MIN ROOT POINT OPTS [OPTIONAL...] - TYPE SOURCE SUPER_OPTS`, with
+/// space, tab, newline and `\` in names escaped as `\ooo`.
+fn parse_mountinfo(text: &[u8], target: &[u8]) -> Option<Mounted> {
+    let mut found = None;
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        if fields.len() < 10 || unescape(fields[4]) != target {
+            continue;
+        }
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        let (Some(ty), Some(opts)) = (fields.get(dash + 1), fields.get(dash + 3)) else {
+            continue;
+        };
+        found = Some(Mounted {
+            fs_type: String::from_utf8_lossy(ty).into_owned(),
+            options: String::from_utf8_lossy(&unescape(opts)).into_owned(),
+        });
+    }
+    found
+}
+
+fn unescape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\'
+            && i + 3 < s.len()
+            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines() {
+        let text = b"22 1 0:21 / /proc rw - proc proc rw\n\
+            90 22 0:50 / /v/guests/a\\040b/rootfs rw,nosuid - overlay overlay rw,lowerdir=/v/trees/1,upperdir=/v/guests/a/layer-1,workdir=/v/guests/a/work\n\
+            91 22 0:51 / /v/guests/a\\040b/rootfs rw - overlay overlay rw,lowerdir=/v/trees/2,upperdir=/u,workdir=/w\n";
+        let m = parse_mountinfo(text, b"/v/guests/a b/rootfs").unwrap();
+        assert_eq!(m.fs_type, "overlay");
+        assert_eq!(m.option("lowerdir"), Some("/v/trees/2"));
+        assert_eq!(m.option("upperdir"), Some("/u"));
+        assert_eq!(parse_mountinfo(text, b"/v/guests"), None);
+        assert!(option_path(Path::new("/a,b")).is_err());
+        assert!(option_path(Path::new("/a:b")).is_err());
+        assert_eq!(option_path(Path::new("/a/b c")).unwrap(), "/a/b c");
+    }
+}

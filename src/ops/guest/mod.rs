@@ -1,0 +1,589 @@
+//! Guests that live on the tree (issue 16). A guest in overlay mode runs on an overlay
+//! mounted at `guests/<name>/rootfs`: the tree below, read-only, and its own layer
+//! (`guests/<name>/layer-<N>`, persistent across versions) above, so that whatever the guest
+//! writes, the pool and every tree stay as installed. A guest in tree mode runs on the tree.
+//!
+//! Moving a guest onto a tree ([`restart`]): `stop`, unmount, merge the layer for the new tree
+//! ([`merge`]), mount, `start`. The merge works on a new layer, a hardlink copy of the old one
+//! (it only removes and renames names, never writes a file), so the old layer stays whole
+//! until every guest of the flip has started ([`settle`]): a flip back gives each guest
+//! exactly the layer it had. The state file records which layer each guest runs on and for
+//! which tree it was merged, after the merge and before the mount; a crash anywhere leaves
+//! the recorded layer whole, and `boot` finishes the move.
+
+pub(crate) mod merge;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use crate::core::config::{Config, Guest, Policy};
+use crate::core::failpoint;
+use crate::core::manifest::Manifest;
+use crate::core::path::{display, quote};
+use crate::fs::{mount, sys};
+use crate::ops::guests::{HookEnv, hook};
+use crate::store::root::Root;
+use crate::store::state::{self, GuestRecord, GuestUndo, MAX_CONFLICTS, State};
+use crate::tree::scan;
+
+/// `guests/` in the root.
+const GUESTS: &str = "guests";
+
+/// The places of one overlay guest.
+pub(crate) struct Place {
+    /// `<root>/guests/<name>`, absolute.
+    pub dir: PathBuf,
+    pub fd: OwnedFd,
+    pub rootfs: PathBuf,
+    pub work: PathBuf,
+}
+
+impl Place {
+    fn layer_name(n: u64) -> String {
+        format!("layer-{n}")
+    }
+    pub(crate) fn layer(&self, n: u64) -> PathBuf {
+        self.dir.join(Self::layer_name(n))
+    }
+}
+
+/// The absolute path of the root (overlay options and mount points are names).
+fn root_abs(root: &Root) -> Result<PathBuf> {
+    mount::absolute(&root.path)
+}
+
+/// `guests/<name>/` with `rootfs/` and `work/`, made if missing.
+pub(crate) fn place(root: &Root, g: &Guest) -> Result<Place> {
+    sys::mkdirat(root.fd(), GUESTS.as_bytes(), 0o755, true)?;
+    let guests = root.subdir(GUESTS)?;
+    sys::mkdirat(guests.as_fd(), g.name.as_bytes(), 0o755, true)?;
+    let fd = sys::open_dir_beneath(guests.as_fd(), g.name.as_bytes())?;
+    for d in ["rootfs", "work"] {
+        sys::mkdirat(fd.as_fd(), d.as_bytes(), 0o755, true)?;
+    }
+    let dir = root_abs(root)?.join(GUESTS).join(&g.name);
+    Ok(Place {
+        rootfs: dir.join("rootfs"),
+        work: dir.join("work"),
+        dir,
+        fd,
+    })
+}
+
+/// The tree `version`'s directory, absolute.
+fn tree_path(root: &Root, version: &str) -> Result<PathBuf> {
+    Ok(root_abs(root)?.join("trees").join(version))
+}
+
+/// Moves guest `g` onto `target`: in tree mode its `restart` (or `stop` and `start`); in
+/// overlay mode `stop`, unmount, merge, mount, `start` (see the module). `st` is the state
+/// file as last saved; guest records in it are saved as they change.
+pub(crate) fn restart(
+    root: &Root,
+    g: &Guest,
+    target: &str,
+    previous: Option<&str>,
+    st: &mut State,
+) -> Result<()> {
+    if !g.is_overlay() {
+        let env = HookEnv {
+            version: target.to_owned(),
+            previous: previous.map(str::to_owned),
+            rootfs: tree_path(root, target)?,
+            state_root: root_abs(root)?,
+        };
+        if let Some(argv) = &g.restart {
+            return hook(g, "restart", argv, &env);
+        }
+        let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
+            bail!("guest `{}` has no hook", quote(&g.name));
+        };
+        hook(g, "stop", stop, &env)?;
+        return hook(g, "start", start, &env);
+    }
+    let p = place(root, g)?;
+    let env = HookEnv {
+        version: target.to_owned(),
+        previous: st.guest(&g.name).and_then(|r| r.base.clone()),
+        rootfs: p.rootfs.clone(),
+        state_root: root_abs(root)?,
+    };
+    let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
+        bail!("guest `{}` has no `stop` and `start`", quote(&g.name));
+    };
+    hook(g, "stop", stop, &env)?;
+    failpoint::hit("guest-before-remount");
+    unmount_all(&p)?;
+    prepare(root, g, &p, target, st)?;
+    mount_layer(root, &p, st.guest(&g.name).expect("prepared"), target)?;
+    failpoint::hit("guest-before-start");
+    hook(g, "start", start, &env)
+}
+
+/// Unmounts whatever is mounted at the guest's `rootfs`.
+fn unmount_all(p: &Place) -> Result<()> {
+    // Bounded: a mount point holds few stacked mounts; more is not ours to undo.
+    for _ in 0..16 {
+        if !mount::unmount(&p.rootfs)? {
+            return Ok(());
+        }
+    }
+    bail!("`{}` still has mounts on it", p.rootfs.display())
+}
+
+fn mount_layer(root: &Root, p: &Place, rec: &GuestRecord, target: &str) -> Result<()> {
+    mount::mount_overlay(
+        &tree_path(root, target)?,
+        &p.layer(rec.layer),
+        &p.work,
+        &p.rootfs,
+    )?;
+    log::info!(
+        "guest `{}`: its overlay is mounted on `{target}` (layer {})",
+        quote(&rec.name),
+        rec.layer
+    );
+    Ok(())
+}
+
+/// Makes the guest's recorded layer the one for `target`: a first, empty layer; the undo
+/// layer if it was for `target` (a flip back); else a merged copy of the current one.
+fn prepare(root: &Root, g: &Guest, p: &Place, target: &str, st: &mut State) -> Result<()> {
+    let rec = st.guest_mut(&g.name).clone();
+    let name = quote(&g.name);
+    if rec.layer == 0 {
+        remove_leftovers(p, &[])?;
+        let top = root.load_manifest(target)?;
+        new_layer(p, 1, &top)?;
+        *st.guest_mut(&g.name) = GuestRecord {
+            name: g.name.clone(),
+            layer: 1,
+            base: Some(target.to_owned()),
+            ..Default::default()
+        };
+        return state::save(root.fd(), st);
+    }
+    if rec.base.as_deref() == Some(target) {
+        return Ok(());
+    }
+    if let Some(u) = rec
+        .undo
+        .as_ref()
+        .filter(|u| u.base.as_deref() == Some(target))
+    {
+        log::info!(
+            "guest `{name}`: back to its layer {} for `{target}`",
+            u.layer
+        );
+        *st.guest_mut(&g.name) = GuestRecord {
+            name: g.name.clone(),
+            layer: u.layer,
+            base: u.base.clone(),
+            ..Default::default()
+        };
+        state::save(root.fd(), st)?;
+        return remove_leftovers(p, &[u.layer]);
+    }
+    // The merge starts from the current layer only: an older undo is no longer needed.
+    remove_leftovers(p, &[rec.layer])?;
+    let next = rec.layer + 1;
+    farm(p, rec.layer, next)?;
+    let old = match &rec.base {
+        Some(b) if root.is_installed(b)? => Some(root.load_manifest(b)?),
+        _ => None,
+    };
+    let new = root.load_manifest(target)?;
+    let (conflicts, more) = merge_layer(g, p, next, old.as_ref(), &new, target)?;
+    *st.guest_mut(&g.name) = GuestRecord {
+        name: g.name.clone(),
+        layer: next,
+        base: Some(target.to_owned()),
+        undo: Some(GuestUndo {
+            layer: rec.layer,
+            base: rec.base.clone(),
+        }),
+        conflicts,
+        conflicts_more: more,
+    };
+    state::save(root.fd(), st)
+}
+
+/// Removes every `layer-*` of the guest but those in `keep`: layers a crash left unrecorded.
+fn remove_leftovers(p: &Place, keep: &[u64]) -> Result<()> {
+    for n in sys::read_dir(p.fd.as_fd())? {
+        let Some(num) = n.strip_prefix(b"layer-") else {
+            continue;
+        };
+        let num = std::str::from_utf8(num).ok().and_then(|s| s.parse().ok());
+        if num.is_none_or(|x: u64| !keep.contains(&x)) {
+            sys::remove_tree_at(p.fd.as_fd(), &n)
+                .with_context(|| format!("cannot remove `{}`", display(&n)))?;
+        }
+    }
+    Ok(())
+}
+
+/// An empty layer `n` whose top has the owner and mode of the tree's top (the overlay's
+/// top is its upper layer's).
+fn new_layer(p: &Place, n: u64, tree: &Manifest) -> Result<()> {
+    let name = Place::layer_name(n);
+    sys::mkdirat(p.fd.as_fd(), name.as_bytes(), 0o755, false)?;
+    if let Some(top) = tree.find(b".") {
+        let fd = sys::open_dir_beneath(p.fd.as_fd(), name.as_bytes())?;
+        let mut meta = top.meta.clone();
+        meta.xattrs.clear();
+        sys::apply_meta_fd(fd.as_fd(), &meta)?;
+    }
+    Ok(())
+}
+
+/// Layer `to` as a copy of layer `from`: its directories made anew (owner, mode, extended
+/// attributes: an opaque directory stays opaque), every other entry a hardlink.
+fn farm(p: &Place, from: u64, to: u64) -> Result<()> {
+    let (src_name, dst_name) = (Place::layer_name(from), Place::layer_name(to));
+    let src = sys::open_dir_beneath(p.fd.as_fd(), src_name.as_bytes())?;
+    sys::mkdirat(p.fd.as_fd(), dst_name.as_bytes(), 0o700, false)?;
+    let dst = sys::open_dir_beneath(p.fd.as_fd(), dst_name.as_bytes())?;
+    scan::walk(src.as_fd(), &mut |e, _| {
+        let path: &[u8] = &e.path;
+        if path == b"." {
+            sys::set_meta_exact_fd(dst.as_fd(), &e.meta)?;
+            return Ok(true);
+        }
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&b"."[..], path),
+        };
+        let (subs, subd);
+        let (sp, dp) = match parent {
+            b"." => (src.as_fd(), dst.as_fd()),
+            _ => {
+                subs = sys::open_dir_beneath(src.as_fd(), parent)?;
+                subd = sys::open_dir_beneath(dst.as_fd(), parent)?;
+                (subs.as_fd(), subd.as_fd())
+            }
+        };
+        if e.is_dir() {
+            sys::mkdirat(dp, name, 0o700, false)?;
+            let fd = sys::open_dir_beneath(dp, name)?;
+            sys::set_meta_exact_fd(fd.as_fd(), &e.meta)?;
+        } else {
+            sys::linkat(sp, name, dp, name)
+                .with_context(|| format!("cannot link `{}` into the new layer", display(path)))?;
+        }
+        Ok(true)
+    })
+}
+
+/// Merges layer `n` (see [`merge`]) from `old` onto `new`: drops, sets aside, logs and returns
+/// the conflicts (at most [`MAX_CONFLICTS`] paths, and how many more).
+fn merge_layer(
+    g: &Guest,
+    p: &Place,
+    n: u64,
+    old: Option<&Manifest>,
+    new: &Manifest,
+    target: &str,
+) -> Result<(Vec<String>, u64)> {
+    let layer_path = p.layer(n);
+    let layer = scan::scan(&layer_path, None)?;
+    let plan = merge::plan(&layer, old, new, &merge::Rules::of(g)?);
+    let top = sys::open_dir(&layer_path)?;
+    let midway = plan.actions.len() / 2;
+    if plan.actions.is_empty() {
+        failpoint::hit("guest-merge-midway");
+    }
+    for (i, (path, action)) in plan.actions.iter().enumerate() {
+        if i == midway {
+            failpoint::hit("guest-merge-midway");
+        }
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&b"."[..], &path[..]),
+        };
+        let sub;
+        let dir = match parent {
+            b"." => top.as_fd(),
+            _ => {
+                sub = sys::open_dir_beneath(top.as_fd(), parent)?;
+                sub.as_fd()
+            }
+        };
+        match action {
+            merge::Action::Drop => {
+                let is_dir = layer.find(path).is_some_and(|e| e.is_dir());
+                sys::unlinkat_ok(dir, name, is_dir)?;
+            }
+            merge::Action::SetAside => {
+                let mut aside = name.to_vec();
+                aside.extend_from_slice(merge::LOCAL_SUFFIX);
+                sys::renameat(dir, name, dir, &aside)
+                    .with_context(|| format!("cannot set `{}` aside", display(path)))?;
+            }
+        }
+    }
+    let gname = quote(&g.name);
+    for (path, policy) in &plan.conflicts {
+        let what = match policy {
+            Policy::Keep => "kept the guest's copy",
+            Policy::Take => "took the release's; the guest's is `<name>.treeswap-local`",
+        };
+        log::warn!(
+            "guest `{gname}`: `{}` changed both in the guest and in `{target}`: {what}",
+            display(path)
+        );
+    }
+    log::info!(
+        "guest `{gname}`: merged for `{target}`: {} dropped or set aside, {} kept, {} conflict(s)",
+        plan.actions.len(),
+        plan.kept,
+        plan.conflicts.len()
+    );
+    let shown: Vec<String> = plan
+        .conflicts
+        .iter()
+        .take(MAX_CONFLICTS)
+        .map(|(p, _)| display(p))
+        .collect();
+    let more = plan.conflicts.len().saturating_sub(MAX_CONFLICTS) as u64;
+    Ok((shown, more))
+}
+
+/// Once every guest of a flip has started: the layers kept for a flip back go.
+pub(crate) fn settle(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
+    let mut changed = false;
+    for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
+        let Some(rec) = st.guest(&g.name).cloned() else {
+            continue;
+        };
+        if rec.undo.is_some() {
+            st.guest_mut(&g.name).undo = None;
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    state::save(root.fd(), st)?;
+    for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
+        if let Some(rec) = st.guest(&g.name) {
+            remove_leftovers(&place(root, g)?, &[rec.layer])?;
+        }
+    }
+    Ok(())
+}
+
+/// At boot, after the recorded restarts: every overlay guest with nothing mounted gets its
+/// overlay on `current` (merged first if it was for another tree). A guest that runs on
+/// another tree (a flip with `--no-restart`) is left alone.
+pub(crate) fn mount_all(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
+    let Some(current) = root.link("current")? else {
+        return Ok(());
+    };
+    for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
+        let p = place(root, g)?;
+        if mount::mounted_at(&p.rootfs)?.is_some() {
+            continue;
+        }
+        prepare(root, g, &p, &current, st)?;
+        mount_layer(root, &p, st.guest(&g.name).expect("prepared"), &current)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// `treeswap guest list|status|diff|reset` and `status`
+
+/// A guest as `guest list`, `guest status` and `status` show it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Info {
+    pub name: String,
+    /// `overlay` or `tree`.
+    pub root: &'static str,
+    /// Overlay: the layer it runs on (`guests/<name>/layer-<N>`).
+    pub layer: Option<u64>,
+    /// Overlay: the tree its layer was last merged for.
+    pub base: Option<String>,
+    /// Overlay: the tree its overlay is mounted on now (`?`: something else is mounted
+    /// there), or none.
+    pub mounted_on: Option<String>,
+    /// Overlay: the conflicts of the last merge (paths) and how many more there were.
+    pub conflicts: Vec<String>,
+    pub conflicts_more: u64,
+}
+
+/// Where guest `g`'s files are, without making anything (for readers).
+fn paths(root: &Root, g: &Guest) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let dir = root_abs(root)?.join(GUESTS).join(&g.name);
+    Ok((dir.join("rootfs"), dir.join("work"), dir))
+}
+
+/// Every configured guest; reads only (no lock needed).
+pub(crate) fn infos(root: &Root, cfg: &Config, st: &State) -> Result<Vec<Info>> {
+    cfg.guests.iter().map(|g| info(root, g, st)).collect()
+}
+
+fn info(root: &Root, g: &Guest, st: &State) -> Result<Info> {
+    let rec = st.guest(&g.name).filter(|_| g.is_overlay());
+    let mounted_on = match rec {
+        Some(rec) => {
+            let (rootfs, work, dir) = paths(root, g)?;
+            match mount::mounted_at(&rootfs)? {
+                None => None,
+                Some(m) => {
+                    let ours = m.fs_type == "overlay"
+                        && m.option("upperdir") == dir.join(Place::layer_name(rec.layer)).to_str()
+                        && m.option("workdir") == work.to_str();
+                    let trees = tree_path(root, "")?;
+                    let lower = m.option("lowerdir").unwrap_or_default();
+                    let v = std::path::Path::new(lower)
+                        .strip_prefix(&trees)
+                        .ok()
+                        .and_then(|v| v.to_str())
+                        .filter(|_| ours);
+                    Some(v.unwrap_or("?").to_owned())
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(Info {
+        name: g.name.clone(),
+        root: if g.is_overlay() { "overlay" } else { "tree" },
+        layer: rec.map(|r| r.layer),
+        base: rec.and_then(|r| r.base.clone()),
+        mounted_on,
+        conflicts: rec.map(|r| r.conflicts.clone()).unwrap_or_default(),
+        conflicts_more: rec.map_or(0, |r| r.conflicts_more),
+    })
+}
+
+impl Info {
+    /// One line for `guest list` and `status`.
+    pub(crate) fn line(&self) -> String {
+        let name = quote(&self.name);
+        if self.root == "tree" {
+            return format!("{name}: runs on the tree");
+        }
+        let mounted = match &self.mounted_on {
+            Some(v) => format!("mounted on `{v}`"),
+            None => "not mounted".into(),
+        };
+        let n = self.conflicts.len() as u64 + self.conflicts_more;
+        let conflicts = match n {
+            0 => String::new(),
+            n => format!(", {n} conflict(s) in its last merge"),
+        };
+        match self.layer {
+            Some(l) => format!("{name}: overlay, layer {l}, {mounted}{conflicts}"),
+            None => format!("{name}: overlay, no layer yet, {mounted}"),
+        }
+    }
+}
+
+fn find<'a>(cfg: &'a Config, name: &str) -> Result<&'a Guest> {
+    cfg.guests
+        .iter()
+        .find(|g| g.name == name)
+        .ok_or_else(|| anyhow::anyhow!("no guest is named `{}` in the config", quote(name)))
+}
+
+/// `guest status NAME`: its line, then each conflict of its last merge.
+pub(crate) fn status_text(root: &Root, cfg: &Config, name: &str) -> Result<String> {
+    let st = state::load(root.fd())?;
+    let i = info(root, find(cfg, name)?, &st)?;
+    let mut out = format!("{}\n", i.line());
+    if let Some(b) = &i.base {
+        out.push_str(&format!("merged for: `{b}`\n"));
+    }
+    for c in &i.conflicts {
+        out.push_str(&format!("conflict: {c}\n"));
+    }
+    if i.conflicts_more > 0 {
+        out.push_str(&format!("conflicts: {} more\n", i.conflicts_more));
+    }
+    Ok(out)
+}
+
+/// `guest diff NAME`: what the guest's layer changes against the tree it was merged for, one
+/// line per path: `A` added, `M` changed, `D` deleted, `R` a directory replaced whole.
+pub(crate) fn diff(root: &Root, cfg: &Config, name: &str) -> Result<Vec<String>> {
+    let g = find(cfg, name)?;
+    if !g.is_overlay() {
+        bail!("guest `{}` runs on the tree: it has no layer", quote(name));
+    }
+    let st = state::load(root.fd())?;
+    let Some(rec) = st.guest(name) else {
+        return Ok(Vec::new());
+    };
+    let (_, _, dir) = paths(root, g)?;
+    let layer = scan::scan(&dir.join(Place::layer_name(rec.layer)), None)?;
+    let base = match &rec.base {
+        Some(b) if root.is_installed(b)? => root.load_manifest(b)?,
+        _ => Manifest::default(),
+    };
+    let mut out = Vec::new();
+    for e in layer.entries.iter().filter(|e| &*e.path != b".") {
+        let b = base.find(&e.path);
+        let opaque = e.meta.xattrs.iter().any(|(k, v)| {
+            (&**k == b"trusted.overlay.opaque" || &**k == b"user.overlay.opaque") && &**v == b"y"
+        });
+        let tag = if merge::is_whiteout(e) {
+            "D"
+        } else if opaque && b.is_some() {
+            "R"
+        } else if b.is_some_and(|b| merge::same(e, b)) {
+            continue;
+        } else if b.is_some() {
+            "M"
+        } else {
+            "A"
+        };
+        out.push(format!("{tag} /{}", display(&e.path)));
+    }
+    Ok(out)
+}
+
+/// `guest reset NAME`: drops the guest's local changes. `stop`, unmount, a new empty layer,
+/// mount on `current`, `start`; the old layer goes once the new one is recorded.
+pub(crate) fn reset(root: &Root, cfg: &Config, name: &str) -> Result<()> {
+    let g = find(cfg, name)?;
+    if !g.is_overlay() {
+        bail!("guest `{}` runs on the tree: it has no layer", quote(name));
+    }
+    let Some(current) = root.link("current")? else {
+        bail!("there is no current tree to reset the guest onto");
+    };
+    let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
+        bail!("guest `{}` has no `stop` and `start`", quote(name));
+    };
+    let mut st = state::load(root.fd())?;
+    let p = place(root, g)?;
+    let env = HookEnv {
+        version: current.clone(),
+        previous: st.guest(name).and_then(|r| r.base.clone()),
+        rootfs: p.rootfs.clone(),
+        state_root: root_abs(root)?,
+    };
+    hook(g, "stop", stop, &env)?;
+    unmount_all(&p)?;
+    let rec = st.guest_mut(name).clone();
+    let keep: Vec<u64> = std::iter::once(rec.layer)
+        .chain(rec.undo.as_ref().map(|u| u.layer))
+        .collect();
+    remove_leftovers(&p, &keep)?;
+    let next = keep.iter().max().copied().unwrap_or(0) + 1;
+    new_layer(&p, next, &root.load_manifest(&current)?)?;
+    *st.guest_mut(name) = GuestRecord {
+        name: name.to_owned(),
+        layer: next,
+        base: Some(current.clone()),
+        ..Default::default()
+    };
+    state::save(root.fd(), &st)?;
+    remove_leftovers(&p, &[next])?;
+    mount_layer(root, &p, st.guest(name).expect("recorded"), &current)?;
+    hook(g, "start", start, &env)
+}

@@ -1,0 +1,617 @@
+//! Overlay guests (issue 16) with a plain process as the guest: `fixtures/guest-overlay.sh`
+//! starts a python3 process chrooted into `TREESWAP_ROOTFS` (the guest's overlay) and stops
+//! it. Writes into `guests/<name>/rootfs` are what the guest's own writes are: they go
+//! through its overlay. The nspawn suite (`tests/guest_containers.rs`) does the same with a real
+//! container on a real Debian tree.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+fn v1_spec() -> TreeSpec {
+    TreeSpec::new()
+        .file("etc/hello.conf", "greeting = hello\n")
+        .file("etc/motd", "welcome\n")
+        .file("usr/bin/hello", "#!/bin/sh\necho hello\n")
+        .mode(0o755)
+        .file("usr/share/doc/hello/copyright", "public domain\n")
+        .file("usr/share/doc/hello/changelog", "1.0: first\n")
+        .dir("var/lib/hello")
+        .file("var/log/dpkg.log", "installed hello 1.0\n")
+}
+
+fn v2_spec() -> TreeSpec {
+    TreeSpec::new()
+        .file("etc/hello.conf", "greeting = hello, world\n")
+        .file("etc/motd", "welcome\n")
+        .file("usr/bin/hello", "#!/bin/sh\necho hello, world\n")
+        .mode(0o755)
+        .file("usr/share/doc/hello/copyright", "public domain\n")
+        .file("usr/share/doc/hello/changelog", "2.0: second\n1.0: first\n")
+        .dir("var/lib/hello")
+        .file(
+            "var/log/dpkg.log",
+            "installed hello 1.0\nupgraded hello 2.0\n",
+        )
+}
+
+/// A scratch directory with trees v1 and v2, a delta from 1 to 2, a run directory and a
+/// config with one overlay guest `web`. Guest processes and the overlay are cleaned up on
+/// drop.
+struct Setup {
+    env: Env,
+    v1: PathBuf,
+    delta: PathBuf,
+    rundir: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(extra: &str) -> Setup {
+        Setup::in_dir(Env::new(), extra)
+    }
+
+    fn in_dir(env: Env, extra: &str) -> Setup {
+        let v1 = env.tree("v1", &v1_spec());
+        let v2 = env.tree("v2", &v2_spec());
+        let delta = env.path("1-2.delta");
+        diff_from_dirs(&v1, &v2, "1", "2", &delta).success();
+        let rundir = env.path("run");
+        fs::create_dir_all(&rundir).unwrap();
+        let config = env.path("treeswap.toml");
+        let t = Setup {
+            env,
+            v1,
+            delta,
+            rundir,
+            config,
+        };
+        t.set_config(&t.guest("web", extra));
+        t
+    }
+
+    fn root(&self) -> &Path {
+        &self.env.root
+    }
+
+    /// A `[[guest]]` table for an overlay guest run by `fixtures/guest-overlay.sh`.
+    fn guest(&self, name: &str, extra: &str) -> String {
+        let hook = |action: &str| {
+            format!(
+                "[\"{REPO}/fixtures/guest-overlay.sh\", \"{action}\", \"{}\"]",
+                s(&self.rundir)
+            )
+        };
+        format!(
+            "[[guest]]\nname = \"{name}\"\nstop = {}\nstart = {}\ntimeout = 20\n{extra}",
+            hook("stop"),
+            hook("start")
+        )
+    }
+
+    fn set_config(&self, text: &str) {
+        fs::write(&self.config, text).unwrap();
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = ts_cmd();
+        c.env_remove("TREESWAP_CONFIG")
+            .env_remove("TREESWAP_FAILPOINT")
+            .arg("--root")
+            .arg(self.root())
+            .arg("--config")
+            .arg(&self.config);
+        c
+    }
+
+    fn ts<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        run(self.cmd().args(args))
+    }
+
+    fn ts_failpoint(&self, failpoint: &str, args: &[&str]) -> Run {
+        run(self.cmd().env("TREESWAP_FAILPOINT", failpoint).args(args))
+    }
+
+    fn import_v1_active(&self) {
+        self.ts(["import", s(&self.v1), "--version", "1", "--activate"])
+            .success();
+    }
+
+    fn rootfs(&self, name: &str) -> PathBuf {
+        self.root().join("guests").join(name).join("rootfs")
+    }
+
+    fn status(&self) -> Value {
+        let r = self.ts(["status", "--json"]);
+        r.success();
+        serde_json::from_str(&r.stdout()).unwrap()
+    }
+
+    fn guest_json(&self, name: &str) -> Value {
+        let st = self.status();
+        st["guests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("no guest {name} in {st}"))
+            .clone()
+    }
+
+    /// The guest's current layer directory, from `status --json`.
+    fn layer(&self, name: &str) -> PathBuf {
+        let n = self.guest_json(name)["layer"].as_u64().expect("a layer");
+        self.root()
+            .join("guests")
+            .join(name)
+            .join(format!("layer-{n}"))
+    }
+
+    /// Waits (at most 10 s) until guest `name` runs chrooted into its overlay, and that
+    /// overlay (as the guest's own mountinfo shows it) has `trees/<version>` below; returns
+    /// its pid.
+    #[track_caller]
+    fn assert_guest_on(&self, name: &str, version: &str) -> i32 {
+        let rootfs = fs::canonicalize(self.rootfs(name)).unwrap();
+        let lower = fs::canonicalize(self.env.tree_dir(version)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = String::from("no pid file");
+        loop {
+            if let Some(pid) = fs::read_to_string(self.rundir.join(format!("{name}.pid")))
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            {
+                let root = fs::read_link(format!("/proc/{pid}/root"));
+                let lowers = overlay_lowers(pid);
+                match root {
+                    Ok(r) if r == rootfs && lowers == [s(&lower)] => return pid,
+                    Ok(r) => {
+                        seen = format!("pid {pid} with root {}, lower {lowers:?}", r.display())
+                    }
+                    Err(e) => seen = format!("pid {pid}: {e}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "guest `{name}` should run on its overlay over {}; found {seen}",
+                    lower.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The `lowerdir` of each overlay mounted at the root of process `pid`, as the process sees
+/// its mounts (mount points relative to its root: `/`).
+fn overlay_lowers(pid: i32) -> Vec<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            (f.get(4) == Some(&"/") && f.get(dash + 1) == Some(&"overlay")).then(|| {
+                f[dash + 3]
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("lowerdir="))
+                    .unwrap_or("")
+                    .to_owned()
+            })
+        })
+        .collect()
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        kill_processes_rooted_in(self.env.dir.path());
+        for name in names(&self.root().join("guests")) {
+            let rootfs = self.root().join("guests").join(bpath(&name)).join("rootfs");
+            for _ in 0..4 {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&rootfs)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// SIGKILLs every process whose root directory lies under `dir`: the guests of a test.
+fn kill_processes_rooted_in(dir: &Path) {
+    let Ok(dir) = fs::canonicalize(dir) else {
+        return;
+    };
+    for p in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if fs::read_link(p.path().join("root")).is_ok_and(|r| r.starts_with(&dir)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// What the guest does to its root while it runs on `1`: a new file, an edit of a file the
+/// release leaves alone, an edit of one the release changes, an append, a deletion.
+fn live_a_little(t: &Setup) {
+    let r = t.rootfs("web");
+    fs::write(r.join("var/lib/hello/counter"), "41\n").unwrap();
+    fs::write(r.join("usr/share/doc/hello/copyright"), "mine\n").unwrap();
+    fs::write(r.join("etc/hello.conf"), "greeting = kiosk-17\n").unwrap();
+    let mut log = fs::OpenOptions::new()
+        .append(true)
+        .open(r.join("var/log/dpkg.log"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, b"local line\n").unwrap();
+    fs::remove_file(r.join("etc/motd")).unwrap();
+}
+
+#[test]
+fn an_overlay_guest_keeps_its_changes_across_an_update_and_a_revert() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("state = [\"/var/log/**\"]\n");
+    t.import_v1_active();
+    let pid1 = t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    // The trees and the pool are as installed, whatever the guest did.
+    t.ts(["verify", "--full", "1"]).success();
+
+    let r = t.ts(["apply", s(&t.delta)]);
+    r.success();
+    // The conflict is in the log (a warning) and in status.
+    r.stderr_has("etc/hello.conf");
+    let pid2 = t.assert_guest_on("web", "2");
+    assert_ne!(pid1, pid2, "the guest was not restarted");
+    let root = t.rootfs("web");
+    assert_eq!(read(&root.join("var/lib/hello/counter")), "41\n");
+    assert_eq!(read(&root.join("usr/share/doc/hello/copyright")), "mine\n");
+    // A conflict, kept (the default policy).
+    assert_eq!(read(&root.join("etc/hello.conf")), "greeting = kiosk-17\n");
+    // A state path: the guest's, whatever the release did.
+    assert_eq!(
+        read(&root.join("var/log/dpkg.log")),
+        "installed hello 1.0\nlocal line\n"
+    );
+    assert!(!root.join("etc/motd").exists(), "the deletion is kept");
+    // What the release changed and the guest did not shows the new release.
+    assert_eq!(
+        read(&root.join("usr/bin/hello")),
+        "#!/bin/sh\necho hello, world\n"
+    );
+    assert_eq!(
+        read(&root.join("usr/share/doc/hello/changelog")),
+        "2.0: second\n1.0: first\n"
+    );
+    let g = t.guest_json("web");
+    assert_eq!(g["root"], "overlay", "{g}");
+    assert_eq!(g["mounted_on"], "2", "{g}");
+    assert_eq!(g["base"], "2", "{g}");
+    assert_eq!(g["conflicts"], serde_json::json!(["etc/hello.conf"]), "{g}");
+    t.ts(["status"]).success().stdout_has("1 conflict(s)");
+    t.ts(["guest", "status", "web"])
+        .success()
+        .stdout_has("merged for: `2`")
+        .stdout_has("conflict: etc/hello.conf");
+    // The hook's environment.
+    let env = read(&t.rundir.join("web.env"));
+    for want in [
+        "TREESWAP_GUEST=web".to_owned(),
+        "TREESWAP_VERSION=2".to_owned(),
+        "TREESWAP_PREVIOUS=1".to_owned(),
+        format!(
+            "TREESWAP_ROOTFS={}",
+            s(&fs::canonicalize(t.rootfs("web")).unwrap())
+        ),
+        format!(
+            "TREESWAP_STATE_ROOT={}",
+            s(&fs::canonicalize(t.root()).unwrap())
+        ),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} not in\n{env}");
+    }
+    // `guest diff` lists what the guest changed against its tree.
+    let d = t.ts(["guest", "diff", "web"]);
+    d.success();
+    for want in [
+        "A /var/lib/hello/counter",
+        "M /usr/share/doc/hello/copyright",
+        "M /etc/hello.conf",
+        "D /etc/motd",
+    ] {
+        d.stdout_has(want);
+    }
+    assert!(!d.stdout().contains("/usr/bin/hello"), "{}", d.stdout());
+
+    t.ts(["--revert"]).success();
+    t.assert_guest_on("web", "1");
+    assert_eq!(read(&root.join("var/lib/hello/counter")), "41\n");
+    assert_eq!(read(&root.join("usr/share/doc/hello/copyright")), "mine\n");
+    assert_eq!(read(&root.join("etc/hello.conf")), "greeting = kiosk-17\n");
+    assert_eq!(read(&root.join("usr/bin/hello")), "#!/bin/sh\necho hello\n");
+    assert!(read(&t.rundir.join("web.env")).contains("TREESWAP_PREVIOUS=2\n"));
+    for v in ["1", "2"] {
+        t.ts(["verify", "--full", v]).success();
+    }
+
+    // `guest reset` drops the local changes.
+    t.ts(["guest", "reset", "web"]).success();
+    t.assert_guest_on("web", "1");
+    assert!(!root.join("var/lib/hello/counter").exists());
+    assert_eq!(read(&root.join("etc/hello.conf")), "greeting = hello\n");
+    assert_eq!(read(&root.join("etc/motd")), "welcome\n");
+    assert!(t.ts(["guest", "diff", "web"]).success().stdout().is_empty());
+    t.ts(["guest", "list"])
+        .success()
+        .stdout_has("web: overlay, layer");
+}
+
+#[test]
+fn take_shows_the_release_and_saves_the_local_copy_beside_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("take = [\"/etc/**\"]\nkeep = [\"/var/log/**\"]\n");
+    t.import_v1_active();
+    t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    t.ts(["apply", s(&t.delta)]).success();
+    t.assert_guest_on("web", "2");
+    let root = t.rootfs("web");
+    assert_eq!(
+        read(&root.join("etc/hello.conf")),
+        "greeting = hello, world\n"
+    );
+    assert_eq!(
+        read(&root.join("etc/hello.conf.treeswap-local")),
+        "greeting = kiosk-17\n"
+    );
+    // `keep` wins for the log; the deletion of motd stays (the release left motd alone).
+    assert_eq!(
+        read(&root.join("var/log/dpkg.log")),
+        "installed hello 1.0\nlocal line\n"
+    );
+    assert!(!root.join("etc/motd").exists());
+    let g = t.guest_json("web");
+    assert_eq!(
+        g["conflicts"],
+        serde_json::json!(["etc/hello.conf", "var/log/dpkg.log"]),
+        "{g}"
+    );
+}
+
+/// A guest whose `start` fails on the new tree: treeswap flips back, remounts the overlay on
+/// the old tree, starts it there, exits 5, and the guest's layer is exactly what it was. The
+/// error is one line, with the hook's last output, even with `-q`.
+#[test]
+fn a_failed_start_flips_back_onto_the_old_tree_with_the_layer_unchanged() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("take = [\"/etc/**\"]\n");
+    t.import_v1_active();
+    let pid1 = t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    let layer = t.layer("web");
+    let before = snapshot(&layer);
+    // Fails on 2 only.
+    fs::write(t.rundir.join("web.fail-start"), "2").unwrap();
+    let r = t.ts(["-q", "apply", s(&t.delta)]);
+    r.exit(5).one_line_error();
+    r.stderr_has("told to fail")
+        .stderr_has("flipped back to `1`");
+    assert_eq!(
+        fs::read_link(t.root().join("current")).unwrap(),
+        Path::new("trees/1")
+    );
+    let pid = t.assert_guest_on("web", "1");
+    assert_ne!(pid, pid1, "the guest was started again on the old tree");
+    assert_eq!(t.layer("web"), layer, "the guest is back on its own layer");
+    assert_same_tree(&before, &snapshot(&layer));
+    assert_eq!(
+        read(&t.rootfs("web").join("etc/hello.conf")),
+        "greeting = kiosk-17\n"
+    );
+    // Only its layer is left.
+    let left: Vec<String> = names(&t.root().join("guests/web"))
+        .iter()
+        .map(|n| show(n))
+        .filter(|n| n.starts_with("layer-"))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+/// Kill -9 at each step of a guest's move (before the remount, midway through the merge,
+/// before `start`), then `boot`: the guest ends mounted on `current` with its layer intact.
+#[test]
+fn a_kill_at_each_step_of_a_move_is_finished_by_boot() {
+    if skip_unless_root() {
+        return;
+    }
+    for point in [
+        "guest-before-remount",
+        "guest-merge-midway",
+        "guest-before-start",
+    ] {
+        let t = Setup::new("take = [\"/etc/**\"]\n");
+        t.import_v1_active();
+        t.assert_guest_on("web", "1");
+        live_a_little(&t);
+        let r = t.ts_failpoint(point, &["apply", s(&t.delta)]);
+        assert_eq!(r.out.status.signal(), Some(9), "{point}: {}", r.stderr());
+        t.ts(["boot"]).success();
+        t.assert_guest_on("web", "2");
+        let root = t.rootfs("web");
+        assert_eq!(read(&root.join("var/lib/hello/counter")), "41\n", "{point}");
+        assert_eq!(
+            read(&root.join("etc/hello.conf.treeswap-local")),
+            "greeting = kiosk-17\n",
+            "{point}"
+        );
+        assert_eq!(
+            read(&root.join("etc/hello.conf")),
+            "greeting = hello, world\n"
+        );
+        assert!(!root.join("etc/motd").exists(), "{point}");
+        let g = t.guest_json("web");
+        assert_eq!(g["mounted_on"], "2", "{point}: {g}");
+        assert!(t.status()["guests_pending"].as_array().unwrap().is_empty());
+        t.ts(["verify", "--full", "2"]).success();
+    }
+}
+
+/// A reboot unmounts everything: `boot` mounts each overlay guest on `current` again.
+#[test]
+fn boot_mounts_the_overlays_again() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("");
+    t.import_v1_active();
+    t.assert_guest_on("web", "1");
+    fs::write(t.rootfs("web").join("var/lib/hello/counter"), "7\n").unwrap();
+    kill_processes_rooted_in(t.env.dir.path());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Command::new("umount")
+        .arg(t.rootfs("web"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "cannot unmount the guest's overlay"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!t.rootfs("web").join("var").exists());
+    t.ts(["boot"]).success();
+    assert_eq!(t.guest_json("web")["mounted_on"], "1");
+    assert_eq!(read(&t.rootfs("web").join("var/lib/hello/counter")), "7\n");
+    // restart-guests: nothing pending, then by name.
+    t.ts(["restart-guests"]).exit(4);
+    t.ts(["restart-guests", "web"])
+        .success()
+        .stdout_has("1 guest(s) restarted");
+    t.assert_guest_on("web", "1");
+    t.ts(["restart-guests", "nobody"])
+        .failure()
+        .one_line_error()
+        .stderr_has("nobody");
+}
+
+/// `auto` protection with overlay guests on ext4 (which has the immutable flag): the flag is
+/// left out, because overlayfs copies it up and the guest could not write the file.
+#[test]
+fn auto_protection_leaves_the_immutable_flag_out_for_overlay_guests() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("");
+    let mut c = t.cmd();
+    c.env("TREESWAP_PROTECT", "auto")
+        .args(["import", s(&t.v1), "--version", "1", "--activate"]);
+    run(&mut c).success();
+    t.assert_guest_on("web", "1");
+    let etc = t.rootfs("web").join("etc/hello.conf");
+    // The write that failed with "Operation not permitted" in the issue.
+    fs::write(&etc, "hostname=kiosk-17\n").unwrap();
+    fs::remove_file(t.rootfs("web").join("etc/motd")).unwrap();
+    let tree_file = t.env.tree_dir("1").join("etc/hello.conf");
+    assert_eq!(read(&tree_file), "greeting = hello\n");
+    let out = Command::new("lsattr").arg(&tree_file).output().unwrap();
+    let attrs = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !attrs.split(' ').next().unwrap_or("").contains('i'),
+        "{attrs}"
+    );
+    assert!(fs::metadata(&tree_file).unwrap().nlink() >= 2);
+    // An explicit `immutable` is refused with overlay guests.
+    let mut c = t.cmd();
+    c.env("TREESWAP_PROTECT", "immutable").args(["status"]);
+    run(&mut c)
+        .exit(1)
+        .one_line_error()
+        .stderr_has("overlay guests");
+}
+
+#[test]
+fn a_guest_without_hooks_is_refused() {
+    let t = Setup::new("");
+    t.set_config("[[guest]]\nname = \"web\"\n");
+    t.ts(["status"])
+        .exit(1)
+        .one_line_error()
+        .stderr_has("no hook");
+    t.set_config("[[guest]]\nname = \"web\"\nroot = \"overlay\"\nrestart = [\"true\"]\n");
+    t.ts(["status"])
+        .exit(1)
+        .one_line_error()
+        .stderr_has("needs `stop` and `start`");
+    t.set_config(&t.guest("../x", ""));
+    t.ts(["status"])
+        .exit(1)
+        .one_line_error()
+        .stderr_has("overlay guest's name");
+}
+
+/// `--no-restart` leaves an overlay guest on the old tree (its overlay untouched);
+/// `restart-guests NAME` moves it over later, merging its layer then.
+#[test]
+fn no_restart_leaves_the_overlay_on_the_old_tree_until_restart_guests() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("take = [\"/etc/**\"]\n");
+    t.import_v1_active();
+    let pid = t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    t.ts(["apply", s(&t.delta), "--no-restart"]).success();
+    assert_eq!(t.assert_guest_on("web", "1"), pid);
+    let g = t.guest_json("web");
+    assert_eq!(
+        (&g["mounted_on"], &g["base"]),
+        (&"1".into(), &"1".into()),
+        "{g}"
+    );
+    t.ts(["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "2");
+    let root = t.rootfs("web");
+    assert_eq!(
+        read(&root.join("etc/hello.conf")),
+        "greeting = hello, world\n"
+    );
+    assert_eq!(
+        read(&root.join("etc/hello.conf.treeswap-local")),
+        "greeting = kiosk-17\n"
+    );
+    assert_eq!(read(&root.join("var/lib/hello/counter")), "41\n");
+}
