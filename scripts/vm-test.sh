@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vm-test.sh - the machine itself boots from a treeswap tree, in a real virtual machine.
 #
-# Usage: scripts/vm-test.sh [--full]
+# Usage: scripts/vm-test.sh [--full] [--dracut]
 #
 # Builds a disk image whose ext4 file system holds a state root (/versions) with real Debian
 # trees (debootstrap bookworm minbase as version 1; the same after a real `apt-get upgrade`
@@ -28,23 +28,28 @@
 #      or 2, and on the host every installed tree passes `treeswap verify --full` (so no
 #      object an installed manifest names is missing or wrong).
 #
+# --dracut: the initramfs is made by dracut (in a chroot of its own) with the 90treeswap
+# module (scripts/dracut/) instead of initramfs-tools.
 # Accelerator: TCG. /dev/kvm on these machines is a software hypervisor that cannot run a
 # stock kernel; set VM_ACCEL=kvm where KVM really works.
 # Environment: TREESWAP_CACHE (see lib.sh), TREESWAP (a binary to use), VM_MEM (MiB, default
-# 1024), VM_ACCEL (default tcg), VM_TIMEOUT (seconds per boot, default 900).
+# 1024), VM_ACCEL (default tcg), VM_TIMEOUT (seconds per boot, default 900), VM_WORKDIR
+# (images and logs, removed at exit; default $TREESWAP_CACHE/vm-work).
 # First run on an empty cache: about 2 minutes of downloads (QEMU 17 MB, the kernel 71 MB,
 # initramfs-tools in a chroot) plus debootstrap and the upgrade of lib.sh's cached trees.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$TS_SCRIPTS/vm/fetch.sh"
 
-full=0
-case "${1:-}" in
-    --full) full=1 ;;
-    "") ;;
-    -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
-    *) die "unknown argument \`$1' (see --help)" ;;
-esac
+full=0 initramfs=initramfs-tools
+for a in "$@"; do
+    case "$a" in
+        --full) full=1 ;;
+        --dracut) initramfs=dracut ;;
+        -h | --help) sed -n '2,44p' "$0"; exit 0 ;;
+        *) die "unknown argument \`$a' (see --help)" ;;
+    esac
+done
 VM_MEM=${VM_MEM:-1024}
 VM_ACCEL=${VM_ACCEL:-tcg}
 VM_TIMEOUT=${VM_TIMEOUT:-900}
@@ -63,9 +68,15 @@ trap vm_cleanup EXIT
 
 ensure_pkgs e2fsprogs python3 xz-utils zstd
 build_treeswap
+# The boot logic without a VM first (seconds): a failure there is easier to read.
+"$TS_SCRIPTS/vm/test-root-script.sh"
 vm_qemu
 vm_kernel
-vm_builder
+if [ "$initramfs" = dracut ]; then vm_dracut_builder; else vm_builder; fi
+# Not in /tmp: the images and console logs must outlive any sweep of /tmp by other work on
+# the machine (a run once lost its console log that way, mid-test).
+export TMPDIR=${VM_WORKDIR:-$TS_CACHE/vm-work}
+mkdir -p "$TMPDIR"
 ts_mktemp
 W=$TS_TMP
 t_start=$(ts_now)
@@ -93,8 +104,35 @@ make_initrd() (
         || die "the initramfs lacks treeswap or its local-bottom script"
     mv "$b/tmp/treeswap-vm.initrd" "$W/initrd.img"
 )
-log "mkinitramfs $KVER with treeswap's hook"
-_ts_locked make_initrd
+# The same with dracut and the 90treeswap module.
+make_initrd_dracut() (
+    set -euo pipefail
+    local b=$BUILDER
+    trap 'umount "$b/dev" "$b/proc" 2>/dev/null || true' EXIT
+    rm -rf "$b/usr/lib/dracut/modules.d/90treeswap"
+    mkdir -p "$b/usr/lib/dracut/modules.d/90treeswap"
+    cp -L "$TS_SCRIPTS"/dracut/90treeswap/* "$b/usr/lib/dracut/modules.d/90treeswap/"
+    install -D -m 755 "$TREESWAP" "$b/usr/sbin/treeswap"
+    mount -t proc proc "$b/proc"
+    mount --bind /dev "$b/dev"
+    # Only what this machine needs, as with MODULES=list above.
+    chroot "$b" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C \
+        dracut --force --quiet --no-hostonly --no-hostonly-cmdline --no-early-microcode \
+        --kver "$KVER" -m "base rootfs-block udev-rules kernel-modules treeswap" \
+        --drivers "virtio_pci virtio_blk ext4 dm_mod dm_log_writes" --compress zstd \
+        /tmp/treeswap-vm.initrd >&2
+    chroot "$b" lsinitrd /tmp/treeswap-vm.initrd > "$W/initrd.list"
+    grep -q ' usr/sbin/treeswap$' "$W/initrd.list" && grep -q 'mount/50-treeswap-mount.sh$' "$W/initrd.list" \
+        || die "the initramfs lacks treeswap or its mount hook"
+    mv "$b/tmp/treeswap-vm.initrd" "$W/initrd.img"
+)
+if [ "$initramfs" = dracut ]; then
+    log "dracut $KVER with the 90treeswap module"
+    _ts_locked make_initrd_dracut
+else
+    log "mkinitramfs $KVER with treeswap's hook"
+    _ts_locked make_initrd
+fi
 
 # --- the trees -------------------------------------------------------------------------
 # add_test_files DIR HEALTH: the test's init, treeswap and a health check that exits HEALTH.
@@ -154,6 +192,9 @@ job_disk() {
 }
 
 BOOTS=0
+# The state device on the kernel command line: by label, as a machine would name it (the
+# power-cut recording has a second disk of the same label, so it names /dev/vda).
+BOOT_ROOT=LABEL=tsroot
 # boot NAME [DISK [EXTRA-DRIVE...]]: one boot of the VM, until the guest powers off; the
 # console is in $W/NAME.log (printed with a prefix) and $LOG.
 boot() {
@@ -167,7 +208,7 @@ boot() {
     t0=$(ts_now)
     "$QEMU" -accel "$VM_ACCEL" -m "$VM_MEM" -smp 1 -nodefaults -no-user-config -display none \
         -no-reboot -serial "file:$LOG" -kernel "$KDIR/vmlinux" -initrd "$W/initrd.img" \
-        -append "console=ttyS0 quiet root=/dev/vda ro init=/sbin/vm-init panic=-1 treeswap.root=LABEL=tsroot treeswap.path=/versions treeswap.tries=2" \
+        -append "console=ttyS0 quiet root=/dev/vda ro init=/sbin/vm-init panic=-1 rd.shell=0 rd.emergency=reboot treeswap.root=$BOOT_ROOT treeswap.path=/versions treeswap.tries=2" \
         "${drives[@]}" &
     QEMU_PID=$!
     local waited=0
@@ -185,6 +226,7 @@ boot() {
     t1=$(ts_now)
     BOOTS=$((BOOTS + 1))
     log "boot $name: $(ts_elapsed "$t0" "$t1") s"
+    [ -f "$LOG" ] || die "boot $name: the console log $LOG is gone"
     tr -d '\r' < "$LOG" > "$LOG.txt"
     LOG=$LOG.txt
     grep -a -E '^(treeswap|vm-init|status|vm-health|step):' "$LOG" | sed 's/^/  | /' >&2 || true
@@ -219,3 +261,105 @@ if [ "$full" = 0 ]; then
     log "short form passed: $BOOTS boots in $(ts_elapsed "$t_start" "$(ts_now)") s"
     exit 0
 fi
+
+# --- 3. version 2's health check fails: after the tries it boots version 1 by itself --------
+job_disk idle <<'EOF'
+# nothing: look at the status
+true
+EOF
+boot 3-v2-again
+running 2 "3. version 2 is still pending and runs its second boot (treeswap.tries=2)"
+expect '^status: boot: +`2` pending, 0 boot' "3. no boot try left for version 2"
+job_disk revert <<'EOF'
+# treeswap --revert (when version 1 runs)
+if [ "$TREESWAP_VERSION" = 1 ]; then treeswap --revert 2>&1 | sed 's/^/step: /'; fi
+EOF
+boot 3-v1-reverted
+expect '^treeswap: the pending tree used up its boot tries; booting the previous tree$' \
+    "3. the initramfs says on the console that it flips back"
+running 1 "3. after the tries the machine boots version 1 by itself"
+expect '^status: current: +1$' "3. treeswap status names version 1 current"
+expect '^step: reverted' "4. treeswap --revert in the VM"
+
+# --- 4. --revert and a reboot: the other tree --------------------------------------------
+job_disk idle <<'EOF'
+# nothing: look at the status
+true
+EOF
+boot 4-v2-after-revert
+running 2 "4. after --revert and a reboot, version 2 runs"
+
+# --- 5. power cuts: the apply recorded with dm-log-writes, replayed to every flush point ---
+log "5. power cuts: a fresh state disk (version 1), recorded apply of 1 -> 2"
+make_disk "$W/cut-base.img"
+# The disk the VM boots from for the recording, and the one the apply writes to (through
+# dm-log-writes, onto the log disk); the replays start from cut-base.img, as the target did.
+cp --sparse=always "$W/cut-base.img" "$W/cut-boot.img"
+cp --sparse=always "$W/cut-base.img" "$W/cut-target.img"
+truncate -s 2G "$W/cut-log.img"
+mkdir -p "$W/dm"
+vm_dmsetup "$W/dm"
+job_disk record "$W/delta-1-2.tar" "$W/dm" <<'EOF'
+# record the apply 1 -> 2 on /dev/vdc with dm-log-writes (log on /dev/vdd)
+export LD_LIBRARY_PATH=/run/job/dm/lib
+dm=/run/job/dm/dmsetup
+$dm --noudevsync create tslog --table "0 $(cat /sys/block/vdc/size) log-writes /dev/vdc /dev/vdd" || exit 1
+[ -b /dev/mapper/tslog ] || $dm --noudevsync mknodes tslog
+mkdir -p /run/cut
+mount /dev/mapper/tslog /run/cut || exit 1
+$dm message tslog 0 mark apply-start
+treeswap --root /run/cut/versions --config /run/cut/versions.toml apply --insecure \
+    /run/job/delta-1-2.tar 2>&1 | sed 's/^/step: /'
+$dm message tslog 0 mark apply-end
+umount /run/cut
+$dm --noudevsync remove tslog && echo "step: recorded"
+EOF
+BOOT_ROOT=/dev/vda
+boot 5-record "$W/cut-boot.img" "$W/cut-target.img" "$W/cut-log.img"
+expect '^step: applied `1` -> `2`' "5. the recorded apply ran"
+expect '^step: recorded$' "5. the log is complete"
+mapfile -t points < <(python3 "$TS_SCRIPTS/vm/replay-log.py" points "$W/cut-log.img")
+total=${points[0]}
+points=("${points[@]:1}")
+log "5. the log holds $total writes, ${#points[@]} flush points (the start, each flush or FUA, the end)"
+[ "${#points[@]}" -ge 3 ] || die "5. too few flush points: ${points[*]}"
+cp --sparse=always "$W/cut-base.img" "$W/replay.img"
+done_to=0 n=0 booted_old=0 booted_new=0 seen_new=0
+m="$W/mnt"
+job_disk idle <<'EOF'
+# nothing: look at the status
+true
+EOF
+for p in "${points[@]}"; do
+    python3 "$TS_SCRIPTS/vm/replay-log.py" replay "$W/cut-log.img" "$W/replay.img" "$done_to" "$p"
+    done_to=$p
+    n=$((n + 1))
+    cp --sparse=always "$W/replay.img" "$W/point.img"
+    boot "5-point-$n-entry-$p" "$W/point.img"
+    if grep -a -q -E '^vm-init: running tree 1 ' "$LOG"; then
+        booted_old=$((booted_old + 1))
+        [ "$seen_new" = 0 ] || die "5. point $n (entry $p): boots version 1 after an earlier point booted 2"
+        v=1
+    elif grep -a -q -E '^vm-init: running tree 2 ' "$LOG"; then
+        booted_new=$((booted_new + 1)); seen_new=1; v=2
+    else
+        sed 's/^/  | /' "$LOG" | tail -40 >&2
+        die "5. point $n (entry $p): the machine boots neither version 1 nor version 2"
+    fi
+    # On the host: every installed tree passes verify --full.
+    mount -o loop,ro "$W/point.img" "$m"; MOUNTS+=("$m")
+    [ "$(readlink "$m/versions/current")" = "trees/$v" ] \
+        || die "5. point $n: booted $v but current is $(readlink "$m/versions/current")"
+    for t in "$m"/versions/trees/*; do
+        tv=$(basename "$t")
+        "$TREESWAP" --root "$m/versions" verify --full "$tv" > /dev/null 2> "$W/verify.err" \
+            || { cat "$W/verify.err" >&2; die "5. point $n (entry $p): verify --full $tv failed"; }
+    done
+    log "5. point $n of ${#points[@]} (after $p of $total writes): boots $v; verify --full passes on $(ls "$m/versions/trees" | tr '\n' ' ')"
+    umount "$m"; unset 'MOUNTS[-1]'
+    rm -f "$W/point.img"
+done
+[ "$booted_new" -ge 1 ] && [ "$booted_old" -ge 1 ] \
+    || die "5. expected the first point to boot 1 and the last to boot 2 (old $booted_old, new $booted_new)"
+log "5. power cuts: ${#points[@]} flush points checked: $booted_old boot version 1, $booted_new boot version 2; verify --full passed on every installed tree of each"
+log "full form passed: $BOOTS boots in $(ts_elapsed "$t_start" "$(ts_now)") s"

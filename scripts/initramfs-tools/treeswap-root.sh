@@ -35,7 +35,7 @@ TS_DEV=$TS_RUN/device
 ts_say() {
     echo "treeswap: $*" >&2
     # The kernel log ends up in the journal of the booted system.
-    echo "treeswap: $*" > /dev/kmsg 2>/dev/null || true
+    echo "treeswap: $*" > "${TS_KMSG:-/dev/kmsg}" 2>/dev/null || true
 }
 
 # ts_arg NAME DEFAULT: the value of NAME= on the kernel command line, else DEFAULT.
@@ -105,8 +105,9 @@ treeswap_root() {
 
     mkdir -p "$TS_DEV"
     if [ -n "$_dev" ]; then
+        _arg=$_dev
         _dev=$(ts_resolve "$_dev")
-        [ -b "$_dev" ] || { ts_say "error: treeswap.root: no block device \`$_dev'"; return 1; }
+        [ -b "$_dev" ] || { ts_say "error: treeswap.root=$_arg: no such block device"; return 1; }
     fi
     _mounted=
     while read -r _d _m _rest; do
@@ -133,8 +134,9 @@ treeswap_root() {
     export TREESWAP_ROOT="$_root" TREESWAP_CONFIG="$TS_RUN/treeswap.toml"
 
     # Guests are not running yet, so a flip here restarts none.
-    "$_bin" boot
-    _rc=$?
+    # (|| keeps a caller's set -e from stopping here: exit 5 is a boot, on the old tree.)
+    _rc=0
+    "$_bin" boot || _rc=$?
     case $_rc in
         0) ;;
         5) ts_say "the pending tree used up its boot tries; booting the previous tree" ;;
@@ -153,8 +155,10 @@ treeswap_root() {
         _src=$TS_DEV/${_pdir#/}/$_p
         if [ ! -d "$_src" ]; then
             # First boot with this path persistent: start from the tree's copy.
-            mkdir -p "$_src"
-            if [ -d "$_new/$_p" ]; then cp -a "$_new/$_p/." "$_src/"; fi
+            mkdir -p "$_src" || { ts_say "error: cannot make $_src"; continue; }
+            if [ -d "$_new/$_p" ]; then
+                cp -a "$_new/$_p/." "$_src/" || ts_say "warning: copying the tree's /$_p to $_src failed"
+            fi
         fi
         [ -d "$_new/$_p" ] || { ts_say "warning: the tree has no /$_p; not made persistent"; continue; }
         mount -n --bind "$_src" "$_new/$_p" || ts_say "error: cannot bind $_src on /$_p"

@@ -166,3 +166,68 @@ vm_builder() {
     _ts_locked _vm_build_builder
     BUILDER="$TS_CACHE/vm-builder-$KVER"
 }
+
+# dmsetup for the power-cut recording inside the VM (the test trees are minbase, without it):
+# the packages extracted into the cache; the job disk carries the binary and its library.
+_vm_build_dmsetup() {
+    local final="$TS_CACHE/vm-dmsetup" tmp deb
+    [ -x "$final/x/sbin/dmsetup" ] || [ -x "$final/x/usr/sbin/dmsetup" ] && return 0
+    _ts_remove_stale vm-dmsetup
+    _vm_apt_update
+    tmp="$TS_CACHE/vm-dmsetup.tmp.$$"
+    mkdir -p "$tmp/x"
+    log "apt-get download dmsetup libdevmapper1.02.1 (not installed)"
+    _vm_download "$tmp" dmsetup libdevmapper1.02.1
+    for deb in "$tmp"/debs/*.deb; do dpkg -x "$deb" "$tmp/x"; done
+    mv -T "$tmp" "$final"
+}
+
+# vm_dmsetup DIR: DIR/dmsetup and DIR/lib/libdevmapper.so.* for the guest.
+vm_dmsetup() {
+    _ts_locked _vm_build_dmsetup
+    local x="$TS_CACHE/vm-dmsetup/x"
+    mkdir -p "$1/lib"
+    cp "$(ls "$x"/sbin/dmsetup "$x"/usr/sbin/dmsetup 2>/dev/null | head -1)" "$1/dmsetup"
+    cp -a "$x"/lib/x86_64-linux-gnu/libdevmapper.so.* "$1/lib/" 2>/dev/null \
+        || cp -a "$x"/usr/lib/x86_64-linux-gnu/libdevmapper.so.* "$1/lib/"
+}
+
+# A second builder chroot with dracut instead of initramfs-tools (they conflict), to build the
+# dracut variant of the initramfs with the 90treeswap module; the host has neither touched.
+_vm_build_dracut_builder() (
+    set -euo pipefail
+    local final="$TS_CACHE/vm-dracut-builder-$KVER" tmp
+    [ -x "$final/usr/bin/dracut" ] && [ -d "$final/lib/modules/$KVER" ] && exit 0
+    _ts_remove_stale "vm-dracut-builder-$KVER"
+    tmp="$TS_CACHE/vm-dracut-builder-$KVER.tmp.$$"
+    mounted=()
+    umount_all() {
+        local i
+        for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[i]}" || true; done
+        mounted=()
+    }
+    trap umount_all EXIT
+    cp -a "$TS_CACHE/bookworm-minbase" "$tmp"
+    mount -t proc proc "$tmp/proc"; mounted+=("$tmp/proc")
+    mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
+    printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"
+    chmod 755 "$tmp/usr/sbin/policy-rc.d"
+    log "apt-get install dracut-core in the dracut builder chroot $tmp"
+    chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        DEBIAN_FRONTEND=noninteractive LC_ALL=C \
+        sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends dracut-core busybox zstd' >&2
+    umount_all
+    rm -f "$tmp/usr/sbin/policy-rc.d"
+    mkdir -p "$tmp/usr/lib/modules"
+    cp -a "$KDIR/x/lib/modules/$KVER" "$tmp/usr/lib/modules/"
+    cp -a "$KDIR/x/boot/." "$tmp/boot/"
+    chroot "$tmp" depmod "$KVER"
+    mv -T "$tmp" "$final"
+    log "cached $final"
+)
+
+vm_dracut_builder() {
+    bookworm_tree > /dev/null
+    _ts_locked _vm_build_dracut_builder
+    BUILDER="$TS_CACHE/vm-dracut-builder-$KVER"
+}
