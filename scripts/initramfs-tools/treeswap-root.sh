@@ -16,14 +16,15 @@
 #      (the initramfs moves /run, and the device mount below it, into the new root).
 # The init then switch_roots into NEWROOT as usual.
 #
-# Kernel command line (all optional):
+# Kernel command line (nothing happens unless treeswap.root= or treeswap.path= is given):
 #   treeswap.root=DEV         the device (a path, LABEL=, UUID=) with the state root
+#                             (default: the root device, root=)
 #   treeswap.path=DIR         the state root on that device (default /versions)
 #   treeswap.tries=N          boot tries of a new tree, overriding the config's [boot] tries
 #   treeswap.config=FILE      the config file on that device (default <path>.toml if present)
 #   treeswap.persist=A,B      persistent paths (default var,home; "none" for none)
 #   treeswap.persistdir=DIR   where they live on the device (default /persist)
-#   treeswap=off              leave the root as the initramfs mounted it
+#   treeswap=off              leave the root as the initramfs mounted it, even so
 #
 # Out of scope: the kernel and the initramfs live outside the trees (in /boot, managed by the
 # distribution's tools): the boot loader must be able to start them whatever tree is current,
@@ -94,7 +95,15 @@ ts_config() {
 
 treeswap_root() {
     _new=$1
-    [ "$(ts_arg treeswap on)" = off ] && { ts_say "treeswap=off: booting the root as mounted"; return 0; }
+    # Only a command line that names a state root boots from one: with the hook installed
+    # (say, by a package), a machine booted without these keeps its usual root.
+    if [ -z "$(ts_arg treeswap.root "")$(ts_arg treeswap.path "")" ]; then
+        return 0
+    fi
+    if [ "$(ts_arg treeswap on)" = off ]; then
+        ts_say "treeswap=off: booting the root as mounted"
+        return 0
+    fi
     _bin=$(command -v treeswap) || { ts_say "error: no treeswap binary in the initramfs"; return 1; }
     _path=$(ts_arg treeswap.path /versions)
     _tries=$(ts_arg treeswap.tries "")

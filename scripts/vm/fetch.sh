@@ -140,7 +140,8 @@ _vm_build_builder() (
         mounted=()
     }
     trap umount_all EXIT
-    cp -a "$TS_CACHE/bookworm-minbase" "$tmp"
+    mkdir "$tmp"
+    cp -a "$TS_CACHE/bookworm-minbase/." "$tmp/"
     mount -t proc proc "$tmp/proc"; mounted+=("$tmp/proc")
     mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
     printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"
@@ -207,7 +208,8 @@ _vm_build_dracut_builder() (
         mounted=()
     }
     trap umount_all EXIT
-    cp -a "$TS_CACHE/bookworm-minbase" "$tmp"
+    mkdir "$tmp"
+    cp -a "$TS_CACHE/bookworm-minbase/." "$tmp/"
     mount -t proc proc "$tmp/proc"; mounted+=("$tmp/proc")
     mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
     printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"

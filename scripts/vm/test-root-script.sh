@@ -59,6 +59,7 @@ boot() {
         mount -o ro "$LOOP" "$W/new"
         . "$LIB"
         treeswap_root "$W/new"
+        echo "top: $(ls "$W/new" | tr "\n" " " | sed "s/ $//")"
         echo "os: $(cat "$W/new/etc/os-release")"
         echo "seed: $(cat "$W/new/var/lib/app/seed")"
         if touch "$W/new/etc/x" 2>/dev/null; then echo "root: rw"; else echo "root: ro"; fi
@@ -70,10 +71,14 @@ boot() {
 }
 check() { grep -q -x -- "$2" <<<"$1" || { echo "$1" >&2; die "$3: no line \`$2'"; }; log "ok: $3"; }
 
+out=$(boot "root=$loopdev ro")
+check "$out" "top: lost+found versions versions.toml" \
+    "without treeswap.root= or treeswap.path= the root stays as the initramfs mounted it"
 out=$(boot "root=$loopdev ro treeswap.root=LABEL=nosuchlabel treeswap.path=/versions")
 check "$out" "treeswap: error: treeswap.root=LABEL=nosuchlabel: no such block device" "an unknown label is one clear error"
 out=$(boot "root=$loopdev ro treeswap.path=/versions treeswap.tries=1")
 check "$out" "os: tree 2" "the pending tree 2 is booted (boot 1 of 1)"
+check "$out" "top: etc home tmp usr var" "the new root is the tree"
 check "$out" "env: TREESWAP_VERSION=2" "/run/treeswap/env names version 2"
 check "$out" "root: ro" "the tree is read-only"
 check "$out" "var: rw" "/var is writable"
