@@ -1,0 +1,1 @@
+../../initramfs-tools/treeswap-root.sh
