@@ -487,7 +487,8 @@ fn a_kill_at_each_step_of_a_move_is_finished_by_boot() {
     }
 }
 
-/// A reboot unmounts everything: `boot` mounts each overlay guest on `current` again.
+/// A reboot unmounts everything: `boot` mounts each overlay guest on `current` again, even
+/// with the state file gone.
 #[test]
 fn boot_mounts_the_overlays_again() {
     if skip_unless_root() {
@@ -513,6 +514,8 @@ fn boot_mounts_the_overlays_again() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!t.rootfs("web").join("var").exists());
+    // The state file lost (replaced by hand): the layer on disk is still the guest's.
+    fs::remove_file(t.root().join("state.toml")).unwrap();
     t.ts(["boot"]).success();
     assert_eq!(t.guest_json("web")["mounted_on"], "1");
     assert_eq!(read(&t.rootfs("web").join("var/lib/hello/counter")), "7\n");

@@ -151,10 +151,22 @@ fn mount_layer(root: &Root, p: &Place, rec: &GuestRecord, target: &str) -> Resul
 /// Makes the guest's recorded layer the one for `target`: a first, empty layer; the undo
 /// layer if it was for `target` (a flip back); else a merged copy of the current one.
 fn prepare(root: &Root, g: &Guest, p: &Place, target: &str, st: &mut State) -> Result<()> {
-    let rec = st.guest_mut(&g.name).clone();
+    let mut rec = st.guest_mut(&g.name).clone();
     let name = quote(&g.name);
+    if rec.layer == 0
+        && let Some(n) = layers(p)?.into_iter().max()
+    {
+        // Layers on disk but no record (a state file replaced by hand): the newest is the
+        // guest's, merged for a tree nobody knows. Its data is never thrown away.
+        log::warn!("guest `{name}`: no record of its layer; taking `layer-{n}` as it");
+        rec = GuestRecord {
+            name: g.name.clone(),
+            layer: n,
+            ..Default::default()
+        };
+        *st.guest_mut(&g.name) = rec.clone();
+    }
     if rec.layer == 0 {
-        remove_leftovers(p, &[])?;
         let top = root.load_manifest(target)?;
         new_layer(p, 1, &top)?;
         *st.guest_mut(&g.name) = GuestRecord {
@@ -210,16 +222,27 @@ fn prepare(root: &Root, g: &Guest, p: &Place, target: &str, st: &mut State) -> R
     state::save(root.fd(), st)
 }
 
-/// Removes every `layer-*` of the guest but those in `keep`: layers a crash left unrecorded.
+/// The numbers of the guest's `layer-<N>` directories.
+fn layers(p: &Place) -> Result<Vec<u64>> {
+    Ok(sys::read_dir(p.fd.as_fd())?
+        .iter()
+        .filter_map(|n| {
+            std::str::from_utf8(n.strip_prefix(b"layer-")?)
+                .ok()?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+/// Removes every `layer-<N>` of the guest but those in `keep`: layers a crash left
+/// unrecorded, or kept for a flip back that did not come.
 fn remove_leftovers(p: &Place, keep: &[u64]) -> Result<()> {
-    for n in sys::read_dir(p.fd.as_fd())? {
-        let Some(num) = n.strip_prefix(b"layer-") else {
-            continue;
-        };
-        let num = std::str::from_utf8(num).ok().and_then(|s| s.parse().ok());
-        if num.is_none_or(|x: u64| !keep.contains(&x)) {
-            sys::remove_tree_at(p.fd.as_fd(), &n)
-                .with_context(|| format!("cannot remove `{}`", display(&n)))?;
+    for n in layers(p)? {
+        if !keep.contains(&n) {
+            let name = Place::layer_name(n);
+            sys::remove_tree_at(p.fd.as_fd(), name.as_bytes())
+                .with_context(|| format!("cannot remove `{name}`"))?;
         }
     }
     Ok(())
