@@ -618,3 +618,41 @@ fn no_restart_leaves_the_overlay_on_the_old_tree_until_restart_guests() {
     );
     assert_eq!(read(&root.join("var/lib/hello/counter")), "41\n");
 }
+
+/// Regression (issue 16): `gc` removed a tree an overlay guest was still mounted on when it
+/// was neither `current` nor `previous` (two flips with `--no-restart`).
+#[test]
+fn gc_keeps_the_tree_an_overlay_guest_runs_on() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("");
+    t.import_v1_active();
+    t.assert_guest_on("web", "1");
+    t.ts(["apply", s(&t.delta), "--no-restart"]).success();
+    let v3 = t
+        .env
+        .tree("v3", &v2_spec().file("etc/motd", "welcome to 3\n"));
+    t.ts([
+        "import",
+        s(&v3),
+        "--version",
+        "3",
+        "--activate",
+        "--no-restart",
+    ])
+    .success();
+    t.ts(["gc"]).success();
+    assert!(
+        t.root().join("trees/1").is_dir(),
+        "gc removed the guest's tree"
+    );
+    t.assert_guest_on("web", "1");
+    t.ts(["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "3");
+    t.ts(["gc"]).success();
+    assert!(
+        !t.root().join("trees/1").exists(),
+        "tree 1 is no longer used"
+    );
+}

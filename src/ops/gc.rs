@@ -37,6 +37,14 @@ fn protected(root: &Root) -> Result<HashSet<String>> {
     // only good one, and the tree whose guests are still to restart.
     keep.extend(st.flip.into_iter().flat_map(|f| [f.from, f.to]));
     keep.extend(st.restart.map(|r| r.target));
+    // The trees overlay guests are mounted on (after a `--no-restart` flip, say), and those
+    // a flip back would remount them on.
+    keep.extend(st.guests.iter().flat_map(|g| {
+        g.base
+            .iter()
+            .chain(g.undo.iter().flat_map(|u| &u.base))
+            .cloned()
+    }));
     Ok(keep)
 }
 
