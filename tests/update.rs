@@ -126,10 +126,12 @@ impl Rel {
 
 /// What a command that must change nothing is checked against: every path of the root with
 /// its inode, mode, size and links, and the state file's text (the lock's text is the
-/// holder's, rewritten by every writer).
+/// holder's, rewritten by every writer; `last-apply.toml` records a writer's outcome, a
+/// refusal too, for `status`: `update_records_its_outcome_for_status` checks it).
 fn root_state(root: &Path) -> (Listing, String) {
     let mut l = listing(root);
     l.remove(&b"lock"[..]);
+    l.remove(&b"last-apply.toml"[..]);
     (
         l,
         fs::read_to_string(root.join("state.toml")).unwrap_or_default(),
@@ -1283,4 +1285,92 @@ fn network_input_at_its_limits_takes_bounded_memory() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_unchanged(&before, &a);
+}
+
+/// The outcome `status` shows.
+fn last_apply(root: &Path) -> serde_json::Value {
+    let r = ts(root, ["status", "--json"]);
+    r.success();
+    json(&r)["last_apply"].clone()
+}
+
+/// `update` records its outcome in `last-apply.toml` as `apply` does (applied, staged,
+/// switched, nothing, failed; the exit code; `to`; the error), and its readers (`--check`,
+/// `--dry-run`) record nothing. (Before: `update` recorded nothing at all.)
+#[test]
+fn update_records_its_outcome_for_status() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let c = rel.client("c");
+    let record = c.join("last-apply.toml");
+    rel.update(&c, "client.toml", &url, &["--check"]).success();
+    rel.update(&c, "client.toml", &url, &["--dry-run"])
+        .success();
+    assert!(!record.exists(), "a reader recorded an outcome");
+
+    rel.update(&c, "client.toml", &url, &[]).success();
+    let l = last_apply(&c);
+    assert_eq!(l["result"], "applied", "{l}");
+    assert_eq!(l["to"], "1", "{l}");
+    assert_eq!(l["code"], 0, "{l}");
+    assert!(l["error"].is_null(), "{l}");
+    ts(&c, ["status"])
+        .success()
+        .stdout_has("last apply: applied `1`");
+
+    // Up to date: `nothing`, exit 4.
+    rel.update(&c, "client.toml", &url, &[]).exit(4);
+    let l = last_apply(&c);
+    assert_eq!(l["result"], "nothing", "{l}");
+    assert_eq!(l["code"], 4, "{l}");
+    assert!(l["to"].is_null(), "{l}");
+
+    // Staged, then switched to it.
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    rel.update(&c, "client.toml", &url, &["--stage-only"])
+        .success();
+    let l = last_apply(&c);
+    assert_eq!(
+        (&l["result"], &l["to"]),
+        (&"staged".into(), &"2".into()),
+        "{l}"
+    );
+    assert_eq!(current(&c), "1");
+    rel.update(&c, "client.toml", &url, &[]).success();
+    let l = last_apply(&c);
+    assert_eq!(
+        (&l["result"], &l["to"]),
+        (&"switched".into(), &"2".into()),
+        "{l}"
+    );
+    assert_eq!(current(&c), "2");
+
+    // A refused index: `failed`, its exit code and the error; readers leave the record.
+    rel.publish("3", &rel.tree(3, 0), &[]).success();
+    let ix = rel.repo.join("stable/index.toml");
+    let mut text = fs::read(&ix).unwrap();
+    let at = text.len() - 10;
+    text[at] ^= 1;
+    fs::write(&ix, text).unwrap();
+    rel.update(&c, "client.toml", &url, &[]).exit(10);
+    let l = last_apply(&c);
+    assert_eq!(l["result"], "failed", "{l}");
+    assert_eq!(l["code"], 10, "{l}");
+    assert!(
+        l["error"].as_str().unwrap().contains("does not verify"),
+        "{l}"
+    );
+    let kept = fs::read(&record).unwrap();
+    rel.update(&c, "client.toml", &url, &["--check"]).exit(10);
+    rel.update(&c, "client.toml", &url, &["--dry-run"]).exit(10);
+    assert_eq!(
+        fs::read(&record).unwrap(),
+        kept,
+        "a reader changed the record"
+    );
+    assert_eq!(current(&c), "2");
 }
