@@ -176,6 +176,10 @@ pub enum Command {
         /// Keep the N newest of the other trees.
         #[arg(long, default_value_t = 0)]
         keep: usize,
+        /// Also remove partial downloads (`downloads/*.part`) touched in the last 7 days;
+        /// without it gc removes only older ones (an interrupted `update` resumes the others).
+        #[arg(long)]
+        downloads: bool,
     },
     /// Protect an installed version from gc.
     Pin {
@@ -559,10 +563,11 @@ pub fn run(cli: &Cli) -> Result<()> {
             ));
         }
         Command::Boot { .. } => boot_command(&cx)?,
-        Command::Gc { keep } => {
+        Command::Gc { keep, downloads } => {
             let root = cx.root(Lock::Exclusive, false)?;
             root.warn_stuck();
-            let r = gc::gc(&root, *keep, &[])?;
+            let mut r = gc::gc(&root, *keep, &[])?;
+            gc::downloads(&root, *downloads, &mut r)?;
             cx.say(&r.summary());
         }
         Command::Pin { version } => {

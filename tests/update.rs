@@ -1374,3 +1374,105 @@ fn update_records_its_outcome_for_status() {
     );
     assert_eq!(current(&c), "2");
 }
+
+/// `status` counts the partial downloads (`downloads/*.part`); `gc` removes only those
+/// untouched for a week (or all, with `--downloads`), so an interrupted update still
+/// resumes, and leaves the kept index and anything else in `downloads/` alone.
+#[test]
+fn status_shows_and_gc_ages_out_partial_downloads() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    rel.publish("1", &rel.tree(1, 3 << 20), &[]).success();
+    let delta = fs::read(rel.repo.join("stable/deltas/1/empty.delta")).unwrap();
+    let sha = rel
+        .index()
+        .split("[[delta]]")
+        .find(|d| d.contains("stable/deltas/1/empty.delta"))
+        .and_then(|d| d.lines().find_map(|l| l.strip_prefix("sha256 = \"")))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    let c = rel.client("c");
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(
+        st["downloads"],
+        serde_json::json!({"partial": 0, "bytes": 0})
+    );
+    let dl = c.join("downloads");
+    fs::create_dir_all(&dl).unwrap();
+    // A fresh partial download of the delta, one of an older plan untouched for 8 days, and
+    // names that are not partial downloads.
+    let fresh = dl.join(format!("{sha}.part"));
+    let fresh_len = (1 << 20) + 12345;
+    fs::write(&fresh, &delta[..fresh_len]).unwrap();
+    let old = dl.join(format!("{}.part", "ab".repeat(32)));
+    fs::write(&old, noise(5000, 3)).unwrap();
+    let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+    let age = |p: &Path| {
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap()
+    };
+    age(&old);
+    let others = [dl.join("notes.part"), dl.join("index.stable.etag")];
+    for o in &others {
+        fs::write(o, "x").unwrap();
+        age(o);
+    }
+    fs::create_dir(dl.join(format!("{}.part", "cd".repeat(32)))).unwrap();
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(
+        st["downloads"],
+        serde_json::json!({"partial": 2, "bytes": fresh_len + 5000}),
+        "{st}"
+    );
+    ts(&c, ["status"])
+        .success()
+        .stdout_has(&format!("downloads: 2 partial, {} bytes", fresh_len + 5000));
+
+    // gc: the old one goes, the fresh one and the other names stay.
+    ts(&c, ["gc"])
+        .success()
+        .stdout_has("1 partial download(s) (5000 bytes)");
+    assert!(!old.exists());
+    assert_eq!(fs::metadata(&fresh).unwrap().len(), fresh_len as u64);
+    for o in &others {
+        assert!(o.exists(), "{}", o.display());
+    }
+    assert!(dl.join(format!("{}.part", "cd".repeat(32))).is_dir());
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(st["downloads"]["partial"], 1, "{st}");
+    let r = ts(&c, ["gc"]);
+    r.success();
+    assert!(!r.stdout().contains("partial download"), "{}", r.stdout());
+
+    // The update resumes from what gc kept. (It clears the rest of `downloads/`, and a
+    // directory there stops it: not gc's business.)
+    fs::remove_file(&others[1]).unwrap();
+    fs::remove_dir(dl.join(format!("{}.part", "cd".repeat(32)))).unwrap();
+    let r = rel.update(&c, "client.toml", &url, &["--json"]);
+    r.success();
+    assert_eq!(json(&r)["resumed"].as_u64().unwrap(), fresh_len as u64);
+    assert_same_dirs(&rel.env.path("v1"), &c.join("trees/1"));
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(st["downloads"]["partial"], 0, "{st}");
+
+    // --downloads: a fresh one goes too; the kept index stays, the trees and pool as they were.
+    fs::write(&fresh, &delta[..1000]).unwrap();
+    let trees = listing(&c.join("trees"));
+    let pool = listing(&c.join("pool"));
+    ts(&c, ["gc", "--downloads"])
+        .success()
+        .stdout_has("1 partial download(s) (1000 bytes)");
+    assert!(!fresh.exists());
+    assert!(dl.join("index.stable.toml").exists());
+    assert!(diff_listings(&trees, &listing(&c.join("trees"))).is_empty());
+    assert!(diff_listings(&pool, &listing(&c.join("pool"))).is_empty());
+    ts(&c, ["verify"]).success();
+}
