@@ -1476,3 +1476,159 @@ fn status_shows_and_gc_ages_out_partial_downloads() {
     assert!(diff_listings(&pool, &listing(&c.join("pool"))).is_empty());
     ts(&c, ["verify"]).success();
 }
+
+/// `scripts/install-boot.sh --update` installs the update units beside the boot units (with
+/// `--sysv`, the cron line), with the binary's and the defaults file's paths written in; what
+/// it installed updates a machine whose root and config only the defaults file names.
+/// Without `--update` it installs neither.
+#[test]
+fn install_boot_installs_the_update_units_and_cron_line() {
+    use std::os::unix::fs::PermissionsExt;
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let config = rel.config(
+        "units.toml",
+        &format!("[update]\nurl = \"{}\"\n", rel.file_url()),
+    );
+    let script = Path::new(REPO).join("scripts/install-boot.sh");
+    let install = |args: &[&str], dest: &Path, defaults: &Path, root: &Path| {
+        let mut c = Command::new(&script);
+        c.args(["--bin", BIN])
+            .args(args)
+            .arg("--dest")
+            .arg(dest)
+            .arg("--defaults")
+            .arg(defaults)
+            .arg("--root")
+            .arg(root)
+            .arg("--config")
+            .arg(&config);
+        run(&mut c)
+    };
+    let boot_units = [
+        "treeswap-boot.service",
+        "treeswap-mark-good.service",
+        "treeswap-mark-good.timer",
+    ];
+    let update_units = ["treeswap-update.service", "treeswap-update.timer"];
+
+    let plain = rel.env.path("plain");
+    let r = install(&[], &plain, &rel.env.path("d0"), &rel.env.path("r0"));
+    assert!(
+        !r.success().stdout().contains("treeswap-update"),
+        "{}",
+        r.stdout()
+    );
+    let mut got: Vec<String> = names(&plain).iter().map(|n| show(n)).collect();
+    got.sort();
+    assert_eq!(got, boot_units);
+
+    let a = rel.client("a");
+    let units = rel.env.path("units");
+    let defaults = rel.env.path("defaults-a");
+    install(&["--update"], &units, &defaults, &a)
+        .success()
+        .stdout_has("treeswap-update.timer");
+    for u in boot_units.iter().chain(&update_units) {
+        let text = fs::read_to_string(units.join(u)).unwrap();
+        assert!(!text.contains("/usr/sbin/treeswap"), "{u}: {text}");
+        assert!(!text.contains("/etc/default/treeswap"), "{u}: {text}");
+        let mode = fs::metadata(units.join(u)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o644, "{u}");
+    }
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        let mut c = Command::new("systemd-analyze");
+        c.args(["verify", "--man=no"]);
+        for u in boot_units.iter().chain(&update_units) {
+            c.arg(units.join(u));
+        }
+        let r = run(&mut c);
+        r.success();
+        assert!(r.stderr().trim().is_empty(), "{}", r.stderr());
+    }
+    // The service's command, with the environment its EnvironmentFile gives.
+    let service = fs::read_to_string(units.join("treeswap-update.service")).unwrap();
+    let value = |key: &str| -> String {
+        service
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}="))
+            .to_owned()
+    };
+    assert_eq!(value("EnvironmentFile"), format!("-{}", defaults.display()));
+    let argv: Vec<String> = value("ExecStart")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(argv[0], BIN);
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "set -a; . {}; set +a; exec \"$@\"",
+            defaults.display()
+        ))
+        .arg("sh")
+        .args(&argv)
+        .env_remove("TREESWAP_ROOT")
+        .env_remove("TREESWAP_CONFIG");
+    run(&mut c).success();
+    assert_eq!(current(&a), "1");
+
+    // --sysv --update: the init script and the cron line, which reads the defaults file.
+    let b = rel.client("b");
+    let initd = rel.env.path("init.d");
+    let crond = rel.env.path("cron.d");
+    let defaults = rel.env.path("defaults-b");
+    let mut args = vec!["--sysv", "--update", "--cron-dest"];
+    let crond_s = crond.to_str().unwrap().to_owned();
+    args.push(&crond_s);
+    install(&args, &initd, &defaults, &b)
+        .success()
+        .stdout_has("cron runs");
+    let init = fs::read_to_string(initd.join("treeswap")).unwrap();
+    assert!(
+        init.contains(&format!("TREESWAP=${{TREESWAP:-{BIN}}}")),
+        "{init}"
+    );
+    assert!(
+        init.contains(&format!("${{TREESWAP_DEFAULTS:-{}}}", defaults.display())),
+        "{init}"
+    );
+    let cron = fs::read_to_string(crond.join("treeswap-update")).unwrap();
+    assert!(!cron.contains("/usr/sbin/treeswap"), "{cron}");
+    assert!(!cron.contains("/etc/default/treeswap"), "{cron}");
+    let mode = fs::metadata(crond.join("treeswap-update"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o644);
+    let line = cron.lines().find(|l| !l.starts_with('#')).unwrap();
+    let fields: Vec<&str> = line.splitn(7, ' ').collect();
+    assert_eq!(fields[5], "root", "{line}");
+    for _ in 0..2 {
+        let r = run(Command::new("sh")
+            .arg("-c")
+            .arg(fields[6])
+            .env("TREESWAP_UPDATE_SPLAY", "0")
+            .env_remove("TREESWAP_ROOT")
+            .env_remove("TREESWAP_CONFIG"));
+        r.success();
+        assert_eq!(r.stdout(), "", "cron mails what it prints");
+        assert_eq!(r.stderr(), "", "cron mails what it prints");
+    }
+    assert_eq!(current(&b), "1");
+    // --sysv without --update: no cron line.
+    let crond2 = rel.env.path("cron2.d");
+    let crond2_s = crond2.to_str().unwrap().to_owned();
+    install(
+        &["--sysv", "--cron-dest", &crond2_s],
+        &rel.env.path("init2.d"),
+        &rel.env.path("d2"),
+        &rel.env.path("r2"),
+    )
+    .success();
+    assert!(!crond2.exists());
+}
