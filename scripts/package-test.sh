@@ -14,6 +14,13 @@
 #   - `dpkg -L treeswap` lists exactly what the README's "Install" section names (its table's
 #     `/...` paths, `*` matching any characters), and every file in scripts/boot/ is in the
 #     package; /etc/treeswap.toml and /etc/init.d/treeswap are conffiles;
+#   - the guest hooks, the update's cron line (an example: inert), the initramfs-tools hook
+#     and local-bottom script, treeswap-root.sh and the dracut module are installed byte for
+#     byte with their modes; each passes `sh -n` (`bash -n`) where it is; each guest hook
+#     finds common.sh beside it, nspawn's `start` says that systemd-nspawn is missing, the
+#     initramfs hook answers `prereqs`, dracut's `check` declines (255: only when asked for),
+#     and local-bottom, with a /proc/cmdline of its own, does nothing without treeswap.root=
+#     or treeswap.path= and, with a treeswap.root= of no device, says so and mounts nothing;
 #   - installing enabled nothing and started nothing: no new link in /etc/systemd/system or
 #     /etc/rc?.d, no process left running in the chroot, and no maintainer script that enables,
 #     starts or invokes a unit or an init script;
@@ -172,6 +179,99 @@ conffiles=$(in_root dpkg-query -W -f='${Conffiles}' treeswap | awk '{print $1}')
 for c in /etc/treeswap.toml /etc/init.d/treeswap; do
     if grep -qxF "$c" <<<"$conffiles"; then pass "$c is a conffile"; else fail "$c is not a conffile"; fi
 done
+
+# The other shipped scripts: each where the README says, byte for byte, with its mode.
+shipped=(
+    "scripts/boot/treeswap-update.cron /usr/share/doc/treeswap/examples/treeswap-update.cron 644"
+    "scripts/guests/chroot-service /usr/share/treeswap/guests/chroot-service 755"
+    "scripts/guests/lxc /usr/share/treeswap/guests/lxc 755"
+    "scripts/guests/nspawn /usr/share/treeswap/guests/nspawn 755"
+    "scripts/guests/podman /usr/share/treeswap/guests/podman 755"
+    "scripts/guests/common.sh /usr/share/treeswap/guests/common.sh 644"
+    "scripts/initramfs-tools/treeswap-root.sh /usr/share/treeswap/treeswap-root.sh 644"
+    "scripts/initramfs-tools/hooks/treeswap /usr/share/initramfs-tools/hooks/treeswap 755"
+    "scripts/initramfs-tools/scripts/local-bottom/treeswap /usr/share/initramfs-tools/scripts/local-bottom/treeswap 755"
+    "scripts/dracut/90treeswap/module-setup.sh /usr/lib/dracut/modules.d/90treeswap/module-setup.sh 755"
+    "scripts/dracut/90treeswap/treeswap-mount.sh /usr/lib/dracut/modules.d/90treeswap/treeswap-mount.sh 755"
+    "scripts/dracut/90treeswap/treeswap-root.sh /usr/share/treeswap/treeswap-root.sh 644"
+)
+for s in "${shipped[@]}"; do
+    read -r src dst mode <<<"$s"
+    got=$(stat -c '%a %F' "$root$dst" 2>/dev/null || echo missing)
+    if [ "$got" != "$mode regular file" ]; then
+        fail "$dst: $got, not a regular file of mode $mode"
+    elif ! cmp -s "$TS_REPO/$src" "$root$dst"; then
+        fail "$dst differs from $src"
+    else
+        pass "$src is $dst ($mode)"
+    fi
+done
+# Each runs from where it is: the syntax of each, as its shell reads it.
+for f in /usr/share/treeswap/guests/{chroot-service,lxc,nspawn,podman,common.sh} \
+    /usr/share/treeswap/treeswap-root.sh /usr/share/initramfs-tools/hooks/treeswap \
+    /usr/share/initramfs-tools/scripts/local-bottom/treeswap \
+    /usr/lib/dracut/modules.d/90treeswap/treeswap-mount.sh; do
+    if err=$(in_root sh -n "$f" 2>&1); then pass "sh -n $f"; else fail "sh -n $f: $err"; fi
+done
+f=/usr/lib/dracut/modules.d/90treeswap/module-setup.sh
+if err=$(in_root bash -n "$f" 2>&1); then pass "bash -n $f"; else fail "bash -n $f: $err"; fi
+# The hooks find common.sh beside them (its `die` says so), and run without a container.
+for h in chroot-service lxc nspawn podman; do
+    err=$(in_root "/usr/share/treeswap/guests/$h" stop 2>&1 >/dev/null) && rc=0 || rc=$?
+    if [ "$rc" = 1 ] && [ "$err" = "/usr/share/treeswap/guests/$h: TREESWAP_GUEST is not set: run me as a treeswap guest hook" ]; then
+        pass "guests/$h, run as a command, sources common.sh and refuses to run outside treeswap"
+    else
+        fail "guests/$h without TREESWAP_GUEST: exit $rc: $err"
+    fi
+done
+err=$(in_root TREESWAP_GUEST=probe /usr/share/treeswap/guests/nspawn start -- /bin/true 2>&1 >/dev/null) && rc=0 || rc=$?
+if [ "$rc" = 1 ] && [[ "$err" == *"systemd-nspawn is not installed (Debian: systemd-container)" ]]; then
+    pass "guests/nspawn start says that systemd-nspawn is missing (minbase has none)"
+else
+    fail "guests/nspawn start without systemd-nspawn: exit $rc: $err"
+fi
+if err=$(in_root TREESWAP_GUEST=probe TREESWAP_GUEST_RUNDIR=/tmp/guests /usr/share/treeswap/guests/chroot-service stop 2>&1); then
+    pass "guests/chroot-service stop of a guest that does not run succeeds"
+else
+    fail "guests/chroot-service stop: $err"
+fi
+out=$(in_root /usr/share/initramfs-tools/hooks/treeswap prereqs 2>&1) && rc=0 || rc=$?
+if [ "$rc" = 0 ] && [ -z "$out" ]; then pass "initramfs-tools hooks/treeswap prereqs"; else fail "hooks/treeswap prereqs: exit $rc: $out"; fi
+# shellcheck disable=SC2016  # expanded by the chroot's bash
+out=$(in_root bash -c '. /usr/lib/dracut/modules.d/90treeswap/module-setup.sh; check; echo $?' 2>&1)
+if [ "$out" = 255 ]; then
+    pass "dracut's 90treeswap is included only when asked for (check returns 255)"
+else
+    fail "dracut 90treeswap check said: $out"
+fi
+# local_bottom CMDLINE: runs the installed local-bottom script as the initramfs would (rootmnt
+# set), in a mount namespace of its own where /proc/cmdline reads CMDLINE; prints its output
+# and, if it changed the mounts, a line saying so.
+local_bottom() {
+    printf '%s\n' "$1" >"$TS_TMP/cmdline"
+    unshare -m --propagation private sh -c '
+        mount --bind "$1" "$2/proc/cmdline" || exit 99
+        before=$(cat /proc/self/mountinfo)
+        chroot "$2" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TS_KMSG=/dev/null \
+            rootmnt=/mnt sh /usr/share/initramfs-tools/scripts/local-bottom/treeswap 2>&1
+        rc=$?
+        [ "$(cat /proc/self/mountinfo)" = "$before" ] || echo "(the mounts changed)"
+        exit $rc' sh "$TS_TMP/cmdline" "$root"
+}
+out=$(local_bottom "root=/dev/vda1 ro quiet") && rc=0 || rc=$?
+if [ "$rc" = 0 ] && [ -z "$out" ] && [ ! -e "$root/run/treeswap" ]; then
+    pass "local-bottom/treeswap does nothing without treeswap.root= or treeswap.path= on the command line"
+else
+    fail "local-bottom/treeswap without treeswap.root=: exit $rc: $out"
+fi
+out=$(local_bottom "root=/dev/vda1 treeswap.root=/dev/treeswap-package-test") && rc=0 || rc=$?
+if [ "$rc" = 0 ] && [[ "$out" == *"treeswap.root=/dev/treeswap-package-test: no such block device"* ]] &&
+    [[ "$out" != *"mounts changed"* ]]; then
+    pass "local-bottom/treeswap reads treeswap.root= (a missing device: an error line, nothing mounted)"
+else
+    fail "local-bottom/treeswap with treeswap.root= of no device: exit $rc: $out"
+fi
+rm -rf "$root/run/treeswap" "$root/tmp/guests"
 
 # Nothing enabled, nothing started.
 new_links=$(comm -13 <(echo "$links_before") <(links))

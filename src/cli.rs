@@ -176,6 +176,10 @@ pub enum Command {
         /// Keep the N newest of the other trees.
         #[arg(long, default_value_t = 0)]
         keep: usize,
+        /// Also remove partial downloads (`downloads/*.part`) touched in the last 7 days;
+        /// without it gc removes only older ones (an interrupted `update` resumes the others).
+        #[arg(long)]
+        downloads: bool,
     },
     /// Protect an installed version from gc.
     Pin {
@@ -559,10 +563,11 @@ pub fn run(cli: &Cli) -> Result<()> {
             ));
         }
         Command::Boot { .. } => boot_command(&cx)?,
-        Command::Gc { keep } => {
+        Command::Gc { keep, downloads } => {
             let root = cx.root(Lock::Exclusive, false)?;
             root.warn_stuck();
-            let r = gc::gc(&root, *keep, &[])?;
+            let mut r = gc::gc(&root, *keep, &[])?;
+            gc::downloads(&root, *downloads, &mut r)?;
             cx.say(&r.summary());
         }
         Command::Pin { version } => {
@@ -847,11 +852,22 @@ fn apply_command(cx: &Env, file: &Path, opts: apply::Options) -> Result<()> {
 /// Records what an apply that held the lock came to, for `status` (a failure to record is
 /// only logged).
 fn record_last_apply(root: &Root, outcome: &Result<apply::Outcome>) {
-    let (result, to, code, error) = match outcome {
-        Ok(apply::Outcome::Applied { to, .. }) => ("applied", Some(to.clone()), 0, None),
-        Ok(apply::Outcome::Staged { to }) => ("staged", Some(to.clone()), 0, None),
-        Ok(apply::Outcome::Switched { to }) => ("switched", Some(to.clone()), 0, None),
+    let done = match outcome {
+        Ok(apply::Outcome::Applied { to, .. }) => Ok(("applied", to.as_str())),
+        Ok(apply::Outcome::Staged { to }) => Ok(("staged", to.as_str())),
+        Ok(apply::Outcome::Switched { to }) => Ok(("switched", to.as_str())),
         Ok(apply::Outcome::WouldApply { .. } | apply::Outcome::WouldSwitch { .. }) => return,
+        Err(e) => Err(e),
+    };
+    record_outcome(root, done);
+}
+
+/// Records the outcome of a writer's `apply` or `update` in `last-apply.toml`: its result
+/// (`applied`, `staged`, `switched`) and the version it came to, or its error (`nothing` for
+/// exit 4, else `failed`) with the exit code. A failure to record is only logged.
+fn record_outcome(root: &Root, done: std::result::Result<(&str, &str), &anyhow::Error>) {
+    let (result, to, code, error) = match done {
+        Ok((result, to)) => (result, Some(to.to_owned()), 0, None),
         Err(e) => {
             let code = crate::core::error::exit_code(e);
             let result = match code == crate::core::error::EXIT_NOTHING {
@@ -870,7 +886,7 @@ fn record_last_apply(root: &Root, outcome: &Result<apply::Outcome>) {
         error,
     };
     if let Err(e) = root.record_last_apply(&last) {
-        log::warn!("cannot record the apply's outcome: {e:#}");
+        log::warn!("cannot record the outcome: {e:#}");
     }
 }
 
@@ -937,7 +953,15 @@ fn update_command(cx: &Env, a: &UpdateArgs) -> Result<()> {
         flip: cx.flip(),
         writer,
     };
-    let report = update::update(&root, &cx.cfg, &opts)?;
+    let outcome = update::update(&root, &cx.cfg, &opts);
+    // A writer's outcome is recorded as an apply's is (`status` shows it).
+    if writer {
+        record_outcome(
+            &root,
+            outcome.as_ref().map(|r| (r.result, r.latest.as_str())),
+        );
+    }
+    let report = outcome?;
     match (a.json, writer) {
         (true, _) => out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
         (false, false) => out(&report.to_text())?,

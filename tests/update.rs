@@ -126,10 +126,12 @@ impl Rel {
 
 /// What a command that must change nothing is checked against: every path of the root with
 /// its inode, mode, size and links, and the state file's text (the lock's text is the
-/// holder's, rewritten by every writer).
+/// holder's, rewritten by every writer; `last-apply.toml` records a writer's outcome, a
+/// refusal too, for `status`: `update_records_its_outcome_for_status` checks it).
 fn root_state(root: &Path) -> (Listing, String) {
     let mut l = listing(root);
     l.remove(&b"lock"[..]);
+    l.remove(&b"last-apply.toml"[..]);
     (
         l,
         fs::read_to_string(root.join("state.toml")).unwrap_or_default(),
@@ -1283,4 +1285,350 @@ fn network_input_at_its_limits_takes_bounded_memory() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_unchanged(&before, &a);
+}
+
+/// The outcome `status` shows.
+fn last_apply(root: &Path) -> serde_json::Value {
+    let r = ts(root, ["status", "--json"]);
+    r.success();
+    json(&r)["last_apply"].clone()
+}
+
+/// `update` records its outcome in `last-apply.toml` as `apply` does (applied, staged,
+/// switched, nothing, failed; the exit code; `to`; the error), and its readers (`--check`,
+/// `--dry-run`) record nothing. (Before: `update` recorded nothing at all.)
+#[test]
+fn update_records_its_outcome_for_status() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let c = rel.client("c");
+    let record = c.join("last-apply.toml");
+    rel.update(&c, "client.toml", &url, &["--check"]).success();
+    rel.update(&c, "client.toml", &url, &["--dry-run"])
+        .success();
+    assert!(!record.exists(), "a reader recorded an outcome");
+
+    rel.update(&c, "client.toml", &url, &[]).success();
+    let l = last_apply(&c);
+    assert_eq!(l["result"], "applied", "{l}");
+    assert_eq!(l["to"], "1", "{l}");
+    assert_eq!(l["code"], 0, "{l}");
+    assert!(l["error"].is_null(), "{l}");
+    ts(&c, ["status"])
+        .success()
+        .stdout_has("last apply: applied `1`");
+
+    // Up to date: `nothing`, exit 4.
+    rel.update(&c, "client.toml", &url, &[]).exit(4);
+    let l = last_apply(&c);
+    assert_eq!(l["result"], "nothing", "{l}");
+    assert_eq!(l["code"], 4, "{l}");
+    assert!(l["to"].is_null(), "{l}");
+
+    // Staged, then switched to it.
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    rel.update(&c, "client.toml", &url, &["--stage-only"])
+        .success();
+    let l = last_apply(&c);
+    assert_eq!(
+        (&l["result"], &l["to"]),
+        (&"staged".into(), &"2".into()),
+        "{l}"
+    );
+    assert_eq!(current(&c), "1");
+    rel.update(&c, "client.toml", &url, &[]).success();
+    let l = last_apply(&c);
+    assert_eq!(
+        (&l["result"], &l["to"]),
+        (&"switched".into(), &"2".into()),
+        "{l}"
+    );
+    assert_eq!(current(&c), "2");
+
+    // A refused index: `failed`, its exit code and the error; readers leave the record.
+    rel.publish("3", &rel.tree(3, 0), &[]).success();
+    let ix = rel.repo.join("stable/index.toml");
+    let mut text = fs::read(&ix).unwrap();
+    let at = text.len() - 10;
+    text[at] ^= 1;
+    fs::write(&ix, text).unwrap();
+    rel.update(&c, "client.toml", &url, &[]).exit(10);
+    let l = last_apply(&c);
+    assert_eq!(l["result"], "failed", "{l}");
+    assert_eq!(l["code"], 10, "{l}");
+    assert!(
+        l["error"].as_str().unwrap().contains("does not verify"),
+        "{l}"
+    );
+    let kept = fs::read(&record).unwrap();
+    rel.update(&c, "client.toml", &url, &["--check"]).exit(10);
+    rel.update(&c, "client.toml", &url, &["--dry-run"]).exit(10);
+    assert_eq!(
+        fs::read(&record).unwrap(),
+        kept,
+        "a reader changed the record"
+    );
+    assert_eq!(current(&c), "2");
+}
+
+/// `status` counts the partial downloads (`downloads/*.part`); `gc` removes only those
+/// untouched for a week (or all, with `--downloads`), so an interrupted update still
+/// resumes, and leaves the kept index and anything else in `downloads/` alone.
+#[test]
+fn status_shows_and_gc_ages_out_partial_downloads() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    rel.publish("1", &rel.tree(1, 3 << 20), &[]).success();
+    let delta = fs::read(rel.repo.join("stable/deltas/1/empty.delta")).unwrap();
+    let sha = rel
+        .index()
+        .split("[[delta]]")
+        .find(|d| d.contains("stable/deltas/1/empty.delta"))
+        .and_then(|d| d.lines().find_map(|l| l.strip_prefix("sha256 = \"")))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    let c = rel.client("c");
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(
+        st["downloads"],
+        serde_json::json!({"partial": 0, "bytes": 0})
+    );
+    let dl = c.join("downloads");
+    fs::create_dir_all(&dl).unwrap();
+    // A fresh partial download of the delta, one of an older plan untouched for 8 days, and
+    // names that are not partial downloads.
+    let fresh = dl.join(format!("{sha}.part"));
+    let fresh_len = (1 << 20) + 12345;
+    fs::write(&fresh, &delta[..fresh_len]).unwrap();
+    let old = dl.join(format!("{}.part", "ab".repeat(32)));
+    fs::write(&old, noise(5000, 3)).unwrap();
+    let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+    let age = |p: &Path| {
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap()
+    };
+    age(&old);
+    let others = [dl.join("notes.part"), dl.join("index.stable.etag")];
+    for o in &others {
+        fs::write(o, "x").unwrap();
+        age(o);
+    }
+    fs::create_dir(dl.join(format!("{}.part", "cd".repeat(32)))).unwrap();
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(
+        st["downloads"],
+        serde_json::json!({"partial": 2, "bytes": fresh_len + 5000}),
+        "{st}"
+    );
+    ts(&c, ["status"])
+        .success()
+        .stdout_has(&format!("downloads: 2 partial, {} bytes", fresh_len + 5000));
+
+    // gc: the old one goes, the fresh one and the other names stay.
+    ts(&c, ["gc"])
+        .success()
+        .stdout_has("1 partial download(s) (5000 bytes)");
+    assert!(!old.exists());
+    assert_eq!(fs::metadata(&fresh).unwrap().len(), fresh_len as u64);
+    for o in &others {
+        assert!(o.exists(), "{}", o.display());
+    }
+    assert!(dl.join(format!("{}.part", "cd".repeat(32))).is_dir());
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(st["downloads"]["partial"], 1, "{st}");
+    let r = ts(&c, ["gc"]);
+    r.success();
+    assert!(!r.stdout().contains("partial download"), "{}", r.stdout());
+
+    // The update resumes from what gc kept. (It clears the rest of `downloads/`, and a
+    // directory there stops it: not gc's business.)
+    fs::remove_file(&others[1]).unwrap();
+    fs::remove_dir(dl.join(format!("{}.part", "cd".repeat(32)))).unwrap();
+    let r = rel.update(&c, "client.toml", &url, &["--json"]);
+    r.success();
+    assert_eq!(json(&r)["resumed"].as_u64().unwrap(), fresh_len as u64);
+    assert_same_dirs(&rel.env.path("v1"), &c.join("trees/1"));
+    let st = json(&ts(&c, ["status", "--json"]));
+    assert_eq!(st["downloads"]["partial"], 0, "{st}");
+
+    // --downloads: a fresh one goes too; the kept index stays, the trees and pool as they were.
+    fs::write(&fresh, &delta[..1000]).unwrap();
+    let trees = listing(&c.join("trees"));
+    let pool = listing(&c.join("pool"));
+    ts(&c, ["gc", "--downloads"])
+        .success()
+        .stdout_has("1 partial download(s) (1000 bytes)");
+    assert!(!fresh.exists());
+    assert!(dl.join("index.stable.toml").exists());
+    assert!(diff_listings(&trees, &listing(&c.join("trees"))).is_empty());
+    assert!(diff_listings(&pool, &listing(&c.join("pool"))).is_empty());
+    ts(&c, ["verify"]).success();
+}
+
+/// `scripts/install-boot.sh --update` installs the update units beside the boot units (with
+/// `--sysv`, the cron line), with the binary's and the defaults file's paths written in; what
+/// it installed updates a machine whose root and config only the defaults file names.
+/// Without `--update` it installs neither.
+#[test]
+fn install_boot_installs_the_update_units_and_cron_line() {
+    use std::os::unix::fs::PermissionsExt;
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let config = rel.config(
+        "units.toml",
+        &format!("[update]\nurl = \"{}\"\n", rel.file_url()),
+    );
+    let script = Path::new(REPO).join("scripts/install-boot.sh");
+    let install = |args: &[&str], dest: &Path, defaults: &Path, root: &Path| {
+        let mut c = Command::new(&script);
+        c.args(["--bin", BIN])
+            .args(args)
+            .arg("--dest")
+            .arg(dest)
+            .arg("--defaults")
+            .arg(defaults)
+            .arg("--root")
+            .arg(root)
+            .arg("--config")
+            .arg(&config);
+        run(&mut c)
+    };
+    let boot_units = [
+        "treeswap-boot.service",
+        "treeswap-mark-good.service",
+        "treeswap-mark-good.timer",
+    ];
+    let update_units = ["treeswap-update.service", "treeswap-update.timer"];
+
+    let plain = rel.env.path("plain");
+    let r = install(&[], &plain, &rel.env.path("d0"), &rel.env.path("r0"));
+    assert!(
+        !r.success().stdout().contains("treeswap-update"),
+        "{}",
+        r.stdout()
+    );
+    let mut got: Vec<String> = names(&plain).iter().map(|n| show(n)).collect();
+    got.sort();
+    assert_eq!(got, boot_units);
+
+    let a = rel.client("a");
+    let units = rel.env.path("units");
+    let defaults = rel.env.path("defaults-a");
+    install(&["--update"], &units, &defaults, &a)
+        .success()
+        .stdout_has("treeswap-update.timer");
+    for u in boot_units.iter().chain(&update_units) {
+        let text = fs::read_to_string(units.join(u)).unwrap();
+        assert!(!text.contains("/usr/sbin/treeswap"), "{u}: {text}");
+        assert!(!text.contains("/etc/default/treeswap"), "{u}: {text}");
+        let mode = fs::metadata(units.join(u)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o644, "{u}");
+    }
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        let mut c = Command::new("systemd-analyze");
+        c.args(["verify", "--man=no"]);
+        for u in boot_units.iter().chain(&update_units) {
+            c.arg(units.join(u));
+        }
+        let r = run(&mut c);
+        r.success();
+        assert!(r.stderr().trim().is_empty(), "{}", r.stderr());
+    }
+    // The service's command, with the environment its EnvironmentFile gives.
+    let service = fs::read_to_string(units.join("treeswap-update.service")).unwrap();
+    let value = |key: &str| -> String {
+        service
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}="))
+            .to_owned()
+    };
+    assert_eq!(value("EnvironmentFile"), format!("-{}", defaults.display()));
+    let argv: Vec<String> = value("ExecStart")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(argv[0], BIN);
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "set -a; . {}; set +a; exec \"$@\"",
+            defaults.display()
+        ))
+        .arg("sh")
+        .args(&argv)
+        .env_remove("TREESWAP_ROOT")
+        .env_remove("TREESWAP_CONFIG");
+    run(&mut c).success();
+    assert_eq!(current(&a), "1");
+
+    // --sysv --update: the init script and the cron line, which reads the defaults file.
+    let b = rel.client("b");
+    let initd = rel.env.path("init.d");
+    let crond = rel.env.path("cron.d");
+    let defaults = rel.env.path("defaults-b");
+    let mut args = vec!["--sysv", "--update", "--cron-dest"];
+    let crond_s = crond.to_str().unwrap().to_owned();
+    args.push(&crond_s);
+    install(&args, &initd, &defaults, &b)
+        .success()
+        .stdout_has("cron runs");
+    let init = fs::read_to_string(initd.join("treeswap")).unwrap();
+    assert!(
+        init.contains(&format!("TREESWAP=${{TREESWAP:-{BIN}}}")),
+        "{init}"
+    );
+    assert!(
+        init.contains(&format!("${{TREESWAP_DEFAULTS:-{}}}", defaults.display())),
+        "{init}"
+    );
+    let cron = fs::read_to_string(crond.join("treeswap-update")).unwrap();
+    assert!(!cron.contains("/usr/sbin/treeswap"), "{cron}");
+    assert!(!cron.contains("/etc/default/treeswap"), "{cron}");
+    let mode = fs::metadata(crond.join("treeswap-update"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o644);
+    let line = cron.lines().find(|l| !l.starts_with('#')).unwrap();
+    let fields: Vec<&str> = line.splitn(7, ' ').collect();
+    assert_eq!(fields[5], "root", "{line}");
+    for _ in 0..2 {
+        let r = run(Command::new("sh")
+            .arg("-c")
+            .arg(fields[6])
+            .env("TREESWAP_UPDATE_SPLAY", "0")
+            .env_remove("TREESWAP_ROOT")
+            .env_remove("TREESWAP_CONFIG"));
+        r.success();
+        assert_eq!(r.stdout(), "", "cron mails what it prints");
+        assert_eq!(r.stderr(), "", "cron mails what it prints");
+    }
+    assert_eq!(current(&b), "1");
+    // --sysv without --update: no cron line.
+    let crond2 = rel.env.path("cron2.d");
+    let crond2_s = crond2.to_str().unwrap().to_owned();
+    install(
+        &["--sysv", "--cron-dest", &crond2_s],
+        &rel.env.path("init2.d"),
+        &rel.env.path("d2"),
+        &rel.env.path("r2"),
+    )
+    .success();
+    assert!(!crond2.exists());
 }

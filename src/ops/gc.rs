@@ -7,9 +7,17 @@
 //! crash leaves it installed or not), remove its manifest, then delete the files. Objects are
 //! garbage when no remaining manifest names them; an object and its link-limit copies go
 //! together.
+//!
+//! Partial downloads (`downloads/<sha256>.part`, kept so that an interrupted `update`
+//! resumes) go only from the `gc` command, never from the gc an apply runs when it does not
+//! fit (that apply may be reading one): those untouched for [`STALE_DOWNLOAD`], or all of them
+//! when asked. The kept indexes cannot tell which are still wanted: `update` keeps an index
+//! only once it has applied its deltas, so a download of a newer index is named by none.
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
@@ -23,6 +31,88 @@ pub(crate) struct Report {
     pub trees_removed: Vec<String>,
     pub objects_removed: u64,
     pub bytes_freed: u64,
+    /// Partial downloads removed, and their bytes (`downloads`).
+    pub downloads_removed: u64,
+    pub download_bytes_freed: u64,
+}
+
+/// How long a partial download may lie untouched before gc takes it for abandoned: a week,
+/// long enough for a machine that was off or offline to come back and resume it.
+pub(crate) const STALE_DOWNLOAD: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A partial download: `downloads/<64 hex digits>.part`, a regular file.
+pub(crate) struct Partial {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub modified: SystemTime,
+}
+
+/// The partial downloads in `downloads/` (none if it does not exist). Only regular files
+/// named `<sha256>.part` count; the kept indexes and anything else are not looked at. A file
+/// removed meanwhile (by the writer `status` does not wait for) is left out.
+pub(crate) fn partial_downloads(root: &Root) -> Result<Vec<Partial>> {
+    let dir = root.path.join("downloads");
+    let entries = match fs_err::read_dir(&dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".part")) else {
+            continue;
+        };
+        if stem.len() != 64 || !stem.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let md = match fs_err::symlink_metadata(e.path()) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if md.is_file() {
+            out.push(Partial {
+                path: e.path(),
+                bytes: md.len(),
+                modified: md.modified()?,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Removes the partial downloads untouched for [`STALE_DOWNLOAD`] (`all`: every one) into
+/// `report`. The caller holds the writer's lock, so no `update` is appending to one now.
+pub(crate) fn downloads(root: &Root, all: bool, report: &mut Report) -> Result<()> {
+    let now = SystemTime::now();
+    let mut kept = 0;
+    for p in partial_downloads(root)? {
+        // A time in the future (a clock set back) is not old.
+        let age = now.duration_since(p.modified).unwrap_or_default();
+        if !all && age < STALE_DOWNLOAD {
+            kept += 1;
+            continue;
+        }
+        fs_err::remove_file(&p.path)?;
+        log::info!(
+            "removed the partial download `{}` ({} bytes, untouched for {} day(s))",
+            p.path.display(),
+            p.bytes,
+            age.as_secs() / 86400
+        );
+        report.downloads_removed += 1;
+        report.download_bytes_freed += p.bytes;
+    }
+    if kept > 0 {
+        log::info!(
+            "kept {kept} partial download(s) touched in the last {} days (`gc --downloads` removes them)",
+            STALE_DOWNLOAD.as_secs() / 86400
+        );
+    }
+    Ok(())
 }
 
 /// The versions gc must keep whatever `keep` says: current, previous, and every version the
@@ -56,8 +146,15 @@ impl Report {
         } else {
             format!(" ({})", self.trees_removed.join(" "))
         };
+        let downloads = match self.downloads_removed {
+            0 => String::new(),
+            n => format!(
+                ", {n} partial download(s) ({} bytes)",
+                self.download_bytes_freed
+            ),
+        };
         format!(
-            "removed {} tree(s){names}, {} object(s), {} bytes",
+            "removed {} tree(s){names}, {} object(s), {} bytes{downloads}",
             self.trees_removed.len(),
             self.objects_removed,
             self.bytes_freed

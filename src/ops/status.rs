@@ -35,6 +35,8 @@ pub(crate) struct Status {
     pub activity: Option<Activity>,
     /// The outcome of the last `apply` that got the lock.
     pub last_apply: Option<LastApply>,
+    /// `update`'s partial downloads (`downloads/*.part`).
+    pub downloads: Downloads,
     // ---- guests (issue 16) ----
     /// Each configured guest: overlay or tree, its layer, where it is mounted, the conflicts
     /// of its last merge.
@@ -56,6 +58,13 @@ pub(crate) struct Tree {
     pub previous: bool,
     pub pending: bool,
     pub pinned: bool,
+}
+
+/// The partial downloads `update` keeps to resume: how many, and their bytes.
+#[derive(Serialize)]
+pub(crate) struct Downloads {
+    pub partial: u64,
+    pub bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -90,6 +99,7 @@ pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
     let versions = root.versions()?;
     let trees = trees(root, &versions, &current, &previous, &st)?;
     let guests = crate::ops::guest::infos(root, cfg, &st)?;
+    let partial = crate::ops::gc::partial_downloads(root)?;
     Ok(Status {
         schema: SCHEMA,
         root: root.path.display().to_string(),
@@ -109,6 +119,10 @@ pub(crate) fn status(root: &Root, cfg: &Config) -> Result<Status> {
         trees,
         activity: root.activity()?,
         last_apply: root.last_apply()?,
+        downloads: Downloads {
+            partial: partial.len() as u64,
+            bytes: partial.iter().map(|p| p.bytes).sum(),
+        },
         guests,
     })
 }
@@ -166,7 +180,7 @@ impl Status {
     pub(crate) fn to_text(&self) -> String {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\nprotect:  {}\n{}{}",
+            "root:     {}\ncurrent:  {}\nprevious: {}\nversions: {}\npool:     {} objects, {} bytes\nboot:     {}\nprotect:  {}\ndownloads: {} partial, {} bytes\n{}{}",
             self.root,
             show(&self.current),
             show(&self.previous),
@@ -185,6 +199,8 @@ impl Status {
                 None => "good".to_string(),
             },
             self.protect,
+            self.downloads.partial,
+            self.downloads.bytes,
             match &self.activity {
                 Some(a) => format!("working:  `{}` (pid {}) since {}\n", a.op, a.pid, a.since),
                 None => String::new(),
