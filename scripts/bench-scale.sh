@@ -47,6 +47,7 @@ measure() {
 declare -A T M
 record() {
     local key="$1/$2"
+    log "$1 entries, $2: $WALL s, $RSS MB"
     T[$key]="${T[$key]:-} $WALL"
     [ "${M[$key]:-0}" -ge "$RSS" ] || M[$key]=$RSS
 }
