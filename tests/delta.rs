@@ -2352,3 +2352,65 @@ fn large_blobs_are_spooled_and_references_are_bounded() {
     assert!(new.is_empty(), "objects written: {new:?}");
     verify_full(&root2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A heavy content started ahead of the cheap ones before it
+
+/// `apply` starts decoding a large content (here 6 MiB) before the small patches that come
+/// before it in the stream, holding their blobs meanwhile, and a patch against the large
+/// content (which comes after it) waits for it. The result must be exactly the new tree, every
+/// object checked.
+#[test]
+fn a_large_content_started_ahead_of_small_ones_gives_the_same_tree() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = scratch();
+    let mut rng = Rng(17);
+    let words = [
+        "apt", "cache", "package", "version", "depends", "amd64", "libc6",
+    ];
+    let mut big = Vec::new();
+    while big.len() < 6 << 20 {
+        big.extend_from_slice(rng.pick(&words).as_bytes());
+        big.extend_from_slice(format!(" {}\n", rng.below(100_000)).as_bytes());
+    }
+    let mut big2 = big.clone();
+    for i in [7usize, 3 << 20, big.len() - 3] {
+        big2[i] ^= 0x21;
+    }
+    let (mut a, mut b) = (TreeSpec::new(), TreeSpec::new());
+    for i in 0..40 {
+        let text = rng.some_bytes(2000, 6000);
+        let mut edited = text.clone();
+        edited[100] ^= 1;
+        a = a.file(format!("a/small{i:02}"), &text);
+        b = b.file(format!("a/small{i:02}"), &edited);
+    }
+    let b = b.file("m/big", &big).file("z/big2", &big2);
+    let (a, b) = (env.tree("a", &a), env.tree("b", &b));
+    let delta = env.path("d.tar");
+    diff_dirs(&a, &b, "2", &delta).success();
+    let t = toml_of(&DeltaTar::read(&delta).manifest());
+    let contents = t["contents"].as_array().unwrap();
+    let big_sha = sha256_hex(&big);
+    let at = contents
+        .iter()
+        .position(|c| c["sha256"].as_str() == Some(&big_sha))
+        .expect("the large content is shipped");
+    let before = contents[..at]
+        .iter()
+        .filter(|c| c.get("blob_size").is_some())
+        .count();
+    assert!(
+        before >= 20,
+        "the test needs small blobs before the large one: {before} before it"
+    );
+
+    let root = env.path("root");
+    init_root(&root);
+    import_active(&root, &a, "1");
+    apply(&root, &delta).success();
+    assert_current_is(&root, &snapshot(&b));
+    verify_full(&root);
+}

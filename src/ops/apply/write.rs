@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use anyhow::{Context, Result, anyhow};
 use sha2::{Digest, Sha256};
@@ -88,8 +88,9 @@ pub(super) fn write_objects(
 /// Reads a whole object's bytes and checks them against the content hash they must have.
 fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
     let fd = pool.open_object(id)?;
-    check_reference_size(sys::fstat(fd.as_fd())?.st_size as u64, sha)?;
-    let data = read_all(fd.as_fd()).context("cannot read a patch base")?;
+    let size = sys::fstat(fd.as_fd())?.st_size as u64;
+    check_reference_size(size, sha)?;
+    let data = read_all(fd.as_fd(), size).context("cannot read a patch base")?;
     let got: Hash = Sha256::digest(&data).into();
     if &got != sha {
         return Err(Fail::Integrity(format!(
@@ -113,8 +114,13 @@ fn check_reference_size(size: u64, sha: &Hash) -> Result<()> {
     Ok(())
 }
 
-fn read_all(fd: BorrowedFd) -> std::io::Result<Vec<u8>> {
-    let mut data = Vec::new();
+/// Reads the file open as `fd`, of `size` bytes by its `fstat` (at most [`MAX_REFERENCE`]):
+/// the buffer is allocated once at that size, not grown by doubling, which for a 40 MB
+/// reference touched 64 MB of memory and copied it as it grew.
+fn read_all(fd: BorrowedFd, size: u64) -> std::io::Result<Vec<u8>> {
+    // One byte more, so that a file that grew since is read (and then fails its hash check)
+    // without a reallocation on the way to its end.
+    let mut data = Vec::with_capacity(size.min(MAX_REFERENCE).saturating_add(1) as usize);
     FdReader { fd, off: 0 }.read_to_end(&mut data)?;
     Ok(data)
 }
@@ -140,10 +146,11 @@ impl BaseFiles<'_> {
     /// (no such file, another content there) is `None`, and the caller reads the pool.
     fn read(&self, sha: &Hash) -> Option<Vec<u8>> {
         let fd = self.open(sha)?;
-        if sys::fstat(fd.as_fd()).ok()?.st_size as u64 > MAX_REFERENCE {
+        let size = sys::fstat(fd.as_fd()).ok()?.st_size as u64;
+        if size > MAX_REFERENCE {
             return None;
         }
-        let data = read_all(fd.as_fd()).ok()?;
+        let data = read_all(fd.as_fd(), size).ok()?;
         let got: Hash = Sha256::digest(&data).into();
         if &got != sha {
             log::debug!(
@@ -166,11 +173,45 @@ impl BaseFiles<'_> {
 /// needs more.
 pub(super) const IN_FLIGHT_BYTES: u64 = 64 << 20;
 
+/// A content of at least this many bytes made from a blob is "heavy": decoding and writing it
+/// takes long enough (an xz-compressed 40 MB cache takes most of a second) that it is started
+/// before the cheap contents that precede it in the stream ([`dispatch_ahead`]).
+const HEAVY: u64 = 4 << 20;
+
+/// How many bytes of blobs [`materialize`] reads and holds, unstarted, to start a heavy
+/// content early: no more than [`super::read::BLOB_IN_MEMORY`], so none of them is spooled.
+const LOOKAHEAD_BYTES: u64 = super::read::BLOB_IN_MEMORY;
+
+/// Whether content `i` should be started before the contents `next..i` (which come before it
+/// in the stream) and how many blob bytes that holds: if it is heavy, those blobs total at most
+/// [`LOOKAHEAD_BYTES`], and none of those contents is its reference. Starting it first does
+/// not change what is written, only when: its decoding (alone on a worker for a second when it
+/// came last) overlaps with the cheap contents and with the staging of the tree.
+fn dispatch_ahead(d: &Delta, next: usize, i: usize) -> Option<u64> {
+    let c = &d.contents[i];
+    if c.blob.is_none() || c.size < HEAVY {
+        return None;
+    }
+    let mut held = 0u64;
+    for b in &d.contents[next..i] {
+        if c.source.base() == Some(&b.sha256) {
+            return None;
+        }
+        held = held.saturating_add(b.blob.map_or(0, |(_, n)| n));
+        if held > LOOKAHEAD_BYTES {
+            return None;
+        }
+    }
+    Some(held)
+}
+
 /// Writes every new object. Blobs are read from the stream in delta order, and each content
-/// is decoded and written by a worker thread as soon as its blob is in, so that the cold reads
-/// of references overlap. References and contents of the base are read from `base_tree` (the
-/// base's read-only snapshot) where it has them, else from the pool. A patch against a
-/// content still being made waits until the contents in flight are done.
+/// is decoded and written by a worker thread as soon as its blob is in and the bytes in flight
+/// allow ([`IN_FLIGHT_BYTES`]), so that the cold reads of references overlap. A heavy content
+/// close enough ahead in the stream is started before the cheap ones before it, whose blobs
+/// are held meanwhile ([`dispatch_ahead`]). References and contents of the base are read
+/// from `base_tree` (the base's read-only snapshot) where it has them, else from the pool. A
+/// patch against a content still being made waits until that content is done.
 fn materialize(
     d: &Delta,
     plan: &Plan,
@@ -181,12 +222,9 @@ fn materialize(
 ) -> Result<()> {
     let w = Writer::new(d, plan, pool, base_tree);
     let threads = worker_threads(base_tree.is_some())?;
-    let mut next = 0;
-    while next < d.contents.len() {
-        threads.in_place_scope(|s| w.round(s, members, &mut next, spool))?;
-        if let Some(e) = w.failed.lock().expect("poisoned").take() {
-            return Err(e);
-        }
+    threads.in_place_scope(|s| w.feed(s, members, spool))?;
+    if let Some(e) = w.failed.lock().expect("poisoned").take() {
+        return Err(e);
     }
     w.progress.finish();
     if base_tree.is_some() {
@@ -211,6 +249,13 @@ fn worker_threads(from_snapshot: bool) -> Result<rayon::ThreadPool> {
         .context("cannot start threads")
 }
 
+/// The contents handed to workers and not yet done, and the bytes they may hold.
+#[derive(Default)]
+struct Flight {
+    bytes: u64,
+    shas: HashSet<Hash>,
+}
+
 /// What the main thread and the workers share while the new objects are written.
 struct Writer<'a> {
     d: &'a Delta,
@@ -222,7 +267,28 @@ struct Writer<'a> {
     have: Mutex<HashMap<Hash, ObjectId>>,
     /// The first failure of a worker; the main thread stops handing out contents.
     failed: Mutex<Option<anyhow::Error>>,
+    /// What is in flight; `done` is signalled each time a worker finishes a content.
+    flight: Mutex<Flight>,
+    done: Condvar,
     progress: Progress,
+}
+
+/// Takes a content off [`Writer::flight`] when its worker is done with it, even by a panic
+/// (which the scope then re-raises), so that the main thread never waits for it forever.
+struct Landed<'w, 'a> {
+    w: &'w Writer<'a>,
+    sha: Hash,
+    cost: u64,
+}
+
+impl Drop for Landed<'_, '_> {
+    fn drop(&mut self) {
+        let mut f = self.w.flight.lock().unwrap_or_else(|e| e.into_inner());
+        f.bytes = f.bytes.saturating_sub(self.cost);
+        f.shas.remove(&self.sha);
+        drop(f);
+        self.w.done.notify_all();
+    }
 }
 
 impl<'a> Writer<'a> {
@@ -239,6 +305,8 @@ impl<'a> Writer<'a> {
             files,
             have: Mutex::new(plan.base_content.clone()),
             failed: Mutex::new(None),
+            flight: Mutex::new(Flight::default()),
+            done: Condvar::new(),
             progress: Progress::items(d.contents.len() as u64, "writing"),
         }
     }
@@ -248,42 +316,131 @@ impl<'a> Writer<'a> {
         self.have.lock().expect("poisoned").get(sha).copied()
     }
 
-    /// One round, from content `next` on: contents are handed to workers until one needs a
-    /// content still in flight, or the bytes in flight reach the limit; the round ends when
-    /// all are done (the scope `s` waits for them).
-    fn round<'s>(
+    fn has_failed(&self) -> bool {
+        self.failed.lock().expect("poisoned").is_some()
+    }
+
+    /// Hands every content to the workers of scope `s`, reading the blobs in stream order:
+    /// a heavy content is started ahead of the cheap ones before it where [`dispatch_ahead`]
+    /// allows, their blobs held (and counted in flight) until their turn.
+    fn feed<'s>(
         &'s self,
         s: &rayon::Scope<'s>,
         members: &mut Members,
-        next: &mut usize,
         spool: &dyn Fn() -> Result<std::fs::File>,
     ) -> Result<()> {
-        let mut in_flight: HashSet<Hash> = HashSet::new();
-        let mut bytes = 0u64;
-        while let Some(c) = self.d.contents.get(*next) {
-            if self.failed.lock().expect("poisoned").is_some() {
-                break;
-            }
-            let waits = c.source.base().is_some_and(|r| in_flight.contains(r));
-            let cost = self.cost(c);
-            if !in_flight.is_empty() && (waits || bytes.saturating_add(cost) > IN_FLIGHT_BYTES) {
-                break;
-            }
-            *next += 1;
-            let blob = match c.blob {
-                Some(_) => Some(read_blob(members, c, spool)?),
-                None => None,
+        let n = self.d.contents.len();
+        // The next heavy content at or after each index.
+        let mut next_heavy = vec![n; n + 1];
+        for i in (0..n).rev() {
+            let c = &self.d.contents[i];
+            next_heavy[i] = if c.blob.is_some() && c.size >= HEAVY {
+                i
+            } else {
+                next_heavy[i + 1]
             };
-            let Some(metas) = self.plan.metas.get(&c.sha256).filter(|m| !m.is_empty()) else {
-                self.skip(c);
+        }
+        let mut next = 0;
+        while next < n && !self.has_failed() {
+            let h = next_heavy[next];
+            let ahead = (h > next && h < n)
+                .then(|| dispatch_ahead(self.d, next, h))
+                .flatten();
+            let Some(held_bytes) = ahead else {
+                let c = &self.d.contents[next];
+                let blob = c.blob.map(|_| read_blob(members, c, spool)).transpose()?;
+                self.dispatch(s, c, blob, 0)?;
+                next += 1;
                 continue;
             };
-            self.prefetch(c);
-            bytes = bytes.saturating_add(cost);
-            in_flight.insert(c.sha256);
-            s.spawn(move |_| self.write_one(c, blob.as_ref(), metas));
+            // The blobs before the heavy content, held: counted in flight at once.
+            self.reserve(held_bytes, None);
+            let mut held = Vec::with_capacity(h - next);
+            for c in &self.d.contents[next..h] {
+                held.push(c.blob.map(|_| read_blob(members, c, spool)).transpose()?);
+            }
+            let c = &self.d.contents[h];
+            let blob = read_blob(members, c, spool)?;
+            log::debug!(
+                "starting content {} ({} bytes) ahead of the {} before it",
+                crate::core::object::short_hex(&c.sha256),
+                c.size,
+                h - next
+            );
+            self.dispatch(s, c, Some(blob), 0)?;
+            for (c, blob) in self.d.contents[next..h].iter().zip(held) {
+                let counted = c.blob.map_or(0, |(_, n)| n);
+                if self.has_failed() {
+                    self.release(counted);
+                    continue;
+                }
+                self.dispatch(s, c, blob, counted)?;
+            }
+            next = h + 1;
         }
         Ok(())
+    }
+
+    /// Waits until content `c` (`counted` of whose bytes are in flight already, as a held
+    /// blob) may start, then hands it to a worker (or, when every object of it is in the pool
+    /// already, only records it).
+    fn dispatch<'s>(
+        &'s self,
+        s: &rayon::Scope<'s>,
+        c: &'s Content,
+        blob: Option<Blob>,
+        counted: u64,
+    ) -> Result<()> {
+        let Some(metas) = self.plan.metas.get(&c.sha256).filter(|m| !m.is_empty()) else {
+            self.release(counted);
+            self.skip(c);
+            return Ok(());
+        };
+        let cost = self.cost(c).max(counted);
+        if !self.reserve(cost - counted, c.source.base()) {
+            self.release(counted);
+            return Ok(());
+        }
+        self.flight.lock().expect("poisoned").shas.insert(c.sha256);
+        self.prefetch(c);
+        let landed = Landed {
+            w: self,
+            sha: c.sha256,
+            cost,
+        };
+        s.spawn(move |_| {
+            self.write_one(c, blob.as_ref(), metas);
+            drop(landed);
+        });
+        Ok(())
+    }
+
+    /// Waits until `more` bytes fit in flight (or no content is in flight) and reference `r`, if
+    /// given, is not being made, then counts them. `false` (nothing counted) if a worker
+    /// failed meanwhile.
+    fn reserve(&self, more: u64, r: Option<&Hash>) -> bool {
+        let mut f = self.flight.lock().expect("poisoned");
+        loop {
+            if self.has_failed() {
+                return false;
+            }
+            let waits = r.is_some_and(|r| f.shas.contains(r));
+            // Held blobs alone are no reason to wait: only a content in flight gives back bytes.
+            let full = !f.shas.is_empty() && f.bytes.saturating_add(more) > IN_FLIGHT_BYTES;
+            if !waits && !full {
+                f.bytes = f.bytes.saturating_add(more);
+                return true;
+            }
+            f = self.done.wait(f).expect("poisoned");
+        }
+    }
+
+    /// Gives back `n` bytes counted in flight.
+    fn release(&self, n: u64) {
+        if n > 0 {
+            let mut f = self.flight.lock().expect("poisoned");
+            f.bytes = f.bytes.saturating_sub(n);
+        }
     }
 
     /// What decoding `c` may hold at once, as the format bounds it: its blob (in memory or
@@ -417,4 +574,64 @@ impl<'a> Writer<'a> {
 /// The content an error is about.
 fn what(c: &Content) -> String {
     format!("content {}", hex::encode(c.sha256))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::delta::Codec;
+
+    fn content(n: u8, size: u64, blob: u64, source: Source) -> Content {
+        Content {
+            sha256: [n; 32],
+            size,
+            data: None,
+            source,
+            codec: Codec::Zstd,
+            blob: Some(([n; 32], blob)),
+        }
+    }
+
+    fn delta(contents: Vec<Content>) -> Delta {
+        Delta {
+            contents,
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn a_heavy_content_is_started_ahead_of_cheap_ones() {
+        let d = delta(vec![
+            content(1, 100, 50, Source::ZstdPatch { base: [9; 32] }),
+            content(2, 100, 60, Source::Zstd),
+            content(3, 40 << 20, 10 << 20, Source::Zstd),
+        ]);
+        assert_eq!(dispatch_ahead(&d, 0, 2), Some(110));
+        assert_eq!(dispatch_ahead(&d, 1, 2), Some(60));
+        // Not a heavy one.
+        assert_eq!(dispatch_ahead(&d, 0, 1), None);
+    }
+
+    #[test]
+    fn not_ahead_of_its_reference_nor_of_too_many_blob_bytes() {
+        let patch = Source::Bsdiff { base: [2; 32] };
+        let d = delta(vec![
+            content(1, 100, 50, Source::Zstd),
+            content(2, 100, 60, Source::Zstd),
+            content(3, 40 << 20, 4096, patch),
+        ]);
+        assert_eq!(dispatch_ahead(&d, 0, 2), None, "its reference is content 2");
+        let d = delta(vec![
+            content(1, 9 << 20, LOOKAHEAD_BYTES, Source::Zstd),
+            content(2, 100, 1, Source::Zstd),
+            content(3, 40 << 20, 10 << 20, Source::Zstd),
+        ]);
+        assert_eq!(dispatch_ahead(&d, 0, 2), None, "over the lookahead");
+        assert_eq!(dispatch_ahead(&d, 1, 2), Some(1));
+        // A content of the base has no blob to start.
+        let mut d = d;
+        d.contents[2].source = Source::Base;
+        d.contents[2].blob = None;
+        assert_eq!(dispatch_ahead(&d, 1, 2), None);
+    }
 }
