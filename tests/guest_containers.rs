@@ -191,9 +191,11 @@ impl Setup {
     /// The service's pid: the process running `sleep` below the hook's recorded pid (nspawn's,
     /// or the chrooted shell's own, which exec'd sleep).
     fn service_pid(&self) -> Option<i32> {
+        // "PID [START]" (chroot-service records the start time too).
         let top: i32 = fs::read_to_string(self.rundir.join("web.pid"))
             .ok()?
-            .trim()
+            .split_whitespace()
+            .next()?
             .parse()
             .ok()?;
         let mut todo = vec![top];

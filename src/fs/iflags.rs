@@ -62,29 +62,39 @@ pub(crate) fn unlink_protected(dir: BorrowedFd, name: &[u8]) -> Result<()> {
 }
 
 /// The rest of [`unlink_protected`], for a caller whose own `unlink` of `name` was refused
-/// (`EPERM`): the flags are read once, the immutable one cleared, the name removed, and the
-/// flags restored if the inode still has other names.
+/// (`EPERM`): the flags are read once, the immutable and append-only ones cleared, the name
+/// removed, and the flags restored if the inode still has other names. The name is opened
+/// with `O_PATH` first and read through only if it is a regular file or a directory: a
+/// device node a guest put there is never opened (its driver would see the open and the
+/// ioctl).
 pub(crate) fn unlink_immutable(dir: BorrowedFd, name: &[u8]) -> Result<()> {
+    use rustix::fs::FileType;
     let shown = || crate::core::path::display(name);
-    // Non-blocking: opening a FIFO for reading would wait for a writer.
-    let flags = rustix::fs::OFlags::RDONLY
-        | rustix::fs::OFlags::NOFOLLOW
-        | rustix::fs::OFlags::NONBLOCK
-        | rustix::fs::OFlags::NOCTTY
-        | rustix::fs::OFlags::CLOEXEC;
-    let fd = super::sys::openat(dir, name, flags, rustix::fs::Mode::empty())
+    let (pfd, st) = super::guestfs::open_path_at(dir, name)
         .with_context(|| format!("cannot open `{}`", shown()))?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let fd = match ft {
+        FileType::RegularFile | FileType::Directory => super::guestfs::reopen(pfd.as_fd(), &st)
+            .with_context(|| format!("cannot open `{}`", shown()))?,
+        _ => return Err(Errno::PERM).with_context(|| format!("cannot remove `{}`", shown())),
+    };
+    let protecting = IFlags::IMMUTABLE | IFlags::APPEND;
     let had = ioctl_getflags(fd.as_fd())
         .ok()
-        .filter(|f| f.contains(IFlags::IMMUTABLE));
+        .filter(|f| f.intersects(protecting));
     let Some(had) = had else {
         // Refused for another reason (the directory is immutable or append-only): the file
         // must not come out of this with a flag it did not have.
         return Err(Errno::PERM).with_context(|| format!("cannot remove `{}`", shown()));
     };
-    ioctl_setflags(fd.as_fd(), had - IFlags::IMMUTABLE)
+    ioctl_setflags(fd.as_fd(), had - protecting)
         .with_context(|| format!("cannot clear the immutable flag of `{}`", shown()))?;
-    let r = rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty());
+    let dir_flag = if ft == FileType::Directory {
+        rustix::fs::AtFlags::REMOVEDIR
+    } else {
+        rustix::fs::AtFlags::empty()
+    };
+    let r = rustix::fs::unlinkat(dir, name, dir_flag);
     let st = rustix::fs::fstat(&fd).with_context(|| format!("cannot stat `{}`", shown()))?;
     if st.st_nlink > 0 {
         ioctl_setflags(fd.as_fd(), had)

@@ -41,19 +41,34 @@ fn option_path(p: &Path) -> Result<&str> {
     }
 }
 
+/// The most bytes of mount data the kernel reads (a page, with its NUL).
+const MAX_DATA: usize = 4095;
+
 /// Mounts an overlay at `target` ([mount(2)]): `lower` read-only below, `upper` and `work`
 /// (empty, on the same file system as `upper`) for the writes.
 ///
 /// [mount(2)]: https://man7.org/linux/man-pages/man2/mount.2.html
 pub(crate) fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<()> {
+    // The fixed options first: the kernel keeps only the first 4095 bytes of the data, and
+    // the layers' paths come from the root's path. `redirect_dir=nofollow`: with the kernel's
+    // default REDIRECT_ALWAYS_FOLLOW, `off` still follows redirects a layer holds.
     let data = format!(
         // The lower layer changes under the upper one at every flip, which overlayfs allows
         // only without these features (overlayfs.rst, "Changes to underlying filesystems").
-        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off,xino=off",
+        "index=off,metacopy=off,redirect_dir=nofollow,xino=off,uuid=off,\
+         lowerdir={},upperdir={},workdir={}",
         option_path(lower)?,
         option_path(upper)?,
         option_path(work)?
     );
+    if data.len() > MAX_DATA {
+        bail!(
+            "cannot mount an overlay at `{}`: its options are {} bytes, more than the kernel's \
+             {MAX_DATA} (a shorter root path would do)",
+            display(target.as_os_str().as_bytes()),
+            data.len()
+        );
+    }
     let data = CString::new(data).expect("no NUL: checked");
     rustix::mount::mount(
         "overlay",

@@ -32,23 +32,32 @@ pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutco
     }
     settle_flip(root, &mut st)?;
     state::save(root.fd(), &st)?;
+    // From here on each guest on its own, and the boot is counted whatever they do: a
+    // guest that fails is warned about, the others are restarted and mounted, and the error
+    // (the first) comes after the count.
+    let mut failed: Option<anyhow::Error> = None;
     if opts.restart && st.restart.is_some() {
         log::info!("finishing guest restarts cut short by an interruption");
-        if let Err(e) = flip::finish_restarts(root, cfg, &mut st) {
+        if let Err(e) = flip::finish_restarts_each(root, cfg, &mut st) {
             // As in apply: an unproven tree whose guests do not start is reverted.
-            if st.pending.is_none() || root.link("previous")?.is_none() {
-                return Err(e);
+            if st.pending.is_some() && root.link("previous")?.is_some() {
+                // Said once, in the command's error line.
+                log::info!("a guest did not restart on the pending tree; reverting it");
+                let prev = flip::revert(root, cfg, no_auto_revert(opts))?;
+                return Ok(BootOutcome::Reverted(prev, Some(format!("{e:#}"))));
             }
-            // Said once, in the command's error line.
-            log::info!("a guest did not restart on the pending tree; reverting it");
-            let prev = flip::revert(root, cfg, no_auto_revert(opts))?;
-            return Ok(BootOutcome::Reverted(prev, Some(format!("{e:#}"))));
+            failed = Some(e);
         }
     }
     // Overlay guests with nothing mounted (as after a reboot) get their overlay on `current`.
-    crate::ops::guest::mount_all(root, cfg, &mut st)?;
+    if let Err(e) = crate::ops::guest::mount_all(root, cfg, &mut st) {
+        failed.get_or_insert(e);
+    }
     failpoint::hit("boot-before-count");
-    count(root, cfg, opts, st)
+    match (count(root, cfg, opts, st)?, failed) {
+        (BootOutcome::Ok, Some(e)) => Err(e),
+        (outcome, _) => Ok(outcome),
+    }
 }
 
 /// Settles what the state file says of a flip against where `current` points: a flip cut

@@ -100,7 +100,15 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
     if !opts.restart {
         return Ok(());
     }
-    if let Err(e) = finish_restarts(root, cfg, &mut st) {
+    // With a flip back to come, the first failure stops the restarts; without, each guest is
+    // restarted whatever the others do (a flip back that stopped at one guest left the later
+    // ones on the tree it left).
+    let restarted = if opts.auto_revert && old.is_some() {
+        finish_restarts(root, cfg, &mut st)
+    } else {
+        finish_restarts_each(root, cfg, &mut st)
+    };
+    if let Err(e) = restarted {
         let Some(old) = old.filter(|_| opts.auto_revert) else {
             return Err(e.context(format!(
                 "the guests did not all restart on `{version}`, which stays current"
@@ -162,6 +170,54 @@ pub(crate) fn finish_restarts(root: &Root, cfg: &Config, st: &mut State) -> Resu
         failpoint::hit("guest-after-restart");
     }
     Ok(())
+}
+
+/// [`finish_restarts`], going on past a guest that fails: each listed guest is restarted,
+/// those that failed stay listed (so that `mark-good` refuses the tree and the next `boot`
+/// tries them again), and the error names the first failure and how many guests failed.
+pub(crate) fn finish_restarts_each(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
+    let previous = root.link("previous")?;
+    let mut failed: Vec<String> = Vec::new();
+    let mut first: Option<anyhow::Error> = None;
+    while let Some(r) = &st.restart {
+        let target = r.target.clone();
+        let Some(name) = r.guests.iter().find(|n| !failed.contains(n)).cloned() else {
+            break;
+        };
+        let done = match cfg.guests.iter().find(|g| g.name == name) {
+            Some(g) => {
+                failpoint::hit("guest-before-restart");
+                crate::ops::guest::restart(root, g, &target, previous.as_deref(), st)
+            }
+            None => {
+                log::warn!(
+                    "guest `{}` is no longer configured; not restarting it",
+                    crate::core::path::quote(&name)
+                );
+                Ok(())
+            }
+        };
+        match done {
+            Ok(()) => {
+                if let Some(r) = &mut st.restart {
+                    r.guests.retain(|n| *n != name);
+                }
+                state::save(root.fd(), st)?;
+                failpoint::hit("guest-after-restart");
+            }
+            Err(e) => {
+                log::warn!("{e:#}");
+                failed.push(name);
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        // Nothing failed: the list is empty; clear it and settle as `finish_restarts` does.
+        None => finish_restarts(root, cfg, st),
+        Some(e) if failed.len() == 1 => Err(e),
+        Some(e) => Err(e.context(format!("{} guests did not restart", failed.len()))),
+    }
 }
 
 /// `treeswap restart-guests [NAME…]`: with names, restarts those guests onto `current` now

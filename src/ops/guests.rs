@@ -64,6 +64,9 @@ pub(crate) fn run(what: &str, argv: &[String], timeout: u64) -> Result<()> {
 /// The last lines of a failed hook's output that its error quotes.
 const TAIL_LINES: usize = 3;
 
+/// How much of a hook's output is read back (its end).
+const OUTPUT_TAIL: u64 = 64 << 10;
+
 /// [`run`] with `vars` added to the environment.
 fn run_with(
     what: &str,
@@ -97,9 +100,13 @@ fn run_with(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut text = String::new();
-    out.rewind()?;
-    let _ = out.take(1 << 20).read_to_string(&mut text);
+    // The last 64 KiB (what the error line quotes is at the end), any bytes: a stray byte
+    // that is not UTF-8 must not lose the output.
+    let len = out.seek(std::io::SeekFrom::End(0))?;
+    out.seek(std::io::SeekFrom::Start(len.saturating_sub(OUTPUT_TAIL)))?;
+    let mut bytes = Vec::new();
+    out.take(OUTPUT_TAIL).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
     for line in text.lines() {
         log::info!("{what}: {line}");
     }

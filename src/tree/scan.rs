@@ -105,7 +105,11 @@ pub(crate) fn walk_all(top: BorrowedFd, visit: Visit, sockets: Sockets) -> Resul
         let fd = if rel == b"." {
             None
         } else {
-            Some(sys::open_dir_beneath(top, &rel)?)
+            // Piece by piece past 3 KiB: a guest's layer may nest deeper than PATH_MAX.
+            Some(
+                crate::fs::guestfs::open_dir_deep(top, &rel)
+                    .with_context(|| format!("cannot open directory `{}`", display(&rel)))?,
+            )
         };
         let dfd = fd.as_ref().map(|f| f.as_fd()).unwrap_or(top);
         let names = sys::read_dir(dfd).with_context(|| format!("in `{}`", display(&rel)))?;

@@ -10,11 +10,15 @@
 //! - deletions (whiteouts) the same way: kept while the release leaves the file alone, a
 //!   conflict if it changed it, dropped once the release has no such file;
 //! - paths matching a `state` glob are always kept, as is all below an opaque directory (the
-//!   guest replaced that directory whole).
+//!   guest replaced that directory whole);
+//! - a file the guest added where neither tree has one is kept, whether or not the old tree
+//!   is known;
+//! - a directory of the layer where the new tree has something else (a symlink, as
+//!   usr-merge's `/bin`) is reported as a conflict and kept: it hides the release's entry.
 //!
 //! A directory of the layer left empty by the drops, and equal to the new tree's, is removed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
 
@@ -82,6 +86,11 @@ impl Rules {
         globs.iter().any(|g| g.matches_with(&p, opts))
     }
 
+    /// Whether `path` matches a `state` glob: always the guest's.
+    pub(crate) fn is_state(&self, path: &[u8]) -> bool {
+        Self::matches(&self.state, path)
+    }
+
     fn policy(&self, path: &[u8]) -> Policy {
         if Self::matches(&self.keep, path) {
             Policy::Keep
@@ -98,17 +107,45 @@ pub(crate) fn is_whiteout(e: &Entry) -> bool {
     matches!(e.kind, Kind::Char { major: 0, minor: 0 })
 }
 
-/// Whether a directory of the layer is opaque: it hides the lower directory whole.
-fn is_opaque(e: &Entry) -> bool {
+/// Whether a directory of the layer is opaque: it hides the lower directory whole. Only
+/// `trusted.overlay.opaque` counts: the overlay is mounted without `userxattr`, so
+/// `user.overlay.*` are the guest's own attributes.
+pub(crate) fn is_opaque(e: &Entry) -> bool {
     e.is_dir()
-        && e.meta.xattrs.iter().any(|(k, v)| {
-            (&**k == b"trusted.overlay.opaque" || &**k == b"user.overlay.opaque") && &**v == b"y"
-        })
+        && e.meta
+            .xattrs
+            .iter()
+            .any(|(k, v)| &**k == b"trusted.overlay.opaque" && &**v == b"y")
 }
 
-/// overlayfs's own attributes, which a copy-up adds and a tree never has.
+/// overlayfs's own attributes, which a copy-up adds and a tree never has (`trusted.` only:
+/// see [`is_opaque`]).
 fn is_overlay_xattr(k: &[u8]) -> bool {
-    k.starts_with(b"trusted.overlay.") || k.starts_with(b"user.overlay.")
+    k.starts_with(b"trusted.overlay.")
+}
+
+/// The opaque directories of a layer, to ask of any path whether one is above it: one look-up
+/// per `/` of the path.
+pub(crate) struct Opaque<'a>(HashSet<&'a [u8]>);
+
+impl<'a> Opaque<'a> {
+    pub(crate) fn of(entries: &'a [Entry]) -> Opaque<'a> {
+        Opaque(
+            entries
+                .iter()
+                .filter(|e| is_opaque(e))
+                .map(|e| &*e.path)
+                .collect(),
+        )
+    }
+
+    /// Whether `p` lies below an opaque directory (not whether it is one).
+    pub(crate) fn covers(&self, p: &[u8]) -> bool {
+        !self.0.is_empty()
+            && p.iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'/' && self.0.contains(&p[..i]))
+    }
 }
 
 /// Whether the layer's entry `u` is the tree's entry `t` (kind, content, owner, mode and
@@ -147,27 +184,26 @@ pub(crate) fn plan(
     let mut out = Plan::default();
     // Children of each directory of the layer that stay; a directory left with none may go.
     let mut left: HashMap<&[u8], usize> = HashMap::new();
-    let mut opaque: Vec<&[u8]> = Vec::new();
     for e in &layer.entries {
         if &*e.path != b"." {
             *left.entry(parent(&e.path)).or_default() += 1;
         }
-        if is_opaque(e) {
-            opaque.push(&e.path);
-        }
     }
-    let under_opaque = |p: &[u8]| {
-        opaque
-            .iter()
-            .any(|o| p.len() > o.len() && p.starts_with(o) && p[o.len()] == b'/')
-    };
+    let opaque = Opaque::of(&layer.entries);
     for e in &layer.entries {
         let p: &[u8] = &e.path;
-        if e.is_dir() || p == b"." || under_opaque(p) || Rules::matches(&rules.state, p) {
+        if p == b"." || opaque.covers(p) || rules.is_state(p) {
             continue;
         }
         let o = old.and_then(|m| m.find(p));
         let n = new.find(p);
+        if e.is_dir() {
+            // The guest's directory hides whatever else the release has there.
+            if n.is_some_and(|n| !n.is_dir()) {
+                out.conflicts.push((e.path.clone(), Policy::Keep));
+            }
+            continue;
+        }
         let action = if is_whiteout(e) {
             match n {
                 // Nothing left to hide.
@@ -178,6 +214,9 @@ pub(crate) fn plan(
         } else if n.is_some_and(|n| same(e, n)) || o.is_some_and(|o| same(e, o)) {
             // The release's copy, or the old one the guest never changed: the new shows.
             Some(Action::Drop)
+        } else if n.is_none() && o.is_none() {
+            // The guest's own file, which no tree has.
+            None
         } else if old.is_some() && same_opt(o, n) {
             None
         } else {
@@ -196,7 +235,7 @@ pub(crate) fn plan(
     let mut dirs: Vec<&Entry> = layer
         .entries
         .iter()
-        .filter(|e| e.is_dir() && &*e.path != b"." && !is_opaque(e) && !under_opaque(&e.path))
+        .filter(|e| e.is_dir() && &*e.path != b"." && !is_opaque(e) && !opaque.covers(&e.path))
         .collect();
     dirs.sort_by_key(|e| std::cmp::Reverse(e.path.iter().filter(|&&b| b == b'/').count()));
     for d in dirs {
@@ -358,5 +397,63 @@ mod tests {
         changed.entries[2].kind = file("", 9).kind;
         let p = plan(&layer, None, &changed, &rules(""));
         assert_eq!(p.conflicts.len(), 1);
+    }
+
+    /// Finding 9a: with no old tree (an adopted layer, or its tree gone), a file the guest
+    /// added that the new tree does not have was a conflict, set aside under `take`.
+    #[test]
+    fn an_added_file_stays_without_the_old_tree() {
+        let new = tree(vec![dir("etc"), file("etc/release.conf", 1)]);
+        let layer = tree(vec![dir("etc"), file("etc/myapp.conf", 3)]);
+        let p = plan(&layer, None, &new, &rules("take = [\"/etc/**\"]\n"));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert!(p.conflicts.is_empty(), "{:?}", p.conflicts);
+        assert_eq!(p.kept, 1);
+    }
+
+    /// Finding 9c: `user.overlay.opaque` is the guest's own attribute (no `userxattr`): it
+    /// froze the merge below the directory.
+    #[test]
+    fn only_trusted_opaque_counts() {
+        let old = tree(vec![dir("usr"), file("usr/x", 1)]);
+        let mut usr = dir("usr");
+        usr.meta
+            .xattrs
+            .push(((*b"user.overlay.opaque").into(), (*b"y").into()));
+        let layer = tree(vec![usr, file("usr/x", 1)]);
+        let p = plan(&layer, Some(&old), &old, &rules(""));
+        assert_eq!(paths(&p, Action::Drop), ["usr/x"]);
+        let mut usr = dir("usr");
+        usr.meta
+            .xattrs
+            .push(((*b"trusted.overlay.opaque").into(), (*b"y").into()));
+        let layer = tree(vec![usr, file("usr/x", 1)]);
+        let p = plan(&layer, Some(&old), &old, &rules(""));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        // Opaque directories nested in opaque ones, and names that only share a prefix.
+        let o = Opaque::of(&layer.entries);
+        assert!(o.covers(b"usr/x") && o.covers(b"usr/a/b"));
+        assert!(!o.covers(b"usr") && !o.covers(b"usrx/y") && !o.covers(b"x/usr/y"));
+    }
+
+    /// Finding 9d: a directory of the layer over a symlink of the new tree (usr-merge's
+    /// `bin`) hides the release's entry: reported, not silent.
+    #[test]
+    fn a_directory_over_a_release_symlink_is_a_conflict() {
+        let old = tree(vec![dir("bin"), file("bin/sh", 1)]);
+        let new = tree(vec![Entry {
+            path: (*b"bin").into(),
+            meta: Meta {
+                mode: 0o777,
+                ..Default::default()
+            },
+            kind: Kind::Symlink {
+                target: (*b"usr/bin").into(),
+            },
+        }]);
+        let layer = tree(vec![dir("bin"), file("bin/mine", 3)]);
+        let p = plan(&layer, Some(&old), &new, &rules(""));
+        let conflicts: Vec<_> = p.conflicts.iter().map(|(p, _)| &**p).collect();
+        assert_eq!(conflicts, [&b"bin"[..]]);
     }
 }

@@ -13,16 +13,18 @@
 
 pub(crate) mod merge;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use rustix::fs::FileType;
+use rustix::io::Errno;
 
 use crate::core::config::{Config, Guest, Policy};
 use crate::core::failpoint;
-use crate::core::manifest::Manifest;
+use crate::core::manifest::{Entry, Kind, Manifest};
 use crate::core::path::{display, quote};
-use crate::fs::{mount, sys};
+use crate::fs::{guestfs, hash, mount, sparse, sys};
 use crate::ops::guests::{HookEnv, hook};
 use crate::store::root::Root;
 use crate::store::state::{self, GuestRecord, GuestUndo, MAX_CONFLICTS, State};
@@ -54,12 +56,16 @@ fn root_abs(root: &Root) -> Result<PathBuf> {
     mount::absolute(&root.path)
 }
 
-/// `guests/<name>/` with `rootfs/` and `work/`, made if missing.
+/// `guests/<name>/` with `rootfs/` and `work/`, made if missing. `guests/` and
+/// `guests/<name>/` are 0700, enforced each time: a guest's layer and overlay hold what root
+/// in the guest made (setuid files, device nodes), which no other user of the host may reach.
 pub(crate) fn place(root: &Root, g: &Guest) -> Result<Place> {
-    sys::mkdirat(root.fd(), GUESTS.as_bytes(), 0o755, true)?;
+    sys::mkdirat(root.fd(), GUESTS.as_bytes(), 0o700, true)?;
     let guests = root.subdir(GUESTS)?;
-    sys::mkdirat(guests.as_fd(), g.name.as_bytes(), 0o755, true)?;
+    guestfs::enforce_mode(guests.as_fd(), 0o700, GUESTS.as_bytes())?;
+    sys::mkdirat(guests.as_fd(), g.name.as_bytes(), 0o700, true)?;
     let fd = sys::open_dir_beneath(guests.as_fd(), g.name.as_bytes())?;
+    guestfs::enforce_mode(fd.as_fd(), 0o700, g.name.as_bytes())?;
     for d in ["rootfs", "work"] {
         sys::mkdirat(fd.as_fd(), d.as_bytes(), 0o755, true)?;
     }
@@ -180,10 +186,19 @@ fn prepare(root: &Root, g: &Guest, p: &Place, target: &str, st: &mut State) -> R
     if rec.base.as_deref() == Some(target) {
         return Ok(());
     }
+    let on_disk = layers(p)?;
+    if let Some(u) = rec.undo.as_ref().filter(|u| !on_disk.contains(&u.layer)) {
+        // A crash between the removal of the undo layer and the record without it.
+        log::warn!(
+            "guest `{name}`: its undo layer {} is gone; merging its layer {} instead",
+            u.layer,
+            rec.layer
+        );
+    }
     if let Some(u) = rec
         .undo
         .as_ref()
-        .filter(|u| u.base.as_deref() == Some(target))
+        .filter(|u| u.base.as_deref() == Some(target) && on_disk.contains(&u.layer))
     {
         log::info!(
             "guest `{name}`: back to its layer {} for `{target}`",
@@ -198,16 +213,32 @@ fn prepare(root: &Root, g: &Guest, p: &Place, target: &str, st: &mut State) -> R
         state::save(root.fd(), st)?;
         return remove_leftovers(p, &[u.layer]);
     }
-    // The merge starts from the current layer only: an older undo is no longer needed.
+    // The merge starts from the current layer only: an older undo is no longer needed. The
+    // record says so before anything is removed, so that it never names a layer that is gone.
+    if rec.undo.is_some() {
+        st.guest_mut(&g.name).undo = None;
+        state::save(root.fd(), st)?;
+    }
     remove_leftovers(p, &[rec.layer])?;
-    let next = rec.layer + 1;
-    farm(p, rec.layer, next)?;
+    let Some(next) = rec.layer.checked_add(1) else {
+        bail!("guest `{name}`: its layer number {} cannot grow", rec.layer);
+    };
+    // Made and merged under a name no one adopts, then renamed: a `layer-<N>` is complete.
+    let partial = partial_name(next);
+    farm(p, rec.layer, &partial)?;
     let old = match &rec.base {
         Some(b) if root.is_installed(b)? => Some(root.load_manifest(b)?),
         _ => None,
     };
     let new = root.load_manifest(target)?;
-    let (conflicts, more) = merge_layer(g, p, next, old.as_ref(), &new, target)?;
+    let (conflicts, more) = merge_layer(g, p, &partial, old.as_ref(), &new, target)?;
+    sys::renameat(
+        p.fd.as_fd(),
+        partial.as_bytes(),
+        p.fd.as_fd(),
+        Place::layer_name(next).as_bytes(),
+    )
+    .with_context(|| format!("cannot name the merged layer `{}`", Place::layer_name(next)))?;
     *st.guest_mut(&g.name) = GuestRecord {
         name: g.name.clone(),
         layer: next,
@@ -222,30 +253,84 @@ fn prepare(root: &Root, g: &Guest, p: &Place, target: &str, st: &mut State) -> R
     state::save(root.fd(), st)
 }
 
-/// The numbers of the guest's `layer-<N>` directories.
+/// The name a layer is made and merged under before it becomes `layer-<n>`.
+fn partial_name(n: u64) -> String {
+    format!("partial-{n}")
+}
+
+/// The numbers of the guest's `layer-<N>` directories (`N` in decimal, as written: not
+/// `layer-+1` nor `layer-01`).
 fn layers(p: &Place) -> Result<Vec<u64>> {
     Ok(sys::read_dir(p.fd.as_fd())?
         .iter()
-        .filter_map(|n| {
-            std::str::from_utf8(n.strip_prefix(b"layer-")?)
-                .ok()?
-                .parse()
-                .ok()
-        })
+        .filter_map(|n| layer_number(n.strip_prefix(b"layer-")?))
         .collect())
 }
 
-/// Removes every `layer-<N>` of the guest but those in `keep`: layers a crash left
-/// unrecorded, or kept for a flip back that did not come.
+fn layer_number(digits: &[u8]) -> Option<u64> {
+    let canonical = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits[0] != b'0' || digits.len() == 1);
+    std::str::from_utf8(digits)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|_| canonical)
+}
+
+/// Removes every `layer-<N>` of the guest but those in `keep`, and every partial layer:
+/// layers a crash left unrecorded, or kept for a flip back that did not come.
 fn remove_leftovers(p: &Place, keep: &[u64]) -> Result<()> {
-    for n in layers(p)? {
-        if !keep.contains(&n) {
-            let name = Place::layer_name(n);
-            sys::remove_tree_at(p.fd.as_fd(), name.as_bytes())
-                .with_context(|| format!("cannot remove `{name}`"))?;
+    for n in sys::read_dir(p.fd.as_fd())? {
+        let leftover = match n.strip_prefix(b"layer-") {
+            Some(d) => layer_number(d).is_some_and(|n| !keep.contains(&n)),
+            None => n.starts_with(b"partial-"),
+        };
+        if leftover {
+            remove_layer(p, &n).with_context(|| format!("cannot remove `{}`", display(&n)))?;
         }
     }
     Ok(())
+}
+
+/// Removes the layer directory `name`. Where that is refused (`EPERM`: a directory of it
+/// carries the append-only or immutable flag, which refuses every unlink in it and its own
+/// removal), the flags of its directories are cleared and the removal tried again; flagged
+/// files are unflagged by the removal itself.
+fn remove_layer(p: &Place, name: &[u8]) -> Result<()> {
+    let Err(e) = sys::remove_tree_at(p.fd.as_fd(), name) else {
+        return Ok(());
+    };
+    if errno(&e) != Some(Errno::PERM) {
+        return Err(e);
+    }
+    let top = sys::open_dir_beneath(p.fd.as_fd(), name)?;
+    let mut cleared = 0usize;
+    guestfs::clear_protecting(top.as_fd())?.inspect(|_| cleared += 1);
+    scan::walk_all(
+        top.as_fd(),
+        &mut |e, _| {
+            if e.is_dir() && &*e.path != b"." {
+                let d = guestfs::open_dir_deep(top.as_fd(), &e.path)
+                    .with_context(|| format!("cannot open `{}`", display(&e.path)))?;
+                if guestfs::clear_protecting(d.as_fd())?.is_some() {
+                    cleared += 1;
+                }
+            }
+            Ok(true)
+        },
+        &mut |_| Ok(()),
+    )?;
+    log::info!(
+        "`{}`: cleared the append-only or immutable flag of {cleared} director(ies)",
+        display(name)
+    );
+    sys::remove_tree_at(p.fd.as_fd(), name)
+}
+
+/// The errno at the bottom of an error, if it is one.
+fn errno(e: &anyhow::Error) -> Option<Errno> {
+    e.chain().find_map(|c| c.downcast_ref::<Errno>().copied())
 }
 
 /// An empty layer `n` whose top has the owner and mode of the tree's top (the overlay's
@@ -262,58 +347,246 @@ fn new_layer(p: &Place, n: u64, tree: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Layer `to` as a copy of layer `from`: its directories made anew (owner, mode, extended
-/// attributes: an opaque directory stays opaque), every other entry a hardlink.
-fn farm(p: &Place, from: u64, to: u64) -> Result<()> {
-    let (src_name, dst_name) = (Place::layer_name(from), Place::layer_name(to));
+/// `path`'s parent directory and last name (`.` for a top-level name).
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&b"."[..], path),
+    }
+}
+
+/// The directory `parent` below `top` (`top` itself for `.`), whatever the path's length.
+fn open_parent<'a>(
+    top: BorrowedFd<'a>,
+    parent: &[u8],
+    held: &'a mut Option<OwnedFd>,
+) -> Result<BorrowedFd<'a>> {
+    if parent == b"." {
+        return Ok(top);
+    }
+    let fd = guestfs::open_dir_deep(top, parent)
+        .with_context(|| format!("cannot open directory `{}`", display(parent)))?;
+    let fd: &'a OwnedFd = held.insert(fd);
+    Ok(fd.as_fd())
+}
+
+/// Layer `to` (a directory name) as a copy of layer `from`: its directories made anew (owner,
+/// mode, extended attributes: an opaque directory stays opaque), every other entry a
+/// hardlink, or a copy where the link is refused: too many links (`EMLINK`: a file linked
+/// 65000 times, or the one whiteout inode overlayfs shares between deletions) or a flagged
+/// inode (`EPERM`: immutable or append-only). A copy carries no inode flags.
+fn farm(p: &Place, from: u64, to: &str) -> Result<()> {
+    let src_name = Place::layer_name(from);
     let src = sys::open_dir_beneath(p.fd.as_fd(), src_name.as_bytes())?;
-    sys::mkdirat(p.fd.as_fd(), dst_name.as_bytes(), 0o700, false)?;
-    let dst = sys::open_dir_beneath(p.fd.as_fd(), dst_name.as_bytes())?;
-    scan::walk(src.as_fd(), &mut |e, _| {
-        let path: &[u8] = &e.path;
-        if path == b"." {
-            sys::set_meta_exact_fd(dst.as_fd(), &e.meta)?;
-            return Ok(true);
-        }
-        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&path[..i], &path[i + 1..]),
-            None => (&b"."[..], path),
-        };
-        let (subs, subd);
-        let (sp, dp) = match parent {
-            b"." => (src.as_fd(), dst.as_fd()),
-            _ => {
-                subs = sys::open_dir_beneath(src.as_fd(), parent)?;
-                subd = sys::open_dir_beneath(dst.as_fd(), parent)?;
-                (subs.as_fd(), subd.as_fd())
+    sys::mkdirat(p.fd.as_fd(), to.as_bytes(), 0o700, false)?;
+    let dst = sys::open_dir_beneath(p.fd.as_fd(), to.as_bytes())?;
+    let mut copied = 0u64;
+    scan::walk_all(
+        src.as_fd(),
+        &mut |e, _| {
+            let path: &[u8] = &e.path;
+            if path == b"." {
+                sys::set_meta_exact_fd(dst.as_fd(), &e.meta)?;
+                return Ok(true);
             }
-        };
-        if e.is_dir() {
-            sys::mkdirat(dp, name, 0o700, false)?;
-            let fd = sys::open_dir_beneath(dp, name)?;
-            sys::set_meta_exact_fd(fd.as_fd(), &e.meta)?;
-        } else {
-            sys::linkat(sp, name, dp, name)
-                .with_context(|| format!("cannot link `{}` into the new layer", display(path)))?;
+            let (parent, name) = split(path);
+            let (mut hs, mut hd) = (None, None);
+            let sp = open_parent(src.as_fd(), parent, &mut hs)?;
+            let dp = open_parent(dst.as_fd(), parent, &mut hd)?;
+            if e.is_dir() {
+                sys::mkdirat(dp, name, 0o700, false)?;
+                let fd = sys::open_dir_beneath(dp, name)?;
+                sys::set_meta_exact_fd(fd.as_fd(), &e.meta)?;
+                return Ok(true);
+            }
+            match sys::linkat(sp, name, dp, name) {
+                Ok(()) => {}
+                Err(Errno::MLINK | Errno::PERM) => {
+                    copy_entry(sp, dp, name, &e).with_context(|| {
+                        format!("cannot copy `{}` into the new layer", display(path))
+                    })?;
+                    copied += 1;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("cannot link `{}` into the new layer", display(path))
+                    });
+                }
+            }
+            Ok(true)
+        },
+        // A socket in a layer is the guest's (it made one in its own file system): it has no
+        // entry, and a hardlink keeps it as it is.
+        &mut |path| {
+            let (parent, name) = split(path);
+            let (mut hs, mut hd) = (None, None);
+            let sp = open_parent(src.as_fd(), parent, &mut hs)?;
+            let dp = open_parent(dst.as_fd(), parent, &mut hd)?;
+            match sys::linkat(sp, name, dp, name) {
+                Ok(()) | Err(Errno::MLINK | Errno::PERM | Errno::NOENT) => Ok(()),
+                Err(err) => Err(err)
+                    .with_context(|| format!("cannot link `{}` into the new layer", display(path))),
+            }
+        },
+    )?;
+    if copied > 0 {
+        log::info!("{copied} file(s) copied into the new layer `{to}` (their links were refused)");
+    }
+    Ok(())
+}
+
+/// Copies the non-directory entry `e` (as the walk saw it) from `name` in `sp` to `name` in
+/// `dp`: a regular file's content, hole for hole, and its owner, mode and extended
+/// attributes; a special file or symlink made anew.
+fn copy_entry(sp: BorrowedFd, dp: BorrowedFd, name: &[u8], e: &Entry) -> Result<()> {
+    let (ft, rdev) = match &e.kind {
+        Kind::File { .. } => {
+            let Some((src, st)) = guestfs::open_regular_at(sp, name)? else {
+                bail!("it changed while it was being copied");
+            };
+            let flags = rustix::fs::OFlags::WRONLY
+                | rustix::fs::OFlags::CREATE
+                | rustix::fs::OFlags::EXCL
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC;
+            let dst = sys::openat(dp, name, flags, rustix::fs::Mode::from_raw_mode(0o600))
+                .context("cannot create the copy")?;
+            sparse::copy(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
+            let meta = sys::meta_of(&st, sys::fd_xattrs(src.as_fd())?);
+            return sys::apply_meta_fd(dst.as_fd(), &meta);
         }
-        Ok(true)
+        Kind::Symlink { target } => {
+            sys::symlinkat(target, dp, name)?;
+            return sys::apply_meta_at(dp, name, &e.meta, true);
+        }
+        Kind::Char { major, minor } => (
+            FileType::CharacterDevice,
+            rustix::fs::makedev(*major, *minor),
+        ),
+        Kind::Block { major, minor } => {
+            (FileType::BlockDevice, rustix::fs::makedev(*major, *minor))
+        }
+        Kind::Fifo => (FileType::Fifo, 0),
+        Kind::Dir => bail!("a directory is made, not copied"),
+    };
+    sys::mknodat(dp, name, ft, e.meta.mode, rdev)?;
+    sys::apply_meta_at(dp, name, &e.meta, false)
+}
+
+/// The layer open as `top`, as a manifest sorted by path (paths of any length). Regular
+/// files are hashed (and their extended attributes read) only where the merge compares their
+/// content: not below a `state` glob or an opaque directory, and only if the old or the new
+/// tree has a file of that size there ([`merge::same`] cannot match otherwise). A guest's
+/// 16 TiB sparse file or its database under `state` is never read.
+fn layer_manifest(
+    top: BorrowedFd,
+    old: Option<&Manifest>,
+    new: &Manifest,
+    rules: Option<&merge::Rules>,
+) -> Result<Manifest> {
+    let mut entries: Vec<Entry> = Vec::new();
+    scan::walk_all(
+        top,
+        &mut |e, _| {
+            entries.push(e);
+            Ok(true)
+        },
+        &mut |_| Ok(()),
+    )?;
+    entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    let wanted: Vec<usize> = {
+        let opaque = merge::Opaque::of(&entries);
+        let size_at = |m: Option<&Manifest>, p: &[u8]| match m.and_then(|m| m.find(p)) {
+            Some(Entry {
+                kind: Kind::File { size, .. },
+                ..
+            }) => Some(*size),
+            _ => None,
+        };
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                let Kind::File { size, .. } = e.kind else {
+                    return false;
+                };
+                !opaque.covers(&e.path)
+                    && !rules.is_some_and(|r| r.is_state(&e.path))
+                    && (size_at(old, &e.path) == Some(size)
+                        || size_at(Some(new), &e.path) == Some(size))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    };
+    for i in wanted {
+        let e = &mut entries[i];
+        let (parent, name) = split(&e.path);
+        let mut held = None;
+        let dir = open_parent(top, parent, &mut held)?;
+        let Some((fd, st)) = guestfs::open_regular_at(dir, name)
+            .with_context(|| format!("cannot open `{}`", display(&e.path)))?
+        else {
+            bail!("`{}` changed while it was being read", display(&e.path));
+        };
+        let (size, h) = hash::hash_fd_upto(fd.as_fd(), &st, (st.st_size as u64).saturating_add(1))
+            .with_context(|| format!("cannot read `{}`", display(&e.path)))?;
+        if size != st.st_size as u64 {
+            bail!(
+                "`{}` changed size while it was being read",
+                display(&e.path)
+            );
+        }
+        e.meta = sys::meta_of(&st, sys::fd_xattrs(fd.as_fd())?);
+        e.kind = Kind::File { size, sha256: h };
+    }
+    Ok(Manifest {
+        version: None,
+        entries,
     })
 }
 
-/// Merges layer `n` (see [`merge`]) from `old` onto `new`: drops, sets aside, logs and returns
-/// the conflicts (at most [`MAX_CONFLICTS`] paths, and how many more).
+/// Renames `name` in `dir` to the first free one of `<name>.treeswap-local`,
+/// `<name>.treeswap-local.1`, … (never over anything: an earlier conflict's copy, a
+/// directory the guest made). `false`, with a warning, if there is none (or the name would
+/// be too long): the guest's copy then stays where it is.
+fn set_aside(dir: BorrowedFd, name: &[u8], path: &[u8]) -> Result<bool> {
+    for i in 0..1000u32 {
+        let mut aside = name.to_vec();
+        aside.extend_from_slice(merge::LOCAL_SUFFIX);
+        if i > 0 {
+            aside.extend_from_slice(format!(".{i}").as_bytes());
+        }
+        match sys::renameat_noreplace(dir, name, dir, &aside) {
+            Ok(()) => return Ok(true),
+            Err(Errno::EXIST) => continue,
+            Err(Errno::NAMETOOLONG) => break,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot set `{}` aside", display(path)));
+            }
+        }
+    }
+    log::warn!(
+        "`{}`: no free name to set the guest's copy aside under; it stays",
+        display(path)
+    );
+    Ok(false)
+}
+
+/// Merges the layer directory `dir_name` (see [`merge`]) from `old` onto `new`: drops, sets
+/// aside, logs and returns the conflicts (at most [`MAX_CONFLICTS`] paths, and how many more).
 fn merge_layer(
     g: &Guest,
     p: &Place,
-    n: u64,
+    dir_name: &str,
     old: Option<&Manifest>,
     new: &Manifest,
     target: &str,
 ) -> Result<(Vec<String>, u64)> {
-    let layer_path = p.layer(n);
-    let layer = scan::scan(&layer_path, None)?;
-    let plan = merge::plan(&layer, old, new, &merge::Rules::of(g)?);
-    let top = sys::open_dir(&layer_path)?;
+    let top = sys::open_dir_beneath(p.fd.as_fd(), dir_name.as_bytes())?;
+    let rules = merge::Rules::of(g)?;
+    let layer = layer_manifest(top.as_fd(), old, new, Some(&rules))
+        .with_context(|| format!("while reading the layer of guest `{}`", quote(&g.name)))?;
+    let plan = merge::plan(&layer, old, new, &rules);
     let midway = plan.actions.len() / 2;
     if plan.actions.is_empty() {
         failpoint::hit("guest-merge-midway");
@@ -322,28 +595,21 @@ fn merge_layer(
         if i == midway {
             failpoint::hit("guest-merge-midway");
         }
-        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&path[..i], &path[i + 1..]),
-            None => (&b"."[..], &path[..]),
-        };
-        let sub;
-        let dir = match parent {
-            b"." => top.as_fd(),
-            _ => {
-                sub = sys::open_dir_beneath(top.as_fd(), parent)?;
-                sub.as_fd()
-            }
-        };
+        let (parent, name) = split(path);
+        let mut held = None;
+        let dir = open_parent(top.as_fd(), parent, &mut held)?;
         match action {
             merge::Action::Drop => {
                 let is_dir = layer.find(path).is_some_and(|e| e.is_dir());
-                sys::unlinkat_ok(dir, name, is_dir)?;
+                match sys::unlinkat_ok(dir, name, is_dir) {
+                    Ok(()) => {}
+                    // A directory that still holds what no manifest shows (a socket): kept.
+                    Err(e) if is_dir && errno(&e) == Some(Errno::NOTEMPTY) => {}
+                    Err(e) => return Err(e),
+                }
             }
             merge::Action::SetAside => {
-                let mut aside = name.to_vec();
-                aside.extend_from_slice(merge::LOCAL_SUFFIX);
-                sys::renameat(dir, name, dir, &aside)
-                    .with_context(|| format!("cannot set `{}` aside", display(path)))?;
+                set_aside(dir, name, path)?;
             }
         }
     }
@@ -374,7 +640,9 @@ fn merge_layer(
     Ok((shown, more))
 }
 
-/// Once every guest of a flip has started: the layers kept for a flip back go.
+/// Once every guest of a flip has started: the layers kept for a flip back go. Best effort
+/// once the records are saved: what is left on disk then is a leftover, which a warning
+/// names and the next move of the guest removes again.
 pub(crate) fn settle(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
     let mut changed = false;
     for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
@@ -392,7 +660,13 @@ pub(crate) fn settle(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
     state::save(root.fd(), st)?;
     for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
         if let Some(rec) = st.guest(&g.name) {
-            remove_leftovers(&place(root, g)?, &[rec.layer])?;
+            let done = place(root, g).and_then(|p| remove_leftovers(&p, &[rec.layer]));
+            if let Err(e) = done {
+                log::warn!(
+                    "guest `{}`: its old layers stay for now: {e:#}",
+                    quote(&g.name)
+                );
+            }
         }
     }
     Ok(())
@@ -400,20 +674,37 @@ pub(crate) fn settle(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
 
 /// At boot, after the recorded restarts: every overlay guest with nothing mounted gets its
 /// overlay on `current` (merged first if it was for another tree). A guest that runs on
-/// another tree (a flip with `--no-restart`) is left alone.
+/// another tree (a flip with `--no-restart`) is left alone. Each guest on its own: one that
+/// fails is warned about and the others are still mounted; the error names the first.
 pub(crate) fn mount_all(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
     let Some(current) = root.link("current")? else {
         return Ok(());
     };
+    let mut failed: Vec<anyhow::Error> = Vec::new();
     for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
-        let p = place(root, g)?;
-        if mount::mounted_at(&p.rootfs)?.is_some() {
-            continue;
+        let done = (|| -> Result<()> {
+            let p = place(root, g)?;
+            if mount::mounted_at(&p.rootfs)?.is_some() {
+                return Ok(());
+            }
+            prepare(root, g, &p, &current, st)?;
+            mount_layer(root, &p, st.guest(&g.name).expect("prepared"), &current)
+        })();
+        if let Err(e) = done {
+            let e = e.context(format!(
+                "guest `{}`: cannot mount its overlay on `{current}`",
+                quote(&g.name)
+            ));
+            log::warn!("{e:#}");
+            failed.push(e);
         }
-        prepare(root, g, &p, &current, st)?;
-        mount_layer(root, &p, st.guest(&g.name).expect("prepared"), &current)?;
     }
-    Ok(())
+    let n = failed.len();
+    match failed.into_iter().next() {
+        None => Ok(()),
+        Some(first) if n == 1 => Err(first),
+        Some(first) => Err(first.context(format!("{n} overlay guests were not mounted"))),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -542,20 +833,20 @@ pub(crate) fn diff(root: &Root, cfg: &Config, name: &str) -> Result<Vec<String>>
         return Ok(Vec::new());
     };
     let (_, _, dir) = paths(root, g)?;
-    let layer = scan::scan(&dir.join(Place::layer_name(rec.layer)), None)?;
     let base = match &rec.base {
         Some(b) if root.is_installed(b)? => root.load_manifest(b)?,
         _ => Manifest::default(),
     };
+    let layer_dir = dir.join(Place::layer_name(rec.layer));
+    let top = sys::open_dir(&layer_dir)?;
+    let layer = layer_manifest(top.as_fd(), None, &base, None)
+        .with_context(|| format!("while reading `{}`", layer_dir.display()))?;
     let mut out = Vec::new();
     for e in layer.entries.iter().filter(|e| &*e.path != b".") {
         let b = base.find(&e.path);
-        let opaque = e.meta.xattrs.iter().any(|(k, v)| {
-            (&**k == b"trusted.overlay.opaque" || &**k == b"user.overlay.opaque") && &**v == b"y"
-        });
         let tag = if merge::is_whiteout(e) {
             "D"
-        } else if opaque && b.is_some() {
+        } else if merge::is_opaque(e) && b.is_some() {
             "R"
         } else if b.is_some_and(|b| merge::same(e, b)) {
             continue;
@@ -597,7 +888,9 @@ pub(crate) fn reset(root: &Root, cfg: &Config, name: &str) -> Result<()> {
         .chain(rec.undo.as_ref().map(|u| u.layer))
         .collect();
     remove_leftovers(&p, &keep)?;
-    let next = keep.iter().max().copied().unwrap_or(0) + 1;
+    let Some(next) = keep.iter().max().copied().unwrap_or(0).checked_add(1) else {
+        bail!("guest `{}`: its layer number cannot grow", quote(name));
+    };
     new_layer(&p, next, &root.load_manifest(&current)?)?;
     *st.guest_mut(name) = GuestRecord {
         name: name.to_owned(),
