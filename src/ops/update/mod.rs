@@ -41,6 +41,10 @@ pub(crate) struct Options {
     pub flip: flip::Options,
     /// Whether this run holds the writer's lock (not for `check` and `dry_run`).
     pub writer: bool,
+    /// Check no signature, of the index or of a delta (development only; logged loudly).
+    pub insecure: bool,
+    /// Accept a latest version older than `current`.
+    pub allow_downgrade: bool,
 }
 
 /// One delta of the path, for the report.
@@ -128,10 +132,17 @@ fn downloads(root: &Root) -> Result<PathBuf> {
 pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report> {
     index::validate_channel(&opts.channel)?;
     let keys = trust::load_keys(&cfg.trust.public_keys)?;
+    // Without a trusted key, whoever answers for the URL would choose what is installed.
+    if keys.is_empty() && !opts.insecure {
+        return Err(Fail::Untrusted(
+            "no public keys are configured to check the release index: add the release key to `[trust] public_keys` (or, for development only, give --insecure)".into(),
+        )
+        .into());
+    }
     let net = fetch::Net::new(&cfg.update)?;
     let primary = fetch::source_for(&opts.url, &net)?;
     let mut st = state::load(root.fd())?;
-    let (ix, fresh) = fetch_index(root, primary.as_ref(), &opts.channel, &keys)?;
+    let (ix, fresh) = fetch_index(root, primary.as_ref(), &opts.channel, &keys, opts.insecure)?;
     ix.check_fresh(&opts.channel, now(), st.serials.get(&opts.channel).copied())?;
     log::info!(
         "index of `{}`: serial {}, latest `{}`",
@@ -174,6 +185,19 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
         }
         r => r?,
     };
+    // A switch never compares versions, and a delta's downgrade would be refused only after
+    // its download: refused here, for every path.
+    if let Some(cur) = current.as_deref()
+        && crate::core::version::compare(&ix.latest, cur) == std::cmp::Ordering::Less
+        && !opts.allow_downgrade
+    {
+        return Err(Fail::Downgrade(format!(
+            "refusing to downgrade from `{cur}` to `{}`, the latest version of `{}` (use --allow-downgrade)",
+            crate::core::path::quote_at_most(&ix.latest, 100),
+            ix.channel
+        ))
+        .into());
+    }
     if let path::Path::Deltas(ds) = &chosen {
         report.path = ds
             .iter()
@@ -195,6 +219,12 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
             path::Path::Deltas(_) => "would-apply",
         };
         return Ok(report);
+    }
+    // The serial is recorded now, durably, before anything is downloaded: a run cut short
+    // after seeing serial N cannot be followed by one that acts on an older index.
+    if st.serials.get(&ix.channel) != Some(&ix.serial) {
+        st.serials.insert(ix.channel.clone(), ix.serial);
+        state::save(root.fd(), &st)?;
     }
     let first_install = st.pending.is_none() && current.is_none();
     let dir = downloads(root)?;
@@ -245,6 +275,8 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
             apply::Options {
                 stage_only: opts.stage_only || !last,
                 flip: opts.flip,
+                insecure: opts.insecure,
+                allow_downgrade: opts.allow_downgrade,
                 ..Default::default()
             },
         )
@@ -318,6 +350,7 @@ fn fetch_index(
     src: &dyn fetch::Source,
     channel: &str,
     keys: &[(PathBuf, minisign::PublicKey)],
+    insecure: bool,
 ) -> Result<(Index, Option<Fresh>)> {
     let rel = format!("{channel}/{}", index::INDEX_NAME);
     let sig_rel = format!("{channel}/{}", index::SIGNATURE_NAME);
@@ -357,7 +390,12 @@ fn fetch_index(
                 )
             }
         };
-    check_signature(&text, &sig, keys)?;
+    match insecure {
+        true => {
+            log::warn!("--insecure: NOT checking the release index's signature (development only)")
+        }
+        false => check_signature(&text, &sig, keys)?,
+    }
     let text = std::str::from_utf8(&text)
         .map_err(|_| anyhow::anyhow!("the index is not UTF-8"))
         .and_then(index::parse)
@@ -365,16 +403,10 @@ fn fetch_index(
     Ok((text, fresh))
 }
 
-/// Checks the index's signature with the trusted keys; with none configured, an unsigned
-/// index passes with a warning (as an unsigned delta does).
+/// Checks the index's signature with the trusted keys (at least one: `update` refuses to
+/// run without).
 fn check_signature(text: &[u8], sig: &[u8], keys: &[(PathBuf, minisign::PublicKey)]) -> Result<()> {
     let sig = String::from_utf8_lossy(sig);
-    if keys.is_empty() {
-        log::warn!(
-            "accepting the release index unchecked: no public keys are configured ([trust] public_keys)"
-        );
-        return Ok(());
-    }
     if sig.trim().is_empty() {
         return Err(Fail::Untrusted(
             "the release index is not signed (no index.toml.minisig), and signed indexes are required".into(),
