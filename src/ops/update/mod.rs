@@ -305,6 +305,8 @@ struct Fresh {
     text: Vec<u8>,
     sig: Vec<u8>,
     etag: Option<String>,
+    /// Where the index came from (its ETag is only sent there again).
+    url: String,
 }
 
 /// Records that this machine accepted `ix` (its serial, per channel) and keeps the index
@@ -317,12 +319,26 @@ fn accept(root: &Root, st: &mut state::State, ix: &Index, fresh: Option<&Fresh>)
     if let Some(f) = fresh {
         let dir = downloads(root)?;
         let [text, sig, etag] = cache_names(&ix.channel);
-        // The ETag goes last and first: without it the cache is never used.
-        let _ = std::fs::remove_file(dir.join(&etag));
-        fs_err::write(dir.join(text), &f.text)?;
-        fs_err::write(dir.join(sig), &f.sig)?;
+        // Each file whole or not at all (a lock-free `--check` may read them): written
+        // beside its name and renamed. The ETag goes last and first: without it the cache
+        // is never used.
+        let put = |name: &str, data: &[u8]| -> Result<()> {
+            let tmp = dir.join(format!("{name}.tmp"));
+            fs_err::write(&tmp, data)?;
+            fs_err::rename(&tmp, dir.join(name))?;
+            Ok(())
+        };
+        match std::fs::remove_file(dir.join(&etag)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context("cannot remove the index's cached ETag");
+            }
+            _ => {}
+        }
+        put(&text, &f.text)?;
+        put(&sig, &f.sig)?;
         if let Some(t) = &f.etag {
-            fs_err::write(dir.join(etag), t)?;
+            // Keyed by the index's URL: another repository's ETag is never sent.
+            put(&etag, format!("{}\n{t}", f.url).as_bytes())?;
         }
     }
     Ok(())
@@ -356,9 +372,17 @@ fn fetch_index(
     let sig_rel = format!("{channel}/{}", index::SIGNATURE_NAME);
     let dir = root.path.join("downloads");
     let [c_text, c_sig, c_etag] = cache_names(channel);
-    let cached_etag = std::fs::read_to_string(dir.join(&c_etag)).ok();
-    let (text, sig, fresh) =
-        match src.get_small(&rel, index::MAX_INDEX_BYTES, cached_etag.as_deref())? {
+    let url = format!("{}/{rel}", src.name());
+    // The ETag file: the index's URL, a newline, the ETag.
+    let cached_etag = std::fs::read_to_string(dir.join(&c_etag))
+        .ok()
+        .and_then(|t| {
+            t.split_once('\n')
+                .filter(|(u, _)| *u == url)
+                .map(|(_, e)| e.to_owned())
+        });
+    let get = |etag: Option<&str>| -> Result<(Vec<u8>, Vec<u8>, Option<Fresh>)> {
+        Ok(match src.get_small(&rel, index::MAX_INDEX_BYTES, etag)? {
             fetch::Small::NotFound => anyhow::bail!("`{}/{rel}` does not exist", src.name()),
             fetch::Small::NotModified => {
                 log::info!("the index is unchanged since the last run (HTTP 304)");
@@ -386,15 +410,26 @@ fn fetch_index(
                         text: bytes,
                         sig,
                         etag,
+                        url: url.clone(),
                     }),
                 )
             }
-        };
+        })
+    };
+    let (mut text, mut sig, mut fresh) = get(cached_etag.as_deref())?;
     match insecure {
         true => {
             log::warn!("--insecure: NOT checking the release index's signature (development only)")
         }
-        false => check_signature(&text, &sig, keys)?,
+        false => {
+            if let Err(e) = check_signature(&text, &sig, keys) {
+                // The index and its signature are two requests (a publish may fall between
+                // them), and a 304 reuses the kept signature: once more, both, unconditional.
+                log::info!("{e:#}; fetching the index and its signature again");
+                (text, sig, fresh) = get(None)?;
+                check_signature(&text, &sig, keys)?;
+            }
+        }
     }
     let text = std::str::from_utf8(&text)
         .map_err(|_| anyhow::anyhow!("the index is not UTF-8"))
