@@ -1766,4 +1766,71 @@ fn a_trickling_server_cannot_hold_the_lock() {
         fs::read_to_string(Path::new(REPO).join("scripts/boot/treeswap-update.service")).unwrap();
     assert!(unit.contains("\nTimeoutStartSec="), "{unit}");
 }
+/// Review 7: a new index cut short (a crash while it was written) is not put in place by the
+/// next publish: the old pair stands, and is refreshed.
+#[test]
+fn publish_drops_a_partial_new_index() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    let text = rel.index();
+    // The new index half written; the new signature complete (renamed, or not yet).
+    for sig_renamed in [false, true] {
+        fs::write(dir.join(".index.toml.new"), &text[..text.len() / 2]).unwrap();
+        if !sig_renamed {
+            fs::copy(
+                dir.join("index.toml.minisig"),
+                dir.join(".index.toml.minisig.new"),
+            )
+            .unwrap();
+        }
+        let mut c = ts_cmd();
+        c.arg("--root")
+            .arg(&rel.server)
+            .args(["publish", "--refresh", "--channel", "stable"])
+            .arg("--repo")
+            .arg(&rel.repo)
+            .arg("--sign")
+            .arg(&rel.secret);
+        run(&mut c).success();
+        assert!(rel.index().contains("latest = \"2\""));
+        assert!(!dir.join(".index.toml.new").exists());
+        assert!(!dir.join(".index.toml.minisig.new").exists());
+    }
+    let client = rel.client("client");
+    rel.update(&client, "client.toml", &rel.file_url(), &[])
+        .success();
+    assert_eq!(current(&client), "2");
+}
+/// Review 9: a damaged kept signature (the cache behind an HTTP 304) is not final: the
+/// index and its signature are fetched again, unconditionally, once.
+#[test]
+fn a_bad_cached_signature_is_fetched_again() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let http = Nginx::start(&rel.env, "nginx-cache", &rel.repo, None);
+    let a = rel.client("a");
+    rel.update(&a, "client.toml", &http.url(), &[]).success();
+    let sig = a.join("downloads/index.stable.toml.minisig");
+    assert!(sig.exists());
+    let mut bytes = fs::read(&sig).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    fs::write(&sig, &bytes).unwrap();
+    rel.update(&a, "client.toml", &http.url(), &[]).exit(4);
+    let statuses: Vec<u16> = http
+        .requests("/stable/index.toml")
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(statuses, [200, 304, 200], "{statuses:?}");
+    assert_ne!(fs::read(&sig).unwrap(), bytes);
+}
 // --- end of review regression tests ---

@@ -679,3 +679,21 @@ fn attempt(
     }
     Attempt::Done
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review 13: what ureq says may quote the server (a `Location` header): escaped, never
+    /// control characters on the terminal.
+    #[test]
+    fn a_network_error_is_quoted() {
+        let e = http_error(
+            "http://127.0.0.1:1/stable/index.toml",
+            ureq::Error::BadUri("\x1b[2J\x1b]0;owned\x07\nfake line".into()),
+        );
+        let msg = format!("{e:#}");
+        assert!(!msg.chars().any(|c| c.is_control()), "{msg:?}");
+        assert!(msg.contains("bad uri"), "{msg:?}");
+    }
+}
