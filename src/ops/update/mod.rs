@@ -1,17 +1,22 @@
 //! `treeswap update`: bring this machine to the latest version of its channel in a release
 //! repository (FORMAT.md, "Release repository").
 //!
+//! 0. Refuse to run with no `[trust] public_keys` (exit 10) unless `--insecure`: without a
+//!    key, whoever answers for the URL would choose what is installed.
 //! 1. Fetch `<url>/<channel>/index.toml` and its signature (conditional on the ETag of the
-//!    copy kept in `downloads/`), from the `url`'s own server only. Refuse it, before
-//!    anything is written, if its signature does not verify with `[trust] public_keys`
-//!    (exit 10), if it expired or is dated in the future (12), if its serial is below the
-//!    last one accepted on this machine (13, kept in the state file), or if it is of another
-//!    channel (14).
-//! 2. Choose the path (`path::choose`).
+//!    copy kept in `downloads/`, if it came from the same URL), from the `url`'s own server
+//!    only; on a bad signature, both once more, unconditionally. Refuse it, before anything
+//!    is written, if its signature does not verify with `[trust] public_keys` (exit 10), if
+//!    it expired or is dated in the future (12), if its serial is below the last one
+//!    accepted on this machine (13, kept in the state file), if it is of another channel
+//!    (14), or if its latest version is older than `current` (11, unless
+//!    `--allow-downgrade`).
+//! 2. Choose the path (`path::choose`). A writer records the index's serial now, before
+//!    anything is downloaded.
 //! 3. Download each delta (`fetch::download`: mirrors first, resumable, capped, checked) and
 //!    apply it as `apply` does (its own signature checked too), intermediate versions only
 //!    staged; then remove the download.
-//! 4. Record the index's serial.
+//! 4. Keep the index fetched, for the next run's conditional request.
 
 mod fetch;
 pub(crate) mod path;
@@ -438,8 +443,12 @@ fn fetch_index(
     Ok((text, fresh))
 }
 
+/// The trusted comment an index's signature starts with (`publish` writes exactly this).
+const INDEX_COMMENT: &str = "treeswap release index";
+
 /// Checks the index's signature with the trusted keys (at least one: `update` refuses to
-/// run without).
+/// run without), and that it signs an index: its trusted comment starts with
+/// [`INDEX_COMMENT`].
 fn check_signature(text: &[u8], sig: &[u8], keys: &[(PathBuf, minisign::PublicKey)]) -> Result<()> {
     let sig = String::from_utf8_lossy(sig);
     if sig.trim().is_empty() {
@@ -451,6 +460,17 @@ fn check_signature(text: &[u8], sig: &[u8], keys: &[(PathBuf, minisign::PublicKe
     let mut data = std::io::Cursor::new(text);
     match trust::verify(&mut data, text.len() as u64, &sig, keys) {
         Ok(p) => {
+            // The key signs deltas too: the trusted comment (signed) says what was signed.
+            let comment = minisign::SignatureBox::from_string(&sig)
+                .and_then(|b| b.trusted_comment())
+                .unwrap_or_default();
+            if !comment.starts_with(INDEX_COMMENT) {
+                return Err(Fail::Untrusted(format!(
+                    "the release index's signature is not one of a release index: its trusted comment is `{}`, not `{INDEX_COMMENT}`",
+                    crate::core::path::quote_at_most(&comment, 80)
+                ))
+                .into());
+            }
             log::info!("index signature verified with `{}`", p.display());
             Ok(())
         }
