@@ -1873,4 +1873,33 @@ fn an_index_signed_as_something_else_is_refused() {
     minisign_sign(&rel.secret, &dir.join("index.toml"));
     rel.update(&client, "client.toml", &url, &[]).success();
 }
+/// Review 2: `publish --refresh` prunes only inside the repository: a `deltas` directory
+/// replaced by a symlink is refused, and nothing it points at is removed.
+#[test]
+fn refresh_never_prunes_through_a_symlink() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let elsewhere = rel.env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(elsewhere.join("precious"), "precious\n").unwrap();
+    fs::rename(dir.join("deltas"), rel.env.path("deltas-moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("deltas")).unwrap();
+    let mut c = ts_cmd();
+    c.arg("--root")
+        .arg(&rel.server)
+        .args(["publish", "--refresh", "--channel", "stable"])
+        .arg("--repo")
+        .arg(&rel.repo)
+        .arg("--sign")
+        .arg(&rel.secret);
+    run(&mut c).failure().one_line_error();
+    assert_eq!(
+        fs::read_to_string(elsewhere.join("precious")).unwrap(),
+        "precious\n"
+    );
+}
 // --- end of review regression tests ---

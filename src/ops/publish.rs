@@ -612,6 +612,16 @@ fn prune(repo: &Path, dir: &Path, ix: &Index) -> Result<usize> {
     let keep: std::collections::HashSet<PathBuf> =
         ix.deltas.iter().map(|d| repo.join(&d.path)).collect();
     let top = dir.join("deltas");
+    // Never through a symlink (below it, `walk` follows none: it looks at entry types).
+    match std::fs::symlink_metadata(&top) {
+        Ok(m) if !m.is_dir() => bail!(
+            "`{}` is not a directory: refusing to prune through it",
+            top.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot stat `{}`", top.display())),
+        Ok(_) => {}
+    }
     let mut removed = 0;
     fn walk(
         d: &Path,
