@@ -267,6 +267,13 @@ pub struct UpdateArgs {
     /// Print the outcome as JSON (its schema is in FORMAT.md).
     #[arg(long)]
     pub json: bool,
+    /// Check no signature, of the index or of the deltas (development only; logged loudly).
+    /// Without it, `update` refuses to run with no `[trust] public_keys`.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Accept a latest version older than the current one.
+    #[arg(long)]
+    pub allow_downgrade: bool,
     #[command(flatten)]
     pub flip: FlipArgs,
 }
@@ -952,6 +959,8 @@ fn update_command(cx: &Env, a: &UpdateArgs) -> Result<()> {
         stage_only: a.stage_only,
         flip: cx.flip(),
         writer,
+        insecure: a.insecure,
+        allow_downgrade: a.allow_downgrade,
     };
     let outcome = update::update(&root, &cx.cfg, &opts);
     // A writer's outcome is recorded as an apply's is (`status` shows it).

@@ -162,10 +162,18 @@ fn current(root: &Path) -> String {
 
 /// Signs `file` with the stock minisign tool (`FILE.minisig`).
 fn minisign_sign(secret: &Path, file: &Path) {
+    minisign_sign_as(secret, file, "treeswap release index");
+}
+
+/// [`minisign_sign`] with the trusted comment `comment` (an index's starts with
+/// `treeswap release index`).
+fn minisign_sign_as(secret: &Path, file: &Path, comment: &str) {
     let st = Command::new("minisign")
         .arg("-S")
         .arg("-s")
         .arg(secret)
+        .arg("-t")
+        .arg(comment)
         .arg("-m")
         .arg(file)
         .stdout(Stdio::null())
@@ -570,7 +578,7 @@ fn downloads_that_do_not_match() {
         .one_line_error()
         .stderr_has("does not match");
     let _ = fs::remove_dir(c.join("downloads"));
-    assert_unchanged(&before, &c);
+    assert_unchanged_but_serial(&before, &c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,7 +915,7 @@ fn http_and_https_from_nginx() {
     rel.update(&a, "client.toml", &format!("http://127.0.0.1:{port}"), &[])
         .exit(15)
         .one_line_error();
-    assert_unchanged(&before, &a);
+    assert_unchanged_but_serial(&before, &a);
 }
 
 #[test]
@@ -1284,7 +1292,7 @@ fn network_input_at_its_limits_takes_bounded_memory() {
         m.peak_rss_kib
     );
     assert!(t.elapsed() < Duration::from_secs(10));
-    assert_unchanged(&before, &a);
+    assert_unchanged_but_serial(&before, &a);
 }
 
 /// The outcome `status` shows.
@@ -1632,3 +1640,614 @@ fn install_boot_installs_the_update_units_and_cron_line() {
     .success();
     assert!(!crond2.exists());
 }
+
+// --- review of publish/update (issue 18 review): regression tests ---
+
+/// [`assert_unchanged`], but for the serial of the index the refused run accepted (review
+/// 6: it is recorded before the download, so that a download cut short cannot be followed
+/// by an older index): the state file differs only in its `[serials]` table.
+#[track_caller]
+fn assert_unchanged_but_serial(before: &(Listing, String), root: &Path) {
+    let mut after = root_state(root);
+    let mut before = (before.0.clone(), before.1.clone());
+    before.0.remove(&b"state.toml"[..]);
+    after.0.remove(&b"state.toml"[..]);
+    let d = diff_listings(&before.0, &after.0);
+    assert!(d.is_empty(), "the root changed:\n{}", d.join("\n"));
+    let strip = |s: &str| -> String {
+        let mut out = String::new();
+        let mut skip = false;
+        for l in s.lines() {
+            if l.starts_with('[') {
+                skip = l == "[serials]";
+            }
+            if !skip {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    };
+    // (A root that had no state file has one now, with only its header and the serial.)
+    let norm = |s: &str| -> Vec<String> {
+        strip(s)
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("format = "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(norm(&before.1), norm(&after.1), "the state file changed");
+}
+
+/// Runs `c` and waits at most `limit` for it (killed and failed past it): a refusal that
+/// must not hang.
+#[track_caller]
+fn run_within(c: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The index served at serial `serial` with another serial (re-signed by the release key).
+fn with_serial(rel: &Rel, text: &[u8], serial: u64) {
+    let dir = rel.repo.join("stable");
+    let t = String::from_utf8(text.to_vec()).unwrap();
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("serial = "))
+        .unwrap()
+        .to_owned();
+    fs::write(
+        dir.join("index.toml"),
+        t.replace(&line, &format!("serial = {serial}")),
+    )
+    .unwrap();
+    minisign_sign(&rel.secret, &dir.join("index.toml"));
+}
+
+/// Review 1: with no trusted keys, `update` refuses (exit 10) rather than trusting the
+/// network; `--insecure` (development only) takes an unsigned repository.
+#[test]
+fn update_without_trusted_keys_refuses_unless_insecure() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    let mut c = ts_cmd();
+    c.arg("--root")
+        .arg(&rel.server)
+        .args(["publish", "--channel", "stable", "--version", "1"])
+        .arg("--repo")
+        .arg(&rel.repo)
+        .arg("--from-dir")
+        .arg(rel.tree(1, 0));
+    run(&mut c).success();
+    fs::write(rel.env.path("nokeys.toml"), "").unwrap();
+    let client = rel.client("client");
+    let before = root_state(&client);
+    for args in [&[][..], &["--check"], &["--dry-run"]] {
+        rel.update(&client, "nokeys.toml", &url, args)
+            .exit(10)
+            .one_line_error()
+            .stderr_has("[trust] public_keys");
+        assert_unchanged(&before, &client);
+    }
+    rel.update(&client, "nokeys.toml", &url, &["--insecure"])
+        .success()
+        .stderr_has("--insecure");
+    assert_eq!(current(&client), "1");
+}
+
+/// Review 3: a signed index whose latest is an older installed version does not switch the
+/// machine back (exit 11) unless `--allow-downgrade`.
+#[test]
+fn update_refuses_to_switch_back_to_an_older_version() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let one = fs::read(dir.join("index.toml")).unwrap();
+    let client = rel.client("client");
+    rel.update(&client, "client.toml", &url, &[]).success();
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    rel.update(&client, "client.toml", &url, &[]).success();
+    assert_eq!(current(&client), "2");
+    with_serial(&rel, &one, 3);
+    let before = root_state(&client);
+    for args in [&[][..], &["--check"], &["--dry-run"]] {
+        rel.update(&client, "client.toml", &url, args)
+            .exit(11)
+            .one_line_error()
+            .stderr_has("--allow-downgrade");
+        assert_unchanged(&before, &client);
+    }
+    rel.update(&client, "client.toml", &url, &["--allow-downgrade"])
+        .success();
+    assert_eq!(current(&client), "1");
+}
+
+/// Review 6: the serial of an index that passed its checks is recorded before the download,
+/// so a run cut short cannot be followed by a replay of the older index.
+#[test]
+fn the_serial_is_recorded_before_the_download() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let one = (
+        fs::read(dir.join("index.toml")).unwrap(),
+        fs::read(dir.join("index.toml.minisig")).unwrap(),
+    );
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    // The download of 2 fails (the delta files are gone).
+    fs::remove_dir_all(dir.join("deltas/2")).unwrap();
+    let client = rel.client("client");
+    rel.update(&client, "client.toml", &url, &[]).failure();
+    assert!(client.join("current").symlink_metadata().is_err());
+    // The serial-1 index, still valid, is a rollback now.
+    fs::write(dir.join("index.toml"), &one.0).unwrap();
+    fs::write(dir.join("index.toml.minisig"), &one.1).unwrap();
+    let before = root_state(&client);
+    rel.update(&client, "client.toml", &url, &[])
+        .exit(13)
+        .one_line_error();
+    assert_unchanged(&before, &client);
+}
+
+/// Review 2: `publish` re-signs and carries forward only what it published itself: an
+/// index changed on disk (without the key) or a carried delta file changed is refused.
+#[test]
+fn publish_refuses_a_repository_changed_behind_its_back() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    let good = (
+        fs::read(dir.join("index.toml")).unwrap(),
+        fs::read(dir.join("index.toml.minisig")).unwrap(),
+    );
+    let refresh = || {
+        let mut c = ts_cmd();
+        c.arg("--root")
+            .arg(&rel.server)
+            .args(["publish", "--refresh", "--channel", "stable"])
+            .arg("--repo")
+            .arg(&rel.repo)
+            .arg("--sign")
+            .arg(&rel.secret);
+        run(&mut c)
+    };
+    // latest moved back to 1 by someone who can write the web root, not sign.
+    let edited = String::from_utf8(good.0.clone())
+        .unwrap()
+        .replace("latest = \"2\"", "latest = \"1\"");
+    assert_ne!(edited.as_bytes(), &good.0[..]);
+    fs::write(dir.join("index.toml"), &edited).unwrap();
+    refresh()
+        .exit(10)
+        .one_line_error()
+        .stderr_has("not signed by the publishing key");
+    assert_eq!(fs::read(dir.join("index.toml")).unwrap(), edited.as_bytes());
+    // Signed, but by another key.
+    let (_, other) = minisign_keypair(&rel.env, "other");
+    minisign_sign(&other, &dir.join("index.toml"));
+    refresh().exit(10).one_line_error();
+    // Unsigned.
+    fs::remove_file(dir.join("index.toml.minisig")).unwrap();
+    refresh().exit(10).one_line_error();
+    // The publisher's own pair is refreshed.
+    fs::write(dir.join("index.toml"), &good.0).unwrap();
+    fs::write(dir.join("index.toml.minisig"), &good.1).unwrap();
+    refresh().success().stdout_has("serial 3");
+    // A delta file the index names, changed: not carried into the next index.
+    let served = rel.index();
+    let delta = dir.join("deltas/2/empty.delta");
+    let mut bytes = fs::read(&delta).unwrap();
+    bytes[100] ^= 0xff;
+    fs::write(&delta, &bytes).unwrap();
+    rel.publish("3", &rel.tree(3, 0), &[])
+        .failure()
+        .one_line_error()
+        .stderr_has("sha256");
+    assert_eq!(rel.index(), served);
+}
+
+/// Review 2: `publish` never writes through a symlink or into a FIFO planted in the
+/// repository: not at a delta's name, not at a directory on the way to it.
+#[test]
+fn publish_never_writes_through_a_planted_symlink() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let v2 = rel.tree(2, 0);
+    let victim = rel.env.path("victim");
+    fs::write(&victim, "precious\n").unwrap();
+    fs::create_dir_all(dir.join("deltas/2")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("deltas/2/empty.delta")).unwrap();
+    let served = rel.index();
+    rel.publish("2", &v2, &[])
+        .failure()
+        .one_line_error()
+        .stderr_has("not a regular file");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(rel.index(), served);
+    fs::remove_file(dir.join("deltas/2/empty.delta")).unwrap();
+    // (The delta from 1 written before it is not named by any index: the next publish
+    // prunes it.)
+    fs::remove_dir_all(dir.join("deltas/2")).unwrap();
+    // A symlinked directory.
+    let elsewhere = rel.env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("deltas/2")).unwrap();
+    rel.publish("2", &v2, &[]).failure().one_line_error();
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+    assert_eq!(rel.index(), served);
+    fs::remove_file(dir.join("deltas/2")).unwrap();
+    // A FIFO at the name: refused at once, not written to (which would block).
+    fs::create_dir_all(dir.join("deltas/2")).unwrap();
+    let st = Command::new("mkfifo")
+        .arg(dir.join("deltas/2/empty.delta"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut c = ts_cmd();
+    c.arg("--root")
+        .arg(&rel.server)
+        .args(["publish", "--channel", "stable", "--version", "2"])
+        .arg("--repo")
+        .arg(&rel.repo)
+        .arg("--from-dir")
+        .arg(&v2)
+        .arg("--sign")
+        .arg(&rel.secret);
+    let out = run_within(&mut c, Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert_eq!(rel.index(), served);
+    fs::remove_file(dir.join("deltas/2/empty.delta")).unwrap();
+    // Nothing planted: published.
+    rel.publish("2", &v2, &[]).success();
+}
+
+/// Review 5: an https repository that redirects to plain http is refused, not followed.
+#[test]
+fn https_never_falls_back_to_http() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let http = Nginx::start(&rel.env, "nginx-plain", &rel.repo, None);
+    let (ca, cert, key) = private_ca(&rel.env);
+    // An https server whose every answer is a redirect to the http one.
+    let https = Nginx::start(&rel.env, "nginx-redirect", &rel.repo, Some((&cert, &key)));
+    let conf = https.dir.join("nginx.conf");
+    let text = fs::read_to_string(&conf).unwrap().replace(
+        "    root ",
+        &format!(
+            "    location / {{ return 301 http://127.0.0.1:{}$request_uri; }}\n    root ",
+            http.port
+        ),
+    );
+    drop(https);
+    fs::write(&conf, text).unwrap();
+    let https = restart_nginx(rel.env.path("nginx-redirect"));
+    rel.config("ca.toml", &format!("[update]\nca = \"{}\"\n", ca.display()));
+    let a = rel.client("a");
+    let before = root_state(&a);
+    rel.update(&a, "ca.toml", &https.url(), &[])
+        .failure()
+        .one_line_error();
+    assert_unchanged(&before, &a);
+    assert!(http.requests("/stable/index.toml").is_empty());
+}
+
+/// Starts nginx again in `dir` with the config there (an edited one of [`Nginx::start`]).
+fn restart_nginx(dir: PathBuf) -> Nginx {
+    let conf = fs::read_to_string(dir.join("nginx.conf")).unwrap();
+    let port: u16 = conf
+        .split("listen 127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx {
+        child,
+        port,
+        dir,
+        https: conf.contains(" ssl;"),
+    }
+}
+
+/// A server of the test's own that trickles: for the index, one byte every 200 ms (never
+/// a stall); for a delta, the right byte at the offset asked for, then it closes (every
+/// connection is progress).
+fn trickle_server(repo: PathBuf) -> (u16, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let conns = Arc::new(AtomicU64::new(0));
+    let n = conns.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            n.fetch_add(1, Ordering::Relaxed);
+            let repo = repo.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).is_ok_and(|n| n == 1) {
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let path = text.split(' ').nth(1).unwrap_or("/").to_owned();
+                let body = fs::read(repo.join(path.trim_start_matches('/'))).unwrap_or_default();
+                if path.ends_with(".delta") {
+                    let from: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("range: bytes=")
+                                .map(str::to_owned)
+                        })
+                        .and_then(|r| r.trim_end_matches('-').parse().ok())
+                        .unwrap_or(0);
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len() - 1,
+                        body.len(),
+                        body.len() - from
+                    );
+                    let _ = c.write_all(&body[from..from + 1]);
+                } else {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let mut wrote = 0;
+                    let trickle = path.ends_with("index.toml");
+                    for b in &body {
+                        if c.write_all(&[*b]).is_err() {
+                            break;
+                        }
+                        wrote += 1;
+                        if trickle && wrote > 10 {
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, conns)
+}
+
+/// Review 4: a server that keeps a transfer barely alive cannot hold the writer's lock for
+/// ever: an index that trickles in hits its overall time limit; a delta served a byte per
+/// connection uses up the source's attempts; the update unit has a start timeout.
+#[test]
+fn a_trickling_server_cannot_hold_the_lock() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 200_000), &[]).success();
+    rel.config("fast.toml", "[update]\nstall_timeout = 1\nretries = 2\n");
+    let (port, conns) = trickle_server(rel.repo.clone());
+    let url = format!("http://127.0.0.1:{port}");
+    let a = rel.client("a");
+    let before = root_state(&a);
+    let t = Instant::now();
+    let out = run_within(
+        &mut rel.update_cmd(&a, "fast.toml", &url, &[]),
+        Duration::from_secs(40),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("index.toml"), "{err}");
+    eprintln!("a trickling index: refused after {:?}", t.elapsed());
+    assert_unchanged(&before, &a);
+    // The index whole and fast (from nginx), the delta a byte per connection (the test's).
+    let nginx = Nginx::start(&rel.env, "nginx-index", &rel.repo, None);
+    let a = rel.client("b");
+    rel.config(
+        "trickle.toml",
+        &format!("[update]\nstall_timeout = 1\nretries = 2\nmirrors = [\"{url}\"]\n"),
+    );
+    let c0 = conns.load(Ordering::Relaxed);
+    let t = Instant::now();
+    // The mirror is dropped; nginx serves the rest.
+    let out = run_within(
+        &mut rel.update_cmd(&a, "trickle.toml", &nginx.url(), &[]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(current(&a), "1");
+    let made = conns.load(Ordering::Relaxed) - c0;
+    eprintln!(
+        "a byte per connection: dropped after {made} connections, {:?}",
+        t.elapsed()
+    );
+    assert!(made < 1000, "{made} connections");
+    let unit =
+        fs::read_to_string(Path::new(REPO).join("scripts/boot/treeswap-update.service")).unwrap();
+    assert!(unit.contains("\nTimeoutStartSec="), "{unit}");
+}
+/// Review 7: a new index cut short (a crash while it was written) is not put in place by the
+/// next publish: the old pair stands, and is refreshed.
+#[test]
+fn publish_drops_a_partial_new_index() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    rel.publish("2", &rel.tree(2, 0), &[]).success();
+    let text = rel.index();
+    // The new index half written; the new signature complete (renamed, or not yet).
+    for sig_renamed in [false, true] {
+        fs::write(dir.join(".index.toml.new"), &text[..text.len() / 2]).unwrap();
+        if !sig_renamed {
+            fs::copy(
+                dir.join("index.toml.minisig"),
+                dir.join(".index.toml.minisig.new"),
+            )
+            .unwrap();
+        }
+        let mut c = ts_cmd();
+        c.arg("--root")
+            .arg(&rel.server)
+            .args(["publish", "--refresh", "--channel", "stable"])
+            .arg("--repo")
+            .arg(&rel.repo)
+            .arg("--sign")
+            .arg(&rel.secret);
+        run(&mut c).success();
+        assert!(rel.index().contains("latest = \"2\""));
+        assert!(!dir.join(".index.toml.new").exists());
+        assert!(!dir.join(".index.toml.minisig.new").exists());
+    }
+    let client = rel.client("client");
+    rel.update(&client, "client.toml", &rel.file_url(), &[])
+        .success();
+    assert_eq!(current(&client), "2");
+}
+/// Review 9: a damaged kept signature (the cache behind an HTTP 304) is not final: the
+/// index and its signature are fetched again, unconditionally, once.
+#[test]
+fn a_bad_cached_signature_is_fetched_again() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let http = Nginx::start(&rel.env, "nginx-cache", &rel.repo, None);
+    let a = rel.client("a");
+    rel.update(&a, "client.toml", &http.url(), &[]).success();
+    let sig = a.join("downloads/index.stable.toml.minisig");
+    assert!(sig.exists());
+    let mut bytes = fs::read(&sig).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    fs::write(&sig, &bytes).unwrap();
+    rel.update(&a, "client.toml", &http.url(), &[]).exit(4);
+    // (nginx logs a request once it is done with it, which may be after the client is.)
+    let statuses = || -> Vec<u16> {
+        http.requests("/stable/index.toml")
+            .iter()
+            .map(|r| r.0)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while statuses().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(statuses(), [200, 304, 200], "{:?}", statuses());
+    assert_ne!(fs::read(&sig).unwrap(), bytes);
+}
+/// Review 8: a signature by the release key over other bytes of another kind (a delta's
+/// trusted comment) is not an index's signature.
+#[test]
+fn an_index_signed_as_something_else_is_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    minisign_sign_as(
+        &rel.secret,
+        &dir.join("index.toml"),
+        "treeswap delta 0 -> 1",
+    );
+    let client = rel.client("client");
+    let before = root_state(&client);
+    rel.update(&client, "client.toml", &url, &[])
+        .exit(10)
+        .one_line_error()
+        .stderr_has("treeswap release index");
+    assert_unchanged(&before, &client);
+    minisign_sign(&rel.secret, &dir.join("index.toml"));
+    rel.update(&client, "client.toml", &url, &[]).success();
+}
+/// Review 2: `publish --refresh` prunes only inside the repository: a `deltas` directory
+/// replaced by a symlink is refused, and nothing it points at is removed.
+#[test]
+fn refresh_never_prunes_through_a_symlink() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let dir = rel.repo.join("stable");
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let elsewhere = rel.env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(elsewhere.join("precious"), "precious\n").unwrap();
+    fs::rename(dir.join("deltas"), rel.env.path("deltas-moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("deltas")).unwrap();
+    let mut c = ts_cmd();
+    c.arg("--root")
+        .arg(&rel.server)
+        .args(["publish", "--refresh", "--channel", "stable"])
+        .arg("--repo")
+        .arg(&rel.repo)
+        .arg("--sign")
+        .arg(&rel.secret);
+    run(&mut c).failure().one_line_error();
+    assert_eq!(
+        fs::read_to_string(elsewhere.join("precious")).unwrap(),
+        "precious\n"
+    );
+}
+// --- end of review regression tests ---

@@ -205,3 +205,18 @@ impl<R> std::io::Seek for NoSeek<R> {
         Err(std::io::Error::other("not seekable"))
     }
 }
+
+/// The public key of an unencrypted minisign secret key file: what `publish` checks the
+/// index it re-signs against (it signs only what it signed before).
+pub(crate) fn public_key_of(secret_key: &Path) -> Result<PublicKey> {
+    let text = read_key_file(secret_key)
+        .with_context(|| format!("cannot read secret key `{}`", secret_key.display()))?;
+    let sk = parse_secret_key(&text).with_context(|| {
+        format!(
+            "`{}` is not an unencrypted minisign secret key (make one with `minisign -G -W`)",
+            secret_key.display()
+        )
+    })?;
+    PublicKey::from_secret_key(&sk)
+        .map_err(|e| anyhow::anyhow!("cannot derive the public key: {e}"))
+}

@@ -36,6 +36,9 @@ pub(crate) struct Net {
 
 /// The least a transfer must bring in each stall window (a trickle is a stall).
 const MIN_BYTES_PER_WINDOW: u64 = 1024;
+/// The most attempts at one source for one file, even when each made progress (a cut
+/// connection is resumed at once): past them, the source is dropped for the run.
+const MAX_ATTEMPTS: u32 = 32;
 /// The longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
@@ -170,13 +173,35 @@ impl HttpSource<'_> {
     fn url(&self, rel: &str) -> String {
         format!("{}/{rel}", self.top)
     }
+
+    /// A GET of `url`: from an https repository, every redirect must stay on https (ureq
+    /// would follow one to plain http); `global`, a limit on the whole request.
+    fn get(
+        &self,
+        url: &str,
+        global: Option<Duration>,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.net
+            .agent
+            .get(url)
+            .config()
+            .https_only(self.top.starts_with("https://"))
+            .timeout_global(global)
+            .build()
+    }
 }
+
+/// How long a small file (the index, its signature) may take in all, in stall timeouts: a
+/// server that trickles it in just faster than the stall timeout is cut off at this.
+const SMALL_FILE_STALLS: u32 = 10;
 
 /// A ureq error in one line, without the URL's host details beyond what it says.
 fn http_error(url: &str, e: ureq::Error) -> anyhow::Error {
+    // ureq's message may quote what the server sent (a `Location` header): escaped too.
     anyhow!(
-        "cannot get `{}`: {e}",
-        crate::core::path::quote_at_most(url, 200)
+        "cannot get `{}`: {}",
+        crate::core::path::quote_at_most(url, 200),
+        crate::core::path::quote_at_most(e.to_string(), 200)
     )
 }
 
@@ -187,7 +212,7 @@ impl Source for HttpSource<'_> {
 
     fn get_small(&self, rel: &str, cap: u64, etag: Option<&str>) -> Result<Small> {
         let url = self.url(rel);
-        let mut req = self.net.agent.get(&url);
+        let mut req = self.get(&url, Some(self.net.stall * SMALL_FILE_STALLS));
         if let Some(t) = etag {
             req = req.header("If-None-Match", t);
         }
@@ -210,7 +235,12 @@ impl Source for HttpSource<'_> {
             .reader()
             .take(cap + 1)
             .read_to_end(&mut bytes)
-            .with_context(|| format!("cannot get `{url}`"))?;
+            .map_err(|e| {
+                anyhow!(
+                    "cannot get `{url}`: {}",
+                    crate::core::path::quote_at_most(e.to_string(), 200)
+                )
+            })?;
         if bytes.len() as u64 > cap {
             bail!("`{url}` is larger than {cap} bytes");
         }
@@ -219,7 +249,7 @@ impl Source for HttpSource<'_> {
 
     fn open(&self, rel: &str, offset: u64) -> Result<Opened<'_>> {
         let url = self.url(rel);
-        let mut req = self.net.agent.get(&url);
+        let mut req = self.get(&url, None);
         if offset > 0 {
             req = req.header("Range", format!("bytes={offset}-"));
         }
@@ -328,6 +358,8 @@ pub(crate) struct Fetched {
     pub bytes: u64,
     /// Bytes that were already in `downloads/` from an earlier run.
     pub resumed: u64,
+    /// The sources dropped in this run (by name): not tried again for a later delta.
+    pub dropped: Vec<String>,
 }
 
 /// How an attempt at one source ended.
@@ -424,8 +456,15 @@ pub(crate) fn download(
         if pos == want.size {
             break;
         }
+        if fetched.dropped.iter().any(|d| d == src.name()) {
+            continue;
+        }
         let mut failures = 0u32;
+        // Attempts that each brought a little and then failed: capped too, or a server that
+        // sends a byte per connection would hold the writer's lock for ever.
+        let mut attempts = 0u32;
         loop {
+            attempts += 1;
             match attempt(
                 &file,
                 want,
@@ -441,6 +480,7 @@ pub(crate) fn download(
                     log::info!("dropping `{}` for this run: {e:#}", src.name());
                     mismatched = true;
                     dropped.push(format!("{e:#}"));
+                    fetched.dropped.push(src.name().to_owned());
                     break;
                 }
                 Attempt::Gone(e) => {
@@ -450,9 +490,18 @@ pub(crate) fn download(
                 }
                 Attempt::Failed { error, progress } => {
                     failures = if progress { 0 } else { failures + 1 };
-                    if failures > net.retries {
+                    let error = match attempts > MAX_ATTEMPTS {
+                        true => error.context(format!(
+                            "{attempts} attempts at `{}` for `{}` failed",
+                            src.name(),
+                            want.rel
+                        )),
+                        false => error,
+                    };
+                    if failures > net.retries || attempts > MAX_ATTEMPTS {
                         log::info!("dropping `{}` for this run: {error:#}", src.name());
                         dropped.push(format!("{error:#}"));
+                        fetched.dropped.push(src.name().to_owned());
                         break;
                     }
                     // A cut after progress is resumed at once; failures in a row back off.
@@ -621,11 +670,30 @@ fn attempt(
                         window.1,
                         net.stall.as_secs()
                     ),
-                    true,
+                    // A trickle is no progress: `retries` of them drop the source.
+                    false,
                 );
             }
             window = (Instant::now(), 0);
         }
     }
     Attempt::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review 13: what ureq says may quote the server (a `Location` header): escaped, never
+    /// control characters on the terminal.
+    #[test]
+    fn a_network_error_is_quoted() {
+        let e = http_error(
+            "http://127.0.0.1:1/stable/index.toml",
+            ureq::Error::BadUri("\x1b[2J\x1b]0;owned\x07\nfake line".into()),
+        );
+        let msg = format!("{e:#}");
+        assert!(!msg.chars().any(|c| c.is_control()), "{msg:?}");
+        assert!(msg.contains("bad uri"), "{msg:?}");
+    }
 }

@@ -1,17 +1,22 @@
 //! `treeswap update`: bring this machine to the latest version of its channel in a release
 //! repository (FORMAT.md, "Release repository").
 //!
+//! 0. Refuse to run with no `[trust] public_keys` (exit 10) unless `--insecure`: without a
+//!    key, whoever answers for the URL would choose what is installed.
 //! 1. Fetch `<url>/<channel>/index.toml` and its signature (conditional on the ETag of the
-//!    copy kept in `downloads/`), from the `url`'s own server only. Refuse it, before
-//!    anything is written, if its signature does not verify with `[trust] public_keys`
-//!    (exit 10), if it expired or is dated in the future (12), if its serial is below the
-//!    last one accepted on this machine (13, kept in the state file), or if it is of another
-//!    channel (14).
-//! 2. Choose the path (`path::choose`).
+//!    copy kept in `downloads/`, if it came from the same URL), from the `url`'s own server
+//!    only; on a bad signature, both once more, unconditionally. Refuse it, before anything
+//!    is written, if its signature does not verify with `[trust] public_keys` (exit 10), if
+//!    it expired or is dated in the future (12), if its serial is below the last one
+//!    accepted on this machine (13, kept in the state file), if it is of another channel
+//!    (14), or if its latest version is older than `current` (11, unless
+//!    `--allow-downgrade`).
+//! 2. Choose the path (`path::choose`). A writer records the index's serial now, before
+//!    anything is downloaded.
 //! 3. Download each delta (`fetch::download`: mirrors first, resumable, capped, checked) and
 //!    apply it as `apply` does (its own signature checked too), intermediate versions only
 //!    staged; then remove the download.
-//! 4. Record the index's serial.
+//! 4. Keep the index fetched, for the next run's conditional request.
 
 mod fetch;
 pub(crate) mod path;
@@ -41,6 +46,10 @@ pub(crate) struct Options {
     pub flip: flip::Options,
     /// Whether this run holds the writer's lock (not for `check` and `dry_run`).
     pub writer: bool,
+    /// Check no signature, of the index or of a delta (development only; logged loudly).
+    pub insecure: bool,
+    /// Accept a latest version older than `current`.
+    pub allow_downgrade: bool,
 }
 
 /// One delta of the path, for the report.
@@ -128,10 +137,17 @@ fn downloads(root: &Root) -> Result<PathBuf> {
 pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report> {
     index::validate_channel(&opts.channel)?;
     let keys = trust::load_keys(&cfg.trust.public_keys)?;
+    // Without a trusted key, whoever answers for the URL would choose what is installed.
+    if keys.is_empty() && !opts.insecure {
+        return Err(Fail::Untrusted(
+            "no public keys are configured to check the release index: add the release key to `[trust] public_keys` (or, for development only, give --insecure)".into(),
+        )
+        .into());
+    }
     let net = fetch::Net::new(&cfg.update)?;
     let primary = fetch::source_for(&opts.url, &net)?;
     let mut st = state::load(root.fd())?;
-    let (ix, fresh) = fetch_index(root, primary.as_ref(), &opts.channel, &keys)?;
+    let (ix, fresh) = fetch_index(root, primary.as_ref(), &opts.channel, &keys, opts.insecure)?;
     ix.check_fresh(&opts.channel, now(), st.serials.get(&opts.channel).copied())?;
     log::info!(
         "index of `{}`: serial {}, latest `{}`",
@@ -174,6 +190,19 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
         }
         r => r?,
     };
+    // A switch never compares versions, and a delta's downgrade would be refused only after
+    // its download: refused here, for every path.
+    if let Some(cur) = current.as_deref()
+        && crate::core::version::compare(&ix.latest, cur) == std::cmp::Ordering::Less
+        && !opts.allow_downgrade
+    {
+        return Err(Fail::Downgrade(format!(
+            "refusing to downgrade from `{cur}` to `{}`, the latest version of `{}` (use --allow-downgrade)",
+            crate::core::path::quote_at_most(&ix.latest, 100),
+            ix.channel
+        ))
+        .into());
+    }
     if let path::Path::Deltas(ds) = &chosen {
         report.path = ds
             .iter()
@@ -195,6 +224,12 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
             path::Path::Deltas(_) => "would-apply",
         };
         return Ok(report);
+    }
+    // The serial is recorded now, durably, before anything is downloaded: a run cut short
+    // after seeing serial N cannot be followed by one that acts on an older index.
+    if st.serials.get(&ix.channel) != Some(&ix.serial) {
+        st.serials.insert(ix.channel.clone(), ix.serial);
+        state::save(root.fd(), &st)?;
     }
     let first_install = st.pending.is_none() && current.is_none();
     let dir = downloads(root)?;
@@ -245,6 +280,8 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
             apply::Options {
                 stage_only: opts.stage_only || !last,
                 flip: opts.flip,
+                insecure: opts.insecure,
+                allow_downgrade: opts.allow_downgrade,
                 ..Default::default()
             },
         )
@@ -273,6 +310,8 @@ struct Fresh {
     text: Vec<u8>,
     sig: Vec<u8>,
     etag: Option<String>,
+    /// Where the index came from (its ETag is only sent there again).
+    url: String,
 }
 
 /// Records that this machine accepted `ix` (its serial, per channel) and keeps the index
@@ -285,12 +324,26 @@ fn accept(root: &Root, st: &mut state::State, ix: &Index, fresh: Option<&Fresh>)
     if let Some(f) = fresh {
         let dir = downloads(root)?;
         let [text, sig, etag] = cache_names(&ix.channel);
-        // The ETag goes last and first: without it the cache is never used.
-        let _ = std::fs::remove_file(dir.join(&etag));
-        fs_err::write(dir.join(text), &f.text)?;
-        fs_err::write(dir.join(sig), &f.sig)?;
+        // Each file whole or not at all (a lock-free `--check` may read them): written
+        // beside its name and renamed. The ETag goes last and first: without it the cache
+        // is never used.
+        let put = |name: &str, data: &[u8]| -> Result<()> {
+            let tmp = dir.join(format!("{name}.tmp"));
+            fs_err::write(&tmp, data)?;
+            fs_err::rename(&tmp, dir.join(name))?;
+            Ok(())
+        };
+        match std::fs::remove_file(dir.join(&etag)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context("cannot remove the index's cached ETag");
+            }
+            _ => {}
+        }
+        put(&text, &f.text)?;
+        put(&sig, &f.sig)?;
         if let Some(t) = &f.etag {
-            fs_err::write(dir.join(etag), t)?;
+            // Keyed by the index's URL: another repository's ETag is never sent.
+            put(&etag, format!("{}\n{t}", f.url).as_bytes())?;
         }
     }
     Ok(())
@@ -318,14 +371,23 @@ fn fetch_index(
     src: &dyn fetch::Source,
     channel: &str,
     keys: &[(PathBuf, minisign::PublicKey)],
+    insecure: bool,
 ) -> Result<(Index, Option<Fresh>)> {
     let rel = format!("{channel}/{}", index::INDEX_NAME);
     let sig_rel = format!("{channel}/{}", index::SIGNATURE_NAME);
     let dir = root.path.join("downloads");
     let [c_text, c_sig, c_etag] = cache_names(channel);
-    let cached_etag = std::fs::read_to_string(dir.join(&c_etag)).ok();
-    let (text, sig, fresh) =
-        match src.get_small(&rel, index::MAX_INDEX_BYTES, cached_etag.as_deref())? {
+    let url = format!("{}/{rel}", src.name());
+    // The ETag file: the index's URL, a newline, the ETag.
+    let cached_etag = std::fs::read_to_string(dir.join(&c_etag))
+        .ok()
+        .and_then(|t| {
+            t.split_once('\n')
+                .filter(|(u, _)| *u == url)
+                .map(|(_, e)| e.to_owned())
+        });
+    let get = |etag: Option<&str>| -> Result<(Vec<u8>, Vec<u8>, Option<Fresh>)> {
+        Ok(match src.get_small(&rel, index::MAX_INDEX_BYTES, etag)? {
             fetch::Small::NotFound => anyhow::bail!("`{}/{rel}` does not exist", src.name()),
             fetch::Small::NotModified => {
                 log::info!("the index is unchanged since the last run (HTTP 304)");
@@ -353,11 +415,27 @@ fn fetch_index(
                         text: bytes,
                         sig,
                         etag,
+                        url: url.clone(),
                     }),
                 )
             }
-        };
-    check_signature(&text, &sig, keys)?;
+        })
+    };
+    let (mut text, mut sig, mut fresh) = get(cached_etag.as_deref())?;
+    match insecure {
+        true => {
+            log::warn!("--insecure: NOT checking the release index's signature (development only)")
+        }
+        false => {
+            if let Err(e) = check_signature(&text, &sig, keys) {
+                // The index and its signature are two requests (a publish may fall between
+                // them), and a 304 reuses the kept signature: once more, both, unconditional.
+                log::info!("{e:#}; fetching the index and its signature again");
+                (text, sig, fresh) = get(None)?;
+                check_signature(&text, &sig, keys)?;
+            }
+        }
+    }
     let text = std::str::from_utf8(&text)
         .map_err(|_| anyhow::anyhow!("the index is not UTF-8"))
         .and_then(index::parse)
@@ -365,16 +443,14 @@ fn fetch_index(
     Ok((text, fresh))
 }
 
-/// Checks the index's signature with the trusted keys; with none configured, an unsigned
-/// index passes with a warning (as an unsigned delta does).
+/// The trusted comment an index's signature starts with (`publish` writes exactly this).
+const INDEX_COMMENT: &str = "treeswap release index";
+
+/// Checks the index's signature with the trusted keys (at least one: `update` refuses to
+/// run without), and that it signs an index: its trusted comment starts with
+/// [`INDEX_COMMENT`].
 fn check_signature(text: &[u8], sig: &[u8], keys: &[(PathBuf, minisign::PublicKey)]) -> Result<()> {
     let sig = String::from_utf8_lossy(sig);
-    if keys.is_empty() {
-        log::warn!(
-            "accepting the release index unchecked: no public keys are configured ([trust] public_keys)"
-        );
-        return Ok(());
-    }
     if sig.trim().is_empty() {
         return Err(Fail::Untrusted(
             "the release index is not signed (no index.toml.minisig), and signed indexes are required".into(),
@@ -384,6 +460,17 @@ fn check_signature(text: &[u8], sig: &[u8], keys: &[(PathBuf, minisign::PublicKe
     let mut data = std::io::Cursor::new(text);
     match trust::verify(&mut data, text.len() as u64, &sig, keys) {
         Ok(p) => {
+            // The key signs deltas too: the trusted comment (signed) says what was signed.
+            let comment = minisign::SignatureBox::from_string(&sig)
+                .and_then(|b| b.trusted_comment())
+                .unwrap_or_default();
+            if !comment.starts_with(INDEX_COMMENT) {
+                return Err(Fail::Untrusted(format!(
+                    "the release index's signature is not one of a release index: its trusted comment is `{}`, not `{INDEX_COMMENT}`",
+                    crate::core::path::quote_at_most(&comment, 80)
+                ))
+                .into());
+            }
             log::info!("index signature verified with `{}`", p.display());
             Ok(())
         }
