@@ -59,14 +59,7 @@ pub(crate) fn load_keys(paths: &[PathBuf]) -> Result<Vec<(PathBuf, PublicKey)>> 
 /// Signs `data` with an unencrypted minisign secret key file (`minisign -G -W`); returns the
 /// signature file text.
 pub(crate) fn sign(data: &[u8], secret_key: &Path, comment: &str) -> Result<String> {
-    let text = read_key_file(secret_key)
-        .with_context(|| format!("cannot read secret key `{}`", secret_key.display()))?;
-    let sk = parse_secret_key(&text).with_context(|| {
-        format!(
-            "`{}` is not an unencrypted minisign secret key (make one with `minisign -G -W`)",
-            secret_key.display()
-        )
-    })?;
+    let sk = load_secret_key(secret_key)?;
     let sig = minisign::sign(None, &sk, Cursor::new(data), Some(comment), None)
         .map_err(|e| anyhow::anyhow!("cannot sign: {e}"))?;
     Ok(sig.into_string())
@@ -209,14 +202,19 @@ impl<R> std::io::Seek for NoSeek<R> {
 /// The public key of an unencrypted minisign secret key file: what `publish` checks the
 /// index it re-signs against (it signs only what it signed before).
 pub(crate) fn public_key_of(secret_key: &Path) -> Result<PublicKey> {
+    let sk = load_secret_key(secret_key)?;
+    PublicKey::from_secret_key(&sk)
+        .map_err(|e| anyhow::anyhow!("cannot derive the public key: {e}"))
+}
+
+/// Reads an unencrypted minisign secret key file.
+fn load_secret_key(secret_key: &Path) -> Result<SecretKey> {
     let text = read_key_file(secret_key)
         .with_context(|| format!("cannot read secret key `{}`", secret_key.display()))?;
-    let sk = parse_secret_key(&text).with_context(|| {
+    parse_secret_key(&text).with_context(|| {
         format!(
             "`{}` is not an unencrypted minisign secret key (make one with `minisign -G -W`)",
             secret_key.display()
         )
-    })?;
-    PublicKey::from_secret_key(&sk)
-        .map_err(|e| anyhow::anyhow!("cannot derive the public key: {e}"))
+    })
 }
