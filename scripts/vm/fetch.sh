@@ -123,16 +123,18 @@ vm_kernel() {
     _ts_locked _vm_build_kernel "$pkg" "$KDIR"
 }
 
-# A bookworm chroot with initramfs-tools (and, for the dracut module, nothing: dracut's own
-# builder is separate) and the kernel's modules, where the initramfs is built with the stock
-# mkinitramfs and treeswap's hook: the host's /boot and initramfs-tools are never touched.
-# The kernel's files are copied in from the extracted package (its postinst never runs).
-_vm_build_builder() (
+# _vm_build_chroot NAME TOOL PACKAGES: $TS_CACHE/NAME-$KVER, a bookworm chroot with PACKAGES
+# (no recommends) and the kernel's modules, where an initramfs is built with the stock TOOL
+# (its path in the chroot, which marks a finished build) and treeswap's hook or module: the
+# host's /boot, initramfs-tools and dracut are never touched. The kernel's files are copied in
+# from the extracted package (its postinst never runs).
+_vm_build_chroot() (
     set -euo pipefail
-    local final="$TS_CACHE/vm-builder-$KVER" tmp
-    [ -x "$final/usr/sbin/mkinitramfs" ] && [ -d "$final/lib/modules/$KVER" ] && exit 0
-    _ts_remove_stale "vm-builder-$KVER"
-    tmp="$TS_CACHE/vm-builder-$KVER.tmp.$$"
+    local name=$1 tool=$2 packages=$3
+    local final="$TS_CACHE/$name-$KVER" tmp
+    [ -x "$final$tool" ] && [ -d "$final/lib/modules/$KVER" ] && exit 0
+    _ts_remove_stale "$name-$KVER"
+    tmp="$TS_CACHE/$name-$KVER.tmp.$$"
     mounted=()
     umount_all() {
         local i
@@ -146,10 +148,10 @@ _vm_build_builder() (
     mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
     printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"
     chmod 755 "$tmp/usr/sbin/policy-rc.d"
-    log "apt-get install initramfs-tools busybox in the builder chroot $tmp"
+    log "apt-get install $packages in the chroot $tmp"
     chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
         DEBIAN_FRONTEND=noninteractive LC_ALL=C \
-        sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends initramfs-tools busybox zstd' >&2
+        sh -c "apt-get update -qq && apt-get install -y -qq --no-install-recommends $packages" >&2
     umount_all
     rm -f "$tmp/usr/sbin/policy-rc.d"
     # Copied from the extracted package, not extracted over the tree: dpkg -x would replace
@@ -164,7 +166,7 @@ _vm_build_builder() (
 
 vm_builder() {
     bookworm_tree > /dev/null
-    _ts_locked _vm_build_builder
+    _ts_locked _vm_build_chroot vm-builder /usr/sbin/mkinitramfs "initramfs-tools busybox zstd"
     BUILDER="$TS_CACHE/vm-builder-$KVER"
 }
 
@@ -193,43 +195,10 @@ vm_dmsetup() {
         || cp -a "$x"/usr/lib/x86_64-linux-gnu/libdevmapper.so.* "$1/lib/"
 }
 
-# A second builder chroot with dracut instead of initramfs-tools (they conflict), to build the
-# dracut variant of the initramfs with the 90treeswap module; the host has neither touched.
-_vm_build_dracut_builder() (
-    set -euo pipefail
-    local final="$TS_CACHE/vm-dracut-builder-$KVER" tmp
-    [ -x "$final/usr/bin/dracut" ] && [ -d "$final/lib/modules/$KVER" ] && exit 0
-    _ts_remove_stale "vm-dracut-builder-$KVER"
-    tmp="$TS_CACHE/vm-dracut-builder-$KVER.tmp.$$"
-    mounted=()
-    umount_all() {
-        local i
-        for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[i]}" || true; done
-        mounted=()
-    }
-    trap umount_all EXIT
-    mkdir "$tmp"
-    cp -a "$TS_CACHE/bookworm-minbase/." "$tmp/"
-    mount -t proc proc "$tmp/proc"; mounted+=("$tmp/proc")
-    mount --bind /dev "$tmp/dev"; mounted+=("$tmp/dev")
-    printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"
-    chmod 755 "$tmp/usr/sbin/policy-rc.d"
-    log "apt-get install dracut-core in the dracut builder chroot $tmp"
-    chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        DEBIAN_FRONTEND=noninteractive LC_ALL=C \
-        sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends dracut-core busybox zstd' >&2
-    umount_all
-    rm -f "$tmp/usr/sbin/policy-rc.d"
-    mkdir -p "$tmp/usr/lib/modules"
-    cp -a "$KDIR/x/lib/modules/$KVER" "$tmp/usr/lib/modules/"
-    cp -a "$KDIR/x/boot/." "$tmp/boot/"
-    chroot "$tmp" depmod "$KVER"
-    mv -T "$tmp" "$final"
-    log "cached $final"
-)
-
 vm_dracut_builder() {
     bookworm_tree > /dev/null
-    _ts_locked _vm_build_dracut_builder
+    # dracut instead of initramfs-tools (they conflict): the dracut variant of the initramfs,
+    # with the 90treeswap module.
+    _ts_locked _vm_build_chroot vm-dracut-builder /usr/bin/dracut "dracut-core busybox zstd"
     BUILDER="$TS_CACHE/vm-dracut-builder-$KVER"
 }
