@@ -7,6 +7,7 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -1022,4 +1023,68 @@ fn a_failed_hook_says_its_last_words_after_much_output() {
     let r = t.ts(["-q", "apply", s(&t.delta)]);
     r.exit(5).one_line_error();
     r.stderr_has("the real reason");
+}
+
+/// Regression (issue 16, review 8): a root whose pool was made in immutable mode (the old
+/// default on ext4) and which then gets an overlay guest: its trees' files kept the flag,
+/// overlayfs copied it up and the guest's writes to existing files failed with "Operation
+/// not permitted", as in the issue. Mounting the first overlay clears the pool's flags.
+#[test]
+fn an_overlay_guest_added_to_an_immutable_pool_can_write_its_files() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("");
+    // No guest yet: `auto` is immutable on ext4.
+    t.set_config("");
+    let ts_auto = |args: &[&str]| {
+        let mut c = t.cmd();
+        c.env("TREESWAP_PROTECT", "auto").args(args);
+        run(&mut c)
+    };
+    ts_auto(&["import", s(&t.v1), "--version", "1", "--activate"]).success();
+    ts_auto(&["apply", s(&t.delta)]).success();
+    let tree_file = t.env.tree_dir("2").join("etc/hello.conf");
+    let flags = |p: &Path| {
+        let out = Command::new("lsattr").arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(flags(&tree_file).contains('i'), "{}", flags(&tree_file));
+    // The guest comes; the machine reboots.
+    t.set_config(&t.guest("web", ""));
+    ts_auto(&["boot"])
+        .success()
+        .stderr_has("cleared the immutable flag of");
+    ts_auto(&["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "2");
+    fs::write(
+        t.rootfs("web").join("etc/hello.conf"),
+        "hostname=kiosk-17\n",
+    )
+    .unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(t.rootfs("web").join("var/log/dpkg.log"))
+        .unwrap()
+        .write_all(b"local line\n")
+        .unwrap();
+    fs::remove_file(t.rootfs("web").join("etc/motd")).unwrap();
+    assert!(!flags(&tree_file).contains('i'), "{}", flags(&tree_file));
+    for v in ["1", "2"] {
+        ts_auto(&["verify", v, "--full"]).success();
+    }
+    // The flags stay off: a revert and back keep the guest writable, and no second sweep.
+    let r = ts_auto(&["revert"]);
+    r.success();
+    assert!(
+        !r.stderr().contains("cleared the immutable"),
+        "{}",
+        r.stderr()
+    );
+    t.assert_guest_on("web", "1");
+    fs::write(t.rootfs("web").join("etc/motd"), "local motd\n").unwrap();
 }

@@ -536,3 +536,71 @@ fn gc_before_apply_makes_room() {
     assert!(root.join("trees/3").exists(), "the delta's base stays");
     verify(&root, "4").success();
 }
+
+/// Regression (issue 16, review 8): a pool made in immutable mode keeps its flags when the
+/// root is written in another mode (overlay guests came, or `hardlink` was chosen): the
+/// kernel refused to link those objects, so the first checkout failed. The first writer in
+/// the new mode clears every flag, once; a writer in immutable mode sets them all again.
+#[test]
+fn a_pool_made_immutable_follows_a_change_of_mode() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    init_root(&root);
+    two_versions(&env, &root, "immutable", None);
+    let all = pool_files(&root);
+    assert!(!all.is_empty());
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    let ts = |protect: &str, args: &[&str]| {
+        let mut c = ts_cmd();
+        c.env("TREESWAP_PROTECT", protect)
+            .arg("--root")
+            .arg(&root)
+            .args(args);
+        run(&mut c)
+    };
+    let dest = |name: &str| root.parent().unwrap().join(name);
+    let d1 = dest("checkout1");
+    ts("hardlink", &["checkout", "1", d1.to_str().unwrap()])
+        .success()
+        .stderr_has(&format!(
+            "cleared the immutable flag of {} pool object(s)",
+            all.len()
+        ));
+    assert_eq!(unprotected_objects(&root), all);
+    try_write(&d1.join("etc/conf")).expect("a hardlink-mode tree is writable");
+    // Once: the next writer finds the record and sweeps nothing.
+    let d2 = dest("checkout2");
+    let r = ts("hardlink", &["checkout", "2", d2.to_str().unwrap()]);
+    r.success();
+    assert!(
+        !r.stderr().contains("cleared the immutable"),
+        "{}",
+        r.stderr()
+    );
+    // Back to immutable: every object gets its flag again before anything is linked.
+    let d3 = dest("checkout3");
+    ts("immutable", &["checkout", "2", d3.to_str().unwrap()])
+        .success()
+        .stderr_has(&format!(
+            "set the immutable flag on {} pool object(s)",
+            all.len()
+        ));
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    // A boot in hardlink mode clears them again only when a writer or a guest needs it;
+    // one in immutable mode after a sweep re-protects.
+    ts(
+        "hardlink",
+        &["checkout", "1", dest("checkout4").to_str().unwrap()],
+    )
+    .success();
+    assert_eq!(unprotected_objects(&root), all);
+    ts("immutable", &["boot"])
+        .success()
+        .stderr_has("set the immutable flag on");
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    unprotect(&root);
+}

@@ -26,9 +26,10 @@ pub(crate) enum BootOutcome {
 pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
-    if st.unprotected {
-        install::reprotect(&root.pool()?)?;
-        st.unprotected = false;
+    if st.unprotected || st.unflagged {
+        // Re-protected in immutable mode; in another (overlay guests came since) the flags
+        // are cleared instead.
+        install::match_flags(root, &root.pool_for(cfg)?, &mut st)?;
     }
     settle_flip(root, &mut st)?;
     state::save(root.fd(), &st)?;

@@ -20,7 +20,7 @@ use crate::store::layout::Layout;
 use crate::store::pool::Pool;
 use crate::store::protect::Protection;
 use crate::store::root::Root;
-use crate::store::state;
+use crate::store::state::{self, State};
 use crate::tree::{restage, stage, verify};
 
 /// Builds `staging/<V>` from the pool and commits it as `trees/<V>` (see the module doc);
@@ -224,16 +224,15 @@ pub(crate) fn while_linking<T>(
     pool: &Pool,
     link: impl FnOnce() -> Result<T>,
 ) -> Result<Result<T>> {
+    let mut st = state::load(root.fd())?;
+    // A pool made in another mode before gets its flags first: the kernel refuses links to
+    // an immutable object, and immutable mode means every object has the flag.
+    match_flags(root, pool, &mut st)?;
     if pool.mode() != Protection::Immutable {
         return Ok(link());
     }
-    let mut st = state::load(root.fd())?;
-    if st.unprotected {
-        reprotect(pool)?;
-    } else {
-        st.unprotected = true;
-        state::save(root.fd(), &st)?;
-    }
+    st.unprotected = true;
+    state::save(root.fd(), &st)?;
     let r = link();
     if r.is_ok() {
         // Nothing else writes the state file while the lock is held: `st` is what it holds.
@@ -241,6 +240,46 @@ pub(crate) fn while_linking<T>(
         state::save(root.fd(), &st)?;
     }
     Ok(r)
+}
+
+/// Brings the pool's flags in line with the mode it is written in (`pool.mode()`), and
+/// records that in `st` (saved if it changes):
+/// - in a mode without the flag (overlay guests, `reflink`, `hardlink`), clears it from every
+///   object, once: a pool made in immutable mode (the default on ext4 before overlay guests)
+///   still carries it, the kernel refuses links to those objects, and overlayfs copies the
+///   flag up with a file and then refuses the guest's write. `unflagged` records the sweep;
+/// - in immutable mode, sets it again on every object that lacks it: after such a sweep
+///   (`unflagged`), or after work cut short with objects unprotected (`unprotected`).
+pub(crate) fn match_flags(root: &Root, pool: &Pool, st: &mut State) -> Result<()> {
+    if pool.mode() == Protection::Immutable {
+        if st.unflagged {
+            let n = pool.reprotect()?;
+            log::warn!(
+                "set the immutable flag on {n} pool object(s): the pool is written in \
+                 immutable mode again"
+            );
+        } else if st.unprotected {
+            reprotect(pool)?;
+        } else {
+            return Ok(());
+        }
+        st.unflagged = false;
+        st.unprotected = false;
+        return state::save(root.fd(), st);
+    }
+    if st.unflagged {
+        return Ok(());
+    }
+    let n = pool.unflag_all()?;
+    if n > 0 {
+        log::warn!(
+            "cleared the immutable flag of {n} pool object(s): the pool is no longer written \
+             in immutable mode"
+        );
+    }
+    st.unprotected = false;
+    st.unflagged = true;
+    state::save(root.fd(), st)
 }
 
 /// Sets the immutable flag again on every pool object an interrupted run left without it.

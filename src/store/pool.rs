@@ -159,6 +159,28 @@ impl Pool {
         Ok(n)
     }
 
+    /// Clears the immutable flag on every object of the pool that has it (a pool written in
+    /// immutable mode, now written in another: see `store::protect`); returns how many.
+    pub fn unflag_all(&self) -> Result<u64> {
+        let mut n = 0;
+        self.for_each_dir(|dir, rel| {
+            for name in sys::read_dir(dir)? {
+                let fd = sys::open_file_beneath(dir, &name)?;
+                if iflags::is_immutable(fd.as_fd()) {
+                    iflags::set_immutable(fd.as_fd(), false).with_context(|| {
+                        format!(
+                            "cannot clear the immutable flag of `pool/{rel}{}`",
+                            crate::core::path::display(&name)
+                        )
+                    })?;
+                    n += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
     /// Calls `f` with each directory that holds objects and its path relative to `pool/`
     /// (`""`, or `"ab/"` for a shard); the names in it are objects and their copies.
     pub fn for_each_dir(&self, mut f: impl FnMut(BorrowedFd, &str) -> Result<()>) -> Result<()> {

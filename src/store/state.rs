@@ -29,6 +29,11 @@ pub(crate) struct State {
     /// Set while pool objects may be without their immutable flag (see `ops::install::while_linking`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unprotected: bool,
+    /// Set once a sweep cleared the immutable flag from every pool object, for a pool now
+    /// written in a mode without it (overlay guests, `reflink`, `hardlink`); cleared again by
+    /// any work in immutable mode (see `ops::install::match_flags`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unflagged: bool,
     /// Versions `gc` never removes (`treeswap pin`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<String>,
@@ -255,6 +260,7 @@ mod tests {
             pins: vec!["1".into()],
             serials: [("stable".to_string(), 7)].into(),
             unprotected: true,
+            unflagged: true,
             flip: Some(Flip {
                 from: "1".into(),
                 to: "2".into(),

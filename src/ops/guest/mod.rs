@@ -122,10 +122,22 @@ pub(crate) fn restart(
     hook(g, "stop", stop, &env)?;
     failpoint::hit("guest-before-remount");
     unmount_all(&p)?;
+    unflag_pool(root, st)?;
     prepare(root, g, &p, target, st)?;
     mount_layer(root, &p, st.guest(&g.name).expect("prepared"), target)?;
     failpoint::hit("guest-before-start");
     hook(g, "start", start, &env)
+}
+
+/// Before an overlay is mounted: no lower file may carry the immutable flag, which
+/// overlayfs copies up and which then refuses the guest's write. Overlay guests never run
+/// with the pool in immutable mode (the config refuses it), but a pool made in that mode
+/// before (the old default on ext4) keeps its flags until this sweep clears them, once.
+fn unflag_pool(root: &Root, st: &mut State) -> Result<()> {
+    if st.unflagged {
+        return Ok(());
+    }
+    crate::ops::install::match_flags(root, &root.pool()?, st)
 }
 
 /// Unmounts whatever is mounted at the guest's `rootfs`.
@@ -683,6 +695,8 @@ pub(crate) fn mount_all(root: &Root, cfg: &Config, st: &mut State) -> Result<()>
     let mut failed: Vec<anyhow::Error> = Vec::new();
     for g in cfg.guests.iter().filter(|g| g.is_overlay()) {
         let done = (|| -> Result<()> {
+            // Also under a guest already mounted: overlayfs reads the flag at copy-up.
+            unflag_pool(root, st)?;
             let p = place(root, g)?;
             if mount::mounted_at(&p.rootfs)?.is_some() {
                 return Ok(());
