@@ -1088,3 +1088,97 @@ fn an_overlay_guest_added_to_an_immutable_pool_can_write_its_files() {
     t.assert_guest_on("web", "1");
     fs::write(t.rootfs("web").join("etc/motd"), "local motd\n").unwrap();
 }
+
+/// A process that keeps a copy of the host's mounts (the guest's overlay among them) in a
+/// mount namespace of its own, as a container does that its stop hook did not stop.
+struct Leak(std::process::Child);
+
+impl Leak {
+    fn start() -> Leak {
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "600"])
+            .spawn()
+            .unwrap();
+        let own = fs::read_link("/proc/self/ns/mnt").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read_link(format!("/proc/{}/ns/mnt", child.id())).ok() == Some(own.clone())
+            || fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default()
+                != "sleep\n"
+        {
+            assert!(Instant::now() < deadline, "unshare did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Leak(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Leak {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Regression (issue 16, review 5): a guest whose stop hook succeeded but which still runs in
+/// its own mount namespace was not noticed; its overlay was unmounted on the host only, the
+/// layer merged and a second overlay mounted on the same layer and work directory. Now the
+/// flip is refused and flipped back, with the layer unchanged, and `boot` mounts nothing
+/// over a guest that still runs.
+#[test]
+fn a_guest_that_outlives_its_stop_hook_is_refused() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("");
+    t.import_v1_active();
+    t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    let layer = t.layer("web");
+    let before = snapshot(&layer);
+    let leak = Leak::start();
+    let r = t.ts(["-q", "apply", s(&t.delta)]);
+    r.exit(5).one_line_error();
+    r.stderr_has("has not stopped")
+        .stderr_has(&format!("process {} (`sleep`)", leak.pid()))
+        .stderr_has("flipped back to `1`");
+    assert_eq!(
+        fs::read_link(t.root().join("current")).unwrap(),
+        Path::new("trees/1")
+    );
+    assert_eq!(t.layer("web"), layer);
+    assert_same_tree(&before, &snapshot(&layer));
+    assert_eq!(t.guest_json("web")["mounted_on"], "1");
+    // Once it is stopped, the guest restarts and the update goes through.
+    drop(leak);
+    t.ts(["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "1");
+    t.ts(["apply", s(&t.delta)]).success();
+    t.assert_guest_on("web", "2");
+    assert_eq!(
+        read(&t.rootfs("web").join("etc/hello.conf")),
+        "greeting = kiosk-17\n"
+    );
+    // `boot` with nothing mounted on the host but the guest still running elsewhere.
+    let leak = Leak::start();
+    kill_processes_rooted_in(t.env.dir.path());
+    assert!(
+        Command::new("umount")
+            .arg(t.rootfs("web"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = t.ts(["boot"]);
+    r.failure().one_line_error().stderr_has("has not stopped");
+    assert_eq!(t.guest_json("web")["mounted_on"], Value::Null);
+    drop(leak);
+    t.ts(["boot"]).success();
+    assert_eq!(t.guest_json("web")["mounted_on"], "2");
+    for v in ["1", "2"] {
+        t.ts(["verify", v, "--full"]).success();
+    }
+}

@@ -127,6 +127,79 @@ pub(crate) fn mounted_at(target: &Path) -> Result<Option<Mounted>> {
     Ok(parse_mountinfo(&text, target.as_os_str().as_bytes()))
 }
 
+/// A process whose mount namespace still has an overlay on a given work directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Holder {
+    pub pid: u32,
+    /// The process's name (`/proc/PID/comm`), for the message.
+    pub comm: String,
+    /// Where, in that namespace, the overlay is mounted.
+    pub point: String,
+}
+
+/// The first process found whose mount namespace has an overlay mounted with
+/// `workdir=<work>` (`work` absolute, as it was given to [`mount_overlay`]); with
+/// `others_only`, namespaces other than this process's own. A guest that runs in a mount
+/// namespace of its own (a container) keeps its overlay there after the host unmounts it:
+/// this is how a guest that did not stop is seen. One `mountinfo` per namespace is read;
+/// processes that end meanwhile are skipped.
+pub(crate) fn overlay_holder(work: &Path, others_only: bool) -> Result<Option<Holder>> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let own = ns("self").context("cannot read /proc/self/ns/mnt")?;
+    let want = work.as_os_str().as_bytes();
+    let mut seen = std::collections::HashSet::new();
+    for e in std::fs::read_dir("/proc").context("cannot read /proc")? {
+        let e = e.context("cannot read /proc")?;
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(mnt) = ns(&pid.to_string()) else {
+            continue;
+        };
+        if (others_only && mnt == own) || !seen.insert(mnt) {
+            continue;
+        }
+        let Ok(text) = std::fs::read(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        if let Some(point) = overlay_on_work(&text, want) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            return Ok(Some(Holder {
+                pid,
+                comm: comm.trim_end().to_owned(),
+                point: String::from_utf8_lossy(&point).into_owned(),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The mount point of the first overlay in `text` (a `mountinfo`) whose `workdir` is `work`.
+fn overlay_on_work(text: &[u8], work: &[u8]) -> Option<Vec<u8>> {
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        let (Some(ty), Some(opts), Some(point)) =
+            (fields.get(dash + 1), fields.get(dash + 3), fields.get(4))
+        else {
+            continue;
+        };
+        if *ty != b"overlay" {
+            continue;
+        }
+        let opts = unescape(opts);
+        let on_work = opts
+            .split(|&b| b == b',')
+            .any(|o| o.strip_prefix(b"workdir=") == Some(work));
+        if on_work {
+            return Some(unescape(point));
+        }
+    }
+    None
+}
+
 /// proc(5): `ID PARENT MAJ:MIN ROOT POINT OPTS [OPTIONAL...] - TYPE SOURCE SUPER_OPTS`, with
 /// space, tab, newline and `\` in names escaped as `\ooo`.
 fn parse_mountinfo(text: &[u8], target: &[u8]) -> Option<Mounted> {
@@ -183,6 +256,15 @@ mod tests {
         assert_eq!(m.option("lowerdir"), Some("/v/trees/2"));
         assert_eq!(m.option("upperdir"), Some("/u"));
         assert_eq!(parse_mountinfo(text, b"/v/guests"), None);
+        assert_eq!(
+            overlay_on_work(text, b"/v/guests/a/work"),
+            Some(b"/v/guests/a b/rootfs".to_vec())
+        );
+        assert_eq!(overlay_on_work(text, b"/v/guests/a"), None);
+        assert_eq!(
+            overlay_on_work(b"22 1 0:21 / /w rw - proc proc workdir=/w\n", b"/w"),
+            None
+        );
         assert!(option_path(Path::new("/a,b")).is_err());
         assert!(option_path(Path::new("/a:b")).is_err());
         assert_eq!(option_path(Path::new("/a/b c")).unwrap(), "/a/b c");

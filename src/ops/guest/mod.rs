@@ -119,14 +119,42 @@ pub(crate) fn restart(
     let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
         bail!("guest `{}` has no `stop` and `start`", quote(&g.name));
     };
-    hook(g, "stop", stop, &env)?;
-    failpoint::hit("guest-before-remount");
-    unmount_all(&p)?;
+    stop_and_unmount(g, &p, stop, &env)?;
     unflag_pool(root, st)?;
     prepare(root, g, &p, target, st)?;
     mount_layer(root, &p, st.guest(&g.name).expect("prepared"), target)?;
     failpoint::hit("guest-before-start");
     hook(g, "start", start, &env)
+}
+
+/// Runs the guest's `stop` hook and takes its overlay down. A guest that runs in a mount
+/// namespace of its own (a container) keeps its overlay there after the host unmounts it; if
+/// the hook did not stop it, two overlays would share its layer and work directory. So this
+/// is refused while a process in another namespace still has the overlay (before the unmount,
+/// which then leaves everything as it was), and again after it, in any namespace.
+fn stop_and_unmount(g: &Guest, p: &Place, stop: &[String], env: &HookEnv) -> Result<()> {
+    hook(g, "stop", stop, env)?;
+    failpoint::hit("guest-before-remount");
+    ensure_stopped(g, p, true)?;
+    unmount_all(p)?;
+    ensure_stopped(g, p, false)
+}
+
+/// Fails if a process (in another mount namespace than treeswap's, with `others_only`) still
+/// has guest `g`'s overlay mounted.
+fn ensure_stopped(g: &Guest, p: &Place, others_only: bool) -> Result<()> {
+    match mount::overlay_holder(&p.work, others_only)? {
+        None => Ok(()),
+        Some(h) => bail!(
+            "guest `{}` has not stopped: process {} (`{}`) still has its overlay mounted \
+             (at `{}` in its mount namespace); stop it, then run `treeswap restart-guests {}`",
+            quote(&g.name),
+            h.pid,
+            h.comm.escape_debug(),
+            h.point.escape_debug(),
+            quote(&g.name)
+        ),
+    }
 }
 
 /// Before an overlay is mounted: no lower file may carry the immutable flag, which
@@ -687,7 +715,7 @@ pub(crate) fn settle(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
 /// At boot, after the recorded restarts: every overlay guest with nothing mounted gets its
 /// overlay on `current` (merged first if it was for another tree). A guest that runs on
 /// another tree (a flip with `--no-restart`) is left alone. Each guest on its own: one that
-/// fails is warned about and the others are still mounted; the error names the first.
+/// fails does not stop the others from being mounted; the error names the first, warnings the rest.
 pub(crate) fn mount_all(root: &Root, cfg: &Config, st: &mut State) -> Result<()> {
     let Some(current) = root.link("current")? else {
         return Ok(());
@@ -701,20 +729,26 @@ pub(crate) fn mount_all(root: &Root, cfg: &Config, st: &mut State) -> Result<()>
             if mount::mounted_at(&p.rootfs)?.is_some() {
                 return Ok(());
             }
+            // Nothing mounted here, but a container may still run on an old overlay.
+            ensure_stopped(g, &p, false)?;
             prepare(root, g, &p, &current, st)?;
             mount_layer(root, &p, st.guest(&g.name).expect("prepared"), &current)
         })();
         if let Err(e) = done {
-            let e = e.context(format!(
+            failed.push(e.context(format!(
                 "guest `{}`: cannot mount its overlay on `{current}`",
                 quote(&g.name)
-            ));
-            log::warn!("{e:#}");
-            failed.push(e);
+            )));
         }
     }
+    // The first is the command's error line; the others are warned about.
     let n = failed.len();
-    match failed.into_iter().next() {
+    let mut failed = failed.into_iter();
+    let first = failed.next();
+    for e in failed {
+        log::warn!("{e:#}");
+    }
+    match first {
         None => Ok(()),
         Some(first) if n == 1 => Err(first),
         Some(first) => Err(first.context(format!("{n} overlay guests were not mounted"))),
@@ -895,8 +929,8 @@ pub(crate) fn reset(root: &Root, cfg: &Config, name: &str) -> Result<()> {
         rootfs: p.rootfs.clone(),
         state_root: root_abs(root)?,
     };
-    hook(g, "stop", stop, &env)?;
-    unmount_all(&p)?;
+    stop_and_unmount(g, &p, stop, &env)?;
+    unflag_pool(root, &mut st)?;
     let rec = st.guest_mut(name).clone();
     let keep: Vec<u64> = std::iter::once(rec.layer)
         .chain(rec.undo.as_ref().map(|u| u.layer))
