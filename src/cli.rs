@@ -573,7 +573,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Gc { keep, downloads } => {
             let root = cx.root(Lock::Exclusive, false)?;
             root.warn_stuck();
-            let mut r = gc::gc(&root, *keep, &[])?;
+            let mut r = gc::gc(&root, &cx.cfg, *keep, &[])?;
             gc::downloads(&root, *downloads, &mut r)?;
             cx.say(&r.summary());
         }

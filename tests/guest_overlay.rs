@@ -499,21 +499,7 @@ fn boot_mounts_the_overlays_again() {
     t.import_v1_active();
     t.assert_guest_on("web", "1");
     fs::write(t.rootfs("web").join("var/lib/hello/counter"), "7\n").unwrap();
-    kill_processes_rooted_in(t.env.dir.path());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !Command::new("umount")
-        .arg(t.rootfs("web"))
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "cannot unmount the guest's overlay"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop_and_unmount_by_hand(&t, "web");
     assert!(!t.rootfs("web").join("var").exists());
     // The state file lost (replaced by hand): the layer on disk is still the guest's.
     fs::remove_file(t.root().join("state.toml")).unwrap();
@@ -1089,6 +1075,26 @@ fn an_overlay_guest_added_to_an_immutable_pool_can_write_its_files() {
     fs::write(t.rootfs("web").join("etc/motd"), "local motd\n").unwrap();
 }
 
+/// Kills the guests' processes and unmounts guest `name`'s overlay, as a reboot would
+/// leave it (waiting, at most 10 s, for the killed processes to let go of it).
+fn stop_and_unmount_by_hand(t: &Setup, name: &str) {
+    kill_processes_rooted_in(t.env.dir.path());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Command::new("umount")
+        .arg(t.rootfs(name))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "cannot unmount the guest's overlay"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A process that keeps a copy of the host's mounts (the guest's overlay among them) in a
 /// mount namespace of its own, as a container does that its stop hook did not stop.
 struct Leak(std::process::Child);
@@ -1164,14 +1170,7 @@ fn a_guest_that_outlives_its_stop_hook_is_refused() {
     );
     // `boot` with nothing mounted on the host but the guest still running elsewhere.
     let leak = Leak::start();
-    kill_processes_rooted_in(t.env.dir.path());
-    assert!(
-        Command::new("umount")
-            .arg(t.rootfs("web"))
-            .status()
-            .unwrap()
-            .success()
-    );
+    stop_and_unmount_by_hand(&t, "web");
     let r = t.ts(["boot"]);
     r.failure().one_line_error().stderr_has("has not stopped");
     assert_eq!(t.guest_json("web")["mounted_on"], Value::Null);
@@ -1181,4 +1180,67 @@ fn a_guest_that_outlives_its_stop_hook_is_refused() {
     for v in ["1", "2"] {
         t.ts(["verify", v, "--full"]).success();
     }
+}
+
+/// Regression (issue 16, review 13): gc kept the trees overlay guests run on, but not the
+/// tree a tree-mode guest still runs on after `--no-restart` flips, and the record of a
+/// guest removed from the config kept its tree for good.
+#[test]
+fn gc_keeps_the_tree_a_tree_mode_guest_runs_on_and_forgets_removed_guests() {
+    if skip_unless_root() {
+        return;
+    }
+    let t = Setup::new("");
+    let svc = format!(
+        "[[guest]]\nname = \"svc\"\nroot = \"tree\"\nrestart = [\"sh\", \"-c\", \
+         \"echo $TREESWAP_VERSION > {}/svc.on\"]\n",
+        s(&t.rundir)
+    );
+    t.set_config(&format!("{}\n{svc}", t.guest("web", "")));
+    let svc_on = || read(&t.rundir.join("svc.on")).trim().to_owned();
+    t.import_v1_active();
+    assert_eq!(svc_on(), "1");
+    t.ts(["apply", s(&t.delta), "--no-restart"]).success();
+    let tree = |n: u32| {
+        t.env.tree(
+            &format!("v{n}"),
+            &v2_spec().file("etc/motd", format!("welcome to {n}\n").as_str()),
+        )
+    };
+    let import = |n: u32, restart: bool| {
+        let dir = tree(n);
+        let v = n.to_string();
+        let mut args = vec!["import", s(&dir), "--version", &v, "--activate"];
+        if !restart {
+            args.push("--no-restart");
+        }
+        t.ts(args).success();
+    };
+    import(3, false);
+    t.ts(["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "3");
+    t.ts(["gc"]).success();
+    assert!(
+        t.root().join("trees/1").is_dir(),
+        "gc removed the tree guest `svc` runs on"
+    );
+    t.ts(["restart-guests", "svc"]).success();
+    assert_eq!(svc_on(), "3");
+    t.ts(["gc"]).success();
+    assert!(
+        !t.root().join("trees/1").exists(),
+        "tree 1 is no longer used"
+    );
+    // `web` stops and leaves the config: its record no longer keeps tree 3.
+    stop_and_unmount_by_hand(&t, "web");
+    t.set_config(&svc);
+    import(4, true);
+    import(5, true);
+    assert_eq!(svc_on(), "5");
+    t.ts(["gc"]).success();
+    assert!(
+        !t.root().join("trees/3").exists(),
+        "a removed guest's record kept its tree"
+    );
+    assert!(t.root().join("trees/4").is_dir() && t.root().join("trees/5").is_dir());
 }

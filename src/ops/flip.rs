@@ -78,6 +78,17 @@ fn flip(root: &Root, cfg: &Config, version: &str, opts: Options, pending: bool) 
         from: from.clone(),
         to: version.to_owned(),
     });
+    // Tree-mode guests run on the tree being left until they are restarted (never, with
+    // `--no-restart`): recorded for gc. A guest no longer configured in tree mode drops out.
+    st.tree_guests
+        .retain(|n, _| cfg.guests.iter().any(|g| &g.name == n && !g.is_overlay()));
+    if let Some(from) = &old {
+        for g in cfg.guests.iter().filter(|g| !g.is_overlay()) {
+            st.tree_guests
+                .entry(g.name.clone())
+                .or_insert_with(|| from.clone());
+        }
+    }
     st.restart = (opts.restart && !cfg.guests.is_empty()).then(|| Restart {
         target: version.to_owned(),
         guests: cfg.guests.iter().map(|g| g.name.clone()).collect(),

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
+use crate::core::config::Config;
 use crate::core::object::ObjectId;
 use crate::fs::sys;
 use crate::store::root::Root;
@@ -117,9 +118,14 @@ pub(crate) fn downloads(root: &Root, all: bool, report: &mut Report) -> Result<(
 
 /// The versions gc must keep whatever `keep` says: current, previous, and every version the
 /// state file names (pins, the pending tree, an unsettled flip, guests to restart).
-fn protected(root: &Root) -> Result<HashSet<String>> {
+fn protected(root: &Root, cfg: &Config) -> Result<HashSet<String>> {
     let st = state::load(root.fd())?;
-    let mut keep: HashSet<String> = st.pins.into_iter().collect();
+    // The trees guests run on (after a `--no-restart` flip, say), and those a flip back
+    // would remount overlay guests on.
+    let mut keep: HashSet<String> = crate::ops::guest::trees_in_use(root, cfg, &st)?
+        .into_iter()
+        .collect();
+    keep.extend(st.pins);
     keep.extend(root.link("current")?);
     keep.extend(root.link("previous")?);
     keep.extend(st.pending.map(|p| p.version));
@@ -127,14 +133,6 @@ fn protected(root: &Root) -> Result<HashSet<String>> {
     // only good one, and the tree whose guests are still to restart.
     keep.extend(st.flip.into_iter().flat_map(|f| [f.from, f.to]));
     keep.extend(st.restart.map(|r| r.target));
-    // The trees overlay guests are mounted on (after a `--no-restart` flip, say), and those
-    // a flip back would remount them on.
-    keep.extend(st.guests.iter().flat_map(|g| {
-        g.base
-            .iter()
-            .chain(g.undo.iter().flat_map(|u| &u.base))
-            .cloned()
-    }));
     Ok(keep)
 }
 
@@ -163,9 +161,9 @@ impl Report {
 }
 
 /// Runs gc; `also_keep` names versions an ongoing operation needs (the base of an apply).
-pub(crate) fn gc(root: &Root, keep: usize, also_keep: &[&str]) -> Result<Report> {
+pub(crate) fn gc(root: &Root, cfg: &Config, keep: usize, also_keep: &[&str]) -> Result<Report> {
     let mut report = Report::default();
-    let mut protected = protected(root)?;
+    let mut protected = protected(root, cfg)?;
     protected.extend(also_keep.iter().map(|v| v.to_string()));
     let mut others: Vec<String> = root
         .versions()?

@@ -48,6 +48,10 @@ pub(crate) struct State {
     /// was merged.
     #[serde(default, rename = "guest", skip_serializing_if = "Vec::is_empty")]
     pub guests: Vec<GuestRecord>,
+    /// Tree-mode guests: the tree each runs on (last restarted onto, or `current` when a
+    /// flip first left it there), so that `gc` never removes it under the guest.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tree_guests: std::collections::BTreeMap<String, String>,
 }
 
 /// An overlay guest's layer (`guests/<name>/layer-<layer>`), merged for the tree `base`.
@@ -261,6 +265,7 @@ mod tests {
             serials: [("stable".to_string(), 7)].into(),
             unprotected: true,
             unflagged: true,
+            tree_guests: [("db".to_string(), "1".to_string())].into(),
             flip: Some(Flip {
                 from: "1".into(),
                 to: "2".into(),

@@ -412,7 +412,7 @@ pub(super) fn ensure_space(
         return Err(e);
     }
     log::warn!("{e:#}; running gc first (gc_before_apply = true)");
-    let r = crate::ops::gc::gc(root, 0, &[base_version])?;
+    let r = crate::ops::gc::gc(root, cfg, 0, &[base_version])?;
     log::warn!("gc: {}", r.summary());
     check_space(root, plan, new).map(drop)
 }

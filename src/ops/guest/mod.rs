@@ -101,13 +101,16 @@ pub(crate) fn restart(
             state_root: root_abs(root)?,
         };
         if let Some(argv) = &g.restart {
-            return hook(g, "restart", argv, &env);
+            hook(g, "restart", argv, &env)?;
+        } else {
+            let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
+                bail!("guest `{}` has no hook", quote(&g.name));
+            };
+            hook(g, "stop", stop, &env)?;
+            hook(g, "start", start, &env)?;
         }
-        let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
-            bail!("guest `{}` has no hook", quote(&g.name));
-        };
-        hook(g, "stop", stop, &env)?;
-        return hook(g, "start", start, &env);
+        st.tree_guests.insert(g.name.clone(), target.to_owned());
+        return state::save(root.fd(), st);
     }
     let p = place(root, g)?;
     let env = HookEnv {
@@ -774,6 +777,36 @@ pub(crate) struct Info {
     /// Overlay: the conflicts of the last merge (paths) and how many more there were.
     pub conflicts: Vec<String>,
     pub conflicts_more: u64,
+}
+
+/// The trees guests run on or may be put back on, which `gc` keeps: each overlay guest's
+/// `base` and `undo` base, and each tree-mode guest's tree. Records of guests no longer
+/// configured (or configured in the other mode) count only while their overlay is still
+/// mounted: they would otherwise keep trees for good.
+pub(crate) fn trees_in_use(root: &Root, cfg: &Config, st: &State) -> Result<Vec<String>> {
+    let configured = |name: &str, overlay: bool| {
+        cfg.guests
+            .iter()
+            .any(|g| g.name == name && g.is_overlay() == overlay)
+    };
+    let mut out = Vec::new();
+    for rec in &st.guests {
+        let in_use = configured(&rec.name, true) || {
+            let rootfs = root_abs(root)?.join(GUESTS).join(&rec.name).join("rootfs");
+            rootfs.is_dir() && mount::mounted_at(&rootfs)?.is_some()
+        };
+        if in_use {
+            out.extend(rec.base.iter().cloned());
+            out.extend(rec.undo.iter().flat_map(|u| u.base.clone()));
+        }
+    }
+    out.extend(
+        st.tree_guests
+            .iter()
+            .filter(|(n, _)| configured(n, false))
+            .map(|(_, v)| v.clone()),
+    );
+    Ok(out)
 }
 
 /// Where guest `g`'s files are, without making anything (for readers).
