@@ -520,7 +520,9 @@ fn copy_entry(sp: BorrowedFd, dp: BorrowedFd, name: &[u8], e: &Entry) -> Result<
 /// files are hashed (and their extended attributes read) only where the merge compares their
 /// content: not below a `state` glob or an opaque directory, and only if the old or the new
 /// tree has a file of that size there ([`merge::same`] cannot match otherwise). A guest's
-/// 16 TiB sparse file or its database under `state` is never read.
+/// 16 TiB sparse file or its database under `state` is never read. For a merge, what no
+/// tree has is left out (see below): the manifest is bounded by the trees', not by what
+/// the guest made.
 fn layer_manifest(
     top: BorrowedFd,
     old: Option<&Manifest>,
@@ -528,9 +530,23 @@ fn layer_manifest(
     rules: Option<&merge::Rules>,
 ) -> Result<Manifest> {
     let mut entries: Vec<Entry> = Vec::new();
+    // For a merge (`rules`), only paths a tree has can be dropped, set aside or conflict:
+    // what the guest alone has is neither kept in memory nor walked below, whatever its
+    // size. One such entry per directory stands for all of them, so that the directory does
+    // not look emptied by the drops; a whiteout of a path no tree has (it hides nothing)
+    // stands for nothing and stays.
+    let in_trees = |p: &[u8]| old.is_some_and(|m| m.find(p).is_some()) || new.find(p).is_some();
+    let mut busy: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     scan::walk_all(
         top,
         &mut |e, _| {
+            if rules.is_some() && &*e.path != b"." && !in_trees(&e.path) {
+                let (parent, _) = split(&e.path);
+                if !merge::is_whiteout(&e) && busy.insert(parent.to_vec()) {
+                    entries.push(e);
+                }
+                return Ok(false);
+            }
             entries.push(e);
             Ok(true)
         },
@@ -983,4 +999,51 @@ pub(crate) fn reset(root: &Root, cfg: &Config, name: &str) -> Result<()> {
     remove_leftovers(&p, &[next])?;
     mount_layer(root, &p, st.guest(name).expect("recorded"), &current)?;
     hook(g, "start", start, &env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What only the guest has (a directory of its own, files beside the release's) is not
+    /// held for a merge, whatever its size: one entry per directory stands for it. `guest
+    /// diff` (no rules) still sees everything.
+    #[test]
+    fn a_merge_holds_only_what_a_tree_has() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        let layer = d.path().join("layer");
+        for top in [&tree, &layer] {
+            std::fs::create_dir_all(top.join("etc")).unwrap();
+            std::fs::create_dir_all(top.join("var/lib")).unwrap();
+            std::fs::write(top.join("etc/conf"), "release\n").unwrap();
+        }
+        let new = scan::scan(&tree, None).unwrap();
+        std::fs::write(layer.join("etc/conf"), "mine\n").unwrap();
+        for i in 0..50 {
+            let own = layer.join(format!("var/lib/cache/d{i}"));
+            std::fs::create_dir_all(&own).unwrap();
+            std::fs::write(own.join("f"), "x").unwrap();
+            std::fs::write(layer.join(format!("etc/own-{i}")), "x").unwrap();
+        }
+        let cfg = crate::core::config::parse(
+            "[[guest]]\nname = \"g\"\nstart = [\"x\"]\nstop = [\"x\"]\n",
+            "t",
+        )
+        .unwrap();
+        let rules = merge::Rules::of(&cfg.guests[0]).unwrap();
+        let top = sys::open_dir(&layer).unwrap();
+        let m = layer_manifest(top.as_fd(), None, &new, Some(&rules)).unwrap();
+        let paths: Vec<String> = m.entries.iter().map(|e| display(&e.path)).collect();
+        // The tree's five entries, and one of the guest's own per directory (etc, var/lib).
+        assert_eq!(paths.len(), 7, "{paths:?}");
+        for p in [".", "etc", "etc/conf", "var", "var/lib"] {
+            assert!(paths.iter().any(|x| x == p), "{p} missing from {paths:?}");
+        }
+        // Nothing is dropped: the guest's own names keep its directories.
+        let plan = merge::plan(&m, None, &new, &rules);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        let all = layer_manifest(top.as_fd(), None, &new, None).unwrap();
+        assert_eq!(all.entries.len(), 5 + 50 * 3 + 1);
+    }
 }
