@@ -2272,3 +2272,42 @@ fn refresh_never_prunes_through_a_symlink() {
     );
 }
 // --- end of review regression tests ---
+
+/// Noticed in issue 18's closing note: a directory someone left in `downloads/` made every
+/// `update` fail (it was removed as a stale file), and a `downloads/` that is a symlink was
+/// followed, so its target's files were treated as treeswap's. Now a directory is left with
+/// a warning, and a symlinked `downloads/` is refused with everything it points to intact.
+#[test]
+fn odd_entries_in_downloads() {
+    if skip_unless_root() {
+        return;
+    }
+    let rel = Rel::new();
+    let url = rel.file_url();
+    rel.publish("1", &rel.tree(1, 0), &[]).success();
+    let a = rel.client("a");
+    fs::create_dir_all(a.join("downloads/left-by-hand")).unwrap();
+    fs::write(a.join("downloads/stale.part"), "old bytes").unwrap();
+    rel.update(&a, "client.toml", &url, &[])
+        .success()
+        .stderr_has("`downloads/left-by-hand` is not a file treeswap wrote");
+    assert_eq!(current(&a), "1");
+    assert!(a.join("downloads/left-by-hand").is_dir());
+    assert!(!a.join("downloads/stale.part").exists());
+
+    let b = rel.client("b");
+    let elsewhere = rel.env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(elsewhere.join("precious"), "mine").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, b.join("downloads")).unwrap();
+    let before = root_state(&b);
+    rel.update(&b, "client.toml", &url, &[])
+        .failure()
+        .one_line_error()
+        .stderr_has("is not a directory");
+    assert_unchanged(&before, &b);
+    assert_eq!(
+        fs::read_to_string(elsewhere.join("precious")).unwrap(),
+        "mine"
+    );
+}

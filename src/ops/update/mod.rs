@@ -126,10 +126,27 @@ fn cache_names(channel: &str) -> [String; 3] {
     ]
 }
 
-/// The root's `downloads/` (made if missing).
+/// The root's `downloads/` if it is a directory (not a symlink to one elsewhere, whose files
+/// treeswap would then remove); `false` if it does not exist.
+fn check_downloads(root: &Root) -> Result<bool> {
+    let d = root.path.join("downloads");
+    match std::fs::symlink_metadata(&d) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(_) => anyhow::bail!(
+            "`{}` is not a directory (a symlink?): move it away and run update again",
+            d.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot stat `{}`", d.display())),
+    }
+}
+
+/// The root's `downloads/` (made if missing; see [`check_downloads`]).
 fn downloads(root: &Root) -> Result<PathBuf> {
     let d = root.path.join("downloads");
-    fs_err::create_dir_all(&d)?;
+    if !check_downloads(root)? {
+        fs_err::create_dir(&d)?;
+    }
     Ok(d)
 }
 
@@ -146,6 +163,8 @@ pub(crate) fn update(root: &Root, cfg: &Config, opts: &Options) -> Result<Report
     }
     let net = fetch::Net::new(&cfg.update)?;
     let primary = fetch::source_for(&opts.url, &net)?;
+    // Before anything is read from it or recorded: the index is kept there too.
+    check_downloads(root)?;
     let mut st = state::load(root.fd())?;
     let (ix, fresh) = fetch_index(root, primary.as_ref(), &opts.channel, &keys, opts.insecure)?;
     ix.check_fresh(&opts.channel, now(), st.serials.get(&opts.channel).copied())?;
@@ -356,6 +375,11 @@ fn clear_stale(dir: &std::path::Path, keep: &[String], channel: &str) -> Result<
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         if keep.contains(&name) || cache.contains(&name) || name.starts_with("index.") {
+            continue;
+        }
+        // Only files are treeswap's: anything else was put there by hand and stays.
+        if !e.file_type()?.is_file() {
+            log::warn!("`downloads/{name}` is not a file treeswap wrote: leaving it");
             continue;
         }
         log::info!("removing `downloads/{name}`, of an earlier update");
