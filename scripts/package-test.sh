@@ -21,6 +21,7 @@
 #     initramfs hook answers `prereqs`, dracut's `check` declines (255: only when asked for),
 #     and local-bottom, with a /proc/cmdline of its own, does nothing without treeswap.root=
 #     or treeswap.path= and, with a treeswap.root= of no device, says so and mounts nothing;
+#   - the control archive's triggers activate update-initramfs (the hook reaches the image);
 #   - installing enabled nothing and started nothing: no new link in /etc/systemd/system or
 #     /etc/rc?.d, no process left running in the chroot, and no maintainer script that enables,
 #     starts or invokes a unit or an init script;
@@ -292,6 +293,11 @@ if [ -z "$starts" ]; then
     pass "no maintainer script enables, starts or invokes anything ($(cd "$ctrl" && ls -m -- *inst *rm 2>/dev/null))"
 else
     fail "maintainer scripts: $starts"
+fi
+if grep -qx 'activate-noawait update-initramfs' "$ctrl/triggers" 2>/dev/null; then
+    pass "the package activates update-initramfs (its initramfs hook reaches the next image)"
+else
+    fail "no 'activate-noawait update-initramfs' in the control archive's triggers"
 fi
 
 # Purge: every file goes, a link an administrator's `systemctl enable` made goes, the state
