@@ -345,6 +345,7 @@ enum Op {
 /// that interrupts at them instead.
 const ELSEWHERE: &[(&str, &str)] = &[
     ("pool-link-unprotected", "tests/protect.rs"),
+    ("pool-flags-midway", "tests/protect.rs"),
     ("tmpfile-before-publish", "tests/no_tmpfile.rs"),
     // Overlay guests' moves (issue 16): killed there, then `boot`.
     ("guest-before-remount", "tests/guest_overlay.rs"),

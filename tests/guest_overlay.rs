@@ -59,6 +59,27 @@ struct Setup {
     delta: PathBuf,
     rundir: PathBuf,
     config: PathBuf,
+    /// Shared with the other tests of this file, or held alone by one whose process copies
+    /// every mount into a namespace of its own ([`Leak`]): that would keep the other tests'
+    /// overlays alive and refuse their flips.
+    _turn: Turn,
+}
+
+/// The tests of this file that run a [`Leak`] run alone.
+static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Turn {
+    fn shared() -> Turn {
+        Turn::Shared(TURNS.read().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn alone() -> Turn {
+        Turn::Alone(TURNS.write().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl Setup {
@@ -67,6 +88,15 @@ impl Setup {
     }
 
     fn in_dir(env: Env, extra: &str) -> Setup {
+        Setup::with_turn(env, extra, Turn::shared())
+    }
+
+    /// A setup for a test that runs a [`Leak`]: no other test of this file runs meanwhile.
+    fn alone(env: Env, extra: &str) -> Setup {
+        Setup::with_turn(env, extra, Turn::alone())
+    }
+
+    fn with_turn(env: Env, extra: &str, turn: Turn) -> Setup {
         let v1 = env.tree("v1", &v1_spec());
         let v2 = env.tree("v2", &v2_spec());
         let delta = env.path("1-2.delta");
@@ -80,6 +110,7 @@ impl Setup {
             delta,
             rundir,
             config,
+            _turn: turn,
         };
         t.set_config(&t.guest("web", extra));
         t
@@ -1101,8 +1132,14 @@ struct Leak(std::process::Child);
 
 impl Leak {
     fn start() -> Leak {
+        Leak::with(&["--propagation", "private", "sleep", "600"])
+    }
+
+    /// `unshare --mount ARGS…`, once it runs `sleep` in its own mount namespace.
+    fn with(args: &[&str]) -> Leak {
         let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sleep", "600"])
+            .arg("--mount")
+            .args(args)
             .spawn()
             .unwrap();
         let own = fs::read_link("/proc/self/ns/mnt").unwrap();
@@ -1139,7 +1176,7 @@ fn a_guest_that_outlives_its_stop_hook_is_refused() {
     if skip_unless_root() {
         return;
     }
-    let t = Setup::new("");
+    let t = Setup::alone(Env::new(), "stop_grace = 1\n");
     t.import_v1_active();
     t.assert_guest_on("web", "1");
     live_a_little(&t);
@@ -1149,7 +1186,10 @@ fn a_guest_that_outlives_its_stop_hook_is_refused() {
     let r = t.ts(["-q", "apply", s(&t.delta)]);
     r.exit(5).one_line_error();
     r.stderr_has("has not stopped")
-        .stderr_has(&format!("process {} (`sleep`)", leak.pid()))
+        .stderr_has(&format!(
+            "process {} (`sleep`) still has it mounted",
+            leak.pid()
+        ))
         .stderr_has("flipped back to `1`");
     assert_eq!(
         fs::read_link(t.root().join("current")).unwrap(),
@@ -1157,7 +1197,8 @@ fn a_guest_that_outlives_its_stop_hook_is_refused() {
     );
     assert_eq!(t.layer("web"), layer);
     assert_same_tree(&before, &snapshot(&layer));
-    assert_eq!(t.guest_json("web")["mounted_on"], "1");
+    // The host's mount is gone (the survivor has its own); nothing else is mounted on it.
+    assert_eq!(t.guest_json("web")["mounted_on"], Value::Null);
     // Once it is stopped, the guest restarts and the update goes through.
     drop(leak);
     t.ts(["restart-guests", "web"]).success();
@@ -1243,4 +1284,67 @@ fn gc_keeps_the_tree_a_tree_mode_guest_runs_on_and_forgets_removed_guests() {
         "a removed guest's record kept its tree"
     );
     assert!(t.root().join("trees/4").is_dir() && t.root().join("trees/5").is_dir());
+}
+
+/// A bind mount of `dir` onto itself, made shared (as systemd makes `/`), undone on drop.
+struct Shared(PathBuf);
+
+impl Shared {
+    fn new(dir: &Path) -> Shared {
+        let ok = |args: &[&str]| {
+            assert!(
+                Command::new("mount").args(args).status().unwrap().success(),
+                "{args:?}"
+            );
+        };
+        ok(&["--bind", s(dir), s(dir)]);
+        ok(&["--make-shared", s(dir)]);
+        Shared(dir.to_owned())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Review of the fix above: on a host whose mounts propagate (systemd), every service with
+/// private mounts gets a copy of the guest's overlay, which goes with the host's unmount: it
+/// must not count as the guest still running. A survivor that detached its copy
+/// (`umount -l`) but keeps a directory of it open is still seen, though no mountinfo shows it.
+#[test]
+fn propagated_copies_do_not_count_and_detached_survivors_do() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let shared = Shared::new(env.dir.path());
+    let t = Setup::alone(env, "stop_grace = 1\n");
+    t.import_v1_active();
+    t.assert_guest_on("web", "1");
+    live_a_little(&t);
+    // A service in a mount namespace of its own, receiving the host's mounts and unmounts.
+    let service = Leak::with(&["--propagation", "slave", "sleep", "600"]);
+    t.ts(["apply", s(&t.delta)]).success();
+    t.assert_guest_on("web", "2");
+    drop(service);
+    // A survivor with its own copy of the overlay, detached, with its cwd in it.
+    let rootfs = s(&t.rootfs("web")).to_owned();
+    let script = format!("cd {rootfs}/etc && umount -l {rootfs} && exec sleep 600");
+    let survivor = Leak::with(&["--propagation", "private", "sh", "-c", &script]);
+    let layer = t.layer("web");
+    let before = snapshot(&layer);
+    let r = t.ts(["--revert"]);
+    r.exit(5)
+        .stderr_has("has not stopped")
+        .stderr_has("a process still holds a file of it");
+    assert_eq!(t.layer("web"), layer);
+    assert_same_tree(&before, &snapshot(&layer));
+    drop(survivor);
+    t.ts(["restart-guests", "web"]).success();
+    t.assert_guest_on("web", "2");
+    kill_processes_rooted_in(t.env.dir.path());
+    drop(t);
+    drop(shared);
 }

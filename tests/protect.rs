@@ -604,3 +604,71 @@ fn a_pool_made_immutable_follows_a_change_of_mode() {
     assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
     unprotect(&root);
 }
+
+/// Review of the change of mode above: killed midway through either sweep, the next writer
+/// in either mode does the whole pool (the record is written before the sweep).
+#[test]
+fn a_kill_midway_through_a_change_of_mode_is_finished_by_the_next_writer() {
+    if skip_unless_root() {
+        return;
+    }
+    let env = Env::new();
+    let mnt = loop_fs(&env, "ext4");
+    let root = mnt.path.join("root");
+    init_root(&root);
+    two_versions(&env, &root, "immutable", None);
+    let all = pool_files(&root);
+    assert!(all.len() >= 3, "{all:?}");
+    let ts = |protect: &str, failpoint: Option<&str>, args: &[&str]| {
+        let mut c = ts_cmd();
+        c.env("TREESWAP_PROTECT", protect)
+            .arg("--root")
+            .arg(&root)
+            .args(args);
+        if let Some(f) = failpoint {
+            c.env("TREESWAP_FAILPOINT", f);
+        }
+        run(&mut c)
+    };
+    let dest = |name: &str| root.parent().unwrap().join(name);
+    let d = |name: &str| dest(name).to_str().unwrap().to_owned();
+    // Killed clearing the flags: one object without it, the others still immutable.
+    let r = ts(
+        "hardlink",
+        Some("pool-flags-midway"),
+        &["checkout", "1", &d("c1")],
+    );
+    assert_eq!(
+        r.code(),
+        None,
+        "checkout should have been killed: {}",
+        r.stderr()
+    );
+    assert_eq!(unprotected_objects(&root).len(), 1);
+    // An immutable writer next: every object protected again.
+    ts("immutable", None, &["checkout", "1", &d("c2")]).success();
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    // Killed again midway, then a hardlink writer: every flag cleared.
+    let r = ts(
+        "hardlink",
+        Some("pool-flags-midway"),
+        &["checkout", "1", &d("c3")],
+    );
+    assert_eq!(r.code(), None, "{}", r.stderr());
+    ts("hardlink", None, &["checkout", "1", &d("c4")]).success();
+    assert_eq!(unprotected_objects(&root), all);
+    // Killed setting the flags after that sweep; `boot` in hardlink mode clears them again,
+    // and one in immutable mode sets them all.
+    let r = ts(
+        "immutable",
+        Some("pool-flags-midway"),
+        &["checkout", "1", &d("c5")],
+    );
+    assert_eq!(r.code(), None, "{}", r.stderr());
+    assert_eq!(unprotected_objects(&root).len(), all.len() - 1);
+    ts("hardlink", None, &["boot"]).success();
+    assert_eq!(unprotected_objects(&root), all);
+    ts("immutable", None, &["boot"]).success();
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    unprotect(&root);
+}

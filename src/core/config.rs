@@ -147,6 +147,10 @@ fn default_check_timeout() -> u64 {
     60
 }
 
+fn default_stop_grace() -> u64 {
+    5
+}
+
 impl Default for Health {
     fn default() -> Self {
         Health {
@@ -206,6 +210,11 @@ pub struct Guest {
     pub check: Option<Vec<String>>,
     #[serde(default = "default_check_timeout")]
     pub check_timeout: u64,
+    /// Overlay guests: seconds the guest's old overlay may take to go after `stop` (a
+    /// container's mount namespace is torn down a moment after its last process) before the
+    /// guest counts as not stopped.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace: u64,
     /// Globs of paths (from the guest's `/`) whose local copies are always kept, whatever the
     /// release does: the guest's own data.
     #[serde(default)]
@@ -317,6 +326,13 @@ fn check_guest(origin: &str, g: &Guest) -> Result<()> {
     check_seconds(origin, &what("timeout"), g.timeout)?;
     check_argv(origin, &what("check"), g.check.as_deref())?;
     check_seconds(origin, &what("check_timeout"), g.check_timeout)?;
+    if g.stop_grace > 3600 {
+        bail!(
+            "{origin}: {} = {} is out of range (0 to 3600 seconds)",
+            what("stop_grace"),
+            g.stop_grace
+        );
+    }
     Ok(())
 }
 

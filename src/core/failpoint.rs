@@ -32,6 +32,7 @@ pub const ALL: &[&str] = &[
     "stage-after-commit",
     "tmpfile-before-publish",
     "pool-link-unprotected",
+    "pool-flags-midway",
     "apply-after-object",
     "apply-after-objects",
     "flip-before-rename",

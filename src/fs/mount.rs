@@ -127,6 +127,53 @@ pub(crate) fn mounted_at(target: &Path) -> Result<Option<Mounted>> {
     Ok(parse_mountinfo(&text, target.as_os_str().as_bytes()))
 }
 
+/// Whether an overlay still uses `work` as its work directory, as the kernel knows it: a
+/// probe overlay is mounted with `index=on` on `work` (and an empty upper and lower layer
+/// made afresh in `scratch`, on the same file system), which overlayfs refuses (`EBUSY`)
+/// while any other overlay on `work` lives: in another mount namespace, or detached
+/// (`umount -l`) but still held open. The probe is unmounted at once and `scratch` removed;
+/// the `index` directory it makes in `work` too. `None` if the probe cannot tell (the file
+/// system has no file handles, so the kernel fell back to `index=off`, or refused the probe
+/// for another reason, logged).
+pub(crate) fn work_in_use(work: &Path, scratch: &Path) -> Result<Option<bool>> {
+    let _ = std::fs::remove_dir_all(scratch);
+    let (upper, lower, mnt) = (scratch.join("u"), scratch.join("l"), scratch.join("m"));
+    for d in [scratch, &upper, &lower, &mnt] {
+        std::fs::create_dir(d).with_context(|| format!("cannot make `{}`", d.display()))?;
+    }
+    let data = format!(
+        "index=on,lowerdir={},upperdir={},workdir={}",
+        option_path(&lower)?,
+        option_path(&upper)?,
+        option_path(work)?
+    );
+    let data = CString::new(data).expect("no NUL: checked");
+    let r = rustix::mount::mount(
+        "overlay",
+        &mnt,
+        "overlay",
+        MountFlags::empty(),
+        Some(data.as_c_str()),
+    );
+    let answer = match r {
+        Err(Errno::BUSY) => Some(true),
+        Err(e) => {
+            log::debug!("cannot probe `{}` (overlay, index=on): {e}", work.display());
+            None
+        }
+        Ok(()) => {
+            let on = mounted_at(&mnt)?.is_some_and(|m| m.option("index") == Some("on"));
+            rustix::mount::unmount(&mnt, UnmountFlags::NOFOLLOW)
+                .with_context(|| format!("cannot unmount the probe `{}`", mnt.display()))?;
+            on.then_some(false)
+        }
+    };
+    let _ = std::fs::remove_dir(work.join("index"));
+    std::fs::remove_dir_all(scratch)
+        .with_context(|| format!("cannot remove `{}`", scratch.display()))?;
+    Ok(answer)
+}
+
 /// A process whose mount namespace still has an overlay on a given work directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Holder {
@@ -156,12 +203,14 @@ pub(crate) fn overlay_holder(work: &Path, others_only: bool) -> Result<Option<Ho
         let Some(mnt) = ns(&pid.to_string()) else {
             continue;
         };
-        if (others_only && mnt == own) || !seen.insert(mnt) {
+        if (others_only && mnt == own) || seen.contains(&mnt) {
             continue;
         }
-        let Ok(text) = std::fs::read(format!("/proc/{pid}/mountinfo")) else {
+        let Some(text) = overlay_lines(pid) else {
             continue;
         };
+        // Only once it was read: a process that ended first does not hide its namespace.
+        seen.insert(mnt);
         if let Some(point) = overlay_on_work(&text, want) {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             return Ok(Some(Holder {
@@ -172,6 +221,48 @@ pub(crate) fn overlay_holder(work: &Path, others_only: bool) -> Result<Option<Ho
         }
     }
     Ok(None)
+}
+
+/// The overlay lines of `/proc/PID/mountinfo`, read line by line (a namespace may hold a
+/// hundred thousand mounts of a guest's making): lines longer than 64 KiB are skipped, and
+/// at most 16 MiB of overlay lines kept. `None` if it cannot be read.
+fn overlay_lines(pid: u32) -> Option<Vec<u8>> {
+    use std::io::BufRead;
+    const LINE: usize = 64 << 10;
+    const KEPT: usize = 16 << 20;
+    let f = std::fs::File::open(format!("/proc/{pid}/mountinfo")).ok()?;
+    let mut r = std::io::BufReader::new(f);
+    let (mut out, mut line) = (Vec::new(), Vec::new());
+    loop {
+        line.clear();
+        let n = std::io::Read::take(&mut r, LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        if line.last() != Some(&b'\n') {
+            if n <= LINE {
+                // The last line, without its newline.
+                line.push(b'\n');
+            } else {
+                // Too long: skip to its end.
+                let mut rest = Vec::new();
+                while std::io::Read::take(&mut r, LINE as u64)
+                    .read_until(b'\n', &mut rest)
+                    .ok()?
+                    > 0
+                    && rest.last() != Some(&b'\n')
+                {
+                    rest.clear();
+                }
+                continue;
+            }
+        }
+        if out.len() < KEPT && line.windows(11).any(|w| w == b" - overlay ") {
+            out.extend_from_slice(&line);
+        }
+    }
 }
 
 /// The mount point of the first overlay in `text` (a `mountinfo`) whose `workdir` is `work`.
@@ -189,10 +280,10 @@ fn overlay_on_work(text: &[u8], work: &[u8]) -> Option<Vec<u8>> {
         if *ty != b"overlay" {
             continue;
         }
-        let opts = unescape(opts);
+        // Split first: an escaped `,` (`\054`) inside another option is not a separator.
         let on_work = opts
             .split(|&b| b == b',')
-            .any(|o| o.strip_prefix(b"workdir=") == Some(work));
+            .any(|o| unescape(o).strip_prefix(b"workdir=") == Some(work));
         if on_work {
             return Some(unescape(point));
         }
@@ -261,6 +352,9 @@ mod tests {
             Some(b"/v/guests/a b/rootfs".to_vec())
         );
         assert_eq!(overlay_on_work(text, b"/v/guests/a"), None);
+        let forged = b"9 1 0:9 / /x rw - overlay overlay rw,lowerdir=/l\\054workdir=/w,upperdir=/u,workdir=/z\n";
+        assert_eq!(overlay_on_work(forged, b"/w"), None);
+        assert_eq!(overlay_on_work(forged, b"/z"), Some(b"/x".to_vec()));
         assert_eq!(
             overlay_on_work(b"22 1 0:21 / /w rw - proc proc workdir=/w\n", b"/w"),
             None

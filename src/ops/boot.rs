@@ -28,8 +28,15 @@ pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutco
     let mut st = state::load(root.fd())?;
     if st.unprotected || st.unflagged {
         // Re-protected in immutable mode; in another (overlay guests came since) the flags
-        // are cleared instead.
-        install::match_flags(root, &root.pool_for(cfg)?, &mut st)?;
+        // are cleared instead. A failure is warned about and the boot still counted: the
+        // records stay, so the next writer does it again.
+        let done = root
+            .pool_for(cfg)
+            .and_then(|pool| install::match_flags(root, &pool, &mut st));
+        if let Err(e) = done {
+            log::warn!("cannot bring the pool's immutable flags in line with its mode: {e:#}");
+            st = state::load(root.fd())?;
+        }
     }
     settle_flip(root, &mut st)?;
     state::save(root.fd(), &st)?;

@@ -251,42 +251,41 @@ pub(crate) fn while_linking<T>(
 /// - in immutable mode, sets it again on every object that lacks it: after such a sweep
 ///   (`unflagged`), or after work cut short with objects unprotected (`unprotected`).
 pub(crate) fn match_flags(root: &Root, pool: &Pool, st: &mut State) -> Result<()> {
-    if pool.mode() == Protection::Immutable {
-        if st.unflagged {
-            let n = pool.reprotect()?;
+    let immutable = pool.mode() == Protection::Immutable;
+    if immutable && !st.unflagged && !st.unprotected || !immutable && st.unflagged {
+        return Ok(());
+    }
+    let was_swept = st.unflagged;
+    // Recorded before the work: a kill midway leaves objects with and without the flag, and
+    // `unprotected` then makes the next run in either mode do the whole pool again.
+    if !st.unprotected || st.unflagged {
+        st.unprotected = true;
+        st.unflagged = false;
+        state::save(root.fd(), st)?;
+    }
+    if immutable {
+        let n = pool.reprotect()?;
+        if was_swept {
             log::warn!(
                 "set the immutable flag on {n} pool object(s): the pool is written in \
                  immutable mode again"
             );
-        } else if st.unprotected {
-            reprotect(pool)?;
-        } else {
-            return Ok(());
+        } else if n > 0 {
+            log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
         }
-        st.unflagged = false;
-        st.unprotected = false;
-        return state::save(root.fd(), st);
+    } else {
+        let n = pool.unflag_all()?;
+        if n > 0 {
+            log::warn!(
+                "cleared the immutable flag of {n} pool object(s): the pool is no longer \
+                 written in immutable mode"
+            );
+        }
     }
-    if st.unflagged {
-        return Ok(());
-    }
-    let n = pool.unflag_all()?;
-    if n > 0 {
-        log::warn!(
-            "cleared the immutable flag of {n} pool object(s): the pool is no longer written \
-             in immutable mode"
-        );
-    }
+    // The flags durable before the record says they are done (an fsync of the state file
+    // alone does not make other inodes' changes durable on every file system).
+    sys::syncfs(root.fd())?;
     st.unprotected = false;
-    st.unflagged = true;
+    st.unflagged = !immutable;
     state::save(root.fd(), st)
-}
-
-/// Sets the immutable flag again on every pool object an interrupted run left without it.
-pub(crate) fn reprotect(pool: &Pool) -> Result<()> {
-    let n = pool.reprotect()?;
-    if n > 0 {
-        log::warn!("re-protected {n} pool object(s) left unprotected by an interrupted run");
-    }
-    Ok(())
 }

@@ -152,6 +152,7 @@ impl Pool {
                 if !iflags::is_immutable(fd.as_fd()) {
                     iflags::set_immutable(fd.as_fd(), true)?;
                     n += 1;
+                    crate::core::failpoint::hit("pool-flags-midway");
                 }
             }
             Ok(())
@@ -174,6 +175,7 @@ impl Pool {
                         )
                     })?;
                     n += 1;
+                    crate::core::failpoint::hit("pool-flags-midway");
                 }
             }
             Ok(())

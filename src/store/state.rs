@@ -181,6 +181,9 @@ pub(crate) fn parse(text: &str) -> Result<State> {
             version::validate(v).context("in the state file")?;
         }
     }
+    for v in s.tree_guests.values() {
+        version::validate(v).context("in the state file")?;
+    }
     Ok(s)
 }
 
@@ -247,6 +250,14 @@ fn write(root: BorrowedFd, s: &State) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_guest_versions_are_checked() {
+        let t = format!("format = {FORMAT}\n[tree_guests]\ndb = \"../../etc\"\n");
+        assert!(parse(&t).is_err());
+        let t = format!("format = {FORMAT}\n[tree_guests]\ndb = \"2\"\n");
+        assert_eq!(parse(&t).unwrap().tree_guests["db"], "2");
+    }
 
     #[test]
     fn round_trip() {

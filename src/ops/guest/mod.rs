@@ -122,42 +122,62 @@ pub(crate) fn restart(
     let (Some(stop), Some(start)) = (&g.stop, &g.start) else {
         bail!("guest `{}` has no `stop` and `start`", quote(&g.name));
     };
-    stop_and_unmount(g, &p, stop, &env)?;
+    // Before the stop: the one sweep of a large pool is no downtime of the guest.
     unflag_pool(root, st)?;
+    stop_and_unmount(g, &p, stop, &env)?;
     prepare(root, g, &p, target, st)?;
     mount_layer(root, &p, st.guest(&g.name).expect("prepared"), target)?;
     failpoint::hit("guest-before-start");
     hook(g, "start", start, &env)
 }
 
-/// Runs the guest's `stop` hook and takes its overlay down. A guest that runs in a mount
-/// namespace of its own (a container) keeps its overlay there after the host unmounts it; if
-/// the hook did not stop it, two overlays would share its layer and work directory. So this
-/// is refused while a process in another namespace still has the overlay (before the unmount,
-/// which then leaves everything as it was), and again after it, in any namespace.
+/// Runs the guest's `stop` hook and takes its overlay down; fails if the guest's overlay
+/// then still lives (see [`ensure_stopped`]).
 fn stop_and_unmount(g: &Guest, p: &Place, stop: &[String], env: &HookEnv) -> Result<()> {
     hook(g, "stop", stop, env)?;
     failpoint::hit("guest-before-remount");
-    ensure_stopped(g, p, true)?;
     unmount_all(p)?;
-    ensure_stopped(g, p, false)
+    ensure_stopped(g, p)
 }
 
-/// Fails if a process (in another mount namespace than treeswap's, with `others_only`) still
-/// has guest `g`'s overlay mounted.
-fn ensure_stopped(g: &Guest, p: &Place, others_only: bool) -> Result<()> {
-    match mount::overlay_holder(&p.work, others_only)? {
-        None => Ok(()),
-        Some(h) => bail!(
-            "guest `{}` has not stopped: process {} (`{}`) still has its overlay mounted \
-             (at `{}` in its mount namespace); stop it, then run `treeswap restart-guests {}`",
-            quote(&g.name),
-            h.pid,
-            h.comm.escape_debug(),
-            h.point.escape_debug(),
-            quote(&g.name)
-        ),
+/// Fails if guest `g`'s overlay still lives once treeswap's own mount of it is gone: a guest
+/// that runs in a mount namespace of its own (a container) keeps its copy there, and a
+/// process may hold a file of a detached one. Its layer must then not be merged (a survivor
+/// would write into inodes the merged layer shares) nor a second overlay mounted on it. The
+/// kernel knows ([`mount::work_in_use`]); where it cannot tell, the mount namespaces of all
+/// processes are searched instead. Copies that mount propagation gives other namespaces
+/// (services with private mounts on a systemd host) went with the unmount.
+fn ensure_stopped(g: &Guest, p: &Place) -> Result<()> {
+    // A container's mount namespace goes a moment after its last process (the kernel puts
+    // its mounts from a work queue): asked again for a while before the answer counts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(g.stop_grace);
+    loop {
+        let busy = match mount::work_in_use(&p.work, &p.dir.join("probe"))? {
+            Some(busy) => busy,
+            None => mount::overlay_holder(&p.work, false)?.is_some(),
+        };
+        if !busy {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let by = match mount::overlay_holder(&p.work, false)? {
+        Some(h) => format!(
+            "process {} (`{}`) still has it mounted, in a mount namespace of its own",
+            h.pid,
+            h.comm.escape_debug()
+        ),
+        None => "a process still holds a file of it".to_owned(),
+    };
+    bail!(
+        "guest `{}` has not stopped: its overlay is still in use ({by}); stop it, then run \
+         `treeswap restart-guests {}`",
+        quote(&g.name),
+        quote(&g.name)
+    )
 }
 
 /// Before an overlay is mounted: no lower file may carry the immutable flag, which
@@ -530,19 +550,20 @@ fn layer_manifest(
     rules: Option<&merge::Rules>,
 ) -> Result<Manifest> {
     let mut entries: Vec<Entry> = Vec::new();
-    // For a merge (`rules`), only paths a tree has can be dropped, set aside or conflict:
-    // what the guest alone has is neither kept in memory nor walked below, whatever its
-    // size. One such entry per directory stands for all of them, so that the directory does
-    // not look emptied by the drops; a whiteout of a path no tree has (it hides nothing)
-    // stands for nothing and stays.
+    // For a merge (`rules`), only paths a tree has can be set aside or conflict: what the
+    // guest alone has is neither kept in memory nor walked below, whatever its size. One
+    // such entry per directory stands for all of them, so that the directory does not look
+    // emptied by the drops. Whiteouts are all listed: one that hides nothing is dropped, or
+    // it would hide the path from a later release.
     let in_trees = |p: &[u8]| old.is_some_and(|m| m.find(p).is_some()) || new.find(p).is_some();
     let mut busy: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     scan::walk_all(
         top,
         &mut |e, _| {
-            if rules.is_some() && &*e.path != b"." && !in_trees(&e.path) {
+            if rules.is_some() && &*e.path != b"." && !merge::is_whiteout(&e) && !in_trees(&e.path)
+            {
                 let (parent, _) = split(&e.path);
-                if !merge::is_whiteout(&e) && busy.insert(parent.to_vec()) {
+                if busy.insert(parent.to_vec()) {
                     entries.push(e);
                 }
                 return Ok(false);
@@ -749,7 +770,7 @@ pub(crate) fn mount_all(root: &Root, cfg: &Config, st: &mut State) -> Result<()>
                 return Ok(());
             }
             // Nothing mounted here, but a container may still run on an old overlay.
-            ensure_stopped(g, &p, false)?;
+            ensure_stopped(g, &p)?;
             prepare(root, g, &p, &current, st)?;
             mount_layer(root, &p, st.guest(&g.name).expect("prepared"), &current)
         })();
@@ -978,8 +999,8 @@ pub(crate) fn reset(root: &Root, cfg: &Config, name: &str) -> Result<()> {
         rootfs: p.rootfs.clone(),
         state_root: root_abs(root)?,
     };
-    stop_and_unmount(g, &p, stop, &env)?;
     unflag_pool(root, &mut st)?;
+    stop_and_unmount(g, &p, stop, &env)?;
     let rec = st.guest_mut(name).clone();
     let keep: Vec<u64> = std::iter::once(rec.layer)
         .chain(rec.undo.as_ref().map(|u| u.layer))
