@@ -14,7 +14,7 @@ use super::plan::{BasePaths, Plan};
 use super::read::{Blob, Members, expect_end, read_blob};
 use crate::core::codec::{MAX_REFERENCE, WINDOW_LOG_MAX};
 use crate::core::config::Config;
-use crate::core::delta::{Content, Delta, Source};
+use crate::core::delta::{Codec, Content, Delta, Source};
 use crate::core::error::Fail;
 use crate::core::manifest::{Kind, Manifest};
 use crate::core::object::{Hash, Meta, ObjectId};
@@ -492,6 +492,14 @@ impl<'a> Writer<'a> {
     fn write_one(&self, c: &Content, blob: Option<&Blob>, metas: &[(Meta, ObjectId)]) {
         match self.write_content(c, blob, metas) {
             Ok(id) => {
+                if c.size >= HEAVY {
+                    log::debug!(
+                        "wrote content {} ({} bytes, {})",
+                        crate::core::object::short_hex(&c.sha256),
+                        c.size,
+                        c.source_name()
+                    );
+                }
                 self.have.lock().expect("poisoned").insert(c.sha256, id);
             }
             Err(e) => {
@@ -512,6 +520,10 @@ impl<'a> Writer<'a> {
         let ((meta0, id0), rest) = metas.split_first().expect("an object to make");
         match &c.source {
             Source::Base => self.copy_base_content(c, meta0)?,
+            Source::Zstd if c.codec == Codec::Xz => {
+                let blob = blob.expect("blob");
+                self.write_xz(c, blob, meta0)?;
+            }
             Source::Zstd | Source::ZstdPatch { .. } | Source::Bsdiff { .. } => {
                 let reference = c.source.base().map(|r| self.reference(r)).transpose()?;
                 let blob = blob.expect("blob").reader();
@@ -526,6 +538,37 @@ impl<'a> Writer<'a> {
             self.copy_of(c, id0, meta)?;
         }
         Ok(*id0)
+    }
+
+    /// Writes content `c` from its `xz` blob: the blocks of a stream of several
+    /// (`core::xz::index`) decoded on every core, else the stream in this thread.
+    fn write_xz(&self, c: &Content, blob: &Blob, meta: &Meta) -> Result<()> {
+        let (_, len) = c.blob.expect("blob");
+        let blocks = crate::core::xz::index(len, &mut |off, buf| blob.read_at(off, buf), c.size)
+            .context("cannot read a blob")?;
+        let Some(blocks) = blocks else {
+            let mut dec = crate::core::codec::decoder_of(c, blob.reader(), None)?;
+            self.pool
+                .store_bounded(&mut dec, meta, c.size, &c.sha256, c.data)
+                .with_context(|| what(c))?;
+            return Ok(());
+        };
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        log::debug!(
+            "decoding content {} ({} bytes) in {} blocks on {threads} threads",
+            crate::core::object::short_hex(&c.sha256),
+            c.size,
+            blocks.blocks.len()
+        );
+        crate::core::xz::decode_parallel(
+            &blocks,
+            &|off| blob.reader_at(off),
+            crate::core::codec::xz_memlimit(c.size),
+            threads,
+            |r| self.pool.store_bounded(r, meta, c.size, &c.sha256, c.data),
+        )
+        .with_context(|| what(c))?;
+        Ok(())
     }
 
     /// A content the base has, as an object with other metadata: from the base tree's file if
@@ -579,7 +622,6 @@ fn what(c: &Content) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::delta::Codec;
 
     fn content(n: u8, size: u64, blob: u64, source: Source) -> Content {
         Content {
