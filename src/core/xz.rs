@@ -187,7 +187,58 @@ pub fn index(
     {
         return Ok(None);
     }
+    for b in &blocks {
+        if !plain_lzma2_block(b, read_at)? {
+            return Ok(None);
+        }
+    }
     Ok(Some(Blocks { header, blocks }))
+}
+
+/// Whether block `b`'s header (read by `read_at`) is intact (its CRC32) and names one filter,
+/// LZMA2, with a dictionary of at most [`xz_dict`](crate::core::codec::xz_dict) of
+/// [`MAX_BLOCK`], the memory [`decode_parallel`] allows each block, and sizes (if it gives
+/// them) that agree with the index.
+fn plain_lzma2_block(
+    b: &Block,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    read_at(b.offset, &mut first)?;
+    let len = (u64::from(first[0]) + 1) * 4;
+    if first[0] == 0 || len >= b.unpadded {
+        return Ok(false);
+    }
+    let mut h = vec![0u8; len as usize];
+    read_at(b.offset, &mut h)?;
+    let body = h.len() - 4;
+    let flags = h[1];
+    if le32(&h[body..]) != crc32(&h[..body]) || flags & 0x3f != 0 {
+        // Not exactly one filter, or reserved bits set.
+        return Ok(false);
+    }
+    let mut pos = 2;
+    if flags & 0x40 != 0 && varint(&h[..body], &mut pos).is_none() {
+        return Ok(false);
+    }
+    if flags & 0x80 != 0 && varint(&h[..body], &mut pos) != Some(b.size) {
+        return Ok(false);
+    }
+    let (Some(0x21), Some(1)) = (varint(&h[..body], &mut pos), varint(&h[..body], &mut pos)) else {
+        return Ok(false);
+    };
+    let Some(&prop) = h[..body].get(pos) else {
+        return Ok(false);
+    };
+    // LZMA2's dictionary size: 2 or 3, shifted by 11 + prop / 2 (prop 40: 4 GiB - 1).
+    let dict = if prop > 40 {
+        return Ok(false);
+    } else if prop == 40 {
+        u64::from(u32::MAX)
+    } else {
+        (2 | u64::from(prop & 1)) << (prop / 2 + 11)
+    };
+    Ok(dict <= u64::from(crate::core::codec::xz_dict(MAX_BLOCK)))
 }
 
 impl Blocks {
@@ -265,7 +316,7 @@ impl Queue {
     }
 }
 
-/// Decodes `blocks` on `threads` helper threads (each block read from the blob by
+/// Decodes `blocks` on `threads` helper threads (none: in the calling thread) (each block read from the blob by
 /// `open(offset)`, liblzma's memory limited to `memlimit` per block) and calls `consume` with
 /// a reader of the whole content, in order. Helpers take no block `threads + 1` or more past
 /// the one the reader is at, so that at most `threads + 1` decoded blocks (each at most
@@ -280,7 +331,8 @@ pub fn decode_parallel<'b, T>(
     consume: impl FnOnce(&mut dyn Read) -> Result<T>,
 ) -> Result<T> {
     let n = blocks.blocks.len();
-    let threads = threads.clamp(1, n);
+    // No helpers (`threads` 0): the reader decodes each block itself.
+    let threads = threads.min(n);
     let q = Queue {
         shared: Mutex::new(Shared {
             next: 0,
@@ -290,9 +342,17 @@ pub fn decode_parallel<'b, T>(
         }),
         changed: Condvar::new(),
     };
+    let decode_here = |i: usize| blocks.decode(i, open(blocks.blocks[i].offset), memlimit);
     std::thread::scope(|s| {
+        let mut started = 0;
         for _ in 0..threads {
-            s.spawn(|| helper(blocks, open, memlimit, threads + 1, &q));
+            let spawned = std::thread::Builder::new()
+                .name("xz-block".into())
+                .spawn_scoped(s, || helper(blocks, open, memlimit, threads + 1, &q));
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => log::debug!("cannot start a thread to decode blocks: {e}"),
+            }
         }
         let mut reader = InOrder {
             q: &q,
@@ -301,6 +361,8 @@ pub fn decode_parallel<'b, T>(
             at: 0,
             loaded: false,
             failed: false,
+            // No helper (no thread could start): the reader decodes each block itself.
+            inline: (started == 0).then_some(&decode_here),
         };
         let result = consume(&mut reader);
         q.lock().stop = true;
@@ -371,6 +433,8 @@ struct InOrder<'q> {
     loaded: bool,
     /// A block failed: every later read fails too.
     failed: bool,
+    /// Decodes block `i` here, in this thread, when no helper could start.
+    inline: Option<&'q dyn Fn(usize) -> Result<Vec<u8>>>,
 }
 
 impl Read for InOrder<'_> {
@@ -392,13 +456,18 @@ impl Read for InOrder<'_> {
             if i >= self.n {
                 return Ok(0);
             }
-            let got = loop {
-                if let Some(r) = g.ready.remove(&i) {
-                    break r;
+            let got = match self.inline {
+                Some(decode) => {
+                    drop(g);
+                    decode(i)
                 }
-                g = self.q.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+                None => loop {
+                    if let Some(r) = g.ready.remove(&i) {
+                        break r;
+                    }
+                    g = self.q.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+                },
             };
-            drop(g);
             match got {
                 Ok(b) => {
                     self.buf = b;
@@ -522,7 +591,7 @@ mod tests {
         let blocks = index_of(&blob, size).expect("a stream of blocks");
         assert_eq!(blocks.blocks.len(), 11);
         assert_eq!(blocks.blocks.iter().map(|b| b.size).sum::<u64>(), size);
-        for threads in [1, 2, 3, 16] {
+        for threads in [0, 1, 2, 3, 16] {
             assert_eq!(decode(&blob, &blocks, size, threads).unwrap(), data);
         }
         // What liblzma's own decoder of the whole stream gives, too.
@@ -568,6 +637,10 @@ mod tests {
             bad[at] ^= 0x10;
             assert_eq!(index_of(&bad, size), None, "byte {at} damaged");
         }
+        // A damaged block header (its CRC32): left to liblzma's one-stream decoder.
+        let mut bad = blob.clone();
+        bad[blocks.blocks[1].offset as usize + 1] ^= 0x01;
+        assert_eq!(index_of(&bad, size), None);
         // A block larger than the limit.
         let big = records(MAX_BLOCK as usize + 10);
         let blob = multi_block(&big, MAX_BLOCK + 10);

@@ -553,7 +553,7 @@ impl<'a> Writer<'a> {
                 .with_context(|| what(c))?;
             return Ok(());
         };
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         log::debug!(
             "decoding content {} ({} bytes) in {} blocks on {threads} threads",
             crate::core::object::short_hex(&c.sha256),
@@ -563,7 +563,7 @@ impl<'a> Writer<'a> {
         crate::core::xz::decode_parallel(
             &blocks,
             &|off| blob.reader_at(off),
-            crate::core::codec::xz_memlimit(c.size),
+            crate::core::codec::xz_memlimit(c.size.min(crate::core::xz::MAX_BLOCK)),
             threads,
             |r| self.pool.store_bounded(r, meta, c.size, &c.sha256, c.data),
         )

@@ -609,9 +609,10 @@ mod tests {
         .unwrap();
         assert!(out == text);
         // Blocks with a larger dictionary than the content needs: refused block by block
-        // as by the one-stream decoder.
+        // as by the one-stream decoder; beyond what a block of `MAX_BLOCK` needs, left to the
+        // one-stream decoder, which refuses them.
         let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
-        opts.dict_size(64 << 20);
+        opts.dict_size(4 << 20);
         let mut filters = xz2::stream::Filters::new();
         filters.lzma2(&opts);
         let stream = xz2::stream::MtStreamBuilder::new()
@@ -634,6 +635,7 @@ mod tests {
         let open =
             |off: u64| -> Box<dyn std::io::BufRead + '_> { Box::new(&big_dict[off as usize..]) };
         let limit = crate::core::codec::xz_memlimit(5000);
+        assert!(limit < 4 << 20);
         let got = crate::core::xz::decode_parallel(&blocks, &open, limit, 2, |r| {
             let mut out = Vec::new();
             r.read_to_end(&mut out)?;
@@ -641,6 +643,27 @@ mod tests {
         });
         assert!(got.is_err());
         assert!(crate::core::codec::xz_decode_all(&big_dict, 5000).is_err());
+        let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
+        opts.dict_size(64 << 20);
+        let mut filters = xz2::stream::Filters::new();
+        filters.lzma2(&opts);
+        let stream = xz2::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(2000)
+            .filters(filters)
+            .check(xz2::stream::Check::Crc32)
+            .encoder()
+            .unwrap();
+        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+        std::io::Write::write_all(&mut enc, &text[..5000]).unwrap();
+        let huge_dict = enc.finish().unwrap();
+        let mut read_at = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            buf.copy_from_slice(&huge_dict[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        let blocks = crate::core::xz::index(huge_dict.len() as u64, &mut read_at, 5000).unwrap();
+        assert!(blocks.is_none());
+        assert!(crate::core::codec::xz_decode_all(&huge_dict, 5000).is_err());
     }
 
     #[test]
