@@ -266,14 +266,23 @@ impl Blocks {
     /// Decodes block `i`, whose bytes (from its start) `data` gives, as a stream of its own:
     /// the stream's header, the block, then [`Blocks::tail`]. liblzma checks all of it and
     /// needs at most `memlimit` bytes; the block must decode to exactly its size.
-    fn decode(&self, i: usize, data: Box<dyn BufRead + '_>, memlimit: u64) -> Result<Vec<u8>> {
+    /// The block goes into `out` (emptied first): a buffer of an earlier block, reused so
+    /// that its pages are not faulted in and zeroed again.
+    fn decode(
+        &self,
+        i: usize,
+        data: Box<dyn BufRead + '_>,
+        memlimit: u64,
+        mut out: Vec<u8>,
+    ) -> Result<Vec<u8>> {
         let b = &self.blocks[i];
         let stream = (&self.header[..])
             .chain(data.take(b.unpadded.div_ceil(4) * 4))
             .chain(std::io::Cursor::new(self.tail(i)));
         let dec = xz2::stream::Stream::new_stream_decoder(memlimit, 0).map_err(bad)?;
         let mut dec = xz2::bufread::XzDecoder::new_stream(std::io::BufReader::new(stream), dec);
-        let mut out = Vec::with_capacity(b.size as usize);
+        out.clear();
+        out.reserve_exact(b.size as usize);
         (&mut dec)
             .take(b.size + 1)
             .read_to_end(&mut out)
@@ -303,6 +312,8 @@ struct Shared {
     ready: BTreeMap<usize, Result<Vec<u8>>>,
     /// The reader is done (or gone): helpers stop.
     stop: bool,
+    /// Buffers of blocks the reader is done with.
+    spare: Vec<Vec<u8>>,
 }
 
 struct Queue {
@@ -338,11 +349,13 @@ pub fn decode_parallel<'b, T>(
             next: 0,
             reading: 0,
             ready: BTreeMap::new(),
+            spare: Vec::new(),
             stop: false,
         }),
         changed: Condvar::new(),
     };
-    let decode_here = |i: usize| blocks.decode(i, open(blocks.blocks[i].offset), memlimit);
+    let decode_here =
+        |i: usize| blocks.decode(i, open(blocks.blocks[i].offset), memlimit, Vec::new());
     std::thread::scope(|s| {
         let mut started = 0;
         for _ in 0..threads {
@@ -382,7 +395,7 @@ fn helper<'b>(
 ) {
     let n = blocks.blocks.len();
     loop {
-        let i = {
+        let (i, buf) = {
             let mut g = q.lock();
             while !g.stop && g.next < n && g.next >= g.reading + ahead {
                 g = q.changed.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -391,10 +404,10 @@ fn helper<'b>(
                 return;
             }
             g.next += 1;
-            g.next - 1
+            (g.next - 1, g.spare.pop().unwrap_or_default())
         };
         let mut claimed = Claimed { q, i, got: None };
-        claimed.got = Some(blocks.decode(i, open(blocks.blocks[i].offset), memlimit));
+        claimed.got = Some(blocks.decode(i, open(blocks.blocks[i].offset), memlimit, buf));
     }
 }
 
@@ -447,7 +460,7 @@ impl Read for InOrder<'_> {
             if self.loaded {
                 // Done with this block: helpers may take one more.
                 g.reading += 1;
-                self.buf = Vec::new();
+                g.spare.push(std::mem::take(&mut self.buf));
                 self.at = 0;
                 self.loaded = false;
                 self.q.changed.notify_all();
