@@ -140,12 +140,18 @@ pub fn xz_dict(size: u64) -> u32 {
     1u32 << window_log(0, size).max(12)
 }
 
+/// liblzma's memory limit for decoding an xz blob (or one of its blocks,
+/// `core::xz::decode_parallel`) of a content of `size` bytes: [`xz_dict`] of it plus
+/// [`XZ_OVERHEAD`].
+pub fn xz_memlimit(size: u64) -> u64 {
+    u64::from(xz_dict(size)) + XZ_OVERHEAD
+}
+
 /// A streaming decoder of an `xz` blob (one .xz stream, FORMAT.md) of a content of `size`
 /// bytes. Its memory is limited by liblzma to [`xz_dict`] of the size plus [`XZ_OVERHEAD`],
 /// whatever the stream's headers declare: a stream that needs more fails, as malformed.
 pub fn xz_decoder<'a>(blob: Box<dyn BufRead + 'a>, size: u64) -> Result<Box<dyn Read + 'a>> {
-    let limit = u64::from(xz_dict(size)) + XZ_OVERHEAD;
-    let stream = xz2::stream::Stream::new_stream_decoder(limit, 0).map_err(bad)?;
+    let stream = xz2::stream::Stream::new_stream_decoder(xz_memlimit(size), 0).map_err(bad)?;
     Ok(Box::new(Tagged(xz2::bufread::XzDecoder::new_stream(
         blob, stream,
     ))))

@@ -82,7 +82,7 @@ pub struct Content {
 
 impl Content {
     /// The `source` the manifest gives it.
-    pub(crate) fn source_name(&self) -> &'static str {
+    pub fn source_name(&self) -> &'static str {
         match (&self.source, self.codec) {
             (Source::Zstd, Codec::Xz) => "xz",
             (s, _) => s.name(),

@@ -12,3 +12,4 @@ pub(crate) mod path;
 pub mod progress;
 pub(crate) mod tar;
 pub(crate) mod version;
+pub mod xz;

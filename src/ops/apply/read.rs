@@ -235,16 +235,26 @@ pub(super) enum Blob {
 impl Blob {
     /// The blob's bytes from the start.
     pub(super) fn reader(&self) -> Box<dyn std::io::BufRead + '_> {
+        self.reader_at(0)
+    }
+
+    /// The blob's bytes from `off` on.
+    pub(super) fn reader_at(&self, off: u64) -> Box<dyn std::io::BufRead + '_> {
         match self {
-            Blob::Memory(b) => Box::new(&b[..]),
+            Blob::Memory(b) => Box::new(b.get(off as usize..).unwrap_or_default()),
             Blob::Spooled(f) => Box::new(std::io::BufReader::with_capacity(
                 1 << 16,
                 crate::fs::hash::FdReader {
                     fd: std::os::fd::AsFd::as_fd(f),
-                    off: 0,
+                    off,
                 },
             )),
         }
+    }
+
+    /// Fills `buf` with the blob's bytes at `off` (an error if the blob ends before).
+    pub(super) fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.reader_at(off).read_exact(buf)
     }
 }
 

@@ -14,7 +14,7 @@ use super::plan::{BasePaths, Plan};
 use super::read::{Blob, Members, expect_end, read_blob};
 use crate::core::codec::{MAX_REFERENCE, WINDOW_LOG_MAX};
 use crate::core::config::Config;
-use crate::core::delta::{Content, Delta, Source};
+use crate::core::delta::{Codec, Content, Delta, Source};
 use crate::core::error::Fail;
 use crate::core::manifest::{Kind, Manifest};
 use crate::core::object::{Hash, Meta, ObjectId};
@@ -95,6 +95,26 @@ fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
     if &got != sha {
         return Err(Fail::Integrity(format!(
             "patch base object {} in the pool is corrupt (run `treeswap verify --full`)",
+            hex::encode(id)
+        ))
+        .into());
+    }
+    Ok(data)
+}
+
+/// Reads the object `id` this apply created for content `sha` moments ago, its bytes hashed
+/// as `Pool::store` wrote them (issue 17: hashing apt's 40 MB cache again cost 25 ms before
+/// its twin's patch could start). Only its size is checked: the content made from it is
+/// hashed before it is published, so a reference changed since still fails, as an integrity
+/// error of that content.
+fn read_written(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
+    let fd = pool.open_object(id)?;
+    let size = sys::fstat(fd.as_fd())?.st_size as u64;
+    check_reference_size(size, sha)?;
+    let data = read_all(fd.as_fd(), size).context("cannot read a patch base")?;
+    if data.len() as u64 != size {
+        return Err(Fail::Integrity(format!(
+            "patch base object {} changed while it was read",
             hex::encode(id)
         ))
         .into());
@@ -265,6 +285,9 @@ struct Writer<'a> {
     /// Where each content can be read from once it exists: an object of the base or one this
     /// apply wrote.
     have: Mutex<HashMap<Hash, ObjectId>>,
+    /// The contents whose objects this apply created, their bytes hashed as they were written
+    /// (`Pool::store`): as a reference, read back without hashing them again.
+    checked: Mutex<HashSet<Hash>>,
     /// The first failure of a worker; the main thread stops handing out contents.
     failed: Mutex<Option<anyhow::Error>>,
     /// What is in flight; `done` is signalled each time a worker finishes a content.
@@ -304,6 +327,7 @@ impl<'a> Writer<'a> {
             pool,
             files,
             have: Mutex::new(plan.base_content.clone()),
+            checked: Mutex::new(HashSet::new()),
             failed: Mutex::new(None),
             flight: Mutex::new(Flight::default()),
             done: Condvar::new(),
@@ -492,6 +516,14 @@ impl<'a> Writer<'a> {
     fn write_one(&self, c: &Content, blob: Option<&Blob>, metas: &[(Meta, ObjectId)]) {
         match self.write_content(c, blob, metas) {
             Ok(id) => {
+                if c.size >= HEAVY {
+                    log::debug!(
+                        "wrote content {} ({} bytes, {})",
+                        crate::core::object::short_hex(&c.sha256),
+                        c.size,
+                        c.source_name()
+                    );
+                }
                 self.have.lock().expect("poisoned").insert(c.sha256, id);
             }
             Err(e) => {
@@ -510,22 +542,70 @@ impl<'a> Writer<'a> {
         metas: &[(Meta, ObjectId)],
     ) -> Result<ObjectId> {
         let ((meta0, id0), rest) = metas.split_first().expect("an object to make");
-        match &c.source {
-            Source::Base => self.copy_base_content(c, meta0)?,
+        let created = match &c.source {
+            Source::Base => {
+                self.copy_base_content(c, meta0)?;
+                false
+            }
+            Source::Zstd if c.codec == Codec::Xz => {
+                let blob = blob.expect("blob");
+                self.write_xz(c, blob, meta0)?
+            }
             Source::Zstd | Source::ZstdPatch { .. } | Source::Bsdiff { .. } => {
                 let reference = c.source.base().map(|r| self.reference(r)).transpose()?;
-                let blob = blob.expect("blob").reader();
-                let mut dec = crate::core::codec::decoder_of(c, blob, reference.as_deref())?;
-                self.pool
-                    .store_bounded(&mut dec, meta0, c.size, &c.sha256, c.data)
-                    .with_context(|| what(c))?;
+                let blob = blob.expect("blob");
+                let decoder =
+                    || crate::core::codec::decoder_of(c, blob.reader(), reference.as_deref());
+                let store = |dec: &mut dyn Read| {
+                    self.pool
+                        .store_bounded(dec, meta0, c.size, &c.sha256, c.data)
+                };
+                if c.size >= HEAVY {
+                    pipelined(&decoder, store)
+                } else {
+                    store(&mut decoder()?)
+                }
+                .with_context(|| what(c))?
             }
+        };
+        if created {
+            self.checked.lock().expect("poisoned").insert(c.sha256);
         }
         crate::core::failpoint::hit("apply-after-object");
         for (meta, _) in rest {
             self.copy_of(c, id0, meta)?;
         }
         Ok(*id0)
+    }
+
+    /// Writes content `c` from its `xz` blob: the blocks of a stream of several
+    /// (`core::xz::index`) decoded on every core, else the stream in this thread.
+    fn write_xz(&self, c: &Content, blob: &Blob, meta: &Meta) -> Result<bool> {
+        let (_, len) = c.blob.expect("blob");
+        let blocks = crate::core::xz::index(len, &mut |off, buf| blob.read_at(off, buf), c.size)
+            .context("cannot read a blob")?;
+        let Some(blocks) = blocks else {
+            let mut dec = crate::core::codec::decoder_of(c, blob.reader(), None)?;
+            return self
+                .pool
+                .store_bounded(&mut dec, meta, c.size, &c.sha256, c.data)
+                .with_context(|| what(c));
+        };
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        log::debug!(
+            "decoding content {} ({} bytes) in {} blocks on {threads} threads",
+            crate::core::object::short_hex(&c.sha256),
+            c.size,
+            blocks.blocks.len()
+        );
+        crate::core::xz::decode_parallel(
+            &blocks,
+            &|off| blob.reader_at(off),
+            crate::core::codec::xz_memlimit(c.size.min(crate::core::xz::MAX_BLOCK)),
+            threads,
+            |r| self.pool.store_bounded(r, meta, c.size, &c.sha256, c.data),
+        )
+        .with_context(|| what(c))
     }
 
     /// A content the base has, as an object with other metadata: from the base tree's file if
@@ -555,6 +635,9 @@ impl<'a> Writer<'a> {
         let id = self
             .object_of(sha)
             .ok_or_else(|| anyhow!("reference {} is not available", hex::encode(sha)))?;
+        if self.checked.lock().expect("poisoned").contains(sha) {
+            return read_written(self.pool, &id, sha);
+        }
         match self.files.read(sha) {
             Some(data) => Ok(data),
             None => read_checked(self.pool, &id, sha),
@@ -571,6 +654,109 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// The bytes a [`pipelined`] decoder hands over at a time, and how many such chunks wait.
+const CHUNK: usize = 1 << 20;
+const CHUNKS_AHEAD: usize = 3;
+
+/// Runs the decoder `decoder` makes on a thread of its own, handing its output over in
+/// chunks of [`CHUNK`] bytes (at most [`CHUNKS_AHEAD`] waiting), while `consume` reads them
+/// here: for a heavy content, decoding (a bsdiff patch applied, a zstd frame) and hashing
+/// and writing it (`Pool::store`) then take a core each instead of one core in turn. Errors
+/// of the decoder reach `consume` as read errors, the [`Fail`] inside kept. If no thread can
+/// start, both run here.
+fn pipelined<'d, T>(
+    decoder: &(dyn Fn() -> Result<Box<dyn Read + 'd>> + Sync),
+    consume: impl FnOnce(&mut dyn Read) -> Result<T>,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(CHUNKS_AHEAD);
+    // Spent chunks go back to the decoder's thread, so that no chunk is allocated twice.
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        let produce = move || {
+            let mut dec = match decoder() {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(as_read_error(e)));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = back_rx.try_recv().unwrap_or_default();
+                buf.resize(CHUNK, 0);
+                let got = crate::core::tar::read_full(&mut dec, &mut buf).map(|n| {
+                    buf.truncate(n);
+                    buf
+                });
+                let last = !matches!(&got, Ok(b) if !b.is_empty());
+                // A closed channel: the reader is done (or failed).
+                if tx.send(got).is_err() || last {
+                    return;
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("decode".into())
+            .spawn_scoped(s, produce)
+        {
+            log::debug!("cannot start a thread to decode: {e}; decoding in this one");
+            return consume(&mut decoder()?);
+        }
+        let mut reader = Chunks {
+            rx,
+            back: back_tx,
+            buf: Vec::new(),
+            at: 0,
+            done: false,
+        };
+        consume(&mut reader)
+        // Dropping the reader closes the channel: the decoder's thread stops.
+    })
+}
+
+/// A read error carrying `e`'s [`Fail`], if it has one, for the reader that meets it.
+fn as_read_error(e: anyhow::Error) -> std::io::Error {
+    match e.downcast::<Fail>() {
+        Ok(f) => std::io::Error::new(std::io::ErrorKind::InvalidData, f),
+        Err(e) => std::io::Error::other(format!("{e:#}")),
+    }
+}
+
+/// What a [`pipelined`] decoder hands over, as one stream.
+struct Chunks {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    back: std::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    at: usize,
+    /// The decoder's end has been read.
+    done: bool,
+}
+
+impl Read for Chunks {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let spent = std::mem::take(&mut self.buf);
+            if spent.capacity() > 0 {
+                let _ = self.back.send(spent);
+            }
+            self.at = 0;
+            match self.rx.recv() {
+                Ok(Ok(b)) if !b.is_empty() => self.buf = b,
+                Ok(Ok(_)) => self.done = true,
+                // After an error, every read fails (the channel is closed then).
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(std::io::Error::other("the decoding thread stopped")),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// The content an error is about.
 fn what(c: &Content) -> String {
     format!("content {}", hex::encode(c.sha256))
@@ -579,7 +765,6 @@ fn what(c: &Content) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::delta::Codec;
 
     fn content(n: u8, size: u64, blob: u64, source: Source) -> Content {
         Content {

@@ -18,6 +18,7 @@ use crate::core::delta::{Codec, Content, Source};
 use crate::core::manifest::{Entry, Kind};
 use crate::core::object::Hash;
 use crate::core::progress::Progress;
+use crate::core::xz::BLOCK;
 use crate::fs::{hash, sparse, sys};
 
 /// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
@@ -405,7 +406,8 @@ fn encode(e: &Entry, cands: &[Candidate], sides: &Sides, level: i32) -> Result<E
 }
 
 /// An `xz` blob (FORMAT.md): `data` as one .xz stream, LZMA2 at `preset` (0 to 6) with the
-/// preset's dictionary, no larger than [`xz_dict`] of its size; CRC32 check. (A larger
+/// preset's dictionary, no larger than [`xz_dict`] of its size; CRC32 check. A content of
+/// more than [`BLOCK`] bytes is cut into blocks of that size, each compressed on its own. (A larger
 /// dictionary than the preset's makes the fast presets worse: 10.72 MB instead of 10.62 on
 /// apt's `pkgcache.bin` at preset 0.)
 pub(super) fn xz_whole(data: &[u8], preset: u32) -> Result<Vec<u8>> {
@@ -420,11 +422,25 @@ pub(super) fn xz_whole(data: &[u8], preset: u32) -> Result<Vec<u8>> {
         8 << 20,
     ];
     let preset = preset.min(6);
+    let size = data.len() as u64;
     let mut opts = xz2::stream::LzmaOptions::new_preset(preset)?;
-    opts.dict_size(xz_dict(data.len() as u64).min(PRESET_DICT[preset as usize]));
+    // A block's dictionary need not cover more than the block.
+    opts.dict_size(xz_dict(size.min(BLOCK)).min(PRESET_DICT[preset as usize]));
     let mut filters = xz2::stream::Filters::new();
     filters.lzma2(&opts);
-    let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32)?;
+    let stream = if size > BLOCK {
+        // Blocks of `BLOCK` bytes, which `apply` decodes on every core (`core::xz`),
+        // compressed on every core here.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        xz2::stream::MtStreamBuilder::new()
+            .threads(u32::try_from(threads).unwrap_or(1))
+            .block_size(BLOCK)
+            .filters(filters)
+            .check(xz2::stream::Check::Crc32)
+            .encoder()?
+    } else {
+        xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::Crc32)?
+    };
     let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
     std::io::Write::write_all(&mut enc, data)?;
     Ok(enc.finish()?)
@@ -562,6 +578,92 @@ mod tests {
             v.extend_from_slice(&((i.wrapping_mul(2_654_435_761) >> 12) + shift).to_le_bytes());
         }
         v
+    }
+
+    /// Issue 17: a content of more than `BLOCK` bytes ships as one stream of blocks, which
+    /// `apply` decodes in parallel; each block's dictionary stays within the decoder's limit.
+    #[test]
+    fn big_xz_blobs_are_blocks_within_the_limit() {
+        let size = 2 * BLOCK + 12345;
+        let text: Vec<u8> = (0u64..)
+            .flat_map(|i| format!("record {} {}\n", i, (i * 7919) % 1013).into_bytes())
+            .take(size as usize)
+            .collect();
+        let blob = xz_whole(&text, 0).unwrap();
+        let mut read_at = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            buf.copy_from_slice(&blob[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        let blocks = crate::core::xz::index(blob.len() as u64, &mut read_at, size)
+            .unwrap()
+            .expect("blocks");
+        let sizes: Vec<u64> = blocks.blocks.iter().map(|b| b.size).collect();
+        assert_eq!(sizes, [BLOCK, BLOCK, 12345]);
+        let open = |off: u64| -> Box<dyn std::io::BufRead + '_> { Box::new(&blob[off as usize..]) };
+        let limit = crate::core::codec::xz_memlimit(size);
+        let out = crate::core::xz::decode_parallel(&blocks, &open, limit, 2, |r| {
+            let mut out = Vec::new();
+            r.read_to_end(&mut out)?;
+            Ok(out)
+        })
+        .unwrap();
+        assert!(out == text);
+        // Blocks with a larger dictionary than the content needs: refused block by block
+        // as by the one-stream decoder; beyond what a block of `MAX_BLOCK` needs, left to the
+        // one-stream decoder, which refuses them.
+        let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
+        opts.dict_size(4 << 20);
+        let mut filters = xz2::stream::Filters::new();
+        filters.lzma2(&opts);
+        let stream = xz2::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(2000)
+            .filters(filters)
+            .check(xz2::stream::Check::Crc32)
+            .encoder()
+            .unwrap();
+        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+        std::io::Write::write_all(&mut enc, &text[..5000]).unwrap();
+        let big_dict = enc.finish().unwrap();
+        let mut read_at = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            buf.copy_from_slice(&big_dict[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        let blocks = crate::core::xz::index(big_dict.len() as u64, &mut read_at, 5000)
+            .unwrap()
+            .expect("blocks");
+        let open =
+            |off: u64| -> Box<dyn std::io::BufRead + '_> { Box::new(&big_dict[off as usize..]) };
+        let limit = crate::core::codec::xz_memlimit(5000);
+        assert!(limit < 4 << 20);
+        let got = crate::core::xz::decode_parallel(&blocks, &open, limit, 2, |r| {
+            let mut out = Vec::new();
+            r.read_to_end(&mut out)?;
+            Ok(out)
+        });
+        assert!(got.is_err());
+        assert!(crate::core::codec::xz_decode_all(&big_dict, 5000).is_err());
+        let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
+        opts.dict_size(64 << 20);
+        let mut filters = xz2::stream::Filters::new();
+        filters.lzma2(&opts);
+        let stream = xz2::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(2000)
+            .filters(filters)
+            .check(xz2::stream::Check::Crc32)
+            .encoder()
+            .unwrap();
+        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+        std::io::Write::write_all(&mut enc, &text[..5000]).unwrap();
+        let huge_dict = enc.finish().unwrap();
+        let mut read_at = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            buf.copy_from_slice(&huge_dict[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        let blocks = crate::core::xz::index(huge_dict.len() as u64, &mut read_at, 5000).unwrap();
+        assert!(blocks.is_none());
+        assert!(crate::core::codec::xz_decode_all(&huge_dict, 5000).is_err());
     }
 
     #[test]
