@@ -8,8 +8,10 @@
 # bookworm tree and its copy after a real `apt-get upgrade` with bookworm-updates and
 # bookworm-security; `packages`, the same minbase tree and its copy with lib.sh's
 # TS_PACKAGES installed (new software: mostly new files, no references); `release`, the
-# same minbase tree and a `debootstrap --variant=minbase trixie` tree (a release upgrade)
-# (lib.sh). OSTree refuses device nodes, so both tools get copies
+# same minbase tree and a `debootstrap --variant=minbase trixie` tree (a release upgrade);
+# `kiosk-point`, the packages tree (minbase + TS_PACKAGES from the point release) and its
+# copy after the same real `apt-get upgrade` as `point`: the point-release update of a
+# bigger image (lib.sh's bookworm_packages_tree, bookworm_packages_upgraded_tree). OSTree refuses device nodes, so both tools get copies
 # of both trees with device nodes, FIFOs and sockets removed (the count is printed).
 # Untimed setup: the two trees imported into a treeswap root as versions 1 and 2, and
 # committed into a bare OSTree repo. Timed, each REPS times:
@@ -38,8 +40,8 @@ trap ts_cleanup EXIT
 
 REPS=${1:-3}
 PAIR=${2:-point}
-[[ $REPS =~ ^[1-9][0-9]*$ && $PAIR =~ ^(point|packages|release)$ ]] \
-    || { echo "usage: $0 [REPS] [point|packages|release]" >&2; exit 2; }
+[[ $REPS =~ ^[1-9][0-9]*$ && $PAIR =~ ^(point|packages|release|kiosk-point)$ ]] \
+    || { echo "usage: $0 [REPS] [point|packages|release|kiosk-point]" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || die "must run as root (drop_caches, root-owned trees)"
 ensure_pkgs ostree zstd
 base_src=$(bookworm_tree)
@@ -47,6 +49,10 @@ case $PAIR in
 point) new_src=$(bookworm_upgraded_tree) ;;
 packages) new_src=$(bookworm_packages_tree) ;;
 release) new_src=$(trixie_tree) ;;
+kiosk-point)
+    base_src=$(bookworm_packages_tree)
+    new_src=$(bookworm_packages_upgraded_tree)
+    ;;
 esac
 build_treeswap
 ts_mktemp

@@ -11,6 +11,8 @@
 # Every timed step ends with `sync` inside its timing (so does `cp -al`), under
 # /usr/bin/time -v: wall time and peak memory. The protection mode is the default one
 # (TREESWAP_PROTECT, if set, overrides it) and is printed beside every figure.
+# diff and apply run with -vv: each sample's log line is followed by their phases, each with
+# the time it ended (where the time went).
 # Prints, per size and step, the median wall time, the samples' range and the peak memory;
 # then, for the two default sizes, each step's growth for 10x the entries against its goal
 # (at most 11x; PASS/MARGINAL/FAIL from every pair of samples, at least 10% either side:
@@ -30,13 +32,15 @@ reps=${TREESWAP_BENCH_REPS:-3}
 steps=(import diff "diff dirs" apply "cp -al")
 
 # measure NAME CMD...: runs CMD, then sync, under /usr/bin/time -v; sets WALL (s) and RSS
-# (MB, the largest process: CMD, or sync).
+# (MB, the largest process: CMD, or sync), and STEPS to CMD's `treeswap: debug:` lines
+# (with -vv, each phase and the time it ended: where the time went).
 measure() {
     local name=$1 out
     shift
     out=$(mktemp)
     /usr/bin/time -v bash -c '"$@" >/dev/null && sync' bash "$@" 2>"$out" \
         || { cat "$out" >&2; die "$name failed"; }
+    STEPS=$(sed -n 's/^treeswap: debug: /    /p' "$out")
     WALL=$(awk -F': ' '/Elapsed \(wall clock\)/ {
         n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; printf "%.2f", s }' "$out")
     RSS=$(awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$out")
@@ -48,6 +52,7 @@ declare -A T M
 record() {
     local key="$1/$2"
     log "$1 entries, $2: $WALL s, $RSS MB"
+    [ -z "$STEPS" ] || printf '%s\n' "$STEPS" >&2
     T[$key]="${T[$key]:-} $WALL"
     [ "${M[$key]:-0}" -ge "$RSS" ] || M[$key]=$RSS
 }
@@ -68,9 +73,9 @@ for n in "${sizes[@]}"; do
         measure import "$TREESWAP" --root "$r" import "$base" --version 1 --activate --no-restart
         record "$n" import
         "$TREESWAP" -q --root "$r" import "$work/b" --version 2 --no-restart
-        measure diff "$TREESWAP" --root "$r" diff --from 1 --to 2 -o "$work/d.delta"
+        measure diff "$TREESWAP" -vv --root "$r" diff --from 1 --to 2 -o "$work/d.delta"
         record "$n" diff
-        measure "diff dirs" "$TREESWAP" diff --from-dir "$base" --to-dir "$work/b" \
+        measure "diff dirs" "$TREESWAP" -vv diff --from-dir "$base" --to-dir "$work/b" \
             --to-version 2 -o "$work/dd.delta"
         record "$n" "diff dirs"
         _ts_rm_tree "$r"
@@ -78,7 +83,7 @@ for n in "${sizes[@]}"; do
         "$TREESWAP" -q --root "$r2" init
         measure import "$TREESWAP" --root "$r2" import "$base" --version 1 --activate --no-restart
         record "$n" import
-        measure apply "$TREESWAP" --root "$r2" apply "$work/d.delta" --no-restart
+        measure apply "$TREESWAP" -vv --root "$r2" apply "$work/d.delta" --no-restart
         record "$n" apply
         measure "cp -al" cp -al "$base" "$work/cpal"
         record "$n" "cp -al"

@@ -14,6 +14,10 @@
 #                            `apt-get upgrade` with bookworm-updates and bookworm-security
 #   bookworm_packages_tree   echo the path of a cached copy of that tree with TS_PACKAGES
 #                            installed (no recommends) from the point release
+#   bookworm_packages_upgraded_tree
+#                            echo the path of a cached copy of the packages tree after a
+#                            real `apt-get upgrade` with bookworm-updates and
+#                            bookworm-security (the kiosk's point-release update)
 #   trixie_tree              echo the path of a cached `debootstrap --variant=minbase
 #                            trixie` tree
 #   gen_tree_cached N SEED   echo the path of a cached `gen-tree.py --entries N --seed SEED`
@@ -208,16 +212,18 @@ trixie_tree() {
     echo "$TS_CACHE/trixie-minbase"
 }
 
-# _ts_build_apt NAME EXTRA-SUITES SCRIPT: $TS_CACHE/NAME, a copy of the minbase tree after
-# SCRIPT (sh, in a chroot, with the point release's sources plus, when EXTRA-SUITES is
-# "updates", bookworm-updates and bookworm-security). The package versions go to
-# $TS_CACHE/NAME.versions; a SCRIPT that changed no package is an error.
+# _ts_build_apt BASE NAME EXTRA-SUITES SCRIPT: $TS_CACHE/NAME, a copy of the cached tree
+# $TS_CACHE/BASE (bookworm-minbase, or a tree made from it by _ts_build_apt) after SCRIPT
+# (sh, in a chroot, with the point release's sources plus, when EXTRA-SUITES is "updates",
+# bookworm-updates and bookworm-security). The package versions go to
+# $TS_CACHE/NAME.versions (and BASE's to $TS_CACHE/BASE.versions); a SCRIPT that changed
+# no package is an error.
 # Runs in a subshell (note the parentheses) so its EXIT trap can unmount the
 # chroot's file systems whatever happens, without touching the caller's traps.
 _ts_build_apt() (
     set -euo pipefail
-    local name=$1 extra=$2 script=$3
-    local base="$TS_CACHE/bookworm-minbase" final="$TS_CACHE/$name"
+    local basename=$1 name=$2 extra=$3 script=$4
+    local base="$TS_CACHE/$basename" final="$TS_CACHE/$name"
     local tmp mirror secmirror
     [ -d "$final" ] && exit 0
     _ts_remove_stale "$name"
@@ -262,12 +268,12 @@ EOF
     # A script that changed nothing is useless as a test of a real update.
     # shellcheck disable=SC2016  # dpkg-query's own ${field} syntax
     chroot "$base" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/bookworm-minbase.versions"
-    if cmp -s "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$name.versions"; then
+        dpkg-query -W -f='${Package} ${Version}\n' > "$TS_CACHE/$basename.versions"
+    if cmp -s "$TS_CACHE/$basename.versions" "$TS_CACHE/$name.versions"; then
         die "\`$script\` changed no package; left $tmp for inspection"
     fi
     log "packages changed or added:"
-    diff "$TS_CACHE/bookworm-minbase.versions" "$TS_CACHE/$name.versions" \
+    diff "$TS_CACHE/$basename.versions" "$TS_CACHE/$name.versions" \
         | sed -n 's/^> /  /p' >&2 || true
     mv -T "$tmp" "$final"
     log "cached $final"
@@ -277,9 +283,9 @@ EOF
 # older lib.sh that deleted apt's binary caches: never reused. (The base never had them:
 # debootstrap does not run apt.)
 _TS_UPGRADED=bookworm-upgraded-apt-caches
+_TS_UPGRADE_SCRIPT='apt-get update && apt-get -y upgrade && apt list --upgradable 2>/dev/null'
 bookworm_upgraded_tree() {
-    _ts_locked _ts_build_apt "$_TS_UPGRADED" updates \
-        'apt-get update && apt-get -y upgrade && apt list --upgradable 2>/dev/null'
+    _ts_locked _ts_build_apt bookworm-minbase "$_TS_UPGRADED" updates "$_TS_UPGRADE_SCRIPT"
     echo "$TS_CACHE/$_TS_UPGRADED"
 }
 
@@ -287,11 +293,26 @@ bookworm_upgraded_tree() {
 TS_PACKAGES="python3 curl ca-certificates openssh-client less"
 # bookworm_packages_tree: the minbase tree plus TS_PACKAGES (and what they depend on, no
 # recommends), from the point release's own sources: the "new software" pair.
+_ts_packages_name() { echo "bookworm-plus-$(tr ' ' '-' <<<"$TS_PACKAGES")"; }
 bookworm_packages_tree() {
     local name
-    name="bookworm-plus-$(tr ' ' '-' <<<"$TS_PACKAGES")"
-    _ts_locked _ts_build_apt "$name" none \
+    name=$(_ts_packages_name)
+    bookworm_tree > /dev/null
+    _ts_locked _ts_build_apt bookworm-minbase "$name" none \
         "apt-get update && apt-get -y install --no-install-recommends $TS_PACKAGES"
+    echo "$TS_CACHE/$name"
+}
+
+# bookworm_packages_upgraded_tree: the packages tree after the same real `apt-get upgrade`
+# as bookworm_upgraded_tree (bookworm-updates and bookworm-security added): the
+# point-release update that a kiosk built from the packages image receives (issue 17's
+# second pair, `kiosk-point` in bench-delta.sh).
+bookworm_packages_upgraded_tree() {
+    local base name
+    base=$(_ts_packages_name)
+    name="$base-upgraded"
+    bookworm_packages_tree > /dev/null
+    _ts_locked _ts_build_apt "$base" "$name" updates "$_TS_UPGRADE_SCRIPT"
     echo "$TS_CACHE/$name"
 }
 

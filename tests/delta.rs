@@ -1354,6 +1354,104 @@ fn regression_issue_17_a_new_file_like_another_new_file_ships_as_a_patch_against
     verify_full(&root);
 }
 
+/// A stand-in for an executable of `words` 4-byte words whose code all moved by `shift`, as
+/// code does when a function before it grows: no run of it matches the old one, so a zstd
+/// patch saves nothing, while bsdiff's differences are all alike.
+fn executable(words: u32, shift: u32) -> Vec<u8> {
+    let mut v = b"\x7fELF".to_vec();
+    for i in 0..words {
+        v.extend_from_slice(&((i.wrapping_mul(2_654_435_761) >> 12) + shift).to_le_bytes());
+    }
+    v
+}
+
+/// Issue 17 (the kiosk pair): executables over 2 MiB (`python3.11`, 6.8 MB, `libcrypto.so.3`,
+/// 4.7 MB) were never tried with bsdiff and shipped as zstd patches of 1.10 MB and 481 KB;
+/// an executable of 3 MiB whose code moved ships as a small bsdiff patch.
+#[test]
+fn regression_issue_17_an_executable_over_2_mib_ships_as_bsdiff() {
+    if skip_unless_root() {
+        return;
+    }
+    let (old, new) = (executable(3 << 18, 0), executable(3 << 18, 3));
+    let env = scratch();
+    let a = env.tree("a", &TreeSpec::new().top().file("usr/bin/python3", &old));
+    let b = env.tree("b", &TreeSpec::new().top().file("usr/bin/python3", &new));
+    let delta = env.path("d.tar");
+    diff_dirs(&a, &b, "2", &delta).success();
+    let t = toml_of(&DeltaTar::read(&delta).manifest());
+    let c = content(&t, &sha256_hex(&new)).expect("the executable is listed");
+    assert_eq!(c["source"].as_str(), Some("bsdiff"), "{c:?}");
+    let blob = c["blob_size"].as_integer().unwrap() as usize;
+    assert!(blob < new.len() / 100, "a {blob}-byte patch");
+    let root = env.path("root");
+    import_active(&root, &a, "1");
+    apply(&root, &delta).success();
+    assert_current_is(&root, &snapshot(&b));
+}
+
+/// Issue 17 (the kiosk pair): apt's two 40 MB caches, each patched against its old version,
+/// were encoded at once, each with a bsdiff suffix array of its 40 MB reference: diff's peak
+/// was 1013 MB (goal: at most 1 GB). Two contents whose content and reference come to more
+/// than 48 MiB are encoded one at a time, the other worker going on with the rest (run with
+/// two workers so that it happens on any machine), and the peak stays near one's.
+#[test]
+fn regression_issue_17_two_big_patched_contents_are_encoded_one_at_a_time() {
+    if skip_unless_root() {
+        return;
+    }
+    const SIZE: usize = 25 << 20;
+    let mut rng = Rng(1717);
+    let mut spec_a = TreeSpec::new().top();
+    let mut spec_b = TreeSpec::new().top();
+    let mut news = Vec::new();
+    for name in ["pkgcache.bin", "srcpkgcache.bin"] {
+        let old = rng.bytes(SIZE);
+        let mut new = old.clone();
+        for k in 0..50 {
+            new[k * (SIZE / 50) + 11] ^= 0x5a;
+        }
+        let path = format!("var/cache/apt/{name}");
+        spec_a = spec_a.file(&path, &old);
+        spec_b = spec_b.file(&path, &new);
+        news.push(new);
+    }
+    spec_b = spec_b.file("etc/small", "a small content, encoded meanwhile\n");
+    let env = scratch();
+    let a = env.tree("a", &spec_a);
+    let b = env.tree("b", &spec_b);
+    let delta = env.path("d.tar");
+    let mut m = MeasuredCmd::new(BIN);
+    m.cmd
+        .env("RAYON_NUM_THREADS", "2")
+        .args(["-vv", "diff", "--from-dir"])
+        .arg(&a)
+        .arg("--to-dir")
+        .arg(&b)
+        .args(["--from-version", "1", "--to-version", "2", "-o"])
+        .arg(&delta);
+    let m = run_measured(m, None);
+    m.run.success();
+    let t = toml_of(&DeltaTar::read(&delta).manifest());
+    for new in &news {
+        let c = content(&t, &sha256_hex(new)).expect("listed");
+        let blob = c["blob_size"].as_integer().unwrap() as usize;
+        assert!(blob < SIZE / 100, "a {blob}-byte patch: {c:?}");
+    }
+    // One such content at a time holds its content, its reference, a suffix array of 4 bytes
+    // per byte of the reference and the patch: about 175 MiB here; two at once, twice that.
+    let peak_mib = m.peak_rss_kib >> 10;
+    assert!(
+        peak_mib < 280,
+        "diff's peak: {peak_mib} MiB\n{}",
+        m.run.stderr()
+    );
+    let root = env.path("root");
+    import_active(&root, &a, "1");
+    apply(&root, &delta).success();
+    assert_current_is(&root, &snapshot(&b));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Commands
 

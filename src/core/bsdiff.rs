@@ -11,9 +11,10 @@
 /// holds `i32`s); callers only encode small files.
 pub(crate) fn diff(old: &[u8], new: &[u8], out: &mut Vec<u8>) {
     assert!(old.len() < i32::MAX as usize && new.len() < i32::MAX as usize);
+    // Kept as `i32`s (4 bytes per byte of `old`): widened to `usize` it took 12 at once,
+    // 480 MB for apt's 40 MB `pkgcache.bin`.
     let mut sa = vec![0i32; old.len()];
     divsufsort::sort_in_place(old, &mut sa);
-    let sa: Vec<usize> = sa.into_iter().map(|i| i as usize).collect();
 
     let (oldn, newn) = (old.len(), new.len());
     let (mut scan, mut len, mut pos) = (0usize, 0usize, 0usize);
@@ -230,14 +231,16 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 
 /// The position in `old` and length of the longest prefix of `new` that `old` holds, found
 /// by binary search over the suffix array.
-fn longest_match(sa: &[usize], old: &[u8], new: &[u8]) -> (usize, usize) {
+fn longest_match(sa: &[i32], old: &[u8], new: &[u8]) -> (usize, usize) {
     if sa.is_empty() {
         return (0, 0);
     }
+    // `divsufsort` gives offsets in `0..old.len()`.
+    let at = |i: usize| sa[i] as usize;
     let (mut lo, mut hi) = (0, sa.len() - 1);
     while hi - lo >= 2 {
         let mid = lo + (hi - lo) / 2;
-        let suffix = &old[sa[mid]..];
+        let suffix = &old[at(mid)..];
         let n = suffix.len().min(new.len());
         if suffix[..n] < new[..n] {
             lo = mid;
@@ -246,10 +249,10 @@ fn longest_match(sa: &[usize], old: &[u8], new: &[u8]) -> (usize, usize) {
         }
     }
     let (a, b) = (
-        common_prefix(&old[sa[lo]..], new),
-        common_prefix(&old[sa[hi]..], new),
+        common_prefix(&old[at(lo)..], new),
+        common_prefix(&old[at(hi)..], new),
     );
-    if a >= b { (sa[lo], a) } else { (sa[hi], b) }
+    if a >= b { (at(lo), a) } else { (at(hi), b) }
 }
 
 #[cfg(test)]

@@ -21,9 +21,12 @@ use crate::core::progress::Progress;
 use crate::core::xz::BLOCK;
 use crate::fs::{hash, sparse, sys};
 
-/// bsdiff's suffix sort is slow and memory-hungry; it is tried only on executables up to this
-/// size, where it can win.
-const BSDIFF_MAX: u64 = 2 << 20;
+/// bsdiff's suffix sort is slow and memory-hungry (4 bytes per byte of the reference, and
+/// the patch); it is tried only on executables up to this size, where it can win. Issue 17's
+/// kiosk pair, zstd patch -> bsdiff: `python3.11` (6.8 MB) 1097 -> 1054 KB, `libcrypto.so.3`
+/// (4.7 MB) 481 -> 232 KB, `perl` (3.8 MB) 126 -> 84 KB, for about 3 s of CPU (at 2 MiB,
+/// they were never tried).
+const BSDIFF_MAX: u64 = 16 << 20;
 /// bsdiff is tried only where the best zstd blob is over 1/this of the content's size.
 const BSDIFF_MIN_GAIN: u64 = 64;
 /// Contents over this size that are mostly holes are encoded without being held in memory
@@ -55,6 +58,9 @@ const PATCH_MEMORY: u64 = 48 << 20;
 /// plus [`BSDIFF_SLACK`] bytes.
 const BSDIFF_MEMORY_TRADE: usize = 2;
 const BSDIFF_SLACK: usize = 64 << 10;
+
+/// Contents of at least this size get a debug line each (how, how big, how long).
+const LOG_MIN: u64 = 1 << 20;
 
 /// Reference candidates tried per content.
 const MAX_CANDIDATES: usize = 4;
@@ -226,32 +232,83 @@ pub(super) fn candidates<'a>(
 /// Encodes every job, the biggest contents first, each worker taking the next one, so that
 /// one big file does not start last; meanwhile a reader thread walks the same order ahead of
 /// them and asks the kernel to read the files (`POSIX_FADV_WILLNEED`), so cold reads overlap.
-/// The results are in the order of `jobs`.
+/// A [`heavy`] job runs only while no other heavy job does: a worker that finds one running
+/// puts its own aside and takes the next; a job put aside is taken before the next one once
+/// no heavy job runs. The results are in the order of `jobs`.
 pub(super) fn encode_all(jobs: &[Job], sides: &Sides, level: i32) -> Result<Vec<Encoded>> {
     let total: u64 = jobs.iter().map(|(e, _)| size_of(e)).sum();
     let progress = Progress::bytes(total, "diffing");
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&k| std::cmp::Reverse(size_of(jobs[k].0)));
     let taken = AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let one_heavy = Mutex::new(());
+    let put_aside: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     let results: Mutex<Vec<Option<Result<Encoded>>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let run = |k: usize| {
+        let (e, cands) = &jobs[k];
+        let t0 = std::time::Instant::now();
+        let r = encode(e, cands, sides, level)
+            .with_context(|| format!("cannot encode `{}`", e.display()));
+        if let Ok((c, blob)) = &r
+            && size_of(e) >= LOG_MIN
+        {
+            log::debug!(
+                "encoded `{}` ({} bytes) as {}, {} bytes, in {:.2} s",
+                e.display(),
+                size_of(e),
+                c.source_name(),
+                blob.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        progress.inc(size_of(e));
+        let err = r.is_err();
+        results.lock().expect("poisoned")[k] = Some(r);
+        if err {
+            // Stop the others: the diff fails anyway.
+            failed.store(true, Ordering::Relaxed);
+            taken.store(order.len(), Ordering::Relaxed);
+        }
+    };
     std::thread::scope(|s| {
         s.spawn(|| prefetch(jobs, &order, &taken, sides));
         for _ in 0..rayon::current_num_threads() {
             s.spawn(|| {
                 loop {
+                    // A job put aside goes first as soon as no heavy job runs.
+                    if !failed.load(Ordering::Relaxed)
+                        && let Ok(_guard) = one_heavy.try_lock()
+                    {
+                        let next = put_aside.lock().expect("poisoned").pop();
+                        if let Some(k) = next {
+                            run(k);
+                            continue;
+                        }
+                    }
                     let n = taken.fetch_add(1, Ordering::Relaxed);
                     let Some(&k) = order.get(n) else { break };
-                    let (e, cands) = &jobs[k];
-                    let r = encode(e, cands, sides, level)
-                        .with_context(|| format!("cannot encode `{}`", e.display()));
-                    progress.inc(size_of(e));
-                    let failed = r.is_err();
-                    results.lock().expect("poisoned")[k] = Some(r);
-                    if failed {
-                        // Stop the others: the diff fails anyway.
-                        taken.store(order.len(), Ordering::Relaxed);
+                    if !heavy(&jobs[k]) {
+                        run(k);
+                        continue;
                     }
+                    match one_heavy.try_lock() {
+                        Ok(_guard) => run(k),
+                        Err(std::sync::TryLockError::WouldBlock) => {
+                            put_aside.lock().expect("poisoned").push(k);
+                        }
+                        Err(std::sync::TryLockError::Poisoned(_)) => panic!("poisoned"),
+                    }
+                }
+                loop {
+                    let next = put_aside.lock().expect("poisoned").pop();
+                    let Some(k) = next else { break };
+                    if failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let _guard = one_heavy.lock().expect("poisoned");
+                    run(k);
                 }
             });
         }
@@ -273,6 +330,19 @@ pub(super) fn encode_all(jobs: &[Job], sides: &Sides, level: i32) -> Result<Vec<
         }
     }
     Ok(encoded)
+}
+
+/// Whether a job may hold more than [`PATCH_MEMORY`] of content and reference, and so run a
+/// bsdiff of a big reference (12 bytes per byte of it while it sorts, and the patch): two at
+/// once took 1 GB on issue 17's kiosk pair (apt's two 40 MB caches), one 609 MB.
+fn heavy((e, cands): &Job) -> bool {
+    let reference = cands
+        .iter()
+        .map(|c| size_of(c.entry))
+        .filter(|&n| n <= MAX_REFERENCE)
+        .max()
+        .unwrap_or(0);
+    size_of(e).saturating_add(reference) > PATCH_MEMORY
 }
 
 /// Asks the kernel to read ahead the files of the jobs in `order`, until the workers have

@@ -128,6 +128,7 @@ pub(crate) fn make(req: &Request) -> Result<Stats> {
         }
     };
     write_output(&delta, &blobs, req)?;
+    log::debug!("wrote the delta");
     Ok(stats)
 }
 
@@ -263,6 +264,11 @@ pub(crate) fn diff<'a>(
         removed,
         needed_sketches: encode::sketches(&needed, read_to)?,
     };
+    log::debug!(
+        "sketched {} removed files and {} contents to ship",
+        similar.removed.len(),
+        needed.len()
+    );
     let jobs = encode::candidates(base, &needed, &similar);
     drop(similar);
     let sides = Sides {
