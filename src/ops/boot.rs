@@ -26,7 +26,13 @@ pub(crate) enum BootOutcome {
 pub(crate) fn boot(root: &Root, cfg: &Config, opts: Options) -> Result<BootOutcome> {
     repair(root)?;
     let mut st = state::load(root.fd())?;
-    if st.unprotected || st.unflagged {
+    // After a sweep (`unflagged`) there is work only if the pool may be immutable again:
+    // the mode is then probed (files made in `tmp/`), which boots need not do otherwise.
+    let may_be_immutable = matches!(
+        cfg.protect,
+        crate::core::config::Protect::Auto | crate::core::config::Protect::Immutable
+    );
+    if st.unprotected || st.unflagged && may_be_immutable {
         // Re-protected in immutable mode; in another (overlay guests came since) the flags
         // are cleared instead. A failure is warned about and the boot still counted: the
         // records stay, so the next writer does it again.
