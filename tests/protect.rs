@@ -537,6 +537,32 @@ fn gc_before_apply_makes_room() {
     verify(&root, "4").success();
 }
 
+/// A root on a loop-mounted ext4 with versions 1 and 2 imported in immutable mode, and its
+/// pool's objects (every one immutable).
+fn immutable_root_on_ext4(env: &Env) -> (Mount, PathBuf, Vec<PathBuf>) {
+    let mnt = loop_fs(env, "ext4");
+    let root = mnt.path.join("root");
+    init_root(&root);
+    two_versions(env, &root, "immutable", None);
+    let all = pool_files(&root);
+    assert!(!all.is_empty());
+    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
+    (mnt, root, all)
+}
+
+/// treeswap on `root` in protection mode `protect`, killed at `failpoint` if one is given.
+fn ts_in(root: &Path, protect: &str, failpoint: Option<&str>, args: &[&str]) -> Run {
+    let mut c = ts_cmd();
+    c.env("TREESWAP_PROTECT", protect)
+        .arg("--root")
+        .arg(root)
+        .args(args);
+    if let Some(f) = failpoint {
+        c.env("TREESWAP_FAILPOINT", f);
+    }
+    run(&mut c)
+}
+
 /// Regression (issue 16, review 8): a pool made in immutable mode keeps its flags when the
 /// root is written in another mode (overlay guests came, or `hardlink` was chosen): the
 /// kernel refused to link those objects, so the first checkout failed. The first writer in
@@ -547,21 +573,8 @@ fn a_pool_made_immutable_follows_a_change_of_mode() {
         return;
     }
     let env = Env::new();
-    let mnt = loop_fs(&env, "ext4");
-    let root = mnt.path.join("root");
-    init_root(&root);
-    two_versions(&env, &root, "immutable", None);
-    let all = pool_files(&root);
-    assert!(!all.is_empty());
-    assert_eq!(unprotected_objects(&root), Vec::<PathBuf>::new());
-    let ts = |protect: &str, args: &[&str]| {
-        let mut c = ts_cmd();
-        c.env("TREESWAP_PROTECT", protect)
-            .arg("--root")
-            .arg(&root)
-            .args(args);
-        run(&mut c)
-    };
+    let (_mnt, root, all) = immutable_root_on_ext4(&env);
+    let ts = |protect: &str, args: &[&str]| ts_in(&root, protect, None, args);
     let dest = |name: &str| root.parent().unwrap().join(name);
     let d1 = dest("checkout1");
     ts("hardlink", &["checkout", "1", d1.to_str().unwrap()])
@@ -613,22 +626,10 @@ fn a_kill_midway_through_a_change_of_mode_is_finished_by_the_next_writer() {
         return;
     }
     let env = Env::new();
-    let mnt = loop_fs(&env, "ext4");
-    let root = mnt.path.join("root");
-    init_root(&root);
-    two_versions(&env, &root, "immutable", None);
-    let all = pool_files(&root);
+    let (_mnt, root, all) = immutable_root_on_ext4(&env);
     assert!(all.len() >= 3, "{all:?}");
     let ts = |protect: &str, failpoint: Option<&str>, args: &[&str]| {
-        let mut c = ts_cmd();
-        c.env("TREESWAP_PROTECT", protect)
-            .arg("--root")
-            .arg(&root)
-            .args(args);
-        if let Some(f) = failpoint {
-            c.env("TREESWAP_FAILPOINT", f);
-        }
-        run(&mut c)
+        ts_in(&root, protect, failpoint, args)
     };
     let dest = |name: &str| root.parent().unwrap().join(name);
     let d = |name: &str| dest(name).to_str().unwrap().to_owned();

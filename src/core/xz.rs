@@ -508,6 +508,26 @@ fn decode_error(e: anyhow::Error) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, fail)
 }
 
+/// For tests: `data` as one xz stream of blocks of `block` bytes, with an LZMA2 dictionary
+/// of `dict` bytes (preset 0, CRC32), as liblzma's multi-threaded encoder makes it.
+#[cfg(test)]
+pub(crate) fn test_stream(data: &[u8], block: u64, dict: u32) -> Vec<u8> {
+    let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
+    opts.dict_size(dict);
+    let mut filters = xz2::stream::Filters::new();
+    filters.lzma2(&opts);
+    let stream = xz2::stream::MtStreamBuilder::new()
+        .threads(2)
+        .block_size(block)
+        .filters(filters)
+        .check(xz2::stream::Check::Crc32)
+        .encoder()
+        .unwrap();
+    let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+    std::io::Write::write_all(&mut enc, data).unwrap();
+    enc.finish().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,20 +552,7 @@ mod tests {
 
     /// `data` as one stream of blocks of `block` bytes, as `diff` makes it.
     fn multi_block(data: &[u8], block: u64) -> Vec<u8> {
-        let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
-        opts.dict_size(64 << 10);
-        let mut filters = xz2::stream::Filters::new();
-        filters.lzma2(&opts);
-        let stream = xz2::stream::MtStreamBuilder::new()
-            .threads(2)
-            .block_size(block)
-            .filters(filters)
-            .check(xz2::stream::Check::Crc32)
-            .encoder()
-            .unwrap();
-        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
-        std::io::Write::write_all(&mut enc, data).unwrap();
-        enc.finish().unwrap()
+        super::test_stream(data, block, 64 << 10)
     }
 
     fn index_of(blob: &[u8], size: u64) -> Option<Blocks> {

@@ -681,20 +681,7 @@ mod tests {
         // Blocks with a larger dictionary than the content needs: refused block by block
         // as by the one-stream decoder; beyond what a block of `MAX_BLOCK` needs, left to the
         // one-stream decoder, which refuses them.
-        let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
-        opts.dict_size(4 << 20);
-        let mut filters = xz2::stream::Filters::new();
-        filters.lzma2(&opts);
-        let stream = xz2::stream::MtStreamBuilder::new()
-            .threads(2)
-            .block_size(2000)
-            .filters(filters)
-            .check(xz2::stream::Check::Crc32)
-            .encoder()
-            .unwrap();
-        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
-        std::io::Write::write_all(&mut enc, &text[..5000]).unwrap();
-        let big_dict = enc.finish().unwrap();
+        let big_dict = crate::core::xz::test_stream(&text[..5000], 2000, 4 << 20);
         let mut read_at = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
             buf.copy_from_slice(&big_dict[off as usize..off as usize + buf.len()]);
             Ok(())
@@ -713,20 +700,7 @@ mod tests {
         });
         assert!(got.is_err());
         assert!(crate::core::codec::xz_decode_all(&big_dict, 5000).is_err());
-        let mut opts = xz2::stream::LzmaOptions::new_preset(0).unwrap();
-        opts.dict_size(64 << 20);
-        let mut filters = xz2::stream::Filters::new();
-        filters.lzma2(&opts);
-        let stream = xz2::stream::MtStreamBuilder::new()
-            .threads(2)
-            .block_size(2000)
-            .filters(filters)
-            .check(xz2::stream::Check::Crc32)
-            .encoder()
-            .unwrap();
-        let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
-        std::io::Write::write_all(&mut enc, &text[..5000]).unwrap();
-        let huge_dict = enc.finish().unwrap();
+        let huge_dict = crate::core::xz::test_stream(&text[..5000], 2000, 64 << 20);
         let mut read_at = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
             buf.copy_from_slice(&huge_dict[off as usize..off as usize + buf.len()]);
             Ok(())
