@@ -143,34 +143,30 @@ impl Pool {
         object_rel(self.shape, id, copy)
     }
 
-    /// Sets the immutable flag on every object of the pool (after a crash in immutable mode).
+    /// Sets the immutable flag on every object of the pool that lacks it (after a crash in
+    /// immutable mode, or a return to it); returns how many.
     pub fn reprotect(&self) -> Result<u64> {
-        let mut n = 0;
-        self.for_each_dir(|dir, _| {
-            for name in sys::read_dir(dir)? {
-                let fd = sys::open_file_beneath(dir, &name)?;
-                if !iflags::is_immutable(fd.as_fd()) {
-                    iflags::set_immutable(fd.as_fd(), true)?;
-                    n += 1;
-                    crate::core::failpoint::hit("pool-flags-midway");
-                }
-            }
-            Ok(())
-        })?;
-        Ok(n)
+        self.flag_all(true)
     }
 
     /// Clears the immutable flag on every object of the pool that has it (a pool written in
     /// immutable mode, now written in another: see `store::protect`); returns how many.
     pub fn unflag_all(&self) -> Result<u64> {
+        self.flag_all(false)
+    }
+
+    /// Gives every object the immutable flag (`on`) or takes it away; returns how many
+    /// objects changed.
+    fn flag_all(&self, on: bool) -> Result<u64> {
         let mut n = 0;
         self.for_each_dir(|dir, rel| {
             for name in sys::read_dir(dir)? {
                 let fd = sys::open_file_beneath(dir, &name)?;
-                if iflags::is_immutable(fd.as_fd()) {
-                    iflags::set_immutable(fd.as_fd(), false).with_context(|| {
+                if iflags::is_immutable(fd.as_fd()) != on {
+                    iflags::set_immutable(fd.as_fd(), on).with_context(|| {
                         format!(
-                            "cannot clear the immutable flag of `pool/{rel}{}`",
+                            "cannot {} the immutable flag of `pool/{rel}{}`",
+                            if on { "set" } else { "clear" },
                             crate::core::path::display(&name)
                         )
                     })?;
