@@ -85,39 +85,27 @@ pub(super) fn write_objects(
     expect_end(members)
 }
 
-/// Reads a whole object's bytes and checks them against the content hash they must have.
-fn read_checked(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
+/// Reads a whole object's bytes as a patch reference. With `rehash`, they are checked
+/// against the content hash they must have. Without, for an object this apply created for
+/// content `sha` moments ago, its bytes hashed as `Pool::store` wrote them (issue 17: hashing
+/// apt's 40 MB cache again cost 25 ms before its twin's patch could start), only its size is:
+/// the content made from it is hashed before it is published, so a reference changed since
+/// still fails, as an integrity error of that content.
+fn read_reference(pool: &Pool, id: &ObjectId, sha: &Hash, rehash: bool) -> Result<Vec<u8>> {
     let fd = pool.open_object(id)?;
     let size = sys::fstat(fd.as_fd())?.st_size as u64;
     check_reference_size(size, sha)?;
     let data = read_all(fd.as_fd(), size).context("cannot read a patch base")?;
-    let got: Hash = Sha256::digest(&data).into();
-    if &got != sha {
-        return Err(Fail::Integrity(format!(
-            "patch base object {} in the pool is corrupt (run `treeswap verify --full`)",
-            hex::encode(id)
-        ))
-        .into());
-    }
-    Ok(data)
-}
-
-/// Reads the object `id` this apply created for content `sha` moments ago, its bytes hashed
-/// as `Pool::store` wrote them (issue 17: hashing apt's 40 MB cache again cost 25 ms before
-/// its twin's patch could start). Only its size is checked: the content made from it is
-/// hashed before it is published, so a reference changed since still fails, as an integrity
-/// error of that content.
-fn read_written(pool: &Pool, id: &ObjectId, sha: &Hash) -> Result<Vec<u8>> {
-    let fd = pool.open_object(id)?;
-    let size = sys::fstat(fd.as_fd())?.st_size as u64;
-    check_reference_size(size, sha)?;
-    let data = read_all(fd.as_fd(), size).context("cannot read a patch base")?;
-    if data.len() as u64 != size {
-        return Err(Fail::Integrity(format!(
-            "patch base object {} changed while it was read",
-            hex::encode(id)
-        ))
-        .into());
+    let problem = if rehash {
+        let got: Hash = Sha256::digest(&data).into();
+        (&got != sha).then_some("in the pool is corrupt (run `treeswap verify --full`)")
+    } else {
+        (data.len() as u64 != size).then_some("changed while it was read")
+    };
+    if let Some(problem) = problem {
+        return Err(
+            Fail::Integrity(format!("patch base object {} {problem}", hex::encode(id))).into(),
+        );
     }
     Ok(data)
 }
@@ -636,11 +624,11 @@ impl<'a> Writer<'a> {
             .object_of(sha)
             .ok_or_else(|| anyhow!("reference {} is not available", hex::encode(sha)))?;
         if self.checked.lock().expect("poisoned").contains(sha) {
-            return read_written(self.pool, &id, sha);
+            return read_reference(self.pool, &id, sha, false);
         }
         match self.files.read(sha) {
             Some(data) => Ok(data),
-            None => read_checked(self.pool, &id, sha),
+            None => read_reference(self.pool, &id, sha, true),
         }
     }
 
