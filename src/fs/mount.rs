@@ -162,10 +162,12 @@ pub(crate) fn work_in_use(work: &Path, scratch: &Path) -> Result<Option<bool>> {
             None
         }
         Ok(()) => {
-            let on = mounted_at(&mnt)?.is_some_and(|m| m.option("index") == Some("on"));
+            // Unmounted first, whatever mountinfo says: no probe is left mounted.
+            let on = mounted_at(&mnt);
             rustix::mount::unmount(&mnt, UnmountFlags::NOFOLLOW)
                 .with_context(|| format!("cannot unmount the probe `{}`", mnt.display()))?;
-            on.then_some(false)
+            on?.is_some_and(|m| m.option("index") == Some("on"))
+                .then_some(false)
         }
     };
     let _ = std::fs::remove_dir(work.join("index"));
