@@ -92,6 +92,19 @@ impl Rel {
         run(&mut c)
     }
 
+    /// `publish --refresh` of channel `stable`, signed: a new serial, the same versions.
+    fn refresh(&self) -> Run {
+        let mut c = ts_cmd();
+        c.arg("--root")
+            .arg(&self.server)
+            .args(["publish", "--refresh", "--channel", "stable"])
+            .arg("--repo")
+            .arg(&self.repo)
+            .arg("--sign")
+            .arg(&self.secret);
+        run(&mut c)
+    }
+
     fn file_url(&self) -> String {
         format!("file://{}", self.repo.display())
     }
@@ -1184,15 +1197,7 @@ fn publish_finishes_an_interrupted_index_write() {
     // new index still under its temporary name.
     fs::rename(dir.join("index.toml"), dir.join(".index.toml.new")).unwrap();
     fs::write(dir.join("index.toml"), &one.0).unwrap();
-    let mut c = ts_cmd();
-    c.arg("--root")
-        .arg(&rel.server)
-        .args(["publish", "--refresh", "--channel", "stable"])
-        .arg("--repo")
-        .arg(&rel.repo)
-        .arg("--sign")
-        .arg(&rel.secret);
-    run(&mut c).success().stdout_has("serial 3");
+    rel.refresh().success().stdout_has("serial 3");
     assert!(rel.index().contains("latest = \"2\""));
     assert!(!dir.join(".index.toml.new").exists());
     let client = rel.client("client");
@@ -1852,17 +1857,7 @@ fn publish_refuses_a_repository_changed_behind_its_back() {
         fs::read(dir.join("index.toml")).unwrap(),
         fs::read(dir.join("index.toml.minisig")).unwrap(),
     );
-    let refresh = || {
-        let mut c = ts_cmd();
-        c.arg("--root")
-            .arg(&rel.server)
-            .args(["publish", "--refresh", "--channel", "stable"])
-            .arg("--repo")
-            .arg(&rel.repo)
-            .arg("--sign")
-            .arg(&rel.secret);
-        run(&mut c)
-    };
+    let refresh = || rel.refresh();
     // latest moved back to 1 by someone who can write the web root, not sign.
     let edited = String::from_utf8(good.0.clone())
         .unwrap()
@@ -2165,15 +2160,7 @@ fn publish_drops_a_partial_new_index() {
             )
             .unwrap();
         }
-        let mut c = ts_cmd();
-        c.arg("--root")
-            .arg(&rel.server)
-            .args(["publish", "--refresh", "--channel", "stable"])
-            .arg("--repo")
-            .arg(&rel.repo)
-            .arg("--sign")
-            .arg(&rel.secret);
-        run(&mut c).success();
+        rel.refresh().success();
         assert!(rel.index().contains("latest = \"2\""));
         assert!(!dir.join(".index.toml.new").exists());
         assert!(!dir.join(".index.toml.minisig.new").exists());
@@ -2257,15 +2244,7 @@ fn refresh_never_prunes_through_a_symlink() {
     fs::write(elsewhere.join("precious"), "precious\n").unwrap();
     fs::rename(dir.join("deltas"), rel.env.path("deltas-moved")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, dir.join("deltas")).unwrap();
-    let mut c = ts_cmd();
-    c.arg("--root")
-        .arg(&rel.server)
-        .args(["publish", "--refresh", "--channel", "stable"])
-        .arg("--repo")
-        .arg(&rel.repo)
-        .arg("--sign")
-        .arg(&rel.secret);
-    run(&mut c).failure().one_line_error();
+    rel.refresh().failure().one_line_error();
     assert_eq!(
         fs::read_to_string(elsewhere.join("precious")).unwrap(),
         "precious\n"
